@@ -1,0 +1,102 @@
+//! `kaiwa bench infer`: how fast a model prefills and decodes through tract on this machine.
+//!
+//! The workload is fixed so that `bench/onnxruntime_decode.py` can replay it exactly in ONNX
+//! Runtime: batch 1, a prompt of `prompt_tokens` ids `(i * 7919 + 13) % vocab`, then greedy
+//! decoding of `new_tokens` tokens, one at a time with the KV cache.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::runtime::OnnxDecoder;
+use crate::model::sampler::argmax;
+use crate::model::{find_onnx, load_config, ModelError};
+
+/// What one inference benchmark measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InferReport {
+    pub runtime: String,
+    pub model: String,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Median prefill time of the prompt, in milliseconds.
+    pub prefill_ms: f64,
+    /// Decode speed: new tokens per second after the prefill.
+    pub decode_tokens_per_s: f64,
+    /// Peak resident memory of the process, in MiB (Linux; 0 elsewhere).
+    pub peak_rss_mib: f64,
+    /// The greedy tokens, so two runtimes can be checked to agree.
+    pub tokens: Vec<u32>,
+}
+
+/// The benchmark prompt: deterministic ids spread over the vocabulary.
+pub fn bench_prompt(len: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+}
+
+/// Runs the benchmark on the ONNX graph of a model directory.
+pub fn bench_infer(
+    dir: &Path,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    repeats: usize,
+) -> Result<InferReport, ModelError> {
+    let onnx = find_onnx(dir)?;
+    let fallback = load_config(dir).ok().map(|c| (c.kv_heads(), c.head_dim()));
+    let decoder = Arc::new(OnnxDecoder::load(&onnx, fallback)?);
+    let prompt = bench_prompt(prompt_tokens, decoder.vocab_size());
+
+    // Warm-up, then the median of `repeats` prefills.
+    decoder.session()?.forward(&prompt)?;
+    let mut prefills = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let mut session = decoder.session()?;
+        let t = Instant::now();
+        session.forward(&prompt)?;
+        prefills.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    prefills.sort_by(f64::total_cmp);
+    let prefill_ms = prefills[prefills.len() / 2];
+
+    let mut best_rate: f64 = 0.0;
+    let mut tokens = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let mut session = decoder.session()?;
+        let mut logits = session.forward(&prompt)?;
+        tokens.clear();
+        let t = Instant::now();
+        for _ in 0..new_tokens {
+            let next = argmax(&logits);
+            tokens.push(next);
+            logits = session.forward(&[next])?;
+        }
+        best_rate = best_rate.max(new_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(InferReport {
+        runtime: "tract".into(),
+        model: onnx.display().to_string(),
+        prompt_tokens,
+        new_tokens,
+        prefill_ms,
+        decode_tokens_per_s: best_rate,
+        peak_rss_mib: peak_rss_mib(),
+        tokens,
+    })
+}
+
+/// Peak resident set size of this process (`VmHWM`), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}

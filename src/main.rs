@@ -1,0 +1,331 @@
+//! The `kaiwa` command line: parses arguments, calls the library, reports errors.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use kaiwa::model::{
+    self, onnx_export::ExportOptions, ChatMessage, GenerateOptions, Generator, LlamaConfig,
+    LlamaWeights, Preset,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "kaiwa",
+    version,
+    about = "Build and run your own ChatGPT-style bot"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a randomly initialised model directory (tokenizer, config, weights, ONNX).
+    InitModel {
+        #[arg(long, value_enum, default_value = "small")]
+        preset: Preset,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write DIR/model.onnx from DIR/config.json and DIR/model.safetensors.
+    ExportOnnx {
+        dir: PathBuf,
+        /// Store the weights in model.onnx_data beside the graph (ONNX external data).
+        #[arg(long)]
+        external_data: bool,
+        /// Compute positions inside the graph instead of taking a position_ids input.
+        #[arg(long)]
+        no_position_ids: bool,
+    },
+    /// Talk to a model in the terminal.
+    Chat {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Reply once to a prompt and print only the reply.
+    Generate {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode speed of a model through tract (and ONNX Runtime with --ort).
+    Infer {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long, default_value_t = 256)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Also run bench/onnxruntime_decode.py on the same file and print the ratio.
+        #[arg(long)]
+        ort: bool,
+        /// Print the reports as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// Model directory [default: $MODEL_DIR or models/kaiwa].
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+impl ModelArg {
+    fn dir(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(kaiwa::default_model_dir)
+    }
+
+    fn load(&self) -> Result<Generator> {
+        let dir = self.dir();
+        Generator::load(&dir).with_context(|| format!("loading the model in {}", dir.display()))
+    }
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// 0 for greedy decoding [default: the model's generation_config.json].
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn options(&self, generator: &Generator) -> Result<GenerateOptions> {
+        let mut o = generator.default_options();
+        if let Some(t) = self.temperature {
+            o.sampling.temperature = t;
+        }
+        if let Some(k) = self.top_k {
+            o.sampling.top_k = k;
+        }
+        if let Some(p) = self.top_p {
+            o.sampling.top_p = p;
+        }
+        if let Some(r) = self.repetition_penalty {
+            o.sampling.repetition_penalty = r;
+        }
+        if let Some(n) = self.max_new_tokens {
+            o.max_new_tokens = n;
+        }
+        o.seed = self.seed;
+        o.stop = self.stop.clone();
+        o.sampling.validate()?;
+        Ok(o)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "kaiwa=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::InitModel { preset, seed, out } => {
+            let config = model::init::init_model_dir(LlamaConfig::preset(preset), seed, &out)
+                .with_context(|| format!("writing a new model to {}", out.display()))?;
+            eprintln!(
+                "wrote {} ({} layers, hidden {}, vocab {})",
+                out.display(),
+                config.num_hidden_layers,
+                config.hidden_size,
+                config.vocab_size
+            );
+        }
+        Command::ExportOnnx {
+            dir,
+            external_data,
+            no_position_ids,
+        } => {
+            let config = model::load_config(&dir)?;
+            let weights = LlamaWeights::load(&config, &dir.join(model::WEIGHTS_FILE))?;
+            let options = ExportOptions {
+                position_ids: !no_position_ids,
+                external_data,
+            };
+            let out = model::onnx_export::default_output(&dir);
+            model::onnx_export::export_onnx(&config, &weights, &out, &options)
+                .with_context(|| format!("exporting {}", out.display()))?;
+            eprintln!(
+                "wrote {} ({} parameters)",
+                out.display(),
+                weights.parameter_count()
+            );
+        }
+        Command::Chat {
+            model,
+            system,
+            sampling,
+        } => {
+            let generator = model.load()?;
+            let options = sampling.options(&generator)?;
+            let stdin = std::io::stdin();
+            let stdout = std::io::stdout();
+            kaiwa::chat::run_chat(
+                &generator,
+                system.as_deref(),
+                &options,
+                &mut stdin.lock(),
+                &mut stdout.lock(),
+            )?;
+        }
+        Command::Generate {
+            model,
+            prompt,
+            system,
+            sampling,
+        } => {
+            let generator = model.load()?;
+            let options = sampling.options(&generator)?;
+            let mut messages = Vec::new();
+            if let Some(s) = system {
+                messages.push(ChatMessage::system(s));
+            }
+            messages.push(ChatMessage::user(prompt));
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let generation = generator.generate(&messages, &options, &mut |delta| {
+                out.write_all(delta.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_ok()
+            })?;
+            writeln!(out)?;
+            tracing::info!(
+                prompt_tokens = generation.prompt_tokens,
+                new_tokens = generation.new_tokens,
+                stop = ?generation.stop,
+                prefill_ms = generation.prefill.as_millis() as u64,
+                decode_tok_s = generation.new_tokens as f64 / generation.decode.as_secs_f64().max(1e-9),
+                "generated"
+            );
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Infer {
+                    model,
+                    prompt_tokens,
+                    new_tokens,
+                    repeats,
+                    ort,
+                    json,
+                },
+        } => {
+            let dir = model.dir();
+            let report = kaiwa::bench::bench_infer(&dir, prompt_tokens, new_tokens, repeats)
+                .with_context(|| format!("benchmarking {}", dir.display()))?;
+            print_report(&report, json)?;
+            if ort {
+                let ort = run_ort_bench(&dir, prompt_tokens, new_tokens, repeats)?;
+                print_report(&ort, json)?;
+                let agree = ort.tokens == report.tokens;
+                println!(
+                    "tract/onnxruntime: decode {:.2}x, prefill {:.2}x (tokens agree: {agree})",
+                    report.decode_tokens_per_s / ort.decode_tokens_per_s,
+                    ort.prefill_ms / report.prefill_ms,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_report(r: &kaiwa::bench::InferReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        println!(
+            "{:<12} prefill {} tokens: {:8.1} ms | decode {} tokens: {:7.1} tokens/s | peak RSS {:.0} MiB",
+            r.runtime, r.prompt_tokens, r.prefill_ms, r.new_tokens, r.decode_tokens_per_s, r.peak_rss_mib
+        );
+    }
+    Ok(())
+}
+
+/// Runs the ONNX Runtime reference script on the same model and workload.
+fn run_ort_bench(
+    dir: &std::path::Path,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    repeats: usize,
+) -> Result<kaiwa::bench::InferReport> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/onnxruntime_decode.py");
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .arg("--model")
+        .arg(dir)
+        .args(["--prompt-tokens", &prompt_tokens.to_string()])
+        .args(["--new-tokens", &new_tokens.to_string()])
+        .args(["--repeats", &repeats.to_string()])
+        .output()
+        .with_context(|| format!("running python3 {}", script.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout
+        .lines()
+        .last()
+        .context("the ONNX Runtime script printed nothing")?;
+    let report: kaiwa::bench::InferReport =
+        serde_json::from_str(last).context("parsing the ONNX Runtime script's report")?;
+    Ok(report)
+}

@@ -1,0 +1,445 @@
+//! Reply generation: chat messages in, streamed text out.
+//!
+//! [`Generator`] ties a model directory together (tokenizer, chat template, ONNX graph,
+//! generation defaults). A reply is one prefill of the rendered prompt followed by one token at
+//! a time with the KV cache carried between steps. Text is streamed as deltas that never split a
+//! UTF-8 character and never show the beginning of a stop string that is then cut.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::chat_template::{ChatMessage, ChatTemplate, TokenizerConfig};
+use super::config::{GenerationConfig, LlamaConfig};
+use super::runtime::OnnxDecoder;
+use super::sampler::{Sampler, SamplingParams};
+use super::tokenizer::{StreamDecoder, TextTokenizer};
+use super::{
+    find_onnx, read_json, ModelError, CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE,
+};
+
+/// Context length assumed when a model directory does not state one.
+const DEFAULT_CONTEXT: usize = 2048;
+
+/// Settings of one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+    /// Generation stops before any of these strings; the string itself is not returned.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            sampling: SamplingParams::default(),
+            max_new_tokens: 256,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl GenerateOptions {
+    /// The defaults of a model's `generation_config.json`, over kaiwa's own.
+    pub fn from_generation_config(g: &GenerationConfig) -> Self {
+        let mut o = GenerateOptions::default();
+        if let Some(t) = g.temperature {
+            o.sampling.temperature = t;
+        }
+        if g.do_sample == Some(false) {
+            o.sampling.temperature = 0.0;
+        }
+        if let Some(k) = g.top_k {
+            o.sampling.top_k = k;
+        }
+        if let Some(p) = g.top_p {
+            o.sampling.top_p = p;
+        }
+        if let Some(r) = g.repetition_penalty {
+            o.sampling.repetition_penalty = r;
+        }
+        if let Some(n) = g.max_new_tokens {
+            o.max_new_tokens = n;
+        }
+        o
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// A stop string appeared.
+    StopString,
+    /// `max_new_tokens` was reached, or the model's context is full.
+    Length,
+    /// The caller's callback asked to stop.
+    Cancelled,
+}
+
+/// A finished reply and how it was made.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    /// The generated token ids (without the end-of-sequence token).
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub stop: StopReason,
+    /// Older messages left out so the prompt fits the context.
+    pub dropped_messages: usize,
+    pub prefill: Duration,
+    pub decode: Duration,
+}
+
+/// A loaded model directory, ready to reply. Share it between threads with `Arc`.
+#[derive(Debug)]
+pub struct Generator {
+    dir: PathBuf,
+    decoder: Arc<OnnxDecoder>,
+    tokenizer: Arc<TextTokenizer>,
+    template: ChatTemplate,
+    eos_ids: Vec<u32>,
+    context_len: usize,
+    defaults: GenerateOptions,
+}
+
+impl Generator {
+    /// Loads a model directory: `tokenizer.json`, the chat template, the ONNX graph, and
+    /// `config.json` / `generation_config.json` when present.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::NotAModelDir {
+                path: dir.to_path_buf(),
+                reason: "no such directory".into(),
+            });
+        }
+        let config: Option<LlamaConfig> = optional_json(&dir.join(CONFIG_FILE))?;
+        let generation: GenerationConfig =
+            optional_json(&dir.join(GENERATION_CONFIG_FILE))?.unwrap_or_default();
+        let tokenizer = Arc::new(TextTokenizer::load(&dir.join(TOKENIZER_FILE))?);
+        let tokenizer_config = TokenizerConfig::load(dir)?;
+        let source = tokenizer_config.chat_template().ok_or_else(|| {
+            ModelError::Template(format!("{}: the model has no chat template", dir.display()))
+        })?;
+        let template = ChatTemplate::new(
+            source,
+            tokenizer_config.bos_token().map(str::to_string),
+            tokenizer_config.eos_token().map(str::to_string),
+        )?;
+        let onnx = find_onnx(dir)?;
+        let fallback = config.as_ref().map(|c| (c.kv_heads(), c.head_dim()));
+        let decoder = Arc::new(OnnxDecoder::load(&onnx, fallback)?);
+
+        let mut eos_ids: Vec<u32> = generation
+            .eos_token_id
+            .as_ref()
+            .map(|e| e.to_vec())
+            .or_else(|| config.as_ref().map(LlamaConfig::eos_ids))
+            .unwrap_or_default();
+        if let Some(id) = tokenizer_config
+            .eos_token()
+            .and_then(|t| tokenizer.token_to_id(t))
+        {
+            eos_ids.push(id);
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        if eos_ids.is_empty() {
+            tracing::warn!(dir = %dir.display(), "the model names no end-of-sequence token; replies end only at max_new_tokens");
+        }
+        let context_len = config
+            .as_ref()
+            .map(|c| c.max_position_embeddings)
+            .or(tokenizer_config.model_max_length())
+            .unwrap_or(DEFAULT_CONTEXT);
+        Ok(Generator {
+            dir: dir.to_path_buf(),
+            decoder,
+            tokenizer,
+            template,
+            eos_ids,
+            context_len,
+            defaults: GenerateOptions::from_generation_config(&generation),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn decoder(&self) -> &Arc<OnnxDecoder> {
+        &self.decoder
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn context_len(&self) -> usize {
+        self.context_len
+    }
+
+    /// The model's own generation settings (from `generation_config.json`).
+    pub fn default_options(&self) -> GenerateOptions {
+        self.defaults.clone()
+    }
+
+    /// Renders messages through the chat template (with the assistant prompt) and tokenizes
+    /// them, dropping the oldest turns (never the system prompt) until the prompt leaves room
+    /// for `reserve` new tokens. Returns the tokens and how many messages were left out.
+    pub fn prompt_tokens(
+        &self,
+        messages: &[ChatMessage],
+        reserve: usize,
+    ) -> Result<(Vec<u32>, usize), ModelError> {
+        let budget = self.context_len - reserve.min(self.context_len / 2);
+        let mut kept: Vec<ChatMessage> = messages.to_vec();
+        let mut dropped = 0;
+        let mut trimmed_chars = 0;
+        loop {
+            let text = self.template.render(&kept, true)?;
+            let ids = self.tokenizer.encode(&text, false)?;
+            if ids.len() <= budget {
+                if dropped > 0 || trimmed_chars > 0 {
+                    tracing::warn!(
+                        dropped_messages = dropped,
+                        trimmed_chars,
+                        prompt_tokens = ids.len(),
+                        context = self.context_len,
+                        "prompt longer than the model's context: cut from the oldest turns"
+                    );
+                }
+                return Ok((ids, dropped));
+            }
+            let first_turn = kept.iter().position(|m| m.role != "system");
+            let turns = kept.iter().filter(|m| m.role != "system").count();
+            match first_turn {
+                Some(i) if turns > 1 => {
+                    kept.remove(i);
+                    dropped += 1;
+                }
+                Some(i) => {
+                    // One turn left and still too long: keep its end, which is what is answered.
+                    let chars = kept[i].content.chars().count();
+                    let excess = ids.len() - budget;
+                    // Tokens and characters differ in number: cut in proportion, then re-check.
+                    let cut = (excess * chars).div_ceil(ids.len()).max(1).min(chars);
+                    if cut == 0 {
+                        return Err(ModelError::Invalid(format!(
+                            "the system prompt alone ({} tokens) does not fit the context of {}",
+                            ids.len(),
+                            self.context_len
+                        )));
+                    }
+                    kept[i].content = kept[i].content.chars().skip(cut).collect();
+                    trimmed_chars += cut;
+                }
+                None => {
+                    return Err(ModelError::Invalid(format!(
+                        "the system prompt alone ({} tokens) does not fit the context of {}",
+                        ids.len(),
+                        self.context_len
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Generates a reply to `messages`, calling `on_delta` with each new piece of text.
+    /// `on_delta` returns `false` to stop early.
+    pub fn generate(
+        &self,
+        messages: &[ChatMessage],
+        options: &GenerateOptions,
+        on_delta: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, ModelError> {
+        options.sampling.validate()?;
+        let (prompt, dropped) = self.prompt_tokens(messages, options.max_new_tokens)?;
+        let room = self.context_len.saturating_sub(prompt.len());
+        let max_new = options.max_new_tokens.min(room);
+        let text_vocab = self.tokenizer.vocab_size();
+
+        let started = Instant::now();
+        let mut session = self.decoder.session()?;
+        let mut logits = session.forward(&prompt)?;
+        let prefill = started.elapsed();
+        let decode_started = Instant::now();
+
+        let mut sampler = Sampler::new(options.sampling.clone(), options.seed);
+        let mut history = prompt.clone();
+        let mut stream = StreamDecoder::new(Arc::clone(&self.tokenizer), true);
+        let mut out = StopText::new(&options.stop);
+        let mut new_tokens = 0;
+        let mut stop = StopReason::Length;
+        while new_tokens < max_new {
+            // Rows past the tokenizer's vocabulary are padding: never pick them.
+            for l in logits.iter_mut().skip(text_vocab) {
+                *l = f32::NEG_INFINITY;
+            }
+            let token = sampler.sample(&mut logits, &history);
+            if self.eos_ids.contains(&token) {
+                stop = StopReason::Eos;
+                break;
+            }
+            history.push(token);
+            new_tokens += 1;
+            if let Some(delta) = stream.push(token)? {
+                match out.push(&delta) {
+                    Push::Emit(text) if !text.is_empty() && !on_delta(&text) => {
+                        stop = StopReason::Cancelled;
+                        break;
+                    }
+                    Push::Stopped(text) => {
+                        if !text.is_empty() {
+                            on_delta(&text);
+                        }
+                        stop = StopReason::StopString;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            if new_tokens < max_new {
+                logits = session.forward(&[token])?;
+            }
+        }
+        if stop != StopReason::StopString && stop != StopReason::Cancelled {
+            let rest = stream.finish()?.unwrap_or_default();
+            let tail = match out.push(&rest) {
+                Push::Stopped(text) => {
+                    stop = StopReason::StopString;
+                    text
+                }
+                Push::Emit(text) => text + &out.flush(),
+            };
+            if !tail.is_empty() {
+                on_delta(&tail);
+            }
+        }
+        Ok(Generation {
+            text: out.into_text(),
+            tokens: history.split_off(prompt.len()),
+            prompt_tokens: prompt.len(),
+            new_tokens,
+            stop,
+            dropped_messages: dropped,
+            prefill,
+            decode: decode_started.elapsed(),
+        })
+    }
+}
+
+fn optional_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, ModelError> {
+    if path.is_file() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// What [`StopText::push`] lets out.
+#[derive(Debug, PartialEq)]
+enum Push {
+    /// Text safe to show now.
+    Emit(String),
+    /// A stop string was found: the last text to show, and generation ends.
+    Stopped(String),
+}
+
+/// The reply text so far, watching for stop strings. Text that could be the beginning of a stop
+/// string is held back until it is known not to be one.
+#[derive(Debug)]
+struct StopText<'a> {
+    stops: &'a [String],
+    text: String,
+    emitted: usize,
+}
+
+impl<'a> StopText<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        StopText {
+            stops,
+            text: String::new(),
+            emitted: 0,
+        }
+    }
+
+    fn push(&mut self, delta: &str) -> Push {
+        self.text.push_str(delta);
+        let pending = &self.text[self.emitted..];
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| pending.find(s.as_str()))
+            .min()
+        {
+            let end = self.emitted + at;
+            let out = self.text[self.emitted..end].to_string();
+            self.text.truncate(end);
+            self.emitted = end;
+            return Push::Stopped(out);
+        }
+        let held = self
+            .stops
+            .iter()
+            .map(|s| partial_suffix(pending, s))
+            .max()
+            .unwrap_or(0);
+        let safe = self.text.len() - held;
+        let out = self.text[self.emitted..safe].to_string();
+        self.emitted = safe;
+        Push::Emit(out)
+    }
+
+    /// Lets out whatever was held back (generation ended without completing a stop string).
+    fn flush(&mut self) -> String {
+        let out = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        out
+    }
+
+    fn into_text(self) -> String {
+        self.text
+    }
+}
+
+/// The length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn partial_suffix(text: &str, stop: &str) -> usize {
+    (1..stop.len())
+        .rev()
+        .filter(|&k| stop.is_char_boundary(k))
+        .find(|&k| text.ends_with(&stop[..k]))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_string_split_across_deltas_is_never_shown() {
+        let stops = vec!["User:".to_string()];
+        let mut s = StopText::new(&stops);
+        assert_eq!(s.push("Hello U"), Push::Emit("Hello ".into()));
+        assert_eq!(s.push("se"), Push::Emit(String::new()));
+        assert_eq!(s.push("r: next"), Push::Stopped(String::new()));
+        assert_eq!(s.into_text(), "Hello ");
+    }
+
+    #[test]
+    fn held_back_text_is_released_when_it_is_not_a_stop() {
+        let stops = vec!["。\n\n".to_string()];
+        let mut s = StopText::new(&stops);
+        assert_eq!(s.push("晴れです。"), Push::Emit("晴れです".into()));
+        assert_eq!(s.push("明日も"), Push::Emit("。明日も".into()));
+        assert_eq!(s.push("。"), Push::Emit(String::new()));
+        assert_eq!(s.flush(), "。");
+        assert_eq!(s.into_text(), "晴れです。明日も。");
+    }
+}

@@ -1,0 +1,137 @@
+//! The model: a Llama-family decoder in the Hugging Face directory layout, its ONNX export, and
+//! reply generation through tract.
+//!
+//! A model directory holds `config.json`, `model.safetensors`, `tokenizer.json`,
+//! `tokenizer_config.json` (with the chat template), `generation_config.json` and `model.onnx`.
+//! The runtime needs only the tokenizer files and an ONNX graph in the decoder-with-past
+//! convention of Hugging Face Optimum, so models exported by the wider ecosystem run too.
+
+pub mod chat_template;
+pub mod config;
+pub mod generate;
+pub mod init;
+pub mod onnx_export;
+pub mod reference;
+pub mod runtime;
+pub mod sampler;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use config::{GenerationConfig, LlamaConfig, Preset};
+pub use generate::{GenerateOptions, Generation, Generator, StopReason};
+pub use runtime::{DecoderSession, OnnxDecoder};
+pub use sampler::{Sampler, SamplingParams};
+pub use tokenizer::TextTokenizer;
+pub use weights::{LlamaWeights, Param};
+
+/// Everything that can go wrong while loading, exporting or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a model directory: {reason}", path.display())]
+    NotAModelDir { path: PathBuf, reason: String },
+    #[error("{}: invalid JSON: {reason}", path.display())]
+    Json { path: PathBuf, reason: String },
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+    #[error("{}: bad weights: {reason}", path.display())]
+    Weights { path: PathBuf, reason: String },
+    #[error("{}: {reason}", path.display())]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("tokenizer: {0}")]
+    Tokenize(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{}: ONNX graph does not follow the causal-LM convention: {reason}", path.display())]
+    OnnxInterface { path: PathBuf, reason: String },
+    #[error("{}: cannot load ONNX graph: {reason}", path.display())]
+    OnnxLoad { path: PathBuf, reason: String },
+    #[error("ONNX export: {0}")]
+    Export(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ModelError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// File names inside a model directory.
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+pub const ONNX_FILE: &str = "model.onnx";
+
+/// Reads and parses a JSON file, naming the file in any error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Json {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Writes a value as pretty JSON.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), ModelError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| ModelError::Json {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
+}
+
+/// Finds the ONNX graph of a model directory: `model.onnx`, or the file Optimum writes
+/// (`decoder_model_merged.onnx`, `decoder_with_past_model.onnx`) or one under `onnx/`.
+pub fn find_onnx(dir: &Path) -> Result<PathBuf, ModelError> {
+    let candidates = [
+        ONNX_FILE,
+        "decoder_model_merged.onnx",
+        "decoder_with_past_model.onnx",
+        "onnx/model.onnx",
+        "onnx/decoder_model_merged.onnx",
+    ];
+    for c in candidates {
+        let p = dir.join(c);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    if !dir.is_dir() {
+        return Err(ModelError::NotAModelDir {
+            path: dir.to_path_buf(),
+            reason: "no such directory".into(),
+        });
+    }
+    Err(ModelError::NotAModelDir {
+        path: dir.to_path_buf(),
+        reason: format!(
+            "no ONNX graph found (looked for {}); run `kaiwa export-onnx {}` first",
+            candidates.join(", "),
+            dir.display()
+        ),
+    })
+}
+
+/// Reads `config.json` of a model directory and checks it.
+pub fn load_config(dir: &Path) -> Result<LlamaConfig, ModelError> {
+    let config: LlamaConfig = read_json(&dir.join(CONFIG_FILE))?;
+    config.validate()?;
+    Ok(config)
+}

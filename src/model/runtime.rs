@@ -1,0 +1,365 @@
+//! Running a causal LM exported to ONNX through tract, with a KV cache.
+//!
+//! [`OnnxDecoder`] loads any graph in the decoder-with-past convention of Hugging Face Optimum
+//! (kaiwa's own export, or `optimum-cli export onnx --task text-generation-with-past`): inputs
+//! and outputs are bound by name, never by position, `position_ids` and `attention_mask` are
+//! optional, and the number of layers, KV heads and head size are read from the graph. The graph
+//! is optimised once, with the sequence and past lengths left symbolic, and shared across
+//! threads; each conversation being generated owns a [`DecoderSession`] holding its cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::{DimLike, Factoid};
+
+use super::ModelError;
+
+/// How the graph's inputs and outputs map onto the convention.
+#[derive(Debug, Clone)]
+struct Binding {
+    input_ids: usize,
+    attention_mask: Option<usize>,
+    position_ids: Option<usize>,
+    /// `(key, value)` input indices per layer.
+    past: Vec<(usize, usize)>,
+    logits: usize,
+    /// `(key, value)` output indices per layer.
+    present: Vec<(usize, usize)>,
+    input_count: usize,
+}
+
+/// A causal LM graph, optimised and ready to run; cheap to share (`Arc`) between threads.
+#[derive(Debug)]
+pub struct OnnxDecoder {
+    path: PathBuf,
+    plan: Arc<TypedRunnableModel>,
+    binding: Binding,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab_size: usize,
+}
+
+impl OnnxDecoder {
+    /// Loads and optimises an ONNX graph. `fallback` supplies `(kv_heads, head_dim)` when the
+    /// graph leaves them symbolic (usually they are concrete in the graph).
+    pub fn load(path: &Path, fallback: Option<(usize, usize)>) -> Result<Self, ModelError> {
+        if !path.is_file() {
+            return Err(ModelError::NotAModelDir {
+                path: path.to_path_buf(),
+                reason: "ONNX file not found".into(),
+            });
+        }
+        let load_err = |e: TractError| ModelError::OnnxLoad {
+            path: path.to_path_buf(),
+            reason: format!("{e:#}"),
+        };
+        let mut model = tract_onnx::onnx().model_for_path(path).map_err(load_err)?;
+        let input_names: Vec<String> = model
+            .input_outlets()
+            .map_err(load_err)?
+            .iter()
+            .map(|o| model.node(o.node).name.clone())
+            .collect();
+        let output_names: Vec<String> = model
+            .output_outlets()
+            .map_err(load_err)?
+            .iter()
+            .map(|o| {
+                model
+                    .outlet_label(*o)
+                    .unwrap_or(&model.node(o.node).name)
+                    .to_string()
+            })
+            .collect();
+        let binding =
+            bind(&input_names, &output_names).map_err(|reason| ModelError::OnnxInterface {
+                path: path.to_path_buf(),
+                reason,
+            })?;
+
+        let (kv_heads, head_dim) = declared_kv_shape(&model, binding.past[0].0)
+            .or(fallback)
+            .ok_or_else(|| ModelError::OnnxInterface {
+                path: path.to_path_buf(),
+                reason: "the past_key_values inputs do not declare the number of KV heads and the \
+                         head size, and no config.json gives them"
+                    .into(),
+            })?;
+
+        // Batch is fixed to 1 (one conversation per session); sequence and past stay symbolic.
+        let s = model.sym("S");
+        let p = model.sym("P");
+        let ids_shape = tvec![1.to_dim(), s.to_dim()];
+        let total = tvec![1.to_dim(), TDim::from(p.clone()) + TDim::from(s.clone())];
+        let kv_shape = tvec![1.to_dim(), kv_heads.to_dim(), p.to_dim(), head_dim.to_dim()];
+        let mut set = |ix: usize, fact: InferenceFact| model.set_input_fact(ix, fact);
+        set(
+            binding.input_ids,
+            InferenceFact::dt_shape(i64::datum_type(), ids_shape.clone()),
+        )
+        .map_err(load_err)?;
+        if let Some(ix) = binding.attention_mask {
+            set(ix, InferenceFact::dt_shape(i64::datum_type(), total)).map_err(load_err)?;
+        }
+        if let Some(ix) = binding.position_ids {
+            set(ix, InferenceFact::dt_shape(i64::datum_type(), ids_shape)).map_err(load_err)?;
+        }
+        for &(k, v) in &binding.past {
+            for ix in [k, v] {
+                set(
+                    ix,
+                    InferenceFact::dt_shape(f32::datum_type(), kv_shape.clone()),
+                )
+                .map_err(load_err)?;
+            }
+        }
+        let typed = model.into_optimized().map_err(load_err)?;
+        let vocab_size = typed
+            .output_fact(binding.logits)
+            .ok()
+            .and_then(|f| f.shape.last().and_then(|d| d.to_usize().ok()))
+            .ok_or_else(|| ModelError::OnnxInterface {
+                path: path.to_path_buf(),
+                reason: "the vocabulary size (last axis of `logits`) is not a known number".into(),
+            })?;
+        let plan = typed.into_runnable().map_err(load_err)?;
+        Ok(OnnxDecoder {
+            path: path.to_path_buf(),
+            plan,
+            binding,
+            kv_heads,
+            head_dim,
+            vocab_size,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.binding.past.len()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Whether the graph takes `position_ids` (Optimum's Llama exports do; some others do not).
+    pub fn takes_position_ids(&self) -> bool {
+        self.binding.position_ids.is_some()
+    }
+
+    /// A fresh session with an empty cache.
+    pub fn session(self: &Arc<Self>) -> Result<DecoderSession, ModelError> {
+        let empty = Tensor::zero::<f32>(&[1, self.kv_heads, 0, self.head_dim])
+            .map_err(|e| ModelError::Inference(format!("{e:#}")))?;
+        let state = self
+            .plan
+            .spawn()
+            .map_err(|e| ModelError::Inference(format!("{e:#}")))?;
+        Ok(DecoderSession {
+            decoder: Arc::clone(self),
+            state,
+            past: vec![(empty.clone(), empty); self.num_layers()],
+            past_len: 0,
+        })
+    }
+}
+
+/// One sequence being decoded: the KV cache and the number of tokens it covers.
+pub struct DecoderSession {
+    decoder: Arc<OnnxDecoder>,
+    state: TypedSimpleState,
+    past: Vec<(Tensor, Tensor)>,
+    past_len: usize,
+}
+
+impl std::fmt::Debug for DecoderSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecoderSession")
+            .field("past_len", &self.past_len)
+            .finish()
+    }
+}
+
+impl DecoderSession {
+    /// Tokens already in the cache.
+    pub fn past_len(&self) -> usize {
+        self.past_len
+    }
+
+    /// Feeds `tokens` after the cached ones and returns the logits of the last one.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let all = self.forward_all(tokens)?;
+        Ok(all.into_iter().last().unwrap_or_default())
+    }
+
+    /// Feeds `tokens` after the cached ones and returns the logits of every one of them.
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::Inference("no tokens to feed".into()));
+        }
+        let err = |e: TractError| ModelError::Inference(format!("{e:#}"));
+        let b = &self.decoder.binding;
+        let n = tokens.len();
+        let total = self.past_len + n;
+        let mut inputs: Vec<Option<TValue>> = vec![None; b.input_count];
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        inputs[b.input_ids] = Some(Tensor::from_shape(&[1, n], &ids).map_err(err)?.into());
+        if let Some(ix) = b.attention_mask {
+            inputs[ix] = Some(
+                Tensor::from_shape(&[1, total], &vec![1i64; total])
+                    .map_err(err)?
+                    .into(),
+            );
+        }
+        if let Some(ix) = b.position_ids {
+            let pos: Vec<i64> = (self.past_len as i64..total as i64).collect();
+            inputs[ix] = Some(Tensor::from_shape(&[1, n], &pos).map_err(err)?.into());
+        }
+        let past = std::mem::take(&mut self.past);
+        for (&(k, v), (pk, pv)) in b.past.iter().zip(past) {
+            inputs[k] = Some(pk.into());
+            inputs[v] = Some(pv.into());
+        }
+        let inputs: TVec<TValue> = inputs
+            .into_iter()
+            .map(|t| t.ok_or_else(|| ModelError::Inference("unbound input".into())))
+            .collect::<Result<_, _>>()?;
+        let mut outputs = match self.state.run(inputs) {
+            Ok(o) => o,
+            Err(e) => {
+                // The cache was moved into the failed run: start over rather than decode garbage.
+                self.reset()?;
+                return Err(err(e));
+            }
+        };
+        let logits = outputs[b.logits]
+            .to_plain_array_view::<f32>()
+            .map_err(err)?;
+        let vocab = self.decoder.vocab_size;
+        let rows = logits
+            .as_slice()
+            .ok_or_else(|| ModelError::Inference("logits are not contiguous".into()))?
+            .chunks_exact(vocab)
+            .map(<[f32]>::to_vec)
+            .collect::<Vec<_>>();
+        if rows.len() != n {
+            return Err(ModelError::Inference(format!(
+                "logits cover {} positions, expected {n}",
+                rows.len()
+            )));
+        }
+        self.past = b
+            .present
+            .iter()
+            .map(|&(k, v)| {
+                let k = std::mem::replace(&mut outputs[k], Tensor::default().into()).into_tensor();
+                let v = std::mem::replace(&mut outputs[v], Tensor::default().into()).into_tensor();
+                (k, v)
+            })
+            .collect();
+        self.past_len = total;
+        Ok(rows)
+    }
+
+    /// Empties the cache.
+    pub fn reset(&mut self) -> Result<(), ModelError> {
+        let d = &self.decoder;
+        let empty = Tensor::zero::<f32>(&[1, d.kv_heads, 0, d.head_dim])
+            .map_err(|e| ModelError::Inference(format!("{e:#}")))?;
+        self.past = vec![(empty.clone(), empty); d.num_layers()];
+        self.past_len = 0;
+        Ok(())
+    }
+}
+
+/// Matches input and output names against the convention, or says what is missing.
+fn bind(inputs: &[String], outputs: &[String]) -> Result<Binding, String> {
+    let find = |names: &[String], name: &str| names.iter().position(|n| n == name);
+    let mut problems = Vec::new();
+    let input_ids = find(inputs, "input_ids");
+    if input_ids.is_none() {
+        problems.push("no `input_ids` input".to_string());
+    }
+    let logits = find(outputs, "logits");
+    if logits.is_none() {
+        problems.push("no `logits` output".to_string());
+    }
+    let mut past = Vec::new();
+    let mut present = Vec::new();
+    for l in 0.. {
+        let pk = find(inputs, &format!("past_key_values.{l}.key"));
+        let pv = find(inputs, &format!("past_key_values.{l}.value"));
+        let ok = find(outputs, &format!("present.{l}.key"));
+        let ov = find(outputs, &format!("present.{l}.value"));
+        match (pk, pv, ok, ov) {
+            (Some(a), Some(b), Some(c), Some(d)) => {
+                past.push((a, b));
+                present.push((c, d));
+            }
+            (None, None, None, None) => break,
+            _ => {
+                problems.push(format!(
+                    "layer {l} lacks one of past_key_values.{l}.key/.value inputs or \
+                     present.{l}.key/.value outputs"
+                ));
+                break;
+            }
+        }
+    }
+    if past.is_empty() {
+        problems.push("no `past_key_values.N.key` / `.value` inputs (export with past)".into());
+    }
+    let known = |n: &String| {
+        n == "input_ids"
+            || n == "attention_mask"
+            || n == "position_ids"
+            || n.starts_with("past_key_values.")
+    };
+    let unknown: Vec<&String> = inputs.iter().filter(|n| !known(n)).collect();
+    if !unknown.is_empty() {
+        problems.push(format!("unexpected inputs {unknown:?}"));
+    }
+    if !problems.is_empty() {
+        return Err(format!(
+            "{}. Expected inputs input_ids, attention_mask, [position_ids], \
+             past_key_values.N.key/.value and outputs logits, present.N.key/.value; found \
+             inputs {inputs:?} and outputs {outputs:?}",
+            problems.join("; ")
+        ));
+    }
+    Ok(Binding {
+        input_ids: input_ids.unwrap_or_default(),
+        attention_mask: find(inputs, "attention_mask"),
+        position_ids: find(inputs, "position_ids"),
+        past,
+        logits: logits.unwrap_or_default(),
+        present,
+        input_count: inputs.len(),
+    })
+}
+
+/// `(kv_heads, head_dim)` when the graph declares them as numbers on a past input.
+fn declared_kv_shape(model: &InferenceModel, input: usize) -> Option<(usize, usize)> {
+    let fact = model.input_fact(input).ok()?;
+    let dims: Vec<Option<usize>> = fact
+        .shape
+        .dims()
+        .map(|d| d.concretize().and_then(|d| d.to_usize().ok()))
+        .collect();
+    match dims.as_slice() {
+        [_, Some(heads), _, Some(dim)] => Some((*heads, *dim)),
+        _ => None,
+    }
+}

@@ -1,0 +1,367 @@
+//! A model directory from `kaiwa init-model` loads, replies reproducibly and streams valid text;
+//! broken directories and foreign graphs give clear errors, never a panic.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use kaiwa::model::init::init_model_dir;
+use kaiwa::model::onnx_export::{build_model, ExportOptions};
+use kaiwa::model::{
+    ChatMessage, GenerateOptions, Generator, LlamaConfig, LlamaWeights, ModelError, Preset,
+    SamplingParams, StopReason,
+};
+use support::*;
+
+fn init_tiny(dir: &Path) -> LlamaConfig {
+    init_model_dir(LlamaConfig::preset(Preset::Tiny), 7, dir).expect("init-model")
+}
+
+fn sampled(seed: u64) -> GenerateOptions {
+    GenerateOptions {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.95,
+            repetition_penalty: 1.1,
+        },
+        max_new_tokens: 24,
+        seed,
+        stop: vec![],
+    }
+}
+
+#[test]
+fn init_model_writes_the_hugging_face_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init_tiny(dir.path());
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "model.onnx",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f} missing");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(json["model_type"], "llama");
+    assert_eq!(json["num_key_value_heads"], 2);
+    assert_eq!(json["torch_dtype"], "float32");
+    assert!(json["bos_token_id"].is_u64() && json["eos_token_id"].is_u64());
+    // The weights reload under their Hugging Face names with the shapes config.json implies.
+    let weights = LlamaWeights::load(&config, &dir.path().join("model.safetensors")).unwrap();
+    assert_eq!(weights.layers.len(), config.num_hidden_layers);
+    assert!(weights.lm_head.is_none(), "tiny ties its embeddings");
+    let tc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(tc["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
+    // Same seed, same weights.
+    let again = tempfile::tempdir().unwrap();
+    init_tiny(again.path());
+    assert_eq!(
+        std::fs::read(dir.path().join("model.safetensors")).unwrap(),
+        std::fs::read(again.path().join("model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn generation_is_reproducible_and_streams_whole_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    init_tiny(dir.path());
+    let generator = Generator::load(dir.path()).unwrap();
+    let messages = [
+        ChatMessage::system("あなたは親切なアシスタントです。"),
+        ChatMessage::user("今日の天気はどうですか？"),
+    ];
+    let run = |seed| {
+        let mut deltas = Vec::new();
+        let g = generator
+            .generate(&messages, &sampled(seed), &mut |d| {
+                deltas.push(d.to_string());
+                true
+            })
+            .unwrap();
+        (g, deltas)
+    };
+    let (a, deltas) = run(1);
+    let (b, _) = run(1);
+    assert_eq!(a.text, b.text, "same seed, same reply");
+    assert_eq!(deltas.concat(), a.text, "the stream is the reply");
+    // Streaming never splits a character: the deltas add up to decoding all tokens at once (a
+    // split character would show as U+FFFD in a delta and differ from the whole decode).
+    assert_eq!(
+        a.text,
+        generator.tokenizer().decode(&a.tokens, true).unwrap()
+    );
+    assert_eq!(a.tokens.len(), a.new_tokens);
+    assert!(a.new_tokens > 0 && a.prompt_tokens > 10);
+    let texts: Vec<String> = (2..6).map(|s| run(s).0.text).collect();
+    assert!(
+        texts.iter().any(|t| *t != a.text),
+        "different seeds should differ"
+    );
+
+    let greedy = GenerateOptions {
+        sampling: SamplingParams::greedy(),
+        ..sampled(0)
+    };
+    let g1 = generator
+        .generate(&messages, &greedy, &mut |_| true)
+        .unwrap();
+    let g2 = generator
+        .generate(
+            &messages,
+            &GenerateOptions {
+                seed: 99,
+                ..greedy.clone()
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(g1.text, g2.text, "greedy ignores the seed");
+    assert!(matches!(g1.stop, StopReason::Eos | StopReason::Length));
+}
+
+#[test]
+fn the_callback_can_cancel_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    init_tiny(dir.path());
+    let generator = Generator::load(dir.path()).unwrap();
+    let mut calls = 0;
+    let g = generator
+        .generate(
+            &[ChatMessage::user("hello there")],
+            &GenerateOptions {
+                max_new_tokens: 64,
+                ..sampled(3)
+            },
+            &mut |_| {
+                calls += 1;
+                false
+            },
+        )
+        .unwrap();
+    // Seed 3 makes this model emit text before any end-of-sequence token.
+    assert_eq!(g.stop, StopReason::Cancelled);
+    assert_eq!(calls, 1, "no text after the callback said stop");
+}
+
+#[test]
+fn a_long_conversation_is_cut_from_the_oldest_turns_keeping_the_system_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = LlamaConfig::preset(Preset::Tiny);
+    config.max_position_embeddings = 96;
+    init_model_dir(config, 1, dir.path()).unwrap();
+    let generator = Generator::load(dir.path()).unwrap();
+    assert_eq!(generator.context_len(), 96);
+    let mut messages = vec![ChatMessage::system("SYSTEM-RULES")];
+    for i in 0..30 {
+        messages.push(ChatMessage::user(format!(
+            "question number {i} about the weather"
+        )));
+        messages.push(ChatMessage::assistant(format!(
+            "answer number {i}: it is sunny"
+        )));
+    }
+    messages.push(ChatMessage::user("LAST-QUESTION"));
+    let (ids, dropped) = generator.prompt_tokens(&messages, 16).unwrap();
+    assert!(dropped > 0);
+    assert!(ids.len() <= 96 - 16);
+    let text = generator.tokenizer().decode(&ids, false).unwrap();
+    assert!(text.contains("SYSTEM-RULES"), "{text}");
+    assert!(text.contains("LAST-QUESTION"), "{text}");
+    assert!(!text.contains("question number 0 "), "{text}");
+    let g = generator
+        .generate(
+            &messages,
+            &GenerateOptions {
+                max_new_tokens: 16,
+                ..sampled(1)
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(g.dropped_messages, dropped);
+    assert!(g.prompt_tokens + g.new_tokens <= 96);
+
+    // A single message longer than the context keeps its end.
+    let huge = "天気 ".repeat(400) + "END";
+    let (ids, _) = generator
+        .prompt_tokens(&[ChatMessage::user(huge)], 16)
+        .unwrap();
+    assert!(ids.len() <= 80);
+    assert!(generator
+        .tokenizer()
+        .decode(&ids, false)
+        .unwrap()
+        .contains("END"));
+}
+
+#[test]
+fn missing_or_corrupt_files_are_clear_errors() {
+    let missing = Generator::load(Path::new("/nonexistent/kaiwa-model")).unwrap_err();
+    assert!(
+        missing.to_string().contains("/nonexistent/kaiwa-model"),
+        "{missing}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    init_tiny(dir.path());
+
+    std::fs::write(dir.path().join("model.onnx"), b"not a protobuf at all").unwrap();
+    let err = Generator::load(dir.path()).unwrap_err();
+    assert!(matches!(err, ModelError::OnnxLoad { .. }), "{err}");
+    assert!(err.to_string().contains("model.onnx"), "{err}");
+
+    std::fs::write(dir.path().join("tokenizer.json"), b"{ broken").unwrap();
+    let err = Generator::load(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+
+    std::fs::write(
+        dir.path().join("config.json"),
+        b"{\"vocab_size\": \"many\"}",
+    )
+    .unwrap();
+    let err = kaiwa::model::load_config(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("config.json"), "{err}");
+
+    let config = tiny_config();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{}",
+    )
+    .unwrap();
+    let err = LlamaWeights::load(&config, &dir.path().join("model.safetensors")).unwrap_err();
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+
+    // Weights of the wrong shape name the tensor.
+    let other = tempfile::tempdir().unwrap();
+    kaiwa::model::init::random_weights(&mha_untied_config(), 1)
+        .save(&other.path().join("w.safetensors"))
+        .unwrap();
+    let err = LlamaWeights::load(&config, &other.path().join("w.safetensors")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("model.layers.0.self_attn.k_proj.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_graph_outside_the_convention_lists_what_was_expected_and_found() {
+    let config = tiny_config();
+    let weights = kaiwa::model::init::random_weights(&config, 1);
+    let mut proto = build_model(&config, &weights, &ExportOptions::default());
+    let graph = proto.graph.as_mut().unwrap();
+    // Rename the token input, as a graph from another convention would have it.
+    graph.input[0].name = "tokens".into();
+    for node in &mut graph.node {
+        for i in &mut node.input {
+            if i == "input_ids" {
+                *i = "tokens".into();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    std::fs::write(&path, prost::Message::encode_to_vec(&proto)).unwrap();
+    let err = kaiwa::model::OnnxDecoder::load(&path, None).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ModelError::OnnxInterface { .. }), "{msg}");
+    assert!(
+        msg.contains("no `input_ids` input") && msg.contains("\"tokens\""),
+        "{msg}"
+    );
+    assert!(msg.contains("unexpected inputs"), "{msg}");
+}
+
+#[test]
+fn generate_command_prints_only_the_reply_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    init_tiny(dir.path());
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_kaiwa"))
+            .args(["generate", "--model"])
+            .arg(dir.path())
+            .args([
+                "--prompt",
+                "こんにちは",
+                "--seed",
+                "5",
+                "--temperature",
+                "0.8",
+                "--max-new-tokens",
+                "12",
+            ])
+            .output()
+            .unwrap()
+    };
+    let a = run();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let stdout = String::from_utf8(a.stdout.clone()).unwrap();
+    assert!(
+        !stdout.contains("<|im_start|>") && !stdout.contains("INFO"),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&a.stderr).contains("generated"),
+        "the log line goes to stderr"
+    );
+    assert_eq!(a.stdout, run().stdout, "--seed reproduces the reply");
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_kaiwa"))
+        .args(["generate", "--model", "/nonexistent/dir", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/dir"));
+}
+
+#[test]
+fn chat_command_keeps_memory_resets_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    init_tiny(dir.path());
+    let generator = Generator::load(dir.path()).unwrap();
+    let mut input = "hello\nhow are you?\n/reset\n元気？\n/exit\nnever read\n".as_bytes();
+    let mut output = Vec::new();
+    let options = GenerateOptions {
+        max_new_tokens: 8,
+        ..sampled(2)
+    };
+    let history = kaiwa::chat::run_chat(
+        &generator,
+        Some("be brief"),
+        &options,
+        &mut input,
+        &mut output,
+    )
+    .unwrap();
+    let out = String::from_utf8(output).unwrap();
+    assert!(out.contains("(conversation cleared)"), "{out}");
+    assert_eq!(input, b"never read\n", "/exit stops reading");
+    let roles: Vec<&str> = history.iter().map(|m| m.role.as_str()).collect();
+    assert_eq!(
+        roles,
+        ["system", "user", "assistant"],
+        "/reset kept only the system prompt"
+    );
+    assert_eq!(history[1].content, "元気？");
+
+    // Without /reset, every turn stays in memory until end of input.
+    let mut input = "hello\nhow are you?\n".as_bytes();
+    let history =
+        kaiwa::chat::run_chat(&generator, None, &options, &mut input, &mut Vec::new()).unwrap();
+    let roles: Vec<&str> = history.iter().map(|m| m.role.as_str()).collect();
+    assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
+}

@@ -1,0 +1,216 @@
+//! The ONNX export run through tract agrees with the plain-Rust reference forward pass, with and
+//! without the KV cache, for every variation of the graph the runtime must accept; and ONNX
+//! Runtime agrees with tract on the same file.
+
+mod support;
+
+use std::sync::Arc;
+
+use kaiwa::model::onnx_export::ExportOptions;
+use kaiwa::model::reference::ReferenceModel;
+use kaiwa::model::{LlamaConfig, OnnxDecoder};
+use support::*;
+
+const TOLERANCE: f32 = 1e-4;
+
+/// Prefill `prefill` tokens, then decode the rest one at a time; every position's logits must
+/// match the reference forward pass over the whole sequence.
+fn check_against_reference(config: &LlamaConfig, options: &ExportOptions, prefill: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = write_onnx(dir.path(), config, 11, options);
+    let fallback = (config.kv_heads(), config.head_dim());
+    let decoder =
+        Arc::new(OnnxDecoder::load(&dir.path().join("model.onnx"), Some(fallback)).unwrap());
+    assert_eq!(decoder.takes_position_ids(), options.position_ids);
+    assert_eq!(decoder.num_layers(), config.num_hidden_layers);
+    assert_eq!(decoder.vocab_size(), config.vocab_size);
+
+    let toks = tokens(prefill + 12, config.vocab_size, 1);
+    let expected = ReferenceModel::new(config, &weights).forward(&toks);
+    let mut session = decoder.session().unwrap();
+    let mut got = session.forward_all(&toks[..prefill]).unwrap();
+    for &t in &toks[prefill..] {
+        got.extend(session.forward_all(&[t]).unwrap());
+    }
+    assert_eq!(session.past_len(), toks.len());
+    let mut worst = 0.0f32;
+    for (pos, (g, e)) in got.iter().zip(&expected).enumerate() {
+        let d = max_abs_diff(g, e);
+        assert!(d < TOLERANCE, "position {pos}: max abs diff {d}");
+        worst = worst.max(d);
+    }
+    // The logits must be far from constant, or the comparison proves nothing.
+    let spread = expected[0].iter().cloned().fold(f32::MIN, f32::max)
+        - expected[0].iter().cloned().fold(f32::MAX, f32::min);
+    assert!(
+        spread > 1.0,
+        "logit spread {spread} is too small for a meaningful check"
+    );
+    eprintln!("worst difference {worst:e} over {} positions", toks.len());
+}
+
+#[test]
+fn grouped_query_tied_model_matches_reference_in_prefill_and_every_decode_step() {
+    check_against_reference(&tiny_config(), &ExportOptions::default(), 20);
+}
+
+#[test]
+fn multi_head_untied_model_matches_reference() {
+    check_against_reference(&mha_untied_config(), &ExportOptions::default(), 9);
+}
+
+#[test]
+fn graph_without_position_ids_matches_reference() {
+    let options = ExportOptions {
+        position_ids: false,
+        ..Default::default()
+    };
+    check_against_reference(&tiny_config(), &options, 15);
+}
+
+#[test]
+fn weights_in_external_data_file_load_and_match_reference() {
+    let options = ExportOptions {
+        external_data: true,
+        ..Default::default()
+    };
+    check_against_reference(&mha_untied_config(), &options, 7);
+}
+
+#[test]
+fn decoding_with_the_cache_equals_recomputing_the_whole_sequence() {
+    let config = tiny_config();
+    let dir = tempfile::tempdir().unwrap();
+    write_onnx(dir.path(), &config, 3, &ExportOptions::default());
+    let decoder = Arc::new(OnnxDecoder::load(&dir.path().join("model.onnx"), None).unwrap());
+    let toks = tokens(30, config.vocab_size, 2);
+    let full = decoder.session().unwrap().forward_all(&toks).unwrap();
+    let mut session = decoder.session().unwrap();
+    session.forward(&toks[..1]).unwrap();
+    for (i, &t) in toks.iter().enumerate().skip(1) {
+        let step = session.forward(&[t]).unwrap();
+        let d = max_abs_diff(&step, &full[i]);
+        assert!(d < TOLERANCE, "step {i}: {d}");
+    }
+    // After a reset, the session starts over.
+    session.reset().unwrap();
+    let again = session.forward(&toks[..5]).unwrap();
+    assert!(max_abs_diff(&again, &full[4]) < TOLERANCE);
+}
+
+/// ONNX Runtime, an independent implementation of the standard, must agree with tract on the
+/// same file (prefill, every decode step, and a left-padded batch of two).
+#[test]
+fn onnxruntime_agrees_with_tract() {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import onnxruntime"])
+        .output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "onnxruntime is not installed for {python}; .ci/run installs it"
+        );
+        eprintln!(
+            "skipping: python3 with onnxruntime not available (pip install onnxruntime numpy)"
+        );
+        return;
+    }
+    for (name, config, options) in [
+        ("gqa-tied", tiny_config(), ExportOptions::default()),
+        (
+            "mha-untied-external",
+            mha_untied_config(),
+            ExportOptions {
+                external_data: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "no-position-ids",
+            tiny_config(),
+            ExportOptions {
+                position_ids: false,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_onnx(dir.path(), &config, 5, &options);
+        let onnx = dir.path().join("model.onnx");
+        let toks = tokens(24, config.vocab_size, 3);
+        let prefill = 16;
+        let case =
+            serde_json::json!({"tokens": toks, "prefill": prefill, "batch2": options.position_ids});
+        std::fs::write(dir.path().join("case.json"), case.to_string()).unwrap();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/ort_crosscheck.py"
+        );
+        let out = std::process::Command::new(&python)
+            .arg(script)
+            .arg(&onnx)
+            .arg(dir.path().join("case.json"))
+            .arg(dir.path().join("out.json"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.json")).unwrap())
+                .unwrap();
+        let rows =
+            |v: &serde_json::Value| -> Vec<Vec<f32>> { serde_json::from_value(v.clone()).unwrap() };
+        let ort = rows(&result["logits"]);
+
+        let decoder = Arc::new(OnnxDecoder::load(&onnx, None).unwrap());
+        let mut session = decoder.session().unwrap();
+        let mut tract = session.forward_all(&toks[..prefill]).unwrap();
+        for &t in &toks[prefill..] {
+            tract.extend(session.forward_all(&[t]).unwrap());
+        }
+        for (pos, (a, b)) in tract.iter().zip(&ort).enumerate() {
+            let d = max_abs_diff(a, b);
+            assert!(
+                d < TOLERANCE,
+                "{name} position {pos}: tract and onnxruntime differ by {d}"
+            );
+        }
+        if options.position_ids {
+            // Batch of two in ONNX Runtime: the unpadded row equals the single sequence, and the
+            // left-padded row equals the same tokens unpadded: the mask is honoured.
+            let batch_row = rows(&result["batch_row"]);
+            let padded_row = rows(&result["padded_row"]);
+            for pos in 0..prefill {
+                assert!(
+                    max_abs_diff(&batch_row[pos], &ort[pos]) < TOLERANCE,
+                    "{name} batch row {pos}"
+                );
+            }
+            let single = decoder
+                .session()
+                .unwrap()
+                .forward_all(&toks[..prefill - 3])
+                .unwrap();
+            for (pos, row) in padded_row.iter().enumerate() {
+                assert!(
+                    max_abs_diff(row, &single[pos]) < TOLERANCE,
+                    "{name} padded row {pos}"
+                );
+            }
+        }
+    }
+}
+
+/// The bot shares one loaded model between worker threads and moves sessions between them.
+#[test]
+fn decoder_is_shareable_and_sessions_are_sendable() {
+    fn shareable<T: Send + Sync>() {}
+    fn sendable<T: Send>() {}
+    shareable::<OnnxDecoder>();
+    shareable::<kaiwa::model::Generator>();
+    sendable::<kaiwa::model::DecoderSession>();
+}
