@@ -85,6 +85,9 @@ enum BenchCommand {
         /// Also run bench/onnxruntime_decode.py on the same file and print the ratio.
         #[arg(long)]
         ort: bool,
+        /// Intra-op threads for ONNX Runtime; 0 keeps its default (all cores).
+        #[arg(long, default_value_t = 0)]
+        ort_threads: usize,
         /// Print the reports as JSON lines.
         #[arg(long)]
         json: bool,
@@ -262,6 +265,7 @@ fn run(cli: Cli) -> Result<()> {
                     new_tokens,
                     repeats,
                     ort,
+                    ort_threads,
                     json,
                 },
         } => {
@@ -270,7 +274,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("benchmarking {}", dir.display()))?;
             print_report(&report, json)?;
             if ort {
-                let ort = run_ort_bench(&dir, prompt_tokens, new_tokens, repeats)?;
+                let ort = run_ort_bench(&dir, prompt_tokens, new_tokens, repeats, ort_threads)?;
                 print_report(&ort, json)?;
                 let agree = ort.tokens == report.tokens;
                 println!(
@@ -302,6 +306,7 @@ fn run_ort_bench(
     prompt_tokens: usize,
     new_tokens: usize,
     repeats: usize,
+    threads: usize,
 ) -> Result<kaiwa::bench::InferReport> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/onnxruntime_decode.py");
     let output = std::process::Command::new("python3")
@@ -311,6 +316,7 @@ fn run_ort_bench(
         .args(["--prompt-tokens", &prompt_tokens.to_string()])
         .args(["--new-tokens", &new_tokens.to_string()])
         .args(["--repeats", &repeats.to_string()])
+        .args(["--threads", &threads.to_string()])
         .output()
         .with_context(|| format!("running python3 {}", script.display()))?;
     if !output.status.success() {

@@ -365,3 +365,83 @@ fn chat_command_keeps_memory_resets_and_exits() {
     let roles: Vec<&str> = history.iter().map(|m| m.role.as_str()).collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
 }
+
+/// A directory laid out as Hugging Face Optimum and newer `transformers` write it: the graph in
+/// `onnx/model.onnx` with its inputs in another order (Optimum's GPT-2 export puts the past
+/// between `input_ids` and `attention_mask`) and no `position_ids`, the chat template in
+/// `chat_template.jinja`, and no `config.json` or `generation_config.json`.
+#[test]
+fn an_optimum_style_directory_runs() {
+    let source = tempfile::tempdir().unwrap();
+    init_tiny(source.path());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        source.path().join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let mut tc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(source.path().join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    let template = tc.as_object_mut().unwrap().remove("chat_template").unwrap();
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        template.as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), tc.to_string()).unwrap();
+
+    let config = kaiwa::model::load_config(source.path()).unwrap();
+    let weights = LlamaWeights::load(&config, &source.path().join("model.safetensors")).unwrap();
+    let mut proto = build_model(
+        &config,
+        &weights,
+        &ExportOptions {
+            position_ids: false,
+            ..Default::default()
+        },
+    );
+    let inputs = &mut proto.graph.as_mut().unwrap().input;
+    let mask = inputs.remove(1);
+    inputs.push(mask);
+    assert_eq!(inputs[1].name, "past_key_values.0.key");
+    std::fs::create_dir(dir.path().join("onnx")).unwrap();
+    std::fs::write(
+        dir.path().join("onnx/model.onnx"),
+        prost::Message::encode_to_vec(&proto),
+    )
+    .unwrap();
+
+    let generator = Generator::load(dir.path()).unwrap();
+    assert!(!generator.decoder().takes_position_ids());
+    assert_eq!(
+        generator.context_len(),
+        config.max_position_embeddings,
+        "from tokenizer_config.json"
+    );
+    // Bound by name, the reordered graph computes what the reference computes.
+    let toks = tokens(12, 200, 4);
+    let expected = kaiwa::model::reference::ReferenceModel::new(&config, &weights).forward(&toks);
+    let mut session = generator.decoder().session().unwrap();
+    let got = session.forward_all(&toks).unwrap();
+    for (g, e) in got.iter().zip(&expected) {
+        assert!(max_abs_diff(g, e) < 1e-4);
+    }
+    let greedy = GenerateOptions {
+        sampling: SamplingParams::greedy(),
+        max_new_tokens: 10,
+        ..Default::default()
+    };
+    let reply = generator
+        .generate(&[ChatMessage::user("hello")], &greedy, &mut |_| true)
+        .unwrap();
+    let original = Generator::load(source.path()).unwrap();
+    let expected_reply = original
+        .generate(&[ChatMessage::user("hello")], &greedy, &mut |_| true)
+        .unwrap();
+    assert_eq!(
+        reply.tokens, expected_reply.tokens,
+        "same weights, same template, same reply"
+    );
+}

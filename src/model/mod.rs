@@ -97,16 +97,10 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), Mod
     std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
 }
 
-/// Finds the ONNX graph of a model directory: `model.onnx`, or the file Optimum writes
-/// (`decoder_model_merged.onnx`, `decoder_with_past_model.onnx`) or one under `onnx/`.
+/// Finds the ONNX graph of a model directory: `model.onnx`, or `onnx/model.onnx` as some
+/// Hugging Face repositories lay it out.
 pub fn find_onnx(dir: &Path) -> Result<PathBuf, ModelError> {
-    let candidates = [
-        ONNX_FILE,
-        "decoder_model_merged.onnx",
-        "decoder_with_past_model.onnx",
-        "onnx/model.onnx",
-        "onnx/decoder_model_merged.onnx",
-    ];
+    let candidates = [ONNX_FILE, "onnx/model.onnx"];
     for c in candidates {
         let p = dir.join(c);
         if p.is_file() {
