@@ -14,9 +14,17 @@
 //! readable by the wider ecosystem, and ONNX causal LMs exported by Hugging Face Optimum run in
 //! kaiwa's runtime.
 
+pub mod app;
 pub mod bench;
+pub mod bot;
 pub mod chat;
+pub mod config;
+pub mod conversation;
+pub mod corpus;
 pub mod model;
+pub mod platform;
+pub mod shutdown;
+pub mod store;
 
 /// The model directory used when none is given: `$MODEL_DIR`, else `models/kaiwa`.
 pub fn default_model_dir() -> std::path::PathBuf {

@@ -24,6 +24,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the bot daemon (Discord and/or Telegram, as configured in the environment or .env).
+    Run,
+    /// Write the stored conversations with the bot as OpenAI `messages` JSONL (TRL, axolotl).
+    ExportCorpus {
+        #[arg(long)]
+        out: PathBuf,
+        /// A silence longer than this many minutes starts a new conversation.
+        #[arg(long, default_value_t = 30)]
+        gap_minutes: i64,
+        /// A system prompt to put first in every example.
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// Delete everything stored of a user.
+    Forget {
+        #[arg(long)]
+        platform: String,
+        #[arg(long)]
+        user: String,
+    },
+    /// Figures about the conversation store.
+    Stats,
     /// Write a randomly initialised model directory (tokenizer, config, weights, ONNX).
     InitModel {
         #[arg(long, value_enum, default_value = "small")]
@@ -179,6 +201,59 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run => {
+            let settings = kaiwa::config::Settings::from_env()?;
+            let (trigger, shutdown) = kaiwa::shutdown::shutdown_channel();
+            runtime()?.block_on(async move {
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("signal received: shutting down");
+                    trigger.trigger();
+                });
+                kaiwa::app::run(settings, shutdown).await
+            })?;
+        }
+        Command::ExportCorpus {
+            out,
+            gap_minutes,
+            system,
+        } => {
+            let store = open_store()?;
+            let file = std::fs::File::create(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            let mut writer = std::io::BufWriter::new(file);
+            let options = kaiwa::corpus::export::ExportOptions {
+                gap_ms: gap_minutes * 60_000,
+                system,
+            };
+            let (rt, store) = (store.0, store.1);
+            let summary = rt
+                .block_on(kaiwa::corpus::export::export_openai(
+                    &store,
+                    &mut writer,
+                    &options,
+                ))
+                .with_context(|| format!("exporting to {}", out.display()))?;
+            eprintln!(
+                "wrote {}: {} conversations, {} messages, from {} channels",
+                out.display(),
+                summary.examples,
+                summary.messages,
+                summary.channels
+            );
+        }
+        Command::Forget { platform, user } => {
+            let p = kaiwa::bot::event::Platform::parse(&platform)
+                .with_context(|| format!("unknown platform {platform:?} (discord or telegram)"))?;
+            let (rt, store) = open_store()?;
+            let n = rt.block_on(store.forget_user(p, &user))?;
+            eprintln!("deleted {n} messages of {platform} user {user}");
+        }
+        Command::Stats => {
+            let (rt, store) = open_store()?;
+            let stats = rt.block_on(store.stats())?;
+            println!("{}", serde_json::to_string_pretty(&stats)?);
+        }
         Command::InitModel { preset, seed, out } => {
             let config = model::init::init_model_dir(LlamaConfig::preset(preset), seed, &out)
                 .with_context(|| format!("writing a new model to {}", out.display()))?;
@@ -286,6 +361,43 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The store `DATABASE_URL` names (default `kaiwa.db`), with a runtime to use it on.
+fn open_store() -> Result<(tokio::runtime::Runtime, kaiwa::store::Store)> {
+    let _ = dotenvy::dotenv();
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://kaiwa.db".into());
+    let rt = runtime()?;
+    let store = rt.block_on(kaiwa::store::Store::open(&url))?;
+    Ok((rt, store))
+}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn print_report(r: &kaiwa::bench::InferReport, json: bool) -> Result<()> {

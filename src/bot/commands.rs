@@ -1,0 +1,131 @@
+//! The bot's chat commands: `/help`, `/reset`, `/optout`, `/optin`, `/forgetme`, and for admins
+//! `/stats`, `/model`, `/reload`, `/answerall on|off`.
+
+use std::sync::Arc;
+
+use super::event::{IncomingMessage, Outbox};
+use super::Bot;
+use crate::store::{now_ms, StoreError};
+
+pub const HELP: &str = "I'm kaiwa, a chat bot. I remember this channel's recent messages to reply, and they may be used to train me.\n\
+/reset — forget this channel's conversation so far\n\
+/optout — stop storing (and answering) your messages\n\
+/optin — resume\n\
+/forgetme — delete everything stored of you\n\
+Admins: /stats, /model, /reload, /answerall on|off";
+pub const OPTED_IN: &str = "Welcome back: your messages are stored again.";
+pub const BUSY: &str = "I'm busy right now; please try again in a moment.";
+
+/// A command in a message: `/name[@addressee] args`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub name: String,
+    pub addressee: Option<String>,
+    pub args: String,
+}
+
+/// Parses a message that starts with a command; `None` for ordinary text.
+pub fn parse(text: &str) -> Option<Command> {
+    let text = text.trim_start();
+    let rest = text.strip_prefix('/')?;
+    let (word, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    let (name, addressee) = match word.split_once('@') {
+        Some((n, a)) => (n, Some(a.to_string())),
+        None => (word, None),
+    };
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return None;
+    }
+    Some(Command {
+        name: name.to_ascii_lowercase(),
+        addressee,
+        args: args.trim().to_string(),
+    })
+}
+
+impl Bot {
+    /// Carries out a command and answers it.
+    pub(super) async fn run_command(
+        self: &Arc<Self>,
+        c: Command,
+        m: &IncomingMessage,
+        outbox: &Arc<dyn Outbox>,
+    ) -> Result<(), StoreError> {
+        let platform = m.channel.platform;
+        let admin = self.settings.is_admin(platform, &m.author_id);
+        let store = &self.store;
+        let reply = match c.name.as_str() {
+            "help" | "start" => HELP.to_string(),
+            "reset" => {
+                store.reset_channel(&m.channel, now_ms()).await?;
+                "Done: I've forgotten this channel's conversation so far.".into()
+            }
+            "optout" => {
+                store.set_opted_out(platform, &m.author_id, true).await?;
+                "OK: I won't store or answer your messages any more. /optin to resume, /forgetme to delete what I have.".into()
+            }
+            "optin" => OPTED_IN.into(),
+            "forgetme" => {
+                let n = store.forget_user(platform, &m.author_id).await?;
+                format!("Deleted {n} stored messages of yours.")
+            }
+            "stats" | "model" | "reload" | "answerall" if !admin => {
+                "That command is for admins.".into()
+            }
+            "stats" => {
+                let s = store.stats().await?;
+                format!(
+                    "messages {} ({} deleted, {} mine), channels {}, users {}, replies sent {}, failed {}, opted out {}",
+                    s.messages, s.deleted, s.bot_messages, s.channels, s.users, s.replies_sent, s.replies_failed, s.opted_out_users
+                )
+            }
+            "model" => {
+                let g = self.model();
+                format!(
+                    "model {} — {} layers, vocabulary {}, context {} tokens",
+                    g.dir().display(),
+                    g.decoder().num_layers(),
+                    g.decoder().vocab_size(),
+                    g.context_len()
+                )
+            }
+            "reload" => match self.reload_model().await {
+                Ok(g) => format!("Reloaded {}.", g.dir().display()),
+                Err(e) => {
+                    tracing::error!(error = %e, "model reload failed");
+                    format!("Reload failed, still using the previous model: {e}")
+                }
+            },
+            "answerall" => {
+                let on = matches!(c.args.as_str(), "on" | "yes" | "true" | "1");
+                store.set_answers_all(&m.channel, on).await?;
+                if on {
+                    "I'll answer every message here.".into()
+                } else {
+                    "I'll answer here only when mentioned.".into()
+                }
+            }
+            _ => format!("Unknown command /{}. {HELP}", c.name),
+        };
+        self.say(outbox, m, &reply).await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_with_addressee_and_args() {
+        let c = parse("/answerall@kaiwa_bot on").unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.addressee.as_deref(), c.args.as_str()),
+            ("answerall", Some("kaiwa_bot"), "on")
+        );
+        assert_eq!(parse("/Reset").unwrap().name, "reset");
+        assert!(parse("hello /reset").is_none());
+        assert!(parse("/").is_none());
+        assert!(parse("/path/to/file").is_none());
+    }
+}

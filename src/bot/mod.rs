@@ -1,0 +1,428 @@
+//! The platform-neutral core of the daemon: store → decide → build context → generate → send.
+//!
+//! Platform adapters hand every event to [`Bot::handle`]. A message is stored before anything
+//! else; a redelivered message is recognised by its platform id and goes no further. Replies are
+//! queued per channel (one generation at a time per channel, in order) and generated on a
+//! bounded pool of blocking threads, off the async runtime.
+
+pub mod commands;
+pub mod event;
+pub mod split;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify, Semaphore};
+
+use crate::config::{ReplyPolicy, Settings};
+use crate::conversation::{self, Speakers};
+use crate::model::{Generator, StopReason};
+use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance, Store};
+use event::{ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform};
+
+/// The longest message text stored and considered; longer text is cut (with a log line).
+const MAX_TEXT_CHARS: usize = 32_000;
+/// How long shutdown waits for queued replies before cancelling them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// The name the bot's own messages are stored under.
+pub const SELF_NAME: &str = "kaiwa";
+
+/// A reply waiting for its turn in its channel's queue.
+struct Job {
+    message: IncomingMessage,
+    outbox: Arc<dyn Outbox>,
+}
+
+/// The bot, shared by every platform adapter.
+pub struct Bot {
+    settings: Settings,
+    store: Store,
+    model: RwLock<Arc<Generator>>,
+    queues: Mutex<HashMap<ChannelRef, mpsc::UnboundedSender<Job>>>,
+    generation_slots: Arc<Semaphore>,
+    /// Replies queued or in progress.
+    pending: AtomicUsize,
+    idle: Notify,
+    last_answered: Mutex<HashMap<(Platform, String), Instant>>,
+    accepting: AtomicBool,
+    /// Set when shutdown gives up waiting: running generations stop early.
+    cancel: Arc<AtomicBool>,
+}
+
+impl Bot {
+    pub fn new(settings: Settings, store: Store, model: Arc<Generator>) -> Arc<Self> {
+        Arc::new(Bot {
+            generation_slots: Arc::new(Semaphore::new(settings.workers)),
+            settings,
+            store,
+            model: RwLock::new(model),
+            queues: Mutex::new(HashMap::new()),
+            pending: AtomicUsize::new(0),
+            idle: Notify::new(),
+            last_answered: Mutex::new(HashMap::new()),
+            accepting: AtomicBool::new(true),
+            cancel: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The model replies come from now.
+    pub fn model(&self) -> Arc<Generator> {
+        Arc::clone(&self.model.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Loads the model directory again and swaps it in; replies in progress finish on the old one.
+    pub async fn reload_model(&self) -> Result<Arc<Generator>, crate::model::ModelError> {
+        let dir = self.settings.model_dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || Generator::load(&dir))
+            .await
+            .map_err(|e| {
+                crate::model::ModelError::Invalid(format!("model loading panicked: {e}"))
+            })??;
+        let loaded = Arc::new(loaded);
+        *self.model.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&loaded);
+        Ok(loaded)
+    }
+
+    /// Handles one event from a platform. Returns once the event is stored and any reply is
+    /// queued (not sent). Errors are logged, never raised: the daemon keeps serving.
+    pub async fn handle(self: &Arc<Self>, event: Incoming, outbox: Arc<dyn Outbox>) {
+        let result = match event {
+            Incoming::Message(m) => self.on_message(m, outbox).await,
+            Incoming::Edited {
+                channel,
+                message_id,
+                text,
+                edited_at_ms,
+            } => self
+                .store
+                .edit_message(&channel, &message_id, &cap_text(text), edited_at_ms)
+                .await
+                .map(drop),
+            Incoming::Deleted {
+                channel,
+                message_id,
+            } => self
+                .store
+                .delete_message(&channel, &message_id, now_ms())
+                .await
+                .map(drop),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "could not store an event");
+        }
+    }
+
+    async fn on_message(
+        self: &Arc<Self>,
+        mut m: IncomingMessage,
+        outbox: Arc<dyn Outbox>,
+    ) -> Result<(), crate::store::StoreError> {
+        m.text = cap_text(std::mem::take(&mut m.text));
+        let command = commands::parse(&m.text);
+        let platform = m.channel.platform;
+        if self.store.is_opted_out(platform, &m.author_id).await? {
+            // Opted-out users are neither stored nor answered, except to opt back in.
+            if matches!(command, Some(ref c) if c.name == "optin") {
+                self.store
+                    .set_opted_out(platform, &m.author_id, false)
+                    .await?;
+                self.say(&outbox, &m, commands::OPTED_IN).await;
+            }
+            return Ok(());
+        }
+        let new = NewMessage {
+            channel: m.channel.clone(),
+            kind: m.kind,
+            message_id: m.message_id.clone(),
+            author_id: m.author_id.clone(),
+            author_name: m.author_name.clone(),
+            author_is_bot: m.author_is_bot,
+            from_self: false,
+            text: m.text.clone(),
+            reply_to: m.reply_to.clone(),
+            sent_at_ms: m.sent_at_ms,
+            source: "live".into(),
+        };
+        if self.store.insert_message(&new).await? == Insert::Duplicate {
+            tracing::debug!(channel = %m.channel, message = %m.message_id, "redelivered message ignored");
+            return Ok(());
+        }
+        if m.author_is_bot || !self.accepting.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Some(c) = command {
+            // A command addressed to another bot (`/help@otherbot`) is not ours.
+            if c.addressee.is_some() && !m.mentions_bot {
+                return Ok(());
+            }
+            if self.store.claim_reply(&m.channel, &m.message_id).await? {
+                self.run_command(c, &m, &outbox).await?;
+            }
+            return Ok(());
+        }
+        if !self.should_answer(&m).await? || !self.cooled_down(&m) {
+            return Ok(());
+        }
+        if self.pending.load(Ordering::SeqCst) >= self.settings.queue_capacity {
+            tracing::warn!(channel = %m.channel, "reply queue full; message not answered");
+            if self.store.claim_reply(&m.channel, &m.message_id).await? {
+                self.store
+                    .fail_reply(&m.channel, &m.message_id, "queue full")
+                    .await?;
+                self.say(&outbox, &m, commands::BUSY).await;
+            }
+            return Ok(());
+        }
+        if !self.store.claim_reply(&m.channel, &m.message_id).await? {
+            return Ok(());
+        }
+        self.enqueue(Job { message: m, outbox });
+        Ok(())
+    }
+
+    async fn should_answer(&self, m: &IncomingMessage) -> Result<bool, crate::store::StoreError> {
+        if m.kind == ChatKind::Direct || m.mentions_bot || m.replies_to_bot {
+            return Ok(true);
+        }
+        if self.settings.reply_policy == ReplyPolicy::All {
+            return Ok(true);
+        }
+        self.store.answers_all(&m.channel).await
+    }
+
+    /// Per-user flood protection: at most one answered message per cooldown.
+    fn cooled_down(&self, m: &IncomingMessage) -> bool {
+        let mut last = self.last_answered.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (m.channel.platform, m.author_id.clone());
+        let now = Instant::now();
+        if let Some(t) = last.get(&key) {
+            if now.duration_since(*t) < self.settings.user_cooldown {
+                tracing::info!(user = %m.author_id, "cooldown: message stored, not answered");
+                return false;
+            }
+        }
+        last.insert(key, now);
+        true
+    }
+
+    fn enqueue(self: &Arc<Self>, job: Job) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let channel = job.message.channel.clone();
+        let sender = queues.entry(channel).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(Arc::clone(self).channel_worker(rx));
+            tx
+        });
+        if let Err(mpsc::error::SendError(job)) = sender.send(job) {
+            // The worker is gone (it cannot be, short of a panic): start a new one.
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(Arc::clone(self).channel_worker(rx));
+            let _ = tx.send(job);
+            *sender = tx;
+        }
+    }
+
+    /// Answers one channel's queued messages in order.
+    async fn channel_worker(self: Arc<Self>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+        while let Some(job) = jobs.recv().await {
+            let channel = job.message.channel.clone();
+            let id = job.message.message_id.clone();
+            let outcome = self.answer(&job).await;
+            let recorded = match outcome {
+                Ok(p) => self.store.finish_reply(&channel, &id, &p).await,
+                Err(e) => {
+                    tracing::warn!(channel = %channel, message = %id, error = %e, "reply failed");
+                    self.store.fail_reply(&channel, &id, &e).await
+                }
+            };
+            if let Err(e) = recorded {
+                tracing::error!(error = %e, "could not record a reply");
+            }
+            if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                self.idle.notify_waiters();
+            }
+        }
+    }
+
+    /// Generates and sends the reply to one message.
+    async fn answer(&self, job: &Job) -> Result<ReplyProvenance, String> {
+        let m = &job.message;
+        let _slot = self
+            .generation_slots
+            .acquire()
+            .await
+            .map_err(|e| e.to_string())?;
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err("shutting down".into());
+        }
+        let typing = {
+            let outbox = Arc::clone(&job.outbox);
+            let channel = m.channel.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = outbox.typing(&channel).await {
+                        tracing::debug!(error = %e, "typing indicator failed");
+                    }
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                }
+            })
+        };
+        let result = self.generate_reply(m).await;
+        typing.abort();
+        let (text, provenance) = result?;
+        let parts = split::split_message(&text, m.channel.platform.message_limit());
+        for (i, part) in parts.iter().enumerate() {
+            let reply_to = (i == 0).then_some(m.message_id.as_str());
+            let sent = job
+                .outbox
+                .send(&m.channel, part, reply_to)
+                .await
+                .map_err(|e| e.to_string())?;
+            let own = NewMessage {
+                channel: m.channel.clone(),
+                kind: m.kind,
+                message_id: sent.message_id,
+                author_id: SELF_NAME.into(),
+                author_name: SELF_NAME.into(),
+                author_is_bot: true,
+                from_self: true,
+                text: part.clone(),
+                reply_to: Some(m.message_id.clone()),
+                sent_at_ms: sent.sent_at_ms.max(m.sent_at_ms),
+                source: "live".into(),
+            };
+            self.store
+                .insert_message(&own)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(provenance)
+    }
+
+    /// Builds the channel's context from the store and runs the model on a blocking thread.
+    async fn generate_reply(
+        &self,
+        m: &IncomingMessage,
+    ) -> Result<(String, ReplyProvenance), String> {
+        let since = now_ms() - self.settings.context_max_age.as_millis() as i64;
+        let history = self
+            .store
+            .channel_context(&m.channel, since, self.settings.context_messages)
+            .await
+            .map_err(|e| e.to_string())?;
+        let speakers = if m.kind == ChatKind::Direct {
+            Speakers::One
+        } else {
+            Speakers::Many
+        };
+        let messages = conversation::render(
+            self.settings.system_prompt.as_deref(),
+            &conversation::turns(&history),
+            speakers,
+        );
+        let generator = self.model();
+        let mut options = self.settings.generation.clone();
+        options.seed ^= seed_for(&m.channel, &m.message_id);
+        let cancel = Arc::clone(&self.cancel);
+        let started = Instant::now();
+        let settings = format!(
+            "temperature={} top_k={} top_p={} repetition_penalty={} max_new_tokens={} seed={}",
+            options.sampling.temperature,
+            options.sampling.top_k,
+            options.sampling.top_p,
+            options.sampling.repetition_penalty,
+            options.max_new_tokens,
+            options.seed
+        );
+        let model_name = generator.dir().display().to_string();
+        let generation = tokio::task::spawn_blocking(move || {
+            generator.generate(&messages, &options, &mut |_| !cancel.load(Ordering::SeqCst))
+        })
+        .await
+        .map_err(|e| format!("generation panicked: {e}"))?
+        .map_err(|e| e.to_string())?;
+        if generation.stop == StopReason::Cancelled {
+            return Err("cancelled by shutdown".into());
+        }
+        let text = generation.text.trim();
+        let text = if text.is_empty() {
+            "…".to_string()
+        } else {
+            text.to_string()
+        };
+        Ok((
+            text,
+            ReplyProvenance {
+                model: model_name,
+                settings,
+                prompt_tokens: generation.prompt_tokens as i64,
+                new_tokens: generation.new_tokens as i64,
+                latency_ms: started.elapsed().as_millis() as i64,
+            },
+        ))
+    }
+
+    /// Sends a short message from the bot (command answers, notices); failures are logged.
+    async fn say(&self, outbox: &Arc<dyn Outbox>, m: &IncomingMessage, text: &str) {
+        if let Err(e) = outbox.send(&m.channel, text, Some(&m.message_id)).await {
+            tracing::warn!(channel = %m.channel, error = %e, "could not send a notice");
+        }
+    }
+
+    /// Stops taking new replies, waits for queued ones (up to a grace period), then cancels the
+    /// rest.
+    pub async fn shutdown(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+        let waited = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while self.pending.load(Ordering::SeqCst) > 0 {
+                let idle = self.idle.notified();
+                if self.pending.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(200), idle).await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!("replies still running at shutdown: cancelling them");
+            self.cancel.store(true, Ordering::SeqCst);
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while self.pending.load(Ordering::SeqCst) > 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+        }
+    }
+}
+
+fn cap_text(text: String) -> String {
+    if text.chars().count() <= MAX_TEXT_CHARS {
+        return text;
+    }
+    tracing::warn!(
+        chars = text.chars().count(),
+        "message longer than {MAX_TEXT_CHARS} characters: cut"
+    );
+    text.chars().take(MAX_TEXT_CHARS).collect()
+}
+
+/// A per-message seed, so each reply samples differently but reproducibly.
+fn seed_for(channel: &ChannelRef, message_id: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    channel.hash(&mut h);
+    message_id.hash(&mut h);
+    h.finish()
+}

@@ -1,0 +1,238 @@
+//! Settings of the bot daemon, read once at start-up from the environment and `.env`, and
+//! checked then, so the rest of the program never re-validates them.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::bot::event::Platform;
+use crate::model::{GenerateOptions, SamplingParams};
+
+/// A secret (a bot token). Its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that must send it to the platform.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Settings for one platform connection.
+#[derive(Debug, Clone)]
+pub struct PlatformSettings {
+    pub token: Secret,
+    /// Replaces the platform's public API address (self-hosted Bot API server, proxy, tests).
+    pub api_url: Option<String>,
+}
+
+/// When the bot answers in group chats (it always answers direct messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyPolicy {
+    /// When mentioned, replied to, or given a command.
+    Mentioned,
+    /// Every message, in every group (a per-channel setting can also turn this on).
+    All,
+}
+
+/// Everything the daemon needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub discord: Option<PlatformSettings>,
+    pub telegram: Option<PlatformSettings>,
+    pub database_url: String,
+    pub model_dir: PathBuf,
+    /// `(platform, user id)` pairs allowed to use admin commands.
+    pub admins: HashSet<(Platform, String)>,
+    pub reply_policy: ReplyPolicy,
+    pub system_prompt: Option<String>,
+    /// At most this many stored messages form a reply's context…
+    pub context_messages: usize,
+    /// …and none older than this.
+    pub context_max_age: Duration,
+    pub generation: GenerateOptions,
+    /// Generations running at once (each on its own thread).
+    pub workers: usize,
+    /// Replies waiting for a worker before new ones are refused.
+    pub queue_capacity: usize,
+    /// Minimum time between two answered messages of one user.
+    pub user_cooldown: Duration,
+}
+
+/// A setting that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("setting {name}: {reason}")]
+pub struct SettingsError {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+impl Settings {
+    /// Reads `.env` (if present, without overriding the environment), then the environment.
+    pub fn from_env() -> Result<Self, SettingsError> {
+        let _ = dotenvy::dotenv();
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads settings through `get`, so tests can supply their own values.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
+        let get = |k: &str| {
+            get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let platform = |token: &'static str, url: &'static str| {
+            get(token).map(|t| PlatformSettings {
+                token: Secret::new(t),
+                api_url: get(url),
+            })
+        };
+        let defaults = GenerateOptions::default();
+        let generation = GenerateOptions {
+            sampling: SamplingParams {
+                temperature: parse(&get, "TEMPERATURE", defaults.sampling.temperature)?,
+                top_k: parse(&get, "TOP_K", defaults.sampling.top_k)?,
+                top_p: parse(&get, "TOP_P", defaults.sampling.top_p)?,
+                repetition_penalty: parse(
+                    &get,
+                    "REPETITION_PENALTY",
+                    defaults.sampling.repetition_penalty,
+                )?,
+            },
+            max_new_tokens: parse(&get, "MAX_NEW_TOKENS", 200)?,
+            seed: parse(&get, "SEED", 0)?,
+            stop: Vec::new(),
+        };
+        generation.sampling.validate().map_err(|e| SettingsError {
+            name: "TEMPERATURE/TOP_P/REPETITION_PENALTY",
+            reason: e.to_string(),
+        })?;
+        let mut admins = HashSet::new();
+        for item in get("ADMIN_IDS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let (p, id) = item.split_once(':').ok_or_else(|| SettingsError {
+                name: "ADMIN_IDS",
+                reason: format!("{item:?} is not platform:user_id (e.g. telegram:12345)"),
+            })?;
+            let p = Platform::parse(p).ok_or_else(|| SettingsError {
+                name: "ADMIN_IDS",
+                reason: format!("unknown platform {p:?} (discord or telegram)"),
+            })?;
+            admins.insert((p, id.to_string()));
+        }
+        let reply_policy = match get("REPLY_POLICY").as_deref() {
+            None | Some("mentioned") => ReplyPolicy::Mentioned,
+            Some("all") => ReplyPolicy::All,
+            Some(other) => {
+                return Err(SettingsError {
+                    name: "REPLY_POLICY",
+                    reason: format!("{other:?} is not \"mentioned\" or \"all\""),
+                })
+            }
+        };
+        let settings = Settings {
+            discord: platform("DISCORD_TOKEN", "DISCORD_API_URL"),
+            telegram: platform("TELEGRAM_TOKEN", "TELEGRAM_API_URL"),
+            database_url: get("DATABASE_URL").unwrap_or_else(|| "sqlite://kaiwa.db".into()),
+            model_dir: get("MODEL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(crate::default_model_dir),
+            admins,
+            reply_policy,
+            system_prompt: get("SYSTEM_PROMPT"),
+            context_messages: parse(&get, "CONTEXT_MESSAGES", 40)?,
+            context_max_age: Duration::from_secs(
+                60 * parse::<u64>(&get, "CONTEXT_MAX_AGE_MINUTES", 24 * 60)?,
+            ),
+            generation,
+            workers: parse(&get, "WORKERS", 1)?,
+            queue_capacity: parse(&get, "QUEUE_CAPACITY", 32)?,
+            user_cooldown: Duration::from_millis(parse(&get, "USER_COOLDOWN_MS", 1500)?),
+        };
+        if settings.workers == 0 {
+            return Err(SettingsError {
+                name: "WORKERS",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(settings)
+    }
+
+    pub fn is_admin(&self, platform: Platform, user_id: &str) -> bool {
+        self.admins.contains(&(platform, user_id.to_string()))
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: T,
+) -> Result<T, SettingsError>
+where
+    T::Err: fmt::Display,
+{
+    match get(name) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|e: T::Err| SettingsError {
+            name,
+            reason: format!("{v:?}: {e}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn tokens_never_show_in_debug_output() {
+        let s = Settings::from_lookup(lookup(&[("TELEGRAM_TOKEN", "123:SECRET-TOKEN")])).unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("SECRET-TOKEN"), "{shown}");
+        assert_eq!(s.telegram.unwrap().token.expose(), "123:SECRET-TOKEN");
+        assert!(s.discord.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let e = Settings::from_lookup(lookup(&[("WORKERS", "many")])).unwrap_err();
+        assert_eq!(e.name, "WORKERS");
+        let e = Settings::from_lookup(lookup(&[("ADMIN_IDS", "telegram")])).unwrap_err();
+        assert_eq!(e.name, "ADMIN_IDS");
+        let e = Settings::from_lookup(lookup(&[("TOP_P", "2")])).unwrap_err();
+        assert!(e.to_string().contains("top_p"), "{e}");
+        let s = Settings::from_lookup(lookup(&[("ADMIN_IDS", "telegram:1, discord:2")])).unwrap();
+        assert!(s.is_admin(Platform::Telegram, "1") && s.is_admin(Platform::Discord, "2"));
+        assert!(!s.is_admin(Platform::Telegram, "2"));
+    }
+}

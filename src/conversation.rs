@@ -1,0 +1,141 @@
+//! Turns of a conversation → the chat messages a model sees. This is the one renderer: the bot
+//! builds its prompts with it and the corpus export writes training examples with it, so what a
+//! model is trained on and what it is asked have the same form.
+
+use crate::model::ChatMessage;
+use crate::store::StoredMessage;
+
+/// One turn as stored: who said it and what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    pub speaker: String,
+    /// Said by the side the model plays (the bot, or the speaker chosen as assistant).
+    pub is_assistant: bool,
+    pub text: String,
+}
+
+/// How turns are rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speakers {
+    /// One person talks to the assistant: user turns are the text alone.
+    One,
+    /// Several people: each user turn is prefixed with `Name: ` so the model knows who spoke.
+    Many,
+}
+
+/// Renders turns as chat messages: the assistant's turns as `assistant`, everybody else's as
+/// `user`; consecutive turns of the same role are joined into one message (one line each), as
+/// chat templates and trainers expect roles to alternate.
+pub fn render(system: Option<&str>, turns: &[Turn], speakers: Speakers) -> Vec<ChatMessage> {
+    let mut out: Vec<ChatMessage> = Vec::new();
+    if let Some(s) = system.filter(|s| !s.trim().is_empty()) {
+        out.push(ChatMessage::system(s));
+    }
+    for t in turns {
+        let text = t.text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let (role, line) = if t.is_assistant {
+            ("assistant", text.to_string())
+        } else if speakers == Speakers::Many {
+            ("user", format!("{}: {text}", clean_name(&t.speaker)))
+        } else {
+            ("user", text.to_string())
+        };
+        match out.last_mut() {
+            Some(last) if last.role == role => {
+                last.content.push('\n');
+                last.content.push_str(&line);
+            }
+            _ => out.push(ChatMessage::new(role, line)),
+        }
+    }
+    out
+}
+
+/// Stored messages → turns, leaving out deleted messages and bot commands (`/reset`, …), which
+/// are talk to the bot, not conversation.
+pub fn turns(history: &[StoredMessage]) -> Vec<Turn> {
+    history
+        .iter()
+        .filter_map(|s| {
+            let text = s.text.as_deref()?;
+            if is_bot_command(text) {
+                return None;
+            }
+            Some(Turn {
+                speaker: s.author_name.clone(),
+                is_assistant: s.from_self,
+                text: text.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Whether a message is a bot command: `/word` at its start.
+pub fn is_bot_command(text: &str) -> bool {
+    text.trim_start().strip_prefix('/').is_some_and(|rest| {
+        let word = rest
+            .split(|c: char| c.is_whitespace() || c == '@')
+            .next()
+            .unwrap_or("");
+        !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
+/// A speaker name safe to put before a colon on one line.
+fn clean_name(name: &str) -> String {
+    let n: String = name
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect::<String>()
+        .replace(':', "");
+    let n = n.trim();
+    if n.is_empty() {
+        "someone".into()
+    } else {
+        n.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(speaker: &str, is_assistant: bool, text: &str) -> Turn {
+        Turn {
+            speaker: speaker.into(),
+            is_assistant,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn group_turns_carry_names_and_roles_alternate() {
+        let turns = [
+            turn("Aki", false, "おはよう"),
+            turn("Ben", false, "morning!"),
+            turn("kaiwa", true, "おはようございます"),
+            turn("Aki", false, "  "),
+            turn("Aki", false, "天気は？"),
+        ];
+        let m = render(Some("be kind"), &turns, Speakers::Many);
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user"]);
+        assert_eq!(m[1].content, "Aki: おはよう\nBen: morning!");
+        assert_eq!(m[3].content, "Aki: 天気は？");
+    }
+
+    #[test]
+    fn direct_turns_are_plain_and_names_cannot_break_lines() {
+        let m = render(None, &[turn("x", false, "hi")], Speakers::One);
+        assert_eq!(m, vec![ChatMessage::user("hi")]);
+        let m = render(
+            None,
+            &[turn("evil\nassistant: ", false, "hi")],
+            Speakers::Many,
+        );
+        assert_eq!(m[0].content, "evilassistant: hi");
+    }
+}

@@ -1,0 +1,638 @@
+//! Discord: serenity's gateway connection in, the bot's [`Incoming`] out; replies and the typing
+//! indicator out through Discord's REST API ([`DiscordOutbox`]).
+//!
+//! A few things about serenity 0.12 shape this file:
+//!
+//! - With `DISCORD_API_URL` set, REST goes to `{api_url}/api/v10/...` through serenity's `proxy`
+//!   option. Serenity's own rate limiter ignores that option (it always calls discord.com, token
+//!   included), so it is switched off then and [`DiscordOutbox`] waits out HTTP 429 itself.
+//! - The gateway address comes from `GET /api/v10/gateway/bot` on that same API, asked here (so a
+//!   wrong address or token fails loudly instead of serenity silently falling back to
+//!   `wss://gateway.discord.gg`). Serenity accepts `ws://` as well as `wss://`, connects with
+//!   `?v=10` (JSON, no transport compression), and resumes a dropped session on the address it first
+//!   connected to (it does not use READY's `resume_gateway_url`).
+//! - "Message Content" is a privileged intent: kaiwa asks for it, and Discord refuses the
+//!   connection (close code 4014) unless it is enabled in the developer portal. Should guild
+//!   messages still arrive without their text, that is logged once, with what to do.
+
+use std::future::Future;
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use serenity::builder::{CreateAllowedMentions, CreateMessage};
+use serenity::client::{ClientBuilder, Context, EventHandler};
+use serenity::gateway::GatewayError;
+use serenity::http::{Http, HttpBuilder, HttpError, StatusCode};
+use serenity::model::channel::{Message, MessageReference, MessageReferenceKind, MessageType};
+use serenity::model::event::{MessageUpdateEvent, ResumedEvent};
+use serenity::model::gateway::{GatewayIntents, Ready};
+use serenity::model::id::{ChannelId, GuildId, MessageId, UserId};
+use serenity::model::Timestamp;
+use tracing::{debug, info, warn};
+
+use crate::bot::event::{
+    BoxFuture, ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError,
+    SentMessage,
+};
+use crate::bot::Bot;
+use crate::config::{PlatformSettings, Secret};
+use crate::shutdown::Shutdown;
+
+/// What kaiwa listens to: messages in guilds and DMs, with their text.
+const INTENTS: GatewayIntents = GatewayIntents::GUILD_MESSAGES
+    .union(GatewayIntents::DIRECT_MESSAGES)
+    .union(GatewayIntents::MESSAGE_CONTENT);
+
+/// A reply is tried this many times while Discord answers 429…
+const RATE_LIMIT_ATTEMPTS: u32 = 5;
+/// …waiting this long after the first 429, twice as long after each further one, up to
+/// [`MAX_RATE_LIMIT_WAIT`]. (Serenity drops `retry_after` from the errors it returns, so this is
+/// the fallback when its own rate limiter is off or let a 429 through.)
+const FIRST_RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
+const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(8);
+
+/// Waits between failed attempts to reach Discord at start-up grow up to this.
+const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Connects to Discord and feeds every message event to `bot` until `shutdown` fires.
+///
+/// Returns an error only when the connection cannot work at all (token rejected, intents not
+/// allowed); network trouble is retried, and a dropped gateway connection is resumed by serenity.
+pub async fn run(
+    bot: Arc<Bot>,
+    settings: PlatformSettings,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let http = build_http(&settings);
+    let Some(gateway_url) = fetch_gateway_url(&http, &settings.token, &mut shutdown).await? else {
+        return Ok(()); // shut down while still connecting
+    };
+    debug!(url = %gateway_url, "Discord gateway address");
+
+    let handler = DiscordHandler {
+        bot,
+        token: settings.token.clone(),
+        shutdown: shutdown.clone(),
+        me: RwLock::new(None),
+        warned_missing_content: AtomicBool::new(false),
+    };
+    let mut client = ClientBuilder::new_with_http(http, INTENTS)
+        .event_handler(handler)
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "could not set up the Discord client: {}",
+                scrub(&e.to_string(), &settings.token)
+            )
+        })?;
+    // The builder asked for the gateway address again and, had that failed, would now point at
+    // the public gateway; use the one this run already checked.
+    *client.ws_url.lock().await = gateway_url;
+
+    let shard_manager = Arc::clone(&client.shard_manager);
+    tokio::select! {
+        result = client.start() => match result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(explain_gateway_error(&e, &settings.token)),
+        },
+        () = shutdown.wait() => {
+            info!("Discord: closing the gateway connection");
+            shard_manager.shutdown_all().await;
+            Ok(())
+        }
+    }
+}
+
+/// The REST client: Discord itself, or the API at `api_url` (a proxy, or a test's fake).
+fn build_http(settings: &PlatformSettings) -> Http {
+    let builder = HttpBuilder::new(settings.token.expose());
+    match &settings.api_url {
+        None => builder.build(),
+        // Serenity's rate limiter would send every request to discord.com regardless of the
+        // proxy; without it, requests go to `{api_url}/api/v10/...` and 429s reach the outbox.
+        Some(url) => builder
+            .proxy(url.trim_end_matches('/'))
+            .ratelimiter_disabled(true)
+            .build(),
+    }
+}
+
+/// Asks the API where the gateway is (`GET /api/v10/gateway/bot`), which also checks the token.
+/// Retries network trouble with backoff; `None` when shutdown fired first.
+async fn fetch_gateway_url(
+    http: &Http,
+    token: &Secret,
+    shutdown: &mut Shutdown,
+) -> anyhow::Result<Option<String>> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match http.get_bot_gateway().await {
+            Ok(gateway) => {
+                let limit = &gateway.session_start_limit;
+                info!(
+                    remaining = limit.remaining,
+                    total = limit.total,
+                    "Discord: connecting to the gateway (session starts left today shown)"
+                );
+                return Ok(Some(gateway.url));
+            }
+            Err(e) if status_of(&e) == Some(StatusCode::UNAUTHORIZED) => {
+                bail!(
+                    "Discord rejected the bot token (DISCORD_TOKEN): 401 Unauthorized. Copy the \
+                     token again from the developer portal (Applications → your app → Bot → Reset Token)"
+                );
+            }
+            Err(e) => {
+                warn!(
+                    error = %scrub(&e.to_string(), token),
+                    retry_in_s = backoff.as_secs(),
+                    "Discord: cannot reach the API for the gateway address"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.wait() => return Ok(None),
+                }
+                backoff = (backoff * 2).min(MAX_CONNECT_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Turns the error that ended the gateway connection into one an operator can act on.
+fn explain_gateway_error(e: &serenity::Error, token: &Secret) -> anyhow::Error {
+    match e {
+        serenity::Error::Gateway(GatewayError::InvalidAuthentication) => anyhow!(
+            "the Discord gateway rejected the bot token (DISCORD_TOKEN); copy it again from the \
+             developer portal (Applications → your app → Bot → Reset Token)"
+        ),
+        serenity::Error::Gateway(GatewayError::DisallowedGatewayIntents) => anyhow!(
+            "Discord refused the \"Message Content\" intent kaiwa needs to read messages: enable \
+             \"Message Content Intent\" in the Discord developer portal (Applications → your app → \
+             Bot → Privileged Gateway Intents), then restart"
+        ),
+        other => anyhow!(
+            "the Discord gateway connection ended: {}",
+            scrub(&other.to_string(), token)
+        ),
+    }
+}
+
+/// Receives serenity's events and hands the ones the bot cares about to [`Bot::handle`].
+struct DiscordHandler {
+    bot: Arc<Bot>,
+    /// Only to keep it out of error texts.
+    token: Secret,
+    shutdown: Shutdown,
+    /// Our own user, from READY.
+    me: RwLock<Option<UserId>>,
+    warned_missing_content: AtomicBool,
+}
+
+impl DiscordHandler {
+    fn me(&self) -> Option<UserId> {
+        *self.me.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn outbox(&self, ctx: &Context) -> Arc<dyn Outbox> {
+        Arc::new(DiscordOutbox::new(
+            Arc::clone(&ctx.http),
+            self.token.clone(),
+        ))
+    }
+
+    /// Hands an event to the bot, unless shutdown has begun (serenity may still deliver events
+    /// while its shards stop).
+    async fn deliver(&self, ctx: &Context, event: Incoming) {
+        if self.shutdown.is_triggered() {
+            debug!("Discord event after shutdown ignored");
+            return;
+        }
+        self.bot.handle(event, self.outbox(ctx)).await;
+    }
+
+    fn warn_missing_content_once(&self) {
+        if !self.warned_missing_content.swap(true, Ordering::SeqCst) {
+            warn!(
+                "Discord is sending guild messages without their text, so kaiwa only sees direct \
+                 messages and messages that mention it. Enable \"Message Content Intent\" in the \
+                 Discord developer portal (Applications → your app → Bot → Privileged Gateway \
+                 Intents) and restart kaiwa."
+            );
+        }
+    }
+}
+
+#[serenity::async_trait]
+impl EventHandler for DiscordHandler {
+    async fn ready(&self, _ctx: Context, ready: Ready) {
+        *self.me.write().unwrap_or_else(|e| e.into_inner()) = Some(ready.user.id);
+        info!(
+            user = %ready.user.name,
+            id = %ready.user.id,
+            guilds = ready.guilds.len(),
+            "Discord: connected"
+        );
+    }
+
+    async fn resume(&self, _ctx: Context, _event: ResumedEvent) {
+        info!("Discord: gateway connection resumed");
+    }
+
+    async fn message(&self, ctx: Context, msg: Message) {
+        let me = self.me();
+        if me == Some(msg.author.id) {
+            return; // the core stores its own replies when it sends them
+        }
+        if !is_conversation(msg.kind) {
+            debug!(kind = ?msg.kind, "Discord system message ignored");
+            return;
+        }
+        if content_withheld(&msg, me) {
+            self.warn_missing_content_once();
+            return;
+        }
+        if msg.content.is_empty() {
+            debug!(message = %msg.id, "Discord message without text (attachments only) ignored");
+            return;
+        }
+        self.deliver(&ctx, Incoming::Message(incoming_message(&msg, me)))
+            .await;
+    }
+
+    async fn message_update(
+        &self,
+        ctx: Context,
+        _old: Option<Message>,
+        _new: Option<Message>,
+        event: MessageUpdateEvent,
+    ) {
+        if let Some(edited) = edited_event(&event, self.me()) {
+            self.deliver(&ctx, edited).await;
+        }
+    }
+
+    async fn message_delete(
+        &self,
+        ctx: Context,
+        channel_id: ChannelId,
+        message_id: MessageId,
+        _guild_id: Option<GuildId>,
+    ) {
+        let event = Incoming::Deleted {
+            channel: channel_ref(channel_id),
+            message_id: message_id.to_string(),
+        };
+        self.deliver(&ctx, event).await;
+    }
+}
+
+/// A Discord channel as the bot sees it. Threads are channels of their own on Discord, so the
+/// thread part stays empty.
+fn channel_ref(channel_id: ChannelId) -> ChannelRef {
+    ChannelRef::new(Platform::Discord, channel_id.to_string())
+}
+
+/// Messages people write (and bots' command answers), as opposed to join notices, pins, boosts…
+fn is_conversation(kind: MessageType) -> bool {
+    matches!(
+        kind,
+        MessageType::Regular
+            | MessageType::InlineReply
+            | MessageType::ChatInputCommand
+            | MessageType::ContextMenuCommand
+    )
+}
+
+/// True when Discord withheld the message's content, as it does for guild messages when the
+/// Message Content intent is missing: empty text, no attachments, embeds, stickers or poll, from
+/// a person, in a guild, not mentioning us (mentions and DMs keep their content regardless).
+fn content_withheld(msg: &Message, me: Option<UserId>) -> bool {
+    msg.guild_id.is_some()
+        && !msg.author.bot
+        && !mentions(msg, me)
+        && msg.content.is_empty()
+        && msg.attachments.is_empty()
+        && msg.embeds.is_empty()
+        && msg.sticker_items.is_empty()
+        && msg.poll.is_none()
+        && msg.message_snapshots.is_empty()
+}
+
+fn mentions(msg: &Message, me: Option<UserId>) -> bool {
+    me.is_some_and(|me| msg.mentions.iter().any(|u| u.id == me))
+}
+
+/// A MESSAGE_CREATE in the bot's terms.
+fn incoming_message(msg: &Message, me: Option<UserId>) -> IncomingMessage {
+    // Only a reply's reference points at the message answered; a forward's points elsewhere.
+    let reply_to = msg
+        .message_reference
+        .as_ref()
+        .filter(|r| r.kind == MessageReferenceKind::Default)
+        .and_then(|r| r.message_id);
+    let replies_to_bot = reply_to.is_some()
+        && msg
+            .referenced_message
+            .as_ref()
+            .is_some_and(|r| me == Some(r.author.id));
+    let author_name = msg
+        .member
+        .as_ref()
+        .and_then(|m| m.nick.clone())
+        .or_else(|| msg.author.global_name.clone())
+        .unwrap_or_else(|| msg.author.name.clone());
+    IncomingMessage {
+        channel: channel_ref(msg.channel_id),
+        kind: if msg.guild_id.is_none() {
+            ChatKind::Direct
+        } else {
+            ChatKind::Group
+        },
+        message_id: msg.id.to_string(),
+        author_id: msg.author.id.to_string(),
+        author_name,
+        author_is_bot: msg.author.bot,
+        text: msg.content.clone(),
+        reply_to: reply_to.map(|id| id.to_string()),
+        replies_to_bot,
+        mentions_bot: mentions(msg, me),
+        sent_at_ms: unix_ms(&msg.timestamp),
+    }
+}
+
+/// A MESSAGE_UPDATE in the bot's terms, when it changed the text. Updates also report embeds
+/// being resolved and pins, without content; and without the Message Content intent the content
+/// is empty, which must not blank the stored text.
+fn edited_event(event: &MessageUpdateEvent, me: Option<UserId>) -> Option<Incoming> {
+    if event.author.as_ref().is_some_and(|a| Some(a.id) == me) {
+        return None;
+    }
+    let text = event.content.clone().filter(|t| !t.is_empty())?;
+    let edited_at_ms = event.edited_timestamp.as_ref().map_or_else(now_ms, unix_ms);
+    Some(Incoming::Edited {
+        channel: channel_ref(event.channel_id),
+        message_id: event.id.to_string(),
+        text,
+        edited_at_ms,
+    })
+}
+
+fn unix_ms(t: &Timestamp) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn now_ms() -> i64 {
+    unix_ms(&Timestamp::now())
+}
+
+/// How the core sends on Discord: messages and the typing indicator, over REST.
+pub struct DiscordOutbox {
+    http: Arc<Http>,
+    token: Secret,
+}
+
+impl DiscordOutbox {
+    /// `token` is only used to keep it out of error texts.
+    pub fn new(http: Arc<Http>, token: Secret) -> Self {
+        DiscordOutbox { http, token }
+    }
+
+    /// Runs `request`, again while Discord answers 429; other errors become [`SendError`]s.
+    async fn with_rate_limit_retries<T, F, Fut>(
+        &self,
+        what: &str,
+        mut request: F,
+    ) -> Result<T, SendError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = serenity::Result<T>>,
+    {
+        let mut wait = FIRST_RATE_LIMIT_WAIT;
+        let mut attempt = 1;
+        loop {
+            match request().await {
+                Ok(value) => return Ok(value),
+                Err(e)
+                    if status_of(&e) == Some(StatusCode::TOO_MANY_REQUESTS)
+                        && attempt < RATE_LIMIT_ATTEMPTS =>
+                {
+                    warn!(
+                        attempt,
+                        wait_ms = wait.as_millis() as u64,
+                        "Discord rate limit (429) on {what}: waiting"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(MAX_RATE_LIMIT_WAIT);
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(SendError::Other(format!(
+                        "{what}: {}",
+                        scrub(&describe(&e), &self.token)
+                    )))
+                }
+            }
+        }
+    }
+}
+
+impl Outbox for DiscordOutbox {
+    fn send<'a>(
+        &'a self,
+        channel: &'a ChannelRef,
+        text: &'a str,
+        reply_to: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<SentMessage, SendError>> {
+        Box::pin(async move {
+            let channel_id = ChannelId::from(parse_snowflake(&channel.chat_id, "channel id")?);
+            // The reply must not ping its author, and generated text must not ping anyone.
+            let mut message = CreateMessage::new()
+                .content(text)
+                .allowed_mentions(CreateAllowedMentions::new().replied_user(false));
+            if let Some(id) = reply_to {
+                let mut reference = MessageReference::from((
+                    channel_id,
+                    MessageId::from(parse_snowflake(id, "message id")?),
+                ));
+                // Answer even if the message was deleted meanwhile.
+                reference.fail_if_not_exists = Some(false);
+                message = message.reference_message(reference);
+            }
+            let sent = self
+                .with_rate_limit_retries("sending a message", || {
+                    channel_id.send_message(&self.http, message.clone())
+                })
+                .await?;
+            Ok(SentMessage {
+                message_id: sent.id.to_string(),
+                sent_at_ms: unix_ms(&sent.timestamp),
+            })
+        })
+    }
+
+    fn typing<'a>(&'a self, channel: &'a ChannelRef) -> BoxFuture<'a, Result<(), SendError>> {
+        Box::pin(async move {
+            let channel_id = ChannelId::from(parse_snowflake(&channel.chat_id, "channel id")?);
+            // Best effort and repeated by the core every few seconds: no retrying.
+            channel_id.broadcast_typing(&self.http).await.map_err(|e| {
+                SendError::Other(format!(
+                    "typing indicator: {}",
+                    scrub(&describe(&e), &self.token)
+                ))
+            })
+        })
+    }
+}
+
+fn parse_snowflake(s: &str, what: &str) -> Result<NonZeroU64, SendError> {
+    s.parse()
+        .map_err(|_| SendError::Other(format!("{what} {s:?} is not a Discord snowflake")))
+}
+
+fn status_of(e: &serenity::Error) -> Option<StatusCode> {
+    match e {
+        serenity::Error::Http(h) => h.status_code(),
+        _ => None,
+    }
+}
+
+/// An error text that says what Discord answered, not just serenity's summary of it.
+fn describe(e: &serenity::Error) -> String {
+    match e {
+        serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) => {
+            format!(
+                "Discord answered {} to {} {}: {}",
+                r.status_code, r.method, r.url, r.error.message
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Removes the token from a text that is about to be logged or returned.
+fn scrub(text: &str, token: &Secret) -> String {
+    let token = token.expose().trim();
+    if token.is_empty() {
+        text.to_string()
+    } else {
+        text.replace(token, "***")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: u64 = 900_000_000_000_000_001;
+
+    fn user(id: u64, name: &str, bot: bool) -> serde_json::Value {
+        serde_json::json!({"id": id.to_string(), "username": name, "global_name": null, "avatar": null, "bot": bot})
+    }
+
+    fn message(extra: serde_json::Value) -> Message {
+        let mut m = serde_json::json!({
+            "id": "1300000000000000001", "channel_id": "1200000000000000001",
+            "author": user(1, "alice", false), "content": "hello",
+            "timestamp": "2024-05-01T12:00:00.250000+00:00", "edited_timestamp": null,
+            "tts": false, "mention_everyone": false, "mentions": [], "mention_roles": [],
+            "attachments": [], "embeds": [], "pinned": false, "type": 0,
+        });
+        if let (Some(m), Some(extra)) = (m.as_object_mut(), extra.as_object()) {
+            m.extend(extra.clone());
+        }
+        serde_json::from_value(m).unwrap()
+    }
+
+    #[test]
+    fn direct_message_becomes_a_direct_incoming_message() {
+        let m = incoming_message(&message(serde_json::json!({})), Some(UserId::new(ME)));
+        assert_eq!(
+            m.channel,
+            ChannelRef::new(Platform::Discord, "1200000000000000001")
+        );
+        assert_eq!(m.kind, ChatKind::Direct);
+        assert_eq!(
+            (
+                m.message_id.as_str(),
+                m.author_id.as_str(),
+                m.author_name.as_str()
+            ),
+            ("1300000000000000001", "1", "alice")
+        );
+        assert_eq!(m.text, "hello");
+        assert_eq!(m.sent_at_ms, 1_714_564_800_250);
+        assert!(!m.mentions_bot && !m.replies_to_bot && !m.author_is_bot && m.reply_to.is_none());
+    }
+
+    #[test]
+    fn guild_reply_to_the_bot_with_nick_and_mention() {
+        let original = serde_json::json!({
+            "id": "1300000000000000000", "channel_id": "1200000000000000001", "author": user(ME, "kaiwa", true),
+            "content": "hi", "timestamp": "2024-05-01T11:59:00+00:00", "edited_timestamp": null, "tts": false,
+            "mention_everyone": false, "mentions": [], "mention_roles": [], "attachments": [], "embeds": [],
+            "pinned": false, "type": 0,
+        });
+        let msg = message(serde_json::json!({
+            "guild_id": "1100000000000000001", "type": 19,
+            "author": {"id": "1", "username": "alice", "global_name": "Alice A.", "avatar": null},
+            "member": {"nick": "Ali", "roles": [], "joined_at": "2024-01-01T00:00:00+00:00", "deaf": false, "mute": false},
+            "mentions": [user(ME, "kaiwa", true)],
+            "message_reference": {"message_id": "1300000000000000000", "channel_id": "1200000000000000001"},
+            "referenced_message": original,
+        }));
+        let m = incoming_message(&msg, Some(UserId::new(ME)));
+        assert_eq!(m.kind, ChatKind::Group);
+        assert_eq!(m.author_name, "Ali");
+        assert_eq!(m.reply_to.as_deref(), Some("1300000000000000000"));
+        assert!(m.replies_to_bot && m.mentions_bot);
+    }
+
+    #[test]
+    fn withheld_content_is_recognised_only_where_discord_withholds_it() {
+        let me = Some(UserId::new(ME));
+        let guild = serde_json::json!({"guild_id": "1100000000000000001", "content": ""});
+        assert!(content_withheld(&message(guild.clone()), me));
+        assert!(
+            !content_withheld(&message(serde_json::json!({"content": ""})), me),
+            "DMs keep their content"
+        );
+        let mut mentioning = guild.clone();
+        mentioning["mentions"] = serde_json::json!([user(ME, "kaiwa", true)]);
+        assert!(!content_withheld(&message(mentioning), me));
+        let mut with_text = guild;
+        with_text["content"] = "hi".into();
+        assert!(!content_withheld(&message(with_text), me));
+    }
+
+    #[test]
+    fn edits_without_text_are_not_edits() {
+        let event = |extra: serde_json::Value| -> MessageUpdateEvent {
+            let mut e = serde_json::json!({"id": "1300000000000000001", "channel_id": "1200000000000000001"});
+            if let (Some(e), Some(extra)) = (e.as_object_mut(), extra.as_object()) {
+                e.extend(extra.clone());
+            }
+            serde_json::from_value(e).unwrap()
+        };
+        let me = Some(UserId::new(ME));
+        assert!(edited_event(&event(serde_json::json!({})), me).is_none());
+        assert!(edited_event(&event(serde_json::json!({"content": ""})), me).is_none());
+        let edited = edited_event(
+            &event(
+                serde_json::json!({"content": "new", "edited_timestamp": "2024-05-01T12:00:01+00:00"}),
+            ),
+            me,
+        );
+        assert!(
+            matches!(edited, Some(Incoming::Edited { ref text, edited_at_ms: 1_714_564_801_000, .. }) if text == "new")
+        );
+    }
+
+    #[test]
+    fn scrub_removes_the_token() {
+        let token = Secret::new("abc.def.ghi");
+        assert_eq!(scrub("Bot abc.def.ghi failed", &token), "Bot *** failed");
+    }
+}

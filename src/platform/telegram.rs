@@ -1,0 +1,840 @@
+//! Telegram: long-polls the Bot API for updates, turns each into the bot's [`Incoming`], and sends
+//! replies through [`TelegramOutbox`].
+//!
+//! We poll `getUpdates` ourselves instead of using teloxide's dispatcher so that we decide when an
+//! update is acknowledged: the offset moves past an update only after [`Bot::handle`] returned for
+//! it (the message is stored and its reply queued). A crash therefore never loses a message;
+//! Telegram delivers it again and the core drops the duplicate.
+//!
+//! The bot token is part of every request URL (`/bot<TOKEN>/<method>`), and HTTP client errors quote
+//! that URL, so every error text that leaves this module goes through [`Scrubber`] first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use teloxide::payloads::{
+    GetUpdatesSetters as _, SendChatActionSetters as _, SendMessageSetters as _,
+};
+use teloxide::requests::Requester as _;
+use teloxide::types::{
+    ChatAction, ChatId, Me, Message, MessageEntityKind, MessageId, ParseMode, Recipient,
+    ReplyParameters, ThreadId, Update, UpdateId, UpdateKind, UserId,
+};
+use teloxide::{ApiError, RequestError};
+use tracing::{debug, info, warn};
+
+use crate::bot::event::{
+    BoxFuture, ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError,
+    SentMessage,
+};
+use crate::bot::Bot;
+use crate::config::PlatformSettings;
+use crate::shutdown::Shutdown;
+
+/// How long one `getUpdates` call may wait on the server for news. Below the HTTP client's own
+/// 17 s timeout (teloxide's default), so an idle poll ends normally rather than as an error.
+const POLL_TIMEOUT_SECS: u32 = 10;
+
+/// Waits between failed attempts to reach Telegram grow up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A reply is attempted this many times while Telegram answers 429 (flood control)…
+const RATE_LIMIT_ATTEMPTS: usize = 5;
+
+/// …and only if each wait is at most this long; a longer ban would stall a generation worker.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Polls Telegram and feeds every update to `bot` until `shutdown` fires.
+///
+/// Returns an error only when polling cannot work at all (bad API address, token rejected);
+/// network trouble is logged and retried with backoff.
+pub async fn run(
+    bot: Arc<Bot>,
+    settings: PlatformSettings,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let outbox = TelegramOutbox::new(&settings)?;
+    let api = outbox.api.clone();
+    let scrub = outbox.scrub.clone();
+
+    let Some(me) = identify(&api, &scrub, &mut shutdown).await? else {
+        return Ok(());
+    };
+    let Some(identity) = BotIdentity::from_me(&me) else {
+        anyhow::bail!(
+            "Telegram's getMe returned a bot without a username (user id {})",
+            me.user.id
+        );
+    };
+    info!("telegram connected as @{}", identity.username);
+
+    let outbox: Arc<dyn Outbox> = Arc::new(outbox);
+    // The first update we have not handled yet; 0 asks for the oldest unconfirmed one.
+    let mut offset: i64 = 0;
+    let mut backoff = Backoff::default();
+    while !shutdown.is_triggered() {
+        let request = api
+            .get_updates()
+            .offset(clamp_offset(offset))
+            .timeout(POLL_TIMEOUT_SECS);
+        let result = tokio::select! {
+            _ = shutdown.wait() => break,
+            result = request => result,
+        };
+        let updates = match result {
+            Ok(updates) => updates,
+            Err(RequestError::InvalidJson { source, raw }) => match salvage_updates(&raw) {
+                Some(updates) => {
+                    warn!("telegram: getUpdates answer did not parse as a whole ({source}); handling its updates one by one");
+                    updates
+                }
+                None => {
+                    warn!("telegram: unreadable getUpdates answer ({source}); retrying");
+                    backoff.wait(&mut shutdown).await;
+                    continue;
+                }
+            },
+            Err(RequestError::Api(ApiError::InvalidToken)) => {
+                anyhow::bail!(
+                    "Telegram no longer accepts the bot token (TELEGRAM_TOKEN): Unauthorized"
+                );
+            }
+            Err(RequestError::RetryAfter(wait)) => {
+                warn!("telegram: getUpdates rate limited; waiting {}", wait);
+                sleep_unless_shutdown(wait.duration(), &mut shutdown).await;
+                continue;
+            }
+            Err(e) => {
+                warn!("telegram: getUpdates failed: {}", scrub.request_error(&e));
+                backoff.wait(&mut shutdown).await;
+                continue;
+            }
+        };
+        backoff.reset();
+
+        for update in updates {
+            let id = i64::from(update.id.0);
+            // A server may send an update again before it saw our new offset; it is handled.
+            if id < offset {
+                continue;
+            }
+            match translate(&update, &identity) {
+                Ok(event) => bot.handle(event, outbox.clone()).await,
+                Err(Skip::Unreadable(fields)) => {
+                    warn!("telegram: skipping update {id} that could not be parsed (fields: {fields})")
+                }
+                Err(Skip::Ignored(why)) => debug!("telegram: ignoring update {id}: {why}"),
+            }
+            // Only now is the update safe to confirm: it is stored and its reply queued.
+            offset = id + 1;
+        }
+    }
+
+    acknowledge(&api, offset).await;
+    info!("telegram stopped");
+    Ok(())
+}
+
+/// Calls `getMe` until it answers, so we know which mentions and replies are addressed to us.
+/// `None` when shutdown came first.
+async fn identify(
+    api: &teloxide::Bot,
+    scrub: &Scrubber,
+    shutdown: &mut Shutdown,
+) -> anyhow::Result<Option<Me>> {
+    let mut backoff = Backoff::default();
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.wait() => return Ok(None),
+            result = api.get_me() => result,
+        };
+        match result {
+            Ok(me) => return Ok(Some(me)),
+            Err(RequestError::Api(ApiError::InvalidToken)) => {
+                anyhow::bail!("Telegram rejected the bot token (TELEGRAM_TOKEN): Unauthorized; check it with @BotFather")
+            }
+            Err(RequestError::RetryAfter(wait)) => {
+                warn!("telegram: getMe rate limited; waiting {}", wait);
+                sleep_unless_shutdown(wait.duration(), shutdown).await;
+            }
+            Err(e) => {
+                warn!(
+                    "telegram: cannot reach the Bot API yet: {}",
+                    scrub.request_error(&e)
+                );
+                backoff.wait(shutdown).await;
+            }
+        }
+    }
+}
+
+/// Tells Telegram that everything before `offset` was handled, so a restart does not receive it
+/// again. Best effort: if it fails, the next start gets duplicates, which the core drops.
+async fn acknowledge(api: &teloxide::Bot, offset: i64) {
+    if offset == 0 {
+        return;
+    }
+    // timeout 0 answers at once; limit 1 keeps the answer small (what it returns stays unconfirmed).
+    let request = api
+        .get_updates()
+        .offset(clamp_offset(offset))
+        .timeout(0)
+        .limit(1);
+    match tokio::time::timeout(Duration::from_secs(2), request).await {
+        Ok(Ok(_)) => debug!("telegram: acknowledged updates before {offset}"),
+        _ => debug!(
+            "telegram: could not acknowledge updates before {offset}; they will be redelivered"
+        ),
+    }
+}
+
+fn clamp_offset(offset: i64) -> i32 {
+    i32::try_from(offset).unwrap_or(i32::MAX)
+}
+
+/// When teloxide cannot parse a `getUpdates` answer as a whole (an update without a usable
+/// `update_id`, say), recovers the updates that do parse, marking the others unreadable, so one
+/// bad update neither stops the loop nor hides the good ones around it. `None` when nothing
+/// usable is in the answer (not JSON, not a list, no update ids).
+fn salvage_updates(raw: &str) -> Option<Vec<Update>> {
+    let answer: serde_json::Value = serde_json::from_str(raw).ok()?;
+    let items = answer.get("result")?.as_array()?;
+    let mut updates = Vec::new();
+    for item in items {
+        let Some(id) = item
+            .get("update_id")
+            .and_then(|v| v.as_u64())
+            .and_then(|v| u32::try_from(v).ok())
+        else {
+            warn!("telegram: skipping an update without a valid update_id");
+            continue;
+        };
+        let update = serde_json::from_value::<Update>(item.clone()).unwrap_or_else(|_| Update {
+            id: UpdateId(id),
+            kind: UpdateKind::Error(item.clone()),
+        });
+        updates.push(update);
+    }
+    if updates.is_empty() && !items.is_empty() {
+        return None;
+    }
+    Some(updates)
+}
+
+/// Who we are on Telegram, to tell which messages address the bot.
+#[derive(Debug, Clone)]
+struct BotIdentity {
+    id: UserId,
+    username: String,
+    /// `@username`, lower-cased, for case-insensitive mention matching.
+    handle: String,
+}
+
+impl BotIdentity {
+    fn from_me(me: &Me) -> Option<Self> {
+        let username = me.user.username.clone().filter(|u| !u.is_empty())?;
+        let handle = format!("@{}", username.to_lowercase());
+        Some(BotIdentity {
+            id: me.user.id,
+            username,
+            handle,
+        })
+    }
+}
+
+/// Why an update produced no event.
+#[derive(Debug, PartialEq)]
+enum Skip {
+    /// teloxide could not parse it; carries its top-level field names (never its content).
+    Unreadable(String),
+    /// A kind of update or message the bot has no use for.
+    Ignored(&'static str),
+}
+
+/// Translates one update into the bot's own event.
+fn translate(update: &Update, me: &BotIdentity) -> Result<Incoming, Skip> {
+    match &update.kind {
+        UpdateKind::Message(message) | UpdateKind::ChannelPost(message) => {
+            incoming_message(message, me).map(Incoming::Message)
+        }
+        UpdateKind::EditedMessage(message) | UpdateKind::EditedChannelPost(message) => {
+            let text = message_text(message).ok_or(Skip::Ignored("edited message without text"))?;
+            let edited_at = message.edit_date().copied().unwrap_or(message.date);
+            Ok(Incoming::Edited {
+                channel: channel_of(message),
+                message_id: message.id.0.to_string(),
+                text: text.to_string(),
+                edited_at_ms: edited_at.timestamp_millis(),
+            })
+        }
+        UpdateKind::Error(value) => {
+            let fields = match value.as_object() {
+                Some(object) => object
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                None => String::from("none"),
+            };
+            Err(Skip::Unreadable(fields))
+        }
+        _ => Err(Skip::Ignored("update kind the bot does not use")),
+    }
+}
+
+fn incoming_message(message: &Message, me: &BotIdentity) -> Result<IncomingMessage, Skip> {
+    let text = message_text(message).ok_or(Skip::Ignored("message without text or caption"))?;
+    let (author_id, author_name, author_is_bot) = author_of(message);
+    let reply = replied_message(message);
+    Ok(IncomingMessage {
+        channel: channel_of(message),
+        kind: if message.chat.is_private() {
+            ChatKind::Direct
+        } else {
+            ChatKind::Group
+        },
+        message_id: message.id.0.to_string(),
+        author_id,
+        author_name,
+        author_is_bot,
+        text: text.to_string(),
+        reply_to: reply.map(|r| r.id.0.to_string()),
+        replies_to_bot: reply
+            .and_then(|r| r.from.as_ref())
+            .is_some_and(|u| u.id == me.id),
+        mentions_bot: mentions(message, text, me),
+        sent_at_ms: message.date.timestamp_millis(),
+    })
+}
+
+/// The text of a message, or the caption of a photo, video or document.
+fn message_text(message: &Message) -> Option<&str> {
+    message
+        .text()
+        .or_else(|| message.caption())
+        .filter(|t| !t.is_empty())
+}
+
+/// The chat, and the forum topic when the message is in one. Other messages also carry a
+/// `message_thread_id` (the root of their reply chain in supergroups), which is not a place.
+fn channel_of(message: &Message) -> ChannelRef {
+    let channel = ChannelRef::new(Platform::Telegram, message.chat.id.0.to_string());
+    match message.thread_id {
+        Some(ThreadId(MessageId(thread))) if message.is_topic_message => {
+            channel.with_thread(thread.to_string())
+        }
+        _ => channel,
+    }
+}
+
+/// Who wrote it: `(id, display name, is a bot)`. A message sent on behalf of a chat (channel
+/// posts, anonymous group admins, the linked channel) is attributed to that chat, not to the
+/// placeholder user Telegram puts in `from`.
+fn author_of(message: &Message) -> (String, String, bool) {
+    if let Some(chat) = message.sender_chat.as_ref() {
+        let name = chat
+            .title()
+            .or_else(|| chat.username())
+            .unwrap_or("channel")
+            .to_string();
+        return (chat.id.0.to_string(), name, false);
+    }
+    match message.from.as_ref() {
+        Some(user) => {
+            let full = user.full_name();
+            let name = if full.trim().is_empty() {
+                user.username.clone().unwrap_or_else(|| user.id.to_string())
+            } else {
+                full
+            };
+            (user.id.0.to_string(), name, user.is_bot)
+        }
+        None => {
+            let chat = &message.chat;
+            let name = chat
+                .title()
+                .or_else(|| chat.username())
+                .unwrap_or("unknown")
+                .to_string();
+            (chat.id.0.to_string(), name, false)
+        }
+    }
+}
+
+/// The message this one replies to. In a forum topic every message that replies to nothing
+/// carries the topic's opening message as `reply_to_message`; that is not a reply.
+fn replied_message(message: &Message) -> Option<&Message> {
+    let replied = message.reply_to_message()?;
+    let opens_topic =
+        message.is_topic_message && message.thread_id.is_some_and(|t| t.0 == replied.id);
+    (!opens_topic).then_some(replied)
+}
+
+/// Whether the message names the bot: `@username` anywhere (also as `/cmd@username`), in any
+/// case, or a text mention (a link to the bot's profile, used for bots without a username).
+fn mentions(message: &Message, text: &str, me: &BotIdentity) -> bool {
+    let entities = message
+        .entities()
+        .or_else(|| message.caption_entities())
+        .unwrap_or_default();
+    let linked = entities
+        .iter()
+        .any(|e| matches!(&e.kind, MessageEntityKind::TextMention { user } if user.id == me.id));
+    linked || contains_handle(text, &me.handle)
+}
+
+/// `handle` (lower-case `@name`) occurs in `text` as a whole handle, not as the start of a longer
+/// one (`@kaiwa_bot` does not match `@kaiwa_bot2`).
+fn contains_handle(text: &str, handle: &str) -> bool {
+    let lower = text.to_lowercase();
+    let mut from = 0;
+    while let Some(found) = lower[from..].find(handle) {
+        let end = from + found + handle.len();
+        let continues = lower[end..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_');
+        if !continues {
+            return true;
+        }
+        from = end;
+    }
+    false
+}
+
+/// Sends the bot's replies through the Bot API.
+#[derive(Clone)]
+pub struct TelegramOutbox {
+    api: teloxide::Bot,
+    scrub: Scrubber,
+}
+
+impl TelegramOutbox {
+    /// A client for the Bot API at `settings.api_url` (default: api.telegram.org).
+    pub fn new(settings: &PlatformSettings) -> anyhow::Result<Self> {
+        let token = settings.token.expose();
+        let mut api = teloxide::Bot::new(token);
+        if let Some(url) = settings.api_url.as_deref() {
+            // teloxide appends `/bot<TOKEN>/<method>` as path segments; a trailing slash on a
+            // base with a path would leave an empty segment (`/base//bot…`).
+            let base = url.trim_end_matches('/');
+            let parsed = base.parse().with_context(|| {
+                format!(
+                    "TELEGRAM_API_URL {url:?} is not a URL (expected e.g. http://127.0.0.1:8081)"
+                )
+            })?;
+            api = api.set_api_url(parsed);
+        }
+        Ok(TelegramOutbox {
+            api,
+            scrub: Scrubber::new(token),
+        })
+    }
+
+    async fn send_message(
+        &self,
+        channel: &ChannelRef,
+        text: &str,
+        reply_to: Option<&str>,
+    ) -> Result<SentMessage, SendError> {
+        let chat = recipient(&channel.chat_id);
+        let thread = thread_of(channel);
+        // A reply whose original was deleted meanwhile is still worth sending, just unthreaded.
+        let reply = reply_to
+            .and_then(|id| id.parse::<i32>().ok())
+            .map(|id| ReplyParameters::new(MessageId(id)).allow_sending_without_reply());
+        let mut markdown = true;
+        let mut rate_limited = 0;
+        loop {
+            let mut request = self.api.send_message(chat.clone(), text);
+            if markdown {
+                // Legacy Markdown: the most forgiving of Telegram's modes for model-written text.
+                #[allow(deprecated)]
+                let mode = ParseMode::Markdown;
+                request = request.parse_mode(mode);
+            }
+            if let Some(thread) = thread {
+                request = request.message_thread_id(thread);
+            }
+            if let Some(reply) = &reply {
+                request = request.reply_parameters(reply.clone());
+            }
+            match request.await {
+                Ok(sent) => {
+                    return Ok(SentMessage {
+                        message_id: sent.id.0.to_string(),
+                        sent_at_ms: sent.date.timestamp_millis(),
+                    })
+                }
+                Err(RequestError::Api(ApiError::CantParseEntities(why))) if markdown => {
+                    debug!(
+                        "telegram: Markdown rejected in {channel} ({why}); sending as plain text"
+                    );
+                    markdown = false;
+                }
+                Err(RequestError::RetryAfter(wait)) => {
+                    rate_limited += 1;
+                    if rate_limited >= RATE_LIMIT_ATTEMPTS || wait.duration() > MAX_RETRY_AFTER {
+                        return Err(SendError::Other(format!(
+                            "telegram rate limit in {channel}: retry after {wait} (attempt {rate_limited})"
+                        )));
+                    }
+                    warn!("telegram: rate limited in {channel}; retrying the reply in {wait}");
+                    tokio::time::sleep(wait.duration()).await;
+                }
+                Err(e) => return Err(SendError::Other(self.scrub.request_error(&e))),
+            }
+        }
+    }
+
+    async fn send_typing(&self, channel: &ChannelRef) -> Result<(), SendError> {
+        let mut request = self
+            .api
+            .send_chat_action(recipient(&channel.chat_id), ChatAction::Typing);
+        if let Some(thread) = thread_of(channel) {
+            request = request.message_thread_id(thread);
+        }
+        // Cosmetic: never waits out a rate limit, the reply matters more.
+        request
+            .await
+            .map(|_| ())
+            .map_err(|e| SendError::Other(self.scrub.request_error(&e)))
+    }
+}
+
+impl Outbox for TelegramOutbox {
+    fn send<'a>(
+        &'a self,
+        channel: &'a ChannelRef,
+        text: &'a str,
+        reply_to: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<SentMessage, SendError>> {
+        Box::pin(self.send_message(channel, text, reply_to))
+    }
+
+    fn typing<'a>(&'a self, channel: &'a ChannelRef) -> BoxFuture<'a, Result<(), SendError>> {
+        Box::pin(self.send_typing(channel))
+    }
+}
+
+/// Chat ids are numbers; public channels may also be addressed as `@name`.
+fn recipient(chat_id: &str) -> Recipient {
+    match chat_id.parse::<i64>() {
+        Ok(id) => Recipient::Id(ChatId(id)),
+        Err(_) => Recipient::ChannelUsername(chat_id.to_string()),
+    }
+}
+
+fn thread_of(channel: &ChannelRef) -> Option<ThreadId> {
+    channel
+        .thread_id
+        .parse::<i32>()
+        .ok()
+        .map(|id| ThreadId(MessageId(id)))
+}
+
+/// Removes the bot token from text bound for logs and errors. HTTP client errors quote the
+/// request URL, and Telegram's URLs contain the token.
+#[derive(Clone)]
+struct Scrubber {
+    secrets: Vec<String>,
+}
+
+impl Scrubber {
+    fn new(token: &str) -> Self {
+        let mut secrets = vec![token.to_string()];
+        // The part after `id:` is the secret; also catch it on its own (e.g. percent-encoded URLs).
+        if let Some((_, secret)) = token.split_once(':') {
+            if secret.len() >= 8 {
+                secrets.push(secret.to_string());
+            }
+        }
+        secrets.retain(|s| !s.is_empty());
+        Scrubber { secrets }
+    }
+
+    fn clean(&self, text: &str) -> String {
+        self.secrets.iter().fold(text.to_string(), |text, secret| {
+            text.replace(secret.as_str(), "***")
+        })
+    }
+
+    /// A loggable description of a failed request.
+    fn request_error(&self, e: &RequestError) -> String {
+        match e {
+            // The raw answer can be huge and holds users' messages; the parse error says enough.
+            RequestError::InvalidJson { source, .. } => {
+                format!("unreadable answer from Telegram: {source}")
+            }
+            other => self.clean(&other.to_string()),
+        }
+    }
+}
+
+/// Exponential backoff between retries, cut short by shutdown.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    async fn wait(&mut self, shutdown: &mut Shutdown) {
+        let delay = Duration::from_millis(500 * 2u64.pow(self.failures.min(6))).min(MAX_BACKOFF);
+        self.failures += 1;
+        sleep_unless_shutdown(delay, shutdown).await;
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+async fn sleep_unless_shutdown(delay: Duration, shutdown: &mut Shutdown) {
+    tokio::select! {
+        _ = shutdown.wait() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const BOT_ID: u64 = 777;
+
+    fn me() -> BotIdentity {
+        BotIdentity {
+            id: UserId(BOT_ID),
+            username: "Kaiwa_Bot".into(),
+            handle: "@kaiwa_bot".into(),
+        }
+    }
+
+    fn user(id: u64, first: &str) -> serde_json::Value {
+        json!({"id": id, "is_bot": id == BOT_ID, "first_name": first})
+    }
+
+    fn private_chat(id: i64) -> serde_json::Value {
+        json!({"id": id, "type": "private", "first_name": "Ann"})
+    }
+
+    fn group_chat(id: i64) -> serde_json::Value {
+        json!({"id": id, "type": "supergroup", "title": "Friends"})
+    }
+
+    fn update(kind: &str, message: serde_json::Value) -> Update {
+        serde_json::from_value(json!({"update_id": 10, kind: message})).unwrap()
+    }
+
+    fn message(update: Update) -> IncomingMessage {
+        match translate(&update, &me()) {
+            Ok(Incoming::Message(m)) => m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn private_text_message_becomes_a_direct_message() {
+        let m = message(update(
+            "message",
+            json!({"message_id": 5, "date": 1_700_000_000, "chat": private_chat(42),
+                   "from": {"id": 42, "is_bot": false, "first_name": "Ann", "last_name": "Lee"},
+                   "text": "hello"}),
+        ));
+        assert_eq!(m.channel, ChannelRef::new(Platform::Telegram, "42"));
+        assert_eq!(m.kind, ChatKind::Direct);
+        assert_eq!(
+            (
+                m.message_id.as_str(),
+                m.author_id.as_str(),
+                m.author_name.as_str()
+            ),
+            ("5", "42", "Ann Lee")
+        );
+        assert_eq!(m.text, "hello");
+        assert_eq!(m.sent_at_ms, 1_700_000_000_000);
+        assert!(!m.mentions_bot && !m.replies_to_bot && !m.author_is_bot && m.reply_to.is_none());
+    }
+
+    #[test]
+    fn group_mentions_and_replies_to_the_bot_are_recognised() {
+        let base =
+            json!({"message_id": 6, "date": 1, "chat": group_chat(-100), "from": user(1, "Bo")});
+        let with = |extra: serde_json::Value| {
+            let mut m = base.clone();
+            m.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            message(update("message", m))
+        };
+        let plain = with(json!({"text": "just chatting"}));
+        assert_eq!(plain.kind, ChatKind::Group);
+        assert!(!plain.mentions_bot && !plain.replies_to_bot);
+
+        assert!(with(json!({"text": "hey @KAIWA_bot what's up"})).mentions_bot);
+        assert!(with(json!({"text": "/ask@kaiwa_bot why"})).mentions_bot);
+        assert!(!with(json!({"text": "@kaiwa_bot2 is another bot"})).mentions_bot);
+        let linked = with(json!({"text": "Kaiwa, hi",
+            "entities": [{"type": "text_mention", "offset": 0, "length": 5, "user": user(BOT_ID, "Kaiwa")}]}));
+        assert!(linked.mentions_bot);
+
+        let reply = with(json!({"text": "thanks", "reply_to_message":
+            {"message_id": 3, "date": 1, "chat": group_chat(-100), "from": user(BOT_ID, "Kaiwa"), "text": "hi"}}));
+        assert_eq!(reply.reply_to.as_deref(), Some("3"));
+        assert!(reply.replies_to_bot);
+        let other = with(json!({"text": "thanks", "reply_to_message":
+            {"message_id": 4, "date": 1, "chat": group_chat(-100), "from": user(2, "Cy"), "text": "hi"}}));
+        assert_eq!(other.reply_to.as_deref(), Some("4"));
+        assert!(!other.replies_to_bot);
+    }
+
+    #[test]
+    fn forum_topic_messages_carry_the_thread_but_not_a_fake_reply() {
+        let opener = json!({"message_id": 100, "date": 1, "chat": group_chat(-100), "from": user(1, "Bo"),
+            "message_thread_id": 100, "is_topic_message": true,
+            "forum_topic_created": {"name": "Ideas", "icon_color": 7322096}});
+        let m = message(update(
+            "message",
+            json!({"message_id": 101, "date": 1, "chat": group_chat(-100), "from": user(1, "Bo"),
+                   "message_thread_id": 100, "is_topic_message": true, "text": "in a topic",
+                   "reply_to_message": opener}),
+        ));
+        assert_eq!(
+            m.channel,
+            ChannelRef::new(Platform::Telegram, "-100").with_thread("100")
+        );
+        assert_eq!(m.reply_to, None);
+
+        // Outside forums a thread id only names a reply chain: same channel as the chat.
+        let m = message(update(
+            "message",
+            json!({"message_id": 102, "date": 1, "chat": group_chat(-100), "from": user(1, "Bo"),
+                   "message_thread_id": 90, "text": "in a chain"}),
+        ));
+        assert_eq!(m.channel, ChannelRef::new(Platform::Telegram, "-100"));
+    }
+
+    #[test]
+    fn channel_posts_are_attributed_to_the_channel() {
+        let channel = json!({"id": -1001, "type": "channel", "title": "News"});
+        let m = message(update(
+            "channel_post",
+            json!({"message_id": 7, "date": 1, "chat": channel, "sender_chat": channel, "text": "post"}),
+        ));
+        assert_eq!(
+            (m.author_id.as_str(), m.author_name.as_str()),
+            ("-1001", "News")
+        );
+        assert_eq!(m.kind, ChatKind::Group);
+    }
+
+    #[test]
+    fn captions_count_as_text_and_stickers_are_ignored() {
+        let photo = json!([{"file_id": "a", "file_unique_id": "b", "width": 1, "height": 1}]);
+        let m = message(update(
+            "message",
+            json!({"message_id": 8, "date": 1, "chat": private_chat(42), "from": user(42, "Ann"),
+                   "photo": photo, "caption": "look"}),
+        ));
+        assert_eq!(m.text, "look");
+        let skipped = translate(
+            &update(
+                "message",
+                json!({"message_id": 9, "date": 1, "chat": private_chat(42), "from": user(42, "Ann"),
+                       "photo": photo}),
+            ),
+            &me(),
+        );
+        assert!(matches!(skipped, Err(Skip::Ignored(_))), "{skipped:?}");
+    }
+
+    #[test]
+    fn edits_become_edited_events() {
+        let event = translate(
+            &update(
+                "edited_message",
+                json!({"message_id": 5, "date": 1, "edit_date": 2, "chat": private_chat(42),
+                       "from": user(42, "Ann"), "text": "hello again"}),
+            ),
+            &me(),
+        );
+        assert_eq!(
+            event,
+            Ok(Incoming::Edited {
+                channel: ChannelRef::new(Platform::Telegram, "42"),
+                message_id: "5".into(),
+                text: "hello again".into(),
+                edited_at_ms: 2000,
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_updates_are_unreadable_not_fatal() {
+        let bad: Update =
+            serde_json::from_value(json!({"update_id": 5, "message": {"garbage": true}})).unwrap();
+        assert_eq!(
+            translate(&bad, &me()),
+            Err(Skip::Unreadable("message".into()))
+        );
+    }
+
+    #[test]
+    fn a_batch_with_a_broken_update_id_keeps_its_good_updates() {
+        let raw = json!({"ok": true, "result": [
+            {"update_id": "not a number", "message": {}},
+            {"update_id": 8, "message": {"garbage": true}},
+            {"update_id": 9, "message": {"message_id": 1, "date": 1, "chat": private_chat(42),
+                                          "from": user(42, "Ann"), "text": "hi"}}
+        ]})
+        .to_string();
+        // teloxide refuses the whole batch…
+        assert!(
+            serde_json::from_str::<Vec<Update>>(&json!([{"update_id": "x"}]).to_string()).is_err()
+        );
+        // …and we keep what can be kept.
+        let updates = salvage_updates(&raw).unwrap();
+        assert_eq!(updates.len(), 2);
+        assert!(matches!(updates[0].kind, UpdateKind::Error(_)));
+        assert!(matches!(updates[1].kind, UpdateKind::Message(_)));
+        assert_eq!(salvage_updates("<html>502</html>"), None);
+        assert_eq!(
+            salvage_updates(r#"{"ok":true,"result":[{"no_id":1}]}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn scrubber_hides_the_token_and_its_secret_half() {
+        let s = Scrubber::new("12345:ABCDEFGHIJKL");
+        assert_eq!(
+            s.clean("GET /bot12345:ABCDEFGHIJKL/getMe"),
+            "GET /bot***/getMe"
+        );
+        assert_eq!(s.clean("bot12345%3AABCDEFGHIJKL"), "bot12345%3A***");
+    }
+
+    #[test]
+    fn api_url_with_or_without_trailing_slash_is_accepted() {
+        for url in [
+            "http://127.0.0.1:9/",
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:9/tg/",
+        ] {
+            let settings = PlatformSettings {
+                token: crate::config::Secret::new("1:x"),
+                api_url: Some(url.to_string()),
+            };
+            let outbox = TelegramOutbox::new(&settings).unwrap();
+            assert!(!outbox.api.api_url().as_str().ends_with("//"), "{url}");
+        }
+        let bad = PlatformSettings {
+            token: crate::config::Secret::new("1:x"),
+            api_url: Some("not a url".into()),
+        };
+        let err = TelegramOutbox::new(&bad).err().unwrap().to_string();
+        assert!(err.contains("TELEGRAM_API_URL"), "{err}");
+    }
+}

@@ -1,0 +1,36 @@
+//! Graceful shutdown as a value passed to every long-running task: when it is triggered
+//! (SIGINT/SIGTERM, or a test), tasks stop taking new work, finish or cancel what is in flight,
+//! and return.
+
+use tokio::sync::watch;
+
+/// Fires the shutdown.
+#[derive(Debug)]
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+/// Observes the shutdown; cheap to clone into every task.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+/// A new, untriggered shutdown pair.
+pub fn shutdown_channel() -> (ShutdownTrigger, Shutdown) {
+    let (tx, rx) = watch::channel(false);
+    (ShutdownTrigger(tx), Shutdown(rx))
+}
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Shutdown {
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Waits until the shutdown is triggered (or its trigger is dropped).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|&v| v).await;
+    }
+}

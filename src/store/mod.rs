@@ -1,0 +1,487 @@
+//! The conversation store: all SQL of kaiwa lives here (sqlx, SQLite).
+//!
+//! Every message the bot sees is written here before anything else happens to it, so the
+//! store is both the bot's memory (contexts are built from it, so they survive restarts) and the
+//! source of the training corpus. Writes are idempotent on the platform's message id, so a
+//! redelivered message never becomes a second row or a second reply.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::bot::event::{ChannelRef, ChatKind, Platform};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {url}: {source}")]
+    Open { url: String, source: sqlx::Error },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// A message to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub channel: ChannelRef,
+    pub kind: ChatKind,
+    pub message_id: String,
+    pub author_id: String,
+    pub author_name: String,
+    pub author_is_bot: bool,
+    pub from_self: bool,
+    pub text: String,
+    pub reply_to: Option<String>,
+    pub sent_at_ms: i64,
+    pub source: String,
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StoredMessage {
+    pub id: i64,
+    pub platform: String,
+    pub chat_id: String,
+    pub thread_id: String,
+    /// `direct` or `group`.
+    pub chat_kind: String,
+    pub message_id: String,
+    pub author_id: String,
+    pub author_name: String,
+    pub author_is_bot: bool,
+    pub from_self: bool,
+    /// `None` once deleted.
+    pub text: Option<String>,
+    pub reply_to: Option<String>,
+    pub sent_at_ms: i64,
+    pub edited_at_ms: Option<i64>,
+    pub source: String,
+}
+
+/// What inserting a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    Stored(i64),
+    /// The same platform message was stored before (a redelivery).
+    Duplicate,
+}
+
+/// How a reply was produced, recorded with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplyProvenance {
+    pub model: String,
+    pub settings: String,
+    pub prompt_tokens: i64,
+    pub new_tokens: i64,
+    pub latency_ms: i64,
+}
+
+/// Figures for `/stats` and `kaiwa stats`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Stats {
+    pub messages: i64,
+    pub deleted: i64,
+    pub bot_messages: i64,
+    pub channels: i64,
+    pub users: i64,
+    pub replies_sent: i64,
+    pub replies_failed: i64,
+    pub opted_out_users: i64,
+    pub per_platform: Vec<(String, i64)>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The SQLite database behind a pool. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `url` (`sqlite://path` or a plain path), in WAL
+    /// mode with full synchronisation, so a stored message survives a crash, and applies the
+    /// migrations in `migrations/`.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open {
+            url: url.to_string(),
+            source,
+        };
+        let url_form = if url.starts_with("sqlite:") {
+            url.to_string()
+        } else {
+            format!("sqlite://{url}")
+        };
+        let options = SqliteConnectOptions::from_str(&url_form)
+            .map_err(open_err)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Closes the pool, waiting for connections to finish.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Stores a message unless the same platform message is already there.
+    pub async fn insert_message(&self, m: &NewMessage) -> Result<Insert, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO messages (platform, chat_id, thread_id, chat_kind, message_id, author_id,
+                author_name, author_is_bot, from_self, text, reply_to, sent_at_ms, stored_at_ms, source)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (platform, chat_id, message_id) DO NOTHING
+             RETURNING id",
+        )
+        .bind(m.channel.platform.as_str())
+        .bind(&m.channel.chat_id)
+        .bind(&m.channel.thread_id)
+        .bind(match m.kind {
+            ChatKind::Direct => "direct",
+            ChatKind::Group => "group",
+        })
+        .bind(&m.message_id)
+        .bind(&m.author_id)
+        .bind(&m.author_name)
+        .bind(m.author_is_bot)
+        .bind(m.from_self)
+        .bind(&m.text)
+        .bind(&m.reply_to)
+        .bind(m.sent_at_ms)
+        .bind(now_ms())
+        .bind(&m.source)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Insert::Stored(r.get(0)),
+            None => Insert::Duplicate,
+        })
+    }
+
+    /// Replaces the text of a stored message (an edit). Returns whether a row changed.
+    pub async fn edit_message(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+        text: &str,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE messages SET text = ?, edited_at_ms = ?
+             WHERE platform = ? AND chat_id = ? AND message_id = ? AND text IS NOT NULL",
+        )
+        .bind(text)
+        .bind(at_ms)
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Removes the text of a deleted message; the row stays as a tombstone so a late
+    /// redelivery cannot bring the text back.
+    pub async fn delete_message(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE messages SET text = NULL, deleted_at_ms = ?
+             WHERE platform = ? AND chat_id = ? AND message_id = ?",
+        )
+        .bind(at_ms)
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Claims the right to answer a message. Only the first claim for a message succeeds.
+    pub async fn claim_reply(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO replies (platform, chat_id, message_id, state, claimed_at_ms)
+             VALUES (?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Records that the reply to `message_id` was sent, and how it was made.
+    pub async fn finish_reply(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+        p: &ReplyProvenance,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE replies SET state = 'sent', finished_at_ms = ?, model = ?, settings = ?,
+                prompt_tokens = ?, new_tokens = ?, latency_ms = ?
+             WHERE platform = ? AND chat_id = ? AND message_id = ?",
+        )
+        .bind(now_ms())
+        .bind(&p.model)
+        .bind(&p.settings)
+        .bind(p.prompt_tokens)
+        .bind(p.new_tokens)
+        .bind(p.latency_ms)
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that answering `message_id` failed.
+    pub async fn fail_reply(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE replies SET state = 'failed', finished_at_ms = ?, error = ?
+             WHERE platform = ? AND chat_id = ? AND message_id = ?",
+        )
+        .bind(now_ms())
+        .bind(error)
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The latest `limit` messages of a channel with text, newer than `since_ms` and than its
+    /// last `/reset`, oldest first: the bot's memory of that channel.
+    pub async fn channel_context(
+        &self,
+        channel: &ChannelRef,
+        since_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut rows: Vec<StoredMessage> = sqlx::query_as(
+            "SELECT id, platform, chat_id, thread_id, chat_kind, message_id, author_id, author_name,
+                    author_is_bot, from_self, text, reply_to, sent_at_ms, edited_at_ms, source
+             FROM messages m
+             WHERE platform = ? AND chat_id = ? AND thread_id = ? AND text IS NOT NULL
+               AND sent_at_ms >= ?
+               AND sent_at_ms >= COALESCE((SELECT reset_at_ms FROM channels c
+                    WHERE c.platform = m.platform AND c.chat_id = m.chat_id
+                      AND c.thread_id = m.thread_id), 0)
+             ORDER BY sent_at_ms DESC, id DESC
+             LIMIT ?",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(&channel.thread_id)
+        .bind(since_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    /// Every stored message of a channel (deleted ones included, with no text), oldest first.
+    pub async fn channel_messages(
+        &self,
+        channel: &ChannelRef,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, platform, chat_id, thread_id, chat_kind, message_id, author_id, author_name,
+                    author_is_bot, from_self, text, reply_to, sent_at_ms, edited_at_ms, source
+             FROM messages WHERE platform = ? AND chat_id = ? AND thread_id = ?
+             ORDER BY sent_at_ms, id",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(&channel.thread_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Starts the channel's memory afresh from `at_ms`.
+    pub async fn reset_channel(&self, channel: &ChannelRef, at_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO channels (platform, chat_id, thread_id, reset_at_ms) VALUES (?, ?, ?, ?)
+             ON CONFLICT (platform, chat_id, thread_id) DO UPDATE SET reset_at_ms = excluded.reset_at_ms",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(&channel.thread_id)
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Whether the bot answers every message in this channel.
+    pub async fn answers_all(&self, channel: &ChannelRef) -> Result<bool, StoreError> {
+        let v: Option<bool> = sqlx::query_scalar(
+            "SELECT answer_all FROM channels WHERE platform = ? AND chat_id = ? AND thread_id = ?",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(&channel.thread_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(v.unwrap_or(false))
+    }
+
+    pub async fn set_answers_all(&self, channel: &ChannelRef, on: bool) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO channels (platform, chat_id, thread_id, answer_all) VALUES (?, ?, ?, ?)
+             ON CONFLICT (platform, chat_id, thread_id) DO UPDATE SET answer_all = excluded.answer_all",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(&channel.thread_id)
+        .bind(on)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn is_opted_out(
+        &self,
+        platform: Platform,
+        user_id: &str,
+    ) -> Result<bool, StoreError> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM opt_outs WHERE platform = ? AND user_id = ?")
+                .bind(platform.as_str())
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(v.is_some())
+    }
+
+    pub async fn set_opted_out(
+        &self,
+        platform: Platform,
+        user_id: &str,
+        out: bool,
+    ) -> Result<(), StoreError> {
+        if out {
+            sqlx::query("INSERT INTO opt_outs (platform, user_id, opted_out_at_ms) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+                .bind(platform.as_str())
+                .bind(user_id)
+                .bind(now_ms())
+                .execute(&self.pool)
+                .await?;
+        } else {
+            sqlx::query("DELETE FROM opt_outs WHERE platform = ? AND user_id = ?")
+                .bind(platform.as_str())
+                .bind(user_id)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every message a user wrote on a platform. Returns how many were deleted.
+    pub async fn forget_user(&self, platform: Platform, user_id: &str) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "DELETE FROM messages WHERE platform = ? AND author_id = ? AND from_self = 0",
+        )
+        .bind(platform.as_str())
+        .bind(user_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let count = |sql: &'static str| {
+            let pool = self.pool.clone();
+            async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await }
+        };
+        let per_platform: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT platform, COUNT(*) FROM messages GROUP BY platform ORDER BY platform",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Stats {
+            messages: count("SELECT COUNT(*) FROM messages").await?,
+            deleted: count("SELECT COUNT(*) FROM messages WHERE text IS NULL").await?,
+            bot_messages: count("SELECT COUNT(*) FROM messages WHERE from_self = 1").await?,
+            channels: count("SELECT COUNT(*) FROM (SELECT DISTINCT platform, chat_id, thread_id FROM messages)").await?,
+            users: count("SELECT COUNT(*) FROM (SELECT DISTINCT platform, author_id FROM messages WHERE from_self = 0)").await?,
+            replies_sent: count("SELECT COUNT(*) FROM replies WHERE state = 'sent'").await?,
+            replies_failed: count("SELECT COUNT(*) FROM replies WHERE state = 'failed'").await?,
+            opted_out_users: count("SELECT COUNT(*) FROM opt_outs").await?,
+            per_platform,
+        })
+    }
+
+    /// Calls `each` with every channel's messages that carry text, from authors who have not
+    /// opted out, channel by channel in time order, without loading the whole store.
+    pub async fn for_each_channel<F>(&self, mut each: F) -> Result<(), StoreError>
+    where
+        F: FnMut(Vec<StoredMessage>),
+    {
+        let mut rows = sqlx::query_as::<_, StoredMessage>(
+            "SELECT m.id, m.platform, m.chat_id, m.thread_id, m.chat_kind, m.message_id, m.author_id,
+                    m.author_name, m.author_is_bot, m.from_self, m.text, m.reply_to,
+                    m.sent_at_ms, m.edited_at_ms, m.source
+             FROM messages m
+             WHERE m.text IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM opt_outs o
+                               WHERE o.platform = m.platform AND o.user_id = m.author_id)
+             ORDER BY m.platform, m.chat_id, m.thread_id, m.sent_at_ms, m.id",
+        )
+        .fetch(&self.pool);
+        let mut current: Vec<StoredMessage> = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            let same = current.last().is_some_and(|l| {
+                l.platform == row.platform
+                    && l.chat_id == row.chat_id
+                    && l.thread_id == row.thread_id
+            });
+            if !same && !current.is_empty() {
+                each(std::mem::take(&mut current));
+            }
+            current.push(row);
+        }
+        if !current.is_empty() {
+            each(current);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,378 @@
+//! The platform-neutral core with a recording outbox: what is stored, what is answered, and
+//! what the corpus export makes of it.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kaiwa::bot::event::{
+    BoxFuture, ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError,
+    SentMessage,
+};
+use kaiwa::bot::Bot;
+use kaiwa::config::Settings;
+use kaiwa::model::Generator;
+use kaiwa::store::Store;
+
+#[derive(Default)]
+struct RecordingOutbox {
+    sent: Mutex<Vec<(ChannelRef, String, Option<String>)>>,
+}
+
+impl Outbox for RecordingOutbox {
+    fn send<'a>(
+        &'a self,
+        channel: &'a ChannelRef,
+        text: &'a str,
+        reply_to: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<SentMessage, SendError>> {
+        Box::pin(async move {
+            let mut sent = self.sent.lock().unwrap();
+            sent.push((
+                channel.clone(),
+                text.to_string(),
+                reply_to.map(str::to_string),
+            ));
+            Ok(SentMessage {
+                message_id: format!("bot-{}", sent.len()),
+                sent_at_ms: kaiwa::store::now_ms(),
+            })
+        })
+    }
+
+    fn typing<'a>(&'a self, _channel: &'a ChannelRef) -> BoxFuture<'a, Result<(), SendError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl RecordingOutbox {
+    fn sent(&self) -> Vec<(ChannelRef, String, Option<String>)> {
+        self.sent.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<(ChannelRef, String, Option<String>)> {
+        for _ in 0..400 {
+            if self.sent.lock().unwrap().len() >= n {
+                return self.sent();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("expected {n} sent messages, got {:?}", self.sent());
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    bot: Arc<Bot>,
+    store: Store,
+    outbox: Arc<RecordingOutbox>,
+}
+
+async fn harness(extra: &[(&str, &str)]) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kaiwa.db").display());
+    let model = support::daemon::tiny_model_dir();
+    let mut env: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), db.clone()),
+        ("USER_COOLDOWN_MS".into(), "0".into()),
+        ("MAX_NEW_TOKENS".into(), "8".into()),
+        ("ADMIN_IDS".into(), "telegram:admin".into()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let settings = Settings::from_lookup(move |k| {
+        env.iter()
+            .rev()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    let store = Store::open(&db).await.unwrap();
+    let generator = Arc::new(Generator::load(&model).unwrap());
+    let bot = Bot::new(settings, store.clone(), generator);
+    Harness {
+        _dir: dir,
+        bot,
+        store,
+        outbox: Arc::new(RecordingOutbox::default()),
+    }
+}
+
+fn message(chat: &str, kind: ChatKind, id: &str, author: &str, text: &str) -> IncomingMessage {
+    IncomingMessage {
+        channel: ChannelRef::new(Platform::Telegram, chat),
+        kind,
+        message_id: id.into(),
+        author_id: author.into(),
+        author_name: format!("name-{author}"),
+        author_is_bot: false,
+        text: text.into(),
+        reply_to: None,
+        replies_to_bot: false,
+        mentions_bot: false,
+        sent_at_ms: kaiwa::store::now_ms(),
+    }
+}
+
+impl Harness {
+    async fn send(&self, m: IncomingMessage) {
+        self.bot
+            .handle(Incoming::Message(m), self.outbox.clone() as Arc<dyn Outbox>)
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_direct_message_is_stored_then_answered_and_redelivery_adds_nothing() {
+    let h = harness(&[]).await;
+    let m = message("1", ChatKind::Direct, "10", "u1", "こんにちは");
+    h.send(m.clone()).await;
+    let sent = h.outbox.wait_for(1).await;
+    assert_eq!(sent[0].0, m.channel);
+    assert_eq!(sent[0].2.as_deref(), Some("10"), "answers as a reply");
+    assert!(!sent[0].1.trim().is_empty());
+    // Redelivered (Telegram after a crash): no new row, no new reply.
+    h.send(m.clone()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.outbox.sent().len(), 1);
+    let rows = h.store.channel_messages(&m.channel).await.unwrap();
+    assert_eq!(rows.iter().filter(|r| !r.from_self).count(), 1);
+    assert_eq!(
+        rows.iter().filter(|r| r.from_self).count(),
+        1,
+        "the reply is stored too"
+    );
+    assert_eq!(rows[1].reply_to.as_deref(), Some("10"));
+    assert_eq!(rows[0].chat_kind, "direct");
+}
+
+#[tokio::test]
+async fn in_groups_only_mentions_replies_and_enabled_channels_are_answered() {
+    let h = harness(&[]).await;
+    h.send(message("g", ChatKind::Group, "1", "u1", "just chatting"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        h.outbox.sent().is_empty(),
+        "plain group talk is not answered"
+    );
+    let mut mention = message("g", ChatKind::Group, "2", "u2", "@kaiwa hi");
+    mention.mentions_bot = true;
+    h.send(mention).await;
+    h.outbox.wait_for(1).await;
+    let mut reply = message("g", ChatKind::Group, "3", "u1", "thanks");
+    reply.replies_to_bot = true;
+    h.send(reply).await;
+    h.outbox.wait_for(2).await;
+    // Every message was stored, answered or not.
+    let channel = ChannelRef::new(Platform::Telegram, "g");
+    assert_eq!(
+        h.store
+            .channel_messages(&channel)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| !r.from_self)
+            .count(),
+        3
+    );
+
+    // An admin turns on answering everything in this channel.
+    h.send(message("g", ChatKind::Group, "4", "admin", "/answerall on"))
+        .await;
+    h.outbox.wait_for(3).await;
+    h.send(message("g", ChatKind::Group, "5", "u1", "anyone there?"))
+        .await;
+    h.outbox.wait_for(4).await;
+    // Not for non-admins.
+    h.send(message("g", ChatKind::Group, "6", "u1", "/answerall off"))
+        .await;
+    let sent = h.outbox.wait_for(5).await;
+    assert!(sent[4].1.contains("admins"), "{}", sent[4].1);
+}
+
+#[tokio::test]
+async fn channels_never_see_each_others_messages() {
+    let h = harness(&[]).await;
+    for i in 0..3 {
+        h.send(message(
+            "a",
+            ChatKind::Direct,
+            &format!("a{i}"),
+            "ua",
+            &format!("secret-a-{i}"),
+        ))
+        .await;
+        h.send(message(
+            "b",
+            ChatKind::Direct,
+            &format!("b{i}"),
+            "ub",
+            &format!("secret-b-{i}"),
+        ))
+        .await;
+    }
+    h.outbox.wait_for(6).await;
+    let since = 0;
+    let a = h
+        .store
+        .channel_context(&ChannelRef::new(Platform::Telegram, "a"), since, 100)
+        .await
+        .unwrap();
+    assert!(a.iter().all(|m| m.chat_id == "a"));
+    assert!(a.iter().any(|m| m.text.as_deref() == Some("secret-a-2")));
+    assert!(!a
+        .iter()
+        .any(|m| m.text.as_deref().is_some_and(|t| t.contains("secret-b"))));
+    // Replies went to the channel they answer, in order.
+    let sent = h.outbox.sent();
+    for (channel, _, reply_to) in &sent {
+        assert!(reply_to
+            .as_deref()
+            .unwrap()
+            .starts_with(channel.chat_id.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn reset_optout_and_forgetme_do_what_they_say() {
+    let h = harness(&[]).await;
+    let channel = ChannelRef::new(Platform::Telegram, "c");
+    h.send(message(
+        "c",
+        ChatKind::Direct,
+        "1",
+        "u",
+        "remember the blue house",
+    ))
+    .await;
+    h.outbox.wait_for(1).await;
+    h.send(message("c", ChatKind::Direct, "2", "u", "/reset"))
+        .await;
+    h.outbox.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let context = h.store.channel_context(&channel, 0, 100).await.unwrap();
+    assert!(
+        context
+            .iter()
+            .all(|m| m.text.as_deref() != Some("remember the blue house")),
+        "{context:?}"
+    );
+
+    h.send(message("c", ChatKind::Direct, "3", "u", "/optout"))
+        .await;
+    h.outbox.wait_for(3).await;
+    h.send(message("c", ChatKind::Direct, "4", "u", "not stored"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.outbox.sent().len(), 3, "opted-out users are not answered");
+    let rows = h.store.channel_messages(&channel).await.unwrap();
+    assert!(
+        rows.iter().all(|r| r.message_id != "4"),
+        "opted-out messages are not stored"
+    );
+
+    h.send(message("c", ChatKind::Direct, "5", "u", "/optin"))
+        .await;
+    h.outbox.wait_for(4).await;
+    h.send(message("c", ChatKind::Direct, "6", "u", "/forgetme"))
+        .await;
+    let sent = h.outbox.wait_for(5).await;
+    assert!(sent[4].1.starts_with("Deleted"), "{}", sent[4].1);
+    let rows = h.store.channel_messages(&channel).await.unwrap();
+    assert!(
+        rows.iter().all(|r| r.from_self),
+        "only the bot's own messages remain: {rows:?}"
+    );
+}
+
+#[tokio::test]
+async fn edits_and_deletions_reach_the_store() {
+    let h = harness(&[]).await;
+    let channel = ChannelRef::new(Platform::Telegram, "e");
+    h.send(message("e", ChatKind::Group, "1", "u", "tyop"))
+        .await;
+    let edit = Incoming::Edited {
+        channel: channel.clone(),
+        message_id: "1".into(),
+        text: "typo".into(),
+        edited_at_ms: 5,
+    };
+    h.bot.handle(edit, h.outbox.clone()).await;
+    assert_eq!(
+        h.store.channel_messages(&channel).await.unwrap()[0]
+            .text
+            .as_deref(),
+        Some("typo")
+    );
+    h.bot
+        .handle(
+            Incoming::Deleted {
+                channel: channel.clone(),
+                message_id: "1".into(),
+            },
+            h.outbox.clone(),
+        )
+        .await;
+    assert_eq!(
+        h.store.channel_messages(&channel).await.unwrap()[0].text,
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_says_so_instead_of_piling_up() {
+    let h = harness(&[("QUEUE_CAPACITY", "1"), ("MAX_NEW_TOKENS", "200")]).await;
+    for i in 0..4 {
+        h.send(message(
+            &format!("q{i}"),
+            ChatKind::Direct,
+            "1",
+            &format!("u{i}"),
+            "hello",
+        ))
+        .await;
+    }
+    let sent = h.outbox.wait_for(4).await;
+    assert!(
+        sent.iter().any(|(_, t, _)| t == kaiwa::bot::commands::BUSY),
+        "{sent:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_corpus_export_writes_valid_alternating_chat_examples_without_opted_out_users() {
+    let h = harness(&[]).await;
+    h.send(message("x", ChatKind::Direct, "1", "u1", "good morning"))
+        .await;
+    h.outbox.wait_for(1).await;
+    h.send(message("y", ChatKind::Direct, "1", "u2", "I will opt out"))
+        .await;
+    h.outbox.wait_for(2).await;
+    h.send(message("y", ChatKind::Direct, "2", "u2", "/optout"))
+        .await;
+    h.outbox.wait_for(3).await;
+    let mut out = Vec::new();
+    let summary = kaiwa::corpus::export::export_openai(&h.store, &mut out, &Default::default())
+        .await
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(summary.examples, 1, "{text}");
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let roles: Vec<&str> = v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles.first(), Some(&"user"));
+        assert_eq!(roles.last(), Some(&"assistant"));
+        assert!(roles.windows(2).all(|w| w[0] != w[1]), "{roles:?}");
+    }
+    assert!(text.contains("good morning"));
+    assert!(
+        !text.contains("opt out"),
+        "an opted-out user's messages were exported"
+    );
+}

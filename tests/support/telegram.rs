@@ -1,0 +1,578 @@
+//! A fake Telegram Bot API on 127.0.0.1: a real HTTP server (axum) that answers
+//! `POST /bot<TOKEN>/<method>` with JSON bodies the way api.telegram.org does, so the daemon's real
+//! teloxide client talks to it unchanged. It implements `getMe`, `getUpdates` (long polling,
+//! capped at one second), `sendMessage` and `sendChatAction`; tests queue updates, read what the
+//! bot sent, and inject failures (429 flood control, Markdown rejection).
+//!
+//! Only JSON bodies are read: teloxide sends every method kaiwa uses as JSON (multipart is only
+//! for file uploads).
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+/// The longest a `getUpdates` call waits for news, whatever timeout it asked for: keeps tests
+/// fast and shutdown prompt.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
+
+/// Telegram's limit on a message's text, in characters.
+const MAX_TEXT_CHARS: usize = 4096;
+
+/// The bot account the fake serves.
+pub const BOT_ID: i64 = 7_000_000_001;
+pub const BOT_USERNAME: &str = "kaiwa_test_bot";
+
+/// One `sendMessage` call the fake accepted.
+#[derive(Debug, Clone)]
+pub struct SentMessage {
+    pub chat_id: i64,
+    pub text: String,
+    pub parse_mode: Option<String>,
+    /// From `reply_parameters.message_id` (or the legacy `reply_to_message_id`).
+    pub reply_to_message_id: Option<i64>,
+    pub message_thread_id: Option<i64>,
+    /// The Message object the fake answered with (use it to reply to the bot).
+    pub message: Value,
+}
+
+impl SentMessage {
+    pub fn message_id(&self) -> i64 {
+        self.message["message_id"]
+            .as_i64()
+            .expect("sent message has an id")
+    }
+}
+
+/// One `sendChatAction` call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatActionCall {
+    pub chat_id: i64,
+    pub action: String,
+    pub message_thread_id: Option<i64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Raw updates not yet confirmed by an offset.
+    updates: Vec<Value>,
+    next_update_id: i64,
+    next_message_id: i64,
+    /// Chats seen in pushed updates, to answer with the right chat object.
+    chats: HashMap<i64, Value>,
+    /// Messages by `(chat id, message id)`, so replies can quote them.
+    messages: HashMap<(i64, i64), Value>,
+    sent: Vec<SentMessage>,
+    chat_actions: Vec<ChatActionCall>,
+    send_attempts: usize,
+    fail_with_429: VecDeque<u32>,
+    reject_markdown: usize,
+    markdown_rejections: usize,
+    unauthorized_requests: usize,
+    get_updates_calls: usize,
+    last_offset: Option<i64>,
+}
+
+struct Shared {
+    token: String,
+    inner: Mutex<Inner>,
+    /// Wakes a waiting `getUpdates` when an update is pushed.
+    news: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panicking test thread must not hide the fake's state from the others.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The running fake; the server stops when this is dropped.
+pub struct FakeTelegram {
+    shared: Arc<Shared>,
+    addr: std::net::SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeTelegram {
+    /// Starts the fake on a random loopback port, accepting `token`.
+    pub async fn start(token: &str) -> FakeTelegram {
+        let shared = Arc::new(Shared {
+            token: token.to_string(),
+            inner: Mutex::new(Inner {
+                next_update_id: 1,
+                next_message_id: 1,
+                ..Inner::default()
+            }),
+            news: Notify::new(),
+        });
+        let app = Router::new()
+            .route("/{bot}/{method}", post(api))
+            .with_state(Arc::clone(&shared));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake Telegram");
+        let addr = listener.local_addr().expect("fake Telegram address");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeTelegram {
+            shared,
+            addr,
+            server,
+        }
+    }
+
+    /// The API base to give the bot (`TELEGRAM_API_URL`): teloxide appends `/bot<TOKEN>/<method>`.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Queues a raw update (it may be malformed). Ids of later generated updates follow its
+    /// `update_id`, if it has a numeric one.
+    pub fn push_update(&self, update: Value) {
+        self.push_updates(vec![update]);
+    }
+
+    /// Queues several raw updates at once, so one `getUpdates` answer carries them all.
+    pub fn push_updates(&self, updates: Vec<Value>) {
+        {
+            let mut inner = self.shared.lock();
+            for update in updates {
+                if let Some(id) = update.get("update_id").and_then(Value::as_i64) {
+                    inner.next_update_id = inner.next_update_id.max(id + 1);
+                }
+                inner.updates.push(update);
+            }
+        }
+        self.shared.news.notify_waiters();
+    }
+
+    /// Wraps a message (from [`FakeTelegram::message`]) in an update with a fresh id and queues it;
+    /// returns the update (to push it again).
+    pub fn push_message(&self, message: &Value) -> Value {
+        let update = self.message_update(message);
+        self.push_update(update.clone());
+        update
+    }
+
+    /// An update carrying `message`, with a fresh update id, not yet queued.
+    pub fn message_update(&self, message: &Value) -> Value {
+        let mut inner = self.shared.lock();
+        let id = inner.next_update_id;
+        inner.next_update_id += 1;
+        json!({"update_id": id, "message": message})
+    }
+
+    /// Queues an `edited_message` update: `message` with `text` replaced.
+    pub fn push_edit(&self, message: &Value, text: &str) {
+        let mut edited = message.clone();
+        edited["text"] = json!(text);
+        edited["edit_date"] = json!(unix_now());
+        let update = {
+            let mut inner = self.shared.lock();
+            let id = inner.next_update_id;
+            inner.next_update_id += 1;
+            json!({"update_id": id, "edited_message": edited})
+        };
+        self.push_update(update);
+    }
+
+    /// A realistic text message from `from` in `chat`, with a fresh message id and the
+    /// entities Telegram would add (`@mentions`, a leading `/command`). Not queued yet.
+    pub fn message(&self, chat: &Value, from: &Value, text: &str) -> Value {
+        let mut inner = self.shared.lock();
+        let id = inner.next_message_id;
+        inner.next_message_id += 1;
+        let chat_id = chat["id"].as_i64().expect("chat has an id");
+        inner.chats.insert(chat_id, chat.clone());
+        let mut message = json!({
+            "message_id": id,
+            "from": from,
+            "chat": chat,
+            "date": unix_now(),
+            "text": text,
+        });
+        let entities = entities_of(text);
+        if !entities.is_empty() {
+            message["entities"] = Value::Array(entities);
+        }
+        inner.messages.insert((chat_id, id), message.clone());
+        message
+    }
+
+    /// Everything the bot sent with `sendMessage`, in order.
+    pub fn sent(&self) -> Vec<SentMessage> {
+        self.shared.lock().sent.clone()
+    }
+
+    /// What the bot sent to one chat.
+    pub fn sent_to(&self, chat_id: i64) -> Vec<SentMessage> {
+        self.sent()
+            .into_iter()
+            .filter(|s| s.chat_id == chat_id)
+            .collect()
+    }
+
+    /// Every `sendMessage` call, including refused ones.
+    pub fn send_attempts(&self) -> usize {
+        self.shared.lock().send_attempts
+    }
+
+    pub fn chat_actions(&self) -> Vec<ChatActionCall> {
+        self.shared.lock().chat_actions.clone()
+    }
+
+    /// Requests made with a token other than the one the fake was started with.
+    pub fn unauthorized_requests(&self) -> usize {
+        self.shared.lock().unauthorized_requests
+    }
+
+    pub fn get_updates_calls(&self) -> usize {
+        self.shared.lock().get_updates_calls
+    }
+
+    /// The `offset` of the latest `getUpdates` call: updates below it are confirmed.
+    pub fn last_offset(&self) -> Option<i64> {
+        self.shared.lock().last_offset
+    }
+
+    /// Markdown sends refused through [`FakeTelegram::reject_markdown_next`] so far.
+    pub fn markdown_rejections(&self) -> usize {
+        self.shared.lock().markdown_rejections
+    }
+
+    /// The next `sendMessage` gets HTTP 429 with `retry_after` (flood control).
+    pub fn fail_next_send_with_429(&self, retry_after_secs: u32) {
+        self.shared.lock().fail_with_429.push_back(retry_after_secs);
+    }
+
+    /// The next `sendMessage` that has a `parse_mode` gets 400 "can't parse entities".
+    pub fn reject_markdown_next(&self) {
+        self.shared.lock().reject_markdown += 1;
+    }
+
+    /// Waits until the bot has sent at least `n` messages; panics after `timeout`.
+    pub async fn wait_for_sent(&self, n: usize, timeout: Duration) -> Vec<SentMessage> {
+        self.wait_until(timeout, &format!("{n} sent message(s)"), |f| {
+            f.sent().len() >= n
+        })
+        .await;
+        self.sent()
+    }
+
+    /// Polls `done` every 20 ms until it holds; panics after `timeout`, naming `what`.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&FakeTelegram) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(self) {
+            if tokio::time::Instant::now() >= deadline {
+                let inner = self.shared.lock();
+                panic!(
+                    "fake Telegram: waited {timeout:?} for {what}; sent {} message(s) {:?}, {} sendMessage \
+                     attempt(s), {} getUpdates call(s), last offset {:?}, {} update(s) unconfirmed",
+                    inner.sent.len(),
+                    inner.sent.iter().map(|s| (s.chat_id, s.text.chars().take(40).collect::<String>())).collect::<Vec<_>>(),
+                    inner.send_attempts,
+                    inner.get_updates_calls,
+                    inner.last_offset,
+                    inner.updates.len(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for FakeTelegram {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A user object.
+pub fn user(id: i64, first_name: &str) -> Value {
+    json!({"id": id, "is_bot": false, "first_name": first_name, "language_code": "en"})
+}
+
+/// The private chat between the bot and `user`.
+pub fn private_chat(user: &Value) -> Value {
+    json!({"id": user["id"], "type": "private", "first_name": user["first_name"]})
+}
+
+/// A supergroup (ids of supergroups are negative, -100…).
+pub fn group_chat(id: i64, title: &str) -> Value {
+    json!({"id": id, "type": "supergroup", "title": title})
+}
+
+/// `message`, made a reply to `replied` (as Telegram nests it: one level deep).
+pub fn replying_to(message: &Value, replied: &Value) -> Value {
+    let mut replied = replied.clone();
+    if let Some(object) = replied.as_object_mut() {
+        object.remove("reply_to_message");
+    }
+    let mut message = message.clone();
+    message["reply_to_message"] = replied;
+    message
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The entities Telegram adds to plain text: `mention` for `@name`, `bot_command` for a leading
+/// `/cmd[@name]`. Offsets and lengths are in UTF-16 code units, as in the real API.
+fn entities_of(text: &str) -> Vec<Value> {
+    let mut entities = Vec::new();
+    let chars: Vec<char> = text.chars().collect();
+    let utf16_at = |i: usize| chars[..i].iter().map(|c| c.len_utf16()).sum::<usize>();
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut i = 0;
+    while i < chars.len() {
+        let starts_word = i == 0 || chars[i - 1].is_whitespace();
+        if starts_word && (chars[i] == '@' || (chars[i] == '/' && i == 0)) {
+            let mut end = i + 1;
+            while end < chars.len()
+                && (is_name(chars[end]) || (chars[i] == '/' && chars[end] == '@'))
+            {
+                end += 1;
+            }
+            if end > i + 1 {
+                let kind = if chars[i] == '@' {
+                    "mention"
+                } else {
+                    "bot_command"
+                };
+                let offset = utf16_at(i);
+                entities.push(
+                    json!({"type": kind, "offset": offset, "length": utf16_at(end) - offset}),
+                );
+            }
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    entities
+}
+
+/// An error answer as Telegram gives it.
+fn api_error(status: StatusCode, description: &str) -> Response {
+    let body = json!({"ok": false, "error_code": status.as_u16(), "description": description});
+    (status, Json(body)).into_response()
+}
+
+fn ok(result: Value) -> Response {
+    (StatusCode::OK, Json(json!({"ok": true, "result": result}))).into_response()
+}
+
+async fn api(
+    State(shared): State<Arc<Shared>>,
+    Path((bot, method)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if bot.strip_prefix("bot") != Some(shared.token.as_str()) {
+        shared.lock().unauthorized_requests += 1;
+        return api_error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let params: Value = if body.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(_) => {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    "Bad Request: the fake Bot API reads JSON bodies only",
+                )
+            }
+        }
+    };
+    match method.as_str() {
+        "getMe" => ok(json!({
+            "id": BOT_ID, "is_bot": true, "first_name": "Kaiwa", "username": BOT_USERNAME,
+            "can_join_groups": true, "can_read_all_group_messages": false,
+            "supports_inline_queries": false, "can_connect_to_business": false, "has_main_web_app": false,
+        })),
+        "getUpdates" => get_updates(&shared, &params).await,
+        "sendMessage" => send_message(&shared, &params),
+        "sendChatAction" => send_chat_action(&shared, &params),
+        _ => api_error(StatusCode::NOT_FOUND, "Not Found"),
+    }
+}
+
+async fn get_updates(shared: &Shared, params: &Value) -> Response {
+    let offset = params.get("offset").and_then(Value::as_i64).unwrap_or(0);
+    let limit = params
+        .get("limit")
+        .and_then(Value::as_u64)
+        .unwrap_or(100)
+        .clamp(1, 100) as usize;
+    let asked = Duration::from_secs(params.get("timeout").and_then(Value::as_u64).unwrap_or(0));
+    let deadline = tokio::time::Instant::now() + asked.min(MAX_POLL_WAIT);
+    {
+        let mut inner = shared.lock();
+        inner.get_updates_calls += 1;
+        inner.last_offset = Some(offset);
+    }
+    loop {
+        // Registered before looking, so a push between the look and the wait is not missed.
+        let news = shared.news.notified();
+        tokio::pin!(news);
+        news.as_mut().enable();
+        {
+            let mut inner = shared.lock();
+            // An update is confirmed (and forgotten) once polled with a higher offset.
+            if offset > 0 {
+                inner.updates.retain(|u| {
+                    u.get("update_id")
+                        .and_then(Value::as_i64)
+                        .is_none_or(|id| id >= offset)
+                });
+            }
+            if !inner.updates.is_empty() {
+                let batch: Vec<Value> = inner.updates.iter().take(limit).cloned().collect();
+                // Updates without a usable id can never be confirmed; hand them out once.
+                inner
+                    .updates
+                    .retain(|u| u.get("update_id").and_then(Value::as_i64).is_some());
+                return ok(Value::Array(batch));
+            }
+        }
+        if tokio::time::timeout_at(deadline, news).await.is_err() {
+            return ok(json!([]));
+        }
+    }
+}
+
+fn int(params: &Value, key: &str) -> Option<i64> {
+    params.get(key).and_then(Value::as_i64)
+}
+
+fn send_message(shared: &Shared, params: &Value) -> Response {
+    let mut inner = shared.lock();
+    inner.send_attempts += 1;
+    let Some(chat_id) = int(params, "chat_id") else {
+        return api_error(StatusCode::BAD_REQUEST, "Bad Request: chat not found");
+    };
+    let text = params
+        .get("text")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if text.trim().is_empty() {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "Bad Request: message text is empty",
+        );
+    }
+    if text.chars().count() > MAX_TEXT_CHARS {
+        return api_error(StatusCode::BAD_REQUEST, "Bad Request: message is too long");
+    }
+    if let Some(retry_after) = inner.fail_with_429.pop_front() {
+        let body = json!({
+            "ok": false, "error_code": 429,
+            "description": format!("Too Many Requests: retry after {retry_after}"),
+            "parameters": {"retry_after": retry_after},
+        });
+        return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+    }
+    let parse_mode = params
+        .get("parse_mode")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    if parse_mode.is_some() && inner.reject_markdown > 0 {
+        inner.reject_markdown -= 1;
+        inner.markdown_rejections += 1;
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "Bad Request: can't parse entities: Can't find end of the entity starting at byte offset 0",
+        );
+    }
+    let reply_parameters = params.get("reply_parameters");
+    let reply_to_message_id = reply_parameters
+        .and_then(|r| int(r, "message_id"))
+        .or_else(|| int(params, "reply_to_message_id"));
+    let allow_without_reply = reply_parameters
+        .and_then(|r| r.get("allow_sending_without_reply"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let replied = reply_to_message_id.and_then(|id| inner.messages.get(&(chat_id, id)).cloned());
+    if reply_to_message_id.is_some() && replied.is_none() && !allow_without_reply {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "Bad Request: message to be replied not found",
+        );
+    }
+    let message_thread_id = int(params, "message_thread_id");
+
+    let id = inner.next_message_id;
+    inner.next_message_id += 1;
+    let chat = inner
+        .chats
+        .get(&chat_id)
+        .cloned()
+        .unwrap_or_else(|| json!({"id": chat_id, "type": "private"}));
+    let mut message = json!({
+        "message_id": id,
+        "from": {"id": BOT_ID, "is_bot": true, "first_name": "Kaiwa", "username": BOT_USERNAME},
+        "chat": chat,
+        "date": unix_now(),
+        "text": text,
+    });
+    if let Some(mut replied) = replied {
+        if let Some(object) = replied.as_object_mut() {
+            object.remove("reply_to_message");
+        }
+        message["reply_to_message"] = replied;
+    }
+    if let Some(thread) = message_thread_id {
+        message["message_thread_id"] = json!(thread);
+        message["is_topic_message"] = json!(true);
+    }
+    inner.messages.insert((chat_id, id), message.clone());
+    inner.sent.push(SentMessage {
+        chat_id,
+        text,
+        parse_mode,
+        reply_to_message_id,
+        message_thread_id,
+        message: message.clone(),
+    });
+    ok(message)
+}
+
+fn send_chat_action(shared: &Shared, params: &Value) -> Response {
+    let Some(chat_id) = int(params, "chat_id") else {
+        return api_error(StatusCode::BAD_REQUEST, "Bad Request: chat not found");
+    };
+    let action = params
+        .get("action")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    shared.lock().chat_actions.push(ChatActionCall {
+        chat_id,
+        action,
+        message_thread_id: int(params, "message_thread_id"),
+    });
+    ok(json!(true))
+}

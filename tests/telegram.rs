@@ -1,0 +1,408 @@
+//! End to end on Telegram: the whole daemon (store, tiny random model, adapter) talks through the
+//! real teloxide client to a fake Bot API on 127.0.0.1. Replies come from a random model, so the
+//! tests check where a reply went and what was stored, never its wording. Every wait is bounded.
+
+mod support;
+// The fake lives with the other test helpers; declared here until `support/mod.rs` lists it.
+#[path = "support/telegram.rs"]
+mod fake_telegram;
+
+use std::time::Duration;
+
+use fake_telegram::{group_chat, private_chat, replying_to, user, FakeTelegram, BOT_USERNAME};
+use kaiwa::bot::event::{ChannelRef, Platform};
+use kaiwa::store::StoredMessage;
+use serde_json::{json, Value};
+use support::daemon::{spawn_daemon, TestDaemon};
+
+/// Looks like a real token, so a leak would be the real thing.
+const TOKEN: &str = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
+const TOKEN_SECRET: &str = "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn start() -> (FakeTelegram, TestDaemon) {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let url = fake.url();
+    let daemon = spawn_daemon(&[("TELEGRAM_TOKEN", TOKEN), ("TELEGRAM_API_URL", &url)]).await;
+    (fake, daemon)
+}
+
+fn channel(chat_id: i64) -> ChannelRef {
+    ChannelRef::new(Platform::Telegram, chat_id.to_string())
+}
+
+fn id_of(message: &Value) -> i64 {
+    message["message_id"].as_i64().unwrap()
+}
+
+/// Waits until the channel's stored messages satisfy `done`; panics after [`WAIT`].
+async fn wait_for_rows(
+    daemon: &TestDaemon,
+    channel: &ChannelRef,
+    what: &str,
+    done: impl Fn(&[StoredMessage]) -> bool,
+) -> Vec<StoredMessage> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let rows = daemon.store().channel_messages(channel).await.unwrap();
+        if done(&rows) {
+            return rows;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("waited {WAIT:?} for {what} in {channel}; stored: {rows:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn has_message(rows: &[StoredMessage], message_id: i64) -> bool {
+    rows.iter().any(|r| r.message_id == message_id.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_message_is_stored_and_answered() {
+    let (fake, daemon) = start().await;
+    let ann = user(1001, "Ann");
+    let message = fake.message(&private_chat(&ann), &ann, "hello there, how are you?");
+    fake.push_message(&message);
+
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].chat_id, 1001);
+    assert!(
+        !sent[0].text.trim().is_empty(),
+        "empty reply: {:?}",
+        sent[0]
+    );
+    assert_eq!(sent[0].reply_to_message_id, Some(id_of(&message)));
+
+    let reply_id = sent[0].message_id();
+    let rows = wait_for_rows(
+        &daemon,
+        &channel(1001),
+        "the message and the reply",
+        |rows| has_message(rows, id_of(&message)) && has_message(rows, reply_id),
+    )
+    .await;
+    let incoming = rows
+        .iter()
+        .find(|r| r.message_id == id_of(&message).to_string())
+        .unwrap();
+    assert_eq!(incoming.author_id, "1001");
+    assert_eq!(incoming.author_name, "Ann");
+    assert_eq!(incoming.text.as_deref(), Some("hello there, how are you?"));
+    assert!(!incoming.from_self);
+    let reply = rows
+        .iter()
+        .find(|r| r.message_id == reply_id.to_string())
+        .unwrap();
+    assert!(reply.from_self);
+    assert_eq!(reply.reply_to, Some(id_of(&message).to_string()));
+
+    assert_eq!(fake.unauthorized_requests(), 0);
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_answers_mentions_and_replies_to_the_bot_only() {
+    let (fake, daemon) = start().await;
+    let group = group_chat(-100_200_300, "Friends");
+    let (ann, bob) = (user(11, "Ann"), user(12, "Bob"));
+
+    let plain = fake.message(&group, &ann, "just chatting among ourselves");
+    let mention = fake.message(
+        &group,
+        &bob,
+        &format!("@{} what do you think?", BOT_USERNAME.to_uppercase()),
+    );
+    fake.push_message(&plain);
+    fake.push_message(&mention);
+    // Replies in a chat go out in order, so had the plain message been answered, it would be first.
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].chat_id, -100_200_300);
+    assert_eq!(sent[0].reply_to_message_id, Some(id_of(&mention)));
+
+    let reply = replying_to(
+        &fake.message(&group, &ann, "thanks, that helps"),
+        &sent[0].message,
+    );
+    fake.push_message(&reply);
+    let sent = fake.wait_for_sent(2, WAIT).await;
+    assert_eq!(sent[1].reply_to_message_id, Some(id_of(&reply)));
+
+    let rows = wait_for_rows(
+        &daemon,
+        &channel(-100_200_300),
+        "all three messages",
+        |rows| {
+            [&plain, &mention, &reply]
+                .iter()
+                .all(|m| has_message(rows, id_of(m)))
+        },
+    )
+    .await;
+    let stored_reply = rows
+        .iter()
+        .find(|r| r.message_id == id_of(&reply).to_string())
+        .unwrap();
+    assert_eq!(
+        stored_reply.reply_to,
+        Some(sent[0].message_id().to_string())
+    );
+    let answered: Vec<_> = fake.sent().iter().map(|s| s.reply_to_message_id).collect();
+    assert_eq!(
+        answered,
+        vec![Some(id_of(&mention)), Some(id_of(&reply))],
+        "the plain message was answered"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forum_topic_reply_stays_in_its_topic() {
+    let (fake, daemon) = start().await;
+    let forum = json!({"id": -100_900, "type": "supergroup", "title": "Forum", "is_forum": true});
+    let ann = user(21, "Ann");
+    let mut message = fake.message(&forum, &ann, &format!("@{BOT_USERNAME} hello topic"));
+    message["message_thread_id"] = json!(77);
+    message["is_topic_message"] = json!(true);
+    fake.push_message(&message);
+
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].chat_id, -100_900);
+    assert_eq!(sent[0].message_thread_id, Some(77));
+    let topic = channel(-100_900).with_thread("77");
+    wait_for_rows(&daemon, &topic, "the topic message", |rows| {
+        has_message(rows, id_of(&message))
+    })
+    .await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_chats_get_their_own_replies() {
+    let (fake, daemon) = start().await;
+    let (ann, bob) = (user(31, "Ann"), user(32, "Bob"));
+    let to_ann = fake.message(&private_chat(&ann), &ann, "Ann asks about apples");
+    let to_bob = fake.message(&private_chat(&bob), &bob, "Bob asks about boats");
+    // One getUpdates answer carries both, so both chats are in flight at once.
+    fake.push_updates(vec![
+        fake.message_update(&to_ann),
+        fake.message_update(&to_bob),
+    ]);
+
+    fake.wait_for_sent(2, WAIT).await;
+    for (chat, message, other) in [(31, &to_ann, &to_bob), (32, &to_bob, &to_ann)] {
+        let sent = fake.sent_to(chat);
+        assert_eq!(sent.len(), 1, "chat {chat}: {sent:?}");
+        assert_eq!(sent[0].reply_to_message_id, Some(id_of(message)));
+        let rows = wait_for_rows(
+            &daemon,
+            &channel(chat),
+            "the message and its reply",
+            |rows| has_message(rows, id_of(message)) && has_message(rows, sent[0].message_id()),
+        )
+        .await;
+        assert!(
+            rows.iter().all(|r| r.chat_id == chat.to_string()),
+            "{rows:#?}"
+        );
+        assert!(
+            !has_message(&rows, id_of(other)),
+            "chat {chat} holds the other chat's message: {rows:#?}"
+        );
+        assert_eq!(rows.len(), 2, "{rows:#?}");
+    }
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_update_yields_one_reply() {
+    let (fake, daemon) = start().await;
+    let ann = user(41, "Ann");
+    let chat = private_chat(&ann);
+    let message = fake.message(&chat, &ann, "say something once");
+    let update = fake.message_update(&message);
+    // The same update twice in one answer, then the same message redelivered under a new update
+    // id (what Telegram does after a crash before the offset was confirmed).
+    fake.push_updates(vec![update.clone(), update]);
+    fake.push_message(&message);
+    // A later message: once it is answered, anything queued before it has been too.
+    let later = fake.message(&chat, &ann, "and now something else");
+    fake.push_message(&later);
+
+    let sent = fake.wait_for_sent(2, WAIT).await;
+    let answered: Vec<_> = sent.iter().map(|s| s.reply_to_message_id).collect();
+    assert_eq!(answered, vec![Some(id_of(&message)), Some(id_of(&later))]);
+    let rows = wait_for_rows(&daemon, &channel(41), "both messages", |rows| {
+        has_message(rows, id_of(&later))
+    })
+    .await;
+    let copies = rows
+        .iter()
+        .filter(|r| r.message_id == id_of(&message).to_string())
+        .count();
+    assert_eq!(copies, 1, "{rows:#?}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_reply_is_retried_after_the_wait() {
+    let (fake, daemon) = start().await;
+    fake.fail_next_send_with_429(1);
+    let ann = user(51, "Ann");
+    let message = fake.message(&private_chat(&ann), &ann, "are you there?");
+    fake.push_message(&message);
+
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].reply_to_message_id, Some(id_of(&message)));
+    assert_eq!(fake.send_attempts(), 2, "one refused attempt, one accepted");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markdown_rejection_is_resent_as_plain_text() {
+    let (fake, daemon) = start().await;
+    fake.reject_markdown_next();
+    let ann = user(61, "Ann");
+    let message = fake.message(&private_chat(&ann), &ann, "format this please");
+    fake.push_message(&message);
+
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(fake.markdown_rejections(), 1);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].parse_mode, None, "the resend must be plain text");
+    assert_eq!(sent[0].reply_to_message_id, Some(id_of(&message)));
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_updates_do_not_stop_the_bot() {
+    let (fake, daemon) = start().await;
+    let ann = user(71, "Ann");
+    let chat = private_chat(&ann);
+    let garbage = fake.message_update(&json!({"garbage": true}));
+    let garbage_id = garbage["update_id"].as_i64().unwrap();
+    // A message teloxide cannot parse, and an update without a usable id, which makes teloxide
+    // refuse the whole answer.
+    fake.push_updates(vec![garbage, json!({"update_id": "oops", "message": {}})]);
+    let huge = fake.message(&chat, &ann, &"word ".repeat(4_000));
+    fake.push_message(&huge);
+    let normal = fake.message(&chat, &ann, "still there?");
+    fake.push_message(&normal);
+
+    fake.wait_until(WAIT, "a reply to the normal message", |f| {
+        f.sent()
+            .iter()
+            .any(|s| s.reply_to_message_id == Some(id_of(&normal)))
+    })
+    .await;
+    assert!(
+        fake.last_offset().unwrap_or(0) > garbage_id,
+        "the malformed update was never confirmed"
+    );
+    let rows = wait_for_rows(&daemon, &channel(71), "the oversized message", |rows| {
+        has_message(rows, id_of(&huge))
+    })
+    .await;
+    let stored = rows
+        .iter()
+        .find(|r| r.message_id == id_of(&huge).to_string())
+        .unwrap();
+    assert!(
+        stored.text.as_deref().is_some_and(|t| t.len() >= 4096),
+        "oversized text was not stored"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_confirms_handled_updates() {
+    let (fake, daemon) = start().await;
+    let ann = user(81, "Ann");
+    let update = fake.push_message(&fake.message(&private_chat(&ann), &ann, "hello"));
+    fake.wait_for_sent(1, WAIT).await;
+    daemon.stop().await.unwrap();
+    // Confirmed, so a restart does not receive it again.
+    assert_eq!(
+        fake.last_offset(),
+        Some(update["update_id"].as_i64().unwrap() + 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_survives_a_restart() {
+    let (fake, daemon) = start().await;
+    let ann = user(91, "Ann");
+    let chat = private_chat(&ann);
+    let first = fake.message(&chat, &ann, "remember that my cat is called Miso");
+    fake.push_message(&first);
+    let first_reply = fake.wait_for_sent(1, WAIT).await[0].message_id();
+    wait_for_rows(&daemon, &channel(91), "the first exchange", |rows| {
+        has_message(rows, first_reply)
+    })
+    .await;
+
+    let daemon = daemon.restart().await;
+    let second = fake.message(&chat, &ann, "what is my cat called?");
+    fake.push_message(&second);
+    let sent = fake.wait_for_sent(2, WAIT).await;
+    assert_eq!(
+        sent.len(),
+        2,
+        "the first message was answered again after the restart: {sent:?}"
+    );
+    assert_eq!(sent[1].reply_to_message_id, Some(id_of(&second)));
+    let rows = wait_for_rows(&daemon, &channel(91), "both exchanges", |rows| {
+        [
+            id_of(&first),
+            first_reply,
+            id_of(&second),
+            sent[1].message_id(),
+        ]
+        .iter()
+        .all(|&id| has_message(rows, id))
+    })
+    .await;
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bot_token_never_appears_in_the_logs() {
+    // Nothing listens on this port: every request fails, and the HTTP client's error quotes the
+    // URL, which holds the token.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let daemon = spawn_daemon(&[("TELEGRAM_TOKEN", TOKEN), ("TELEGRAM_API_URL", &url)]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !daemon.logs().contains("cannot reach the Bot API") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no connection error logged:\n{}",
+            daemon.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // And after errors on a working connection: a rate limit and a refused format.
+    let (fake, other) = start().await;
+    fake.fail_next_send_with_429(1);
+    fake.reject_markdown_next();
+    let ann = user(99, "Ann");
+    fake.push_message(&fake.message(&private_chat(&ann), &ann, "hi"));
+    fake.wait_for_sent(1, WAIT).await;
+    other.stop().await.unwrap();
+    // The capture is process-wide: this holds what every daemon of this binary logged so far.
+    let logs = daemon.logs();
+    daemon.stop().await.unwrap();
+
+    assert!(
+        logs.contains("/bot***/getMe"),
+        "the connection error was not logged with a scrubbed URL:\n{logs}"
+    );
+    assert!(
+        !logs.contains(TOKEN_SECRET),
+        "the token leaked into the logs:\n{logs}"
+    );
+}
