@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kaiwa::model::{
-    self, onnx_export::ExportOptions, ChatMessage, GenerateOptions, Generator, LlamaConfig,
-    LlamaWeights, Preset,
+    self, onnx_export::ExportOptions, ChatMessage, GenerateOptions, GenerationConfig, Generator,
+    LlamaConfig, LlamaWeights, Preset,
 };
 
 #[derive(Parser)]
@@ -156,22 +156,15 @@ struct SamplingArgs {
 
 impl SamplingArgs {
     fn options(&self, generator: &Generator) -> Result<GenerateOptions> {
-        let mut o = generator.default_options();
-        if let Some(t) = self.temperature {
-            o.sampling.temperature = t;
-        }
-        if let Some(k) = self.top_k {
-            o.sampling.top_k = k;
-        }
-        if let Some(p) = self.top_p {
-            o.sampling.top_p = p;
-        }
-        if let Some(r) = self.repetition_penalty {
-            o.sampling.repetition_penalty = r;
-        }
-        if let Some(n) = self.max_new_tokens {
-            o.max_new_tokens = n;
-        }
+        let overrides = GenerationConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_new_tokens,
+            ..Default::default()
+        };
+        let mut o = generator.default_options().overridden_by(&overrides);
         o.seed = self.seed;
         o.stop = self.stop.clone();
         o.sampling.validate()?;

@@ -45,26 +45,21 @@ impl Default for GenerateOptions {
 impl GenerateOptions {
     /// The defaults of a model's `generation_config.json`, over kaiwa's own.
     pub fn from_generation_config(g: &GenerationConfig) -> Self {
-        let mut o = GenerateOptions::default();
-        if let Some(t) = g.temperature {
-            o.sampling.temperature = t;
-        }
+        GenerateOptions::default().overridden_by(g)
+    }
+
+    /// These options with every setting that `g` gives replaced.
+    pub fn overridden_by(mut self, g: &GenerationConfig) -> Self {
+        let s = &mut self.sampling;
+        s.temperature = g.temperature.unwrap_or(s.temperature);
         if g.do_sample == Some(false) {
-            o.sampling.temperature = 0.0;
+            s.temperature = 0.0;
         }
-        if let Some(k) = g.top_k {
-            o.sampling.top_k = k;
-        }
-        if let Some(p) = g.top_p {
-            o.sampling.top_p = p;
-        }
-        if let Some(r) = g.repetition_penalty {
-            o.sampling.repetition_penalty = r;
-        }
-        if let Some(n) = g.max_new_tokens {
-            o.max_new_tokens = n;
-        }
-        o
+        s.top_k = g.top_k.unwrap_or(s.top_k);
+        s.top_p = g.top_p.unwrap_or(s.top_p);
+        s.repetition_penalty = g.repetition_penalty.unwrap_or(s.repetition_penalty);
+        self.max_new_tokens = g.max_new_tokens.unwrap_or(self.max_new_tokens);
+        self
     }
 }
 

@@ -66,20 +66,20 @@ pub async fn run(
     settings: PlatformSettings,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let http = build_http(&settings);
-    let Some(gateway_url) = fetch_gateway_url(&http, &settings.token, &mut shutdown).await? else {
+    let outbox = Arc::new(DiscordOutbox::new(&settings));
+    let Some((me, gateway_url)) = introduce(&outbox.http, &settings.token, &mut shutdown).await?
+    else {
         return Ok(()); // shut down while still connecting
     };
-    debug!(url = %gateway_url, "Discord gateway address");
-
     let handler = DiscordHandler {
         bot,
-        token: settings.token.clone(),
+        outbox,
         shutdown: shutdown.clone(),
-        me: RwLock::new(None),
+        me: RwLock::new(Some(me)),
         warned_missing_content: AtomicBool::new(false),
     };
-    let mut client = ClientBuilder::new_with_http(http, INTENTS)
+    // The gateway gets its own REST client: it only asks for the gateway address again.
+    let mut client = ClientBuilder::new_with_http(build_http(&settings), INTENTS)
         .event_handler(handler)
         .await
         .map_err(|e| {
@@ -88,8 +88,8 @@ pub async fn run(
                 scrub(&e.to_string(), &settings.token)
             )
         })?;
-    // The builder asked for the gateway address again and, had that failed, would now point at
-    // the public gateway; use the one this run already checked.
+    // Had that second ask failed, the client would now point at the public gateway; use the
+    // address this run already checked.
     *client.ws_url.lock().await = gateway_url;
 
     let shard_manager = Arc::clone(&client.shard_manager);
@@ -120,24 +120,33 @@ fn build_http(settings: &PlatformSettings) -> Http {
     }
 }
 
-/// Asks the API where the gateway is (`GET /api/v10/gateway/bot`), which also checks the token.
-/// Retries network trouble with backoff; `None` when shutdown fired first.
-async fn fetch_gateway_url(
+/// Asks the API who we are (`GET /users/@me`, so messages mentioning us are recognised from the
+/// first event on) and where the gateway is (`GET /gateway/bot`). Both check the token. Network
+/// trouble is retried with backoff; `None` when shutdown fired first.
+async fn introduce(
     http: &Http,
     token: &Secret,
     shutdown: &mut Shutdown,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Option<(UserId, String)>> {
     let mut backoff = Duration::from_secs(1);
     loop {
-        match http.get_bot_gateway().await {
-            Ok(gateway) => {
+        let asked = async {
+            Ok::<_, serenity::Error>((
+                http.get_current_user().await?,
+                http.get_bot_gateway().await?,
+            ))
+        };
+        match asked.await {
+            Ok((me, gateway)) => {
                 let limit = &gateway.session_start_limit;
                 info!(
-                    remaining = limit.remaining,
-                    total = limit.total,
-                    "Discord: connecting to the gateway (session starts left today shown)"
+                    user = %me.name,
+                    id = %me.id,
+                    session_starts_left = limit.remaining,
+                    "Discord: connecting to the gateway"
                 );
-                return Ok(Some(gateway.url));
+                debug!(url = %gateway.url, "Discord gateway address");
+                return Ok(Some((me.id, gateway.url)));
             }
             Err(e) if status_of(&e) == Some(StatusCode::UNAUTHORIZED) => {
                 bail!(
@@ -147,9 +156,9 @@ async fn fetch_gateway_url(
             }
             Err(e) => {
                 warn!(
-                    error = %scrub(&e.to_string(), token),
+                    error = %scrub(&describe(&e), token),
                     retry_in_s = backoff.as_secs(),
-                    "Discord: cannot reach the API for the gateway address"
+                    "Discord: cannot reach the API"
                 );
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
@@ -183,10 +192,9 @@ fn explain_gateway_error(e: &serenity::Error, token: &Secret) -> anyhow::Error {
 /// Receives serenity's events and hands the ones the bot cares about to [`Bot::handle`].
 struct DiscordHandler {
     bot: Arc<Bot>,
-    /// Only to keep it out of error texts.
-    token: Secret,
+    outbox: Arc<DiscordOutbox>,
     shutdown: Shutdown,
-    /// Our own user, from READY.
+    /// Our own user (from `/users/@me`, then READY).
     me: RwLock<Option<UserId>>,
     warned_missing_content: AtomicBool,
 }
@@ -196,21 +204,15 @@ impl DiscordHandler {
         *self.me.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn outbox(&self, ctx: &Context) -> Arc<dyn Outbox> {
-        Arc::new(DiscordOutbox::new(
-            Arc::clone(&ctx.http),
-            self.token.clone(),
-        ))
-    }
-
     /// Hands an event to the bot, unless shutdown has begun (serenity may still deliver events
     /// while its shards stop).
-    async fn deliver(&self, ctx: &Context, event: Incoming) {
+    async fn deliver(&self, event: Incoming) {
         if self.shutdown.is_triggered() {
             debug!("Discord event after shutdown ignored");
             return;
         }
-        self.bot.handle(event, self.outbox(ctx)).await;
+        let outbox: Arc<dyn Outbox> = self.outbox.clone();
+        self.bot.handle(event, outbox).await;
     }
 
     fn warn_missing_content_once(&self) {
@@ -241,7 +243,7 @@ impl EventHandler for DiscordHandler {
         info!("Discord: gateway connection resumed");
     }
 
-    async fn message(&self, ctx: Context, msg: Message) {
+    async fn message(&self, _ctx: Context, msg: Message) {
         let me = self.me();
         if me == Some(msg.author.id) {
             return; // the core stores its own replies when it sends them
@@ -258,25 +260,25 @@ impl EventHandler for DiscordHandler {
             debug!(message = %msg.id, "Discord message without text (attachments only) ignored");
             return;
         }
-        self.deliver(&ctx, Incoming::Message(incoming_message(&msg, me)))
+        self.deliver(Incoming::Message(incoming_message(&msg, me)))
             .await;
     }
 
     async fn message_update(
         &self,
-        ctx: Context,
+        _ctx: Context,
         _old: Option<Message>,
         _new: Option<Message>,
         event: MessageUpdateEvent,
     ) {
         if let Some(edited) = edited_event(&event, self.me()) {
-            self.deliver(&ctx, edited).await;
+            self.deliver(edited).await;
         }
     }
 
     async fn message_delete(
         &self,
-        ctx: Context,
+        _ctx: Context,
         channel_id: ChannelId,
         message_id: MessageId,
         _guild_id: Option<GuildId>,
@@ -285,7 +287,7 @@ impl EventHandler for DiscordHandler {
             channel: channel_ref(channel_id),
             message_id: message_id.to_string(),
         };
-        self.deliver(&ctx, event).await;
+        self.deliver(event).await;
     }
 }
 
@@ -391,13 +393,17 @@ fn now_ms() -> i64 {
 /// How the core sends on Discord: messages and the typing indicator, over REST.
 pub struct DiscordOutbox {
     http: Arc<Http>,
+    /// Only to keep it out of error texts.
     token: Secret,
 }
 
 impl DiscordOutbox {
-    /// `token` is only used to keep it out of error texts.
-    pub fn new(http: Arc<Http>, token: Secret) -> Self {
-        DiscordOutbox { http, token }
+    /// A REST client for Discord, or for the API at `settings.api_url`.
+    pub fn new(settings: &PlatformSettings) -> Self {
+        DiscordOutbox {
+            http: Arc::new(build_http(settings)),
+            token: settings.token.clone(),
+        }
     }
 
     /// Runs `request`, again while Discord answers 429; other errors become [`SendError`]s.

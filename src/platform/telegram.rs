@@ -210,10 +210,20 @@ fn salvage_updates(raw: &str) -> Option<Vec<Update>> {
             warn!("telegram: skipping an update without a valid update_id");
             continue;
         };
-        let update = serde_json::from_value::<Update>(item.clone()).unwrap_or_else(|_| Update {
-            id: UpdateId(id),
-            kind: UpdateKind::Error(item.clone()),
-        });
+        // From text, not `from_value`: teloxide's `UpdateKind` reads its key as a borrowed `&str`,
+        // which a `Value` cannot lend, so every update parsed from a `Value` comes out unreadable.
+        let update = match serde_json::from_str::<Update>(&item.to_string()) {
+            // teloxide leaves an unreadable update's value empty; keep the original for the log.
+            Ok(Update {
+                kind: UpdateKind::Error(_),
+                ..
+            })
+            | Err(_) => Update {
+                id: UpdateId(id),
+                kind: UpdateKind::Error(item.clone()),
+            },
+            Ok(update) => update,
+        };
         updates.push(update);
     }
     if updates.is_empty() && !items.is_empty() {
@@ -272,6 +282,7 @@ fn translate(update: &Update, me: &BotIdentity) -> Result<Incoming, Skip> {
             let fields = match value.as_object() {
                 Some(object) => object
                     .keys()
+                    .filter(|k| *k != "update_id")
                     .map(String::as_str)
                     .collect::<Vec<_>>()
                     .join(", "),
@@ -624,8 +635,9 @@ mod tests {
         json!({"id": id, "type": "supergroup", "title": "Friends"})
     }
 
+    /// Parsed from text, as teloxide does (see `salvage_updates` on `from_value`).
     fn update(kind: &str, message: serde_json::Value) -> Update {
-        serde_json::from_value(json!({"update_id": 10, kind: message})).unwrap()
+        serde_json::from_str(&json!({"update_id": 10, kind: message}).to_string()).unwrap()
     }
 
     fn message(update: Update) -> IncomingMessage {
@@ -773,8 +785,15 @@ mod tests {
 
     #[test]
     fn malformed_updates_are_unreadable_not_fatal() {
-        let bad: Update =
-            serde_json::from_value(json!({"update_id": 5, "message": {"garbage": true}})).unwrap();
+        let raw = json!({"update_id": 5, "message": {"garbage": true}});
+        // teloxide parses it (as `UpdateKind::Error`) rather than failing the whole batch…
+        let parsed: Update = serde_json::from_str(&raw.to_string()).unwrap();
+        assert!(matches!(parsed.kind, UpdateKind::Error(_)));
+        // …and its getUpdates puts the raw update in the error, which we name by its fields.
+        let bad = Update {
+            id: UpdateId(5),
+            kind: UpdateKind::Error(raw),
+        };
         assert_eq!(
             translate(&bad, &me()),
             Err(Skip::Unreadable("message".into()))

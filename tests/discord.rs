@@ -1,0 +1,483 @@
+//! End to end on Discord: the whole daemon (store, tiny random model, adapter) talks through the
+//! real serenity client to a fake Discord (REST and WebSocket gateway) on 127.0.0.1. Replies come
+//! from a random model, so the tests check where a reply went and what was stored, never its
+//! wording. Every wait is bounded.
+
+mod support;
+// The fake lives with the other test helpers; declared here until `support/mod.rs` lists it.
+#[path = "support/discord.rs"]
+mod fake_discord;
+
+use std::time::Duration;
+
+use fake_discord::{
+    FakeDiscord, FakeUser, MessageBuilder, INTENT_DIRECT_MESSAGES, INTENT_GUILD_MESSAGES,
+    INTENT_MESSAGE_CONTENT,
+};
+use kaiwa::bot::event::{ChannelRef, Outbox, Platform};
+use kaiwa::config::{PlatformSettings, Secret};
+use kaiwa::platform::discord::DiscordOutbox;
+use kaiwa::store::StoredMessage;
+use serde_json::{json, Value};
+use support::daemon::{spawn_daemon, TestDaemon};
+
+/// Shaped like a real bot token, so a leak would be the real thing.
+const TOKEN: &str = "MTA0NjAwMDAwMDAwMDAwMDAwMQ.GkX7qP.Vq3b8Zr1LmN0pQsT5uWxYz2aBcDeFgHiJkLmNo";
+const WAIT: Duration = Duration::from_secs(20);
+const GUILD: &str = "1100000000000000001";
+const GENERAL: &str = "1200000000000000001";
+const RANDOM: &str = "1200000000000000002";
+const DM_ALICE: &str = "1300000000000000001";
+const DM_BOB: &str = "1300000000000000002";
+
+fn alice() -> FakeUser {
+    FakeUser::person("2000000000000000001", "alice").with_global_name("Alice")
+}
+
+fn bob() -> FakeUser {
+    FakeUser::person("2000000000000000002", "bob")
+}
+
+async fn start() -> (FakeDiscord, TestDaemon) {
+    let fake = FakeDiscord::start(TOKEN).await;
+    let url = fake.url();
+    let daemon = spawn_daemon(&[("DISCORD_TOKEN", TOKEN), ("DISCORD_API_URL", &url)]).await;
+    fake.wait_until_connected(WAIT).await;
+    (fake, daemon)
+}
+
+fn channel(id: &str) -> ChannelRef {
+    ChannelRef::new(Platform::Discord, id)
+}
+
+fn id_of(message: &Value) -> &str {
+    message["id"].as_str().expect("message id")
+}
+
+/// Waits until the stored rows of `chat` satisfy `done`; returns them.
+async fn wait_for_rows(
+    daemon: &TestDaemon,
+    chat: &str,
+    what: &str,
+    done: impl Fn(&[StoredMessage]) -> bool,
+) -> Vec<StoredMessage> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let rows = daemon
+            .store()
+            .channel_messages(&channel(chat))
+            .await
+            .unwrap();
+        if done(&rows) {
+            return rows;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {what} in channel {chat} within {WAIT:?}; rows: {rows:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the logs contain `needle`; returns them.
+async fn wait_for_log(daemon: &TestDaemon, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let logs = daemon.logs();
+        if logs.contains(needle) {
+            return logs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {needle:?} in the logs within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn has_message(rows: &[StoredMessage], id: &str) -> bool {
+    rows.iter().any(|m| m.message_id == id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_connection_uses_api_v10_json_and_the_message_content_intent() {
+    let (fake, daemon) = start().await;
+    let identify = &fake.identifies()[0];
+    assert_eq!(identify.token, format!("Bot {TOKEN}"));
+    for intent in [
+        INTENT_GUILD_MESSAGES,
+        INTENT_DIRECT_MESSAGES,
+        INTENT_MESSAGE_CONTENT,
+    ] {
+        assert_ne!(
+            identify.intents & intent,
+            0,
+            "intents {:#b} lack {intent:#b}",
+            identify.intents
+        );
+    }
+    let query = &fake.gateway_queries()[0];
+    assert_eq!(query.get("v").map(String::as_str), Some("10"));
+    assert!(!query.contains_key("compress"), "{query:?}");
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|r| r == "GET /api/v10/gateway/bot -> 200"),
+        "{:?}",
+        fake.requests()
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_message_is_stored_and_answered_in_the_same_channel() {
+    let (fake, daemon) = start().await;
+    let dm = MessageBuilder::direct(DM_ALICE, &alice(), "hello there").build();
+    fake.dispatch_message_create(dm.clone());
+
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].channel_id, DM_ALICE);
+    assert_eq!(sent[0].reply_to.as_deref(), Some(id_of(&dm)));
+    assert!(!sent[0].content.is_empty());
+    // A reply does not ping its author, and generated text pings no one.
+    assert_eq!(sent[0].allowed_mentions["replied_user"], json!(false));
+    assert_eq!(sent[0].allowed_mentions["parse"], json!([]));
+
+    let rows = wait_for_rows(&daemon, DM_ALICE, "stored reply", |r| {
+        r.iter().any(|m| m.from_self)
+    })
+    .await;
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    let theirs = rows.iter().find(|m| !m.from_self).unwrap();
+    assert_eq!(theirs.message_id, id_of(&dm));
+    assert_eq!(theirs.author_id, alice().id);
+    assert_eq!(theirs.author_name, "Alice");
+    assert_eq!(theirs.text.as_deref(), Some("hello there"));
+    assert_eq!(theirs.chat_kind, "direct");
+    let ours = rows.iter().find(|m| m.from_self).unwrap();
+    assert_eq!(ours.message_id, sent[0].id);
+    assert_eq!(ours.reply_to.as_deref(), Some(id_of(&dm)));
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guild_message_is_stored_but_only_a_mention_is_answered() {
+    let (fake, daemon) = start().await;
+    let plain = MessageBuilder::in_guild(GUILD, GENERAL, &alice(), "just chatting").build();
+    fake.dispatch_message_create(plain.clone());
+    wait_for_rows(&daemon, GENERAL, "plain message", |r| {
+        has_message(r, id_of(&plain))
+    })
+    .await;
+
+    let mention = MessageBuilder::in_guild(GUILD, GENERAL, &bob(), "what do you think?")
+        .mentioning(fake.bot_user())
+        .nick("Bobby")
+        .build();
+    fake.dispatch_message_create(mention.clone());
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].channel_id, GENERAL);
+    assert_eq!(sent[0].reply_to.as_deref(), Some(id_of(&mention)));
+
+    // The plain message was stored first and never queued; nothing else follows.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.sent().len(), 1, "{}", fake.summary());
+    let rows = wait_for_rows(&daemon, GENERAL, "stored reply", |r| {
+        r.iter().any(|m| m.from_self)
+    })
+    .await;
+    let plain_row = rows.iter().find(|m| m.message_id == id_of(&plain)).unwrap();
+    assert_eq!(
+        (plain_row.chat_kind.as_str(), plain_row.text.as_deref()),
+        ("group", Some("just chatting"))
+    );
+    let mention_row = rows
+        .iter()
+        .find(|m| m.message_id == id_of(&mention))
+        .unwrap();
+    assert_eq!(mention_row.author_name, "Bobby", "the guild nickname wins");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_channels_each_get_their_own_reply_and_rows() {
+    let (fake, daemon) = start().await;
+    let to_alice = MessageBuilder::direct(DM_ALICE, &alice(), "hi from alice").build();
+    let to_bob = MessageBuilder::direct(DM_BOB, &bob(), "hi from bob").build();
+    fake.dispatch_message_create(to_alice.clone());
+    fake.dispatch_message_create(to_bob.clone());
+
+    let sent = fake.wait_for_sent(2, WAIT).await;
+    for (chat, asked) in [(DM_ALICE, &to_alice), (DM_BOB, &to_bob)] {
+        let replies: Vec<_> = sent.iter().filter(|m| m.channel_id == chat).collect();
+        assert_eq!(replies.len(), 1, "{sent:#?}");
+        assert_eq!(replies[0].reply_to.as_deref(), Some(id_of(asked)));
+        let rows = wait_for_rows(&daemon, chat, "stored reply", |r| {
+            r.iter().any(|m| m.from_self)
+        })
+        .await;
+        let ids: Vec<&str> = rows.iter().map(|m| m.message_id.as_str()).collect();
+        assert_eq!(ids.len(), 2, "{rows:#?}");
+        assert!(
+            ids.contains(&id_of(asked)) && ids.contains(&replies[0].id.as_str()),
+            "{rows:#?}"
+        );
+    }
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_message_create_is_stored_once_and_answered_once() {
+    let (fake, daemon) = start().await;
+    let dm = MessageBuilder::direct(DM_ALICE, &alice(), "say it once").build();
+    fake.dispatch_message_create(dm.clone());
+    fake.dispatch_message_create(dm.clone());
+
+    fake.wait_for_sent(1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(fake.sent().len(), 1, "{}", fake.summary());
+    let rows = wait_for_rows(&daemon, DM_ALICE, "stored reply", |r| {
+        r.iter().any(|m| m.from_self)
+    })
+    .await;
+    assert_eq!(
+        rows.iter().filter(|m| m.message_id == id_of(&dm)).count(),
+        1,
+        "{rows:#?}"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_reply_is_sent_after_waiting() {
+    let (fake, daemon) = start().await;
+    fake.fail_next_send_with_429(1.0);
+    let dm = MessageBuilder::direct(DM_ALICE, &alice(), "are you there?").build();
+    fake.dispatch_message_create(dm.clone());
+
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].reply_to.as_deref(), Some(id_of(&dm)));
+    let limited = fake.rate_limited();
+    assert_eq!(limited.len(), 1);
+    let waited = sent[0].at.duration_since(limited[0]);
+    assert!(
+        waited >= Duration::from_millis(900),
+        "retried after {waited:?}, before retry_after"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_gateway_connection_is_resumed_and_the_bot_keeps_answering() {
+    let (fake, daemon) = start().await;
+    fake.dispatch_message_create(MessageBuilder::direct(DM_ALICE, &alice(), "before").build());
+    fake.wait_for_sent(1, WAIT).await;
+
+    fake.drop_connection();
+    // Sent while the connection is down: the resumed session must replay it.
+    let during = MessageBuilder::direct(DM_BOB, &bob(), "during").build();
+    fake.dispatch_message_create(during.clone());
+    let sent = fake.wait_for_sent(2, WAIT).await;
+    assert_eq!(sent[1].reply_to.as_deref(), Some(id_of(&during)));
+    assert_eq!(
+        fake.resume_count(),
+        1,
+        "{:?}; {}",
+        fake.resumes(),
+        fake.summary()
+    );
+    assert_eq!(fake.resumes()[0].session_id, "fake-session-1");
+    assert_eq!(fake.identify_count(), 1, "resumed, not identified again");
+
+    let after = MessageBuilder::direct(DM_ALICE, &alice(), "after").build();
+    fake.dispatch_message_create(after.clone());
+    let sent = fake.wait_for_sent(3, WAIT).await;
+    assert_eq!(sent[2].reply_to.as_deref(), Some(id_of(&after)));
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_dispatches_and_an_oversized_message_do_not_stop_the_bot() {
+    let (fake, daemon) = start().await;
+    fake.send_raw_text("this is not JSON {");
+    fake.dispatch_raw(json!({"op": 0, "t": "MESSAGE_CREATE", "s": null, "d": null}));
+    fake.dispatch_raw(json!({"op": 42, "d": {"surprise": true}}));
+    fake.dispatch_raw(json!({"hello": "world"}));
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        json!({"id": "not a snowflake", "channel_id": GENERAL}),
+    );
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        json!({"id": "1", "channel_id": GENERAL, "author": null, "content": 7}),
+    );
+    fake.dispatch(
+        "SOMETHING_DISCORD_ADDED_LATER",
+        json!({"whatever": [1, 2, 3]}),
+    );
+    let long_text = "ä".repeat(10_000);
+    let oversized = MessageBuilder::in_guild(GUILD, RANDOM, &alice(), &long_text).build();
+    fake.dispatch_message_create(oversized.clone());
+
+    let dm = MessageBuilder::direct(DM_ALICE, &alice(), "still there?").build();
+    fake.dispatch_message_create(dm.clone());
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].reply_to.as_deref(), Some(id_of(&dm)));
+    let rows = wait_for_rows(&daemon, RANDOM, "oversized message", |r| {
+        has_message(r, id_of(&oversized))
+    })
+    .await;
+    assert_eq!(
+        rows[0].text.as_deref().map(|t| t.chars().count()),
+        Some(10_000)
+    );
+    assert_eq!(fake.identify_count(), 1, "no reconnect was needed");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_updates_the_stored_text_and_delete_removes_it() {
+    let (fake, daemon) = start().await;
+    let message = MessageBuilder::in_guild(GUILD, GENERAL, &alice(), "first draft").build();
+    fake.dispatch_message_create(message.clone());
+    wait_for_rows(&daemon, GENERAL, "message", |r| {
+        has_message(r, id_of(&message))
+    })
+    .await;
+
+    fake.dispatch_message_edit(&message, "second draft");
+    wait_for_rows(&daemon, GENERAL, "edited text", |r| {
+        r.iter()
+            .any(|m| m.message_id == id_of(&message) && m.text.as_deref() == Some("second draft"))
+    })
+    .await;
+
+    fake.dispatch_message_delete(&message);
+    let rows = wait_for_rows(&daemon, GENERAL, "deleted text", |r| {
+        r.iter()
+            .any(|m| m.message_id == id_of(&message) && m.text.is_none())
+    })
+    .await;
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guild_messages_without_content_warn_once_about_the_message_content_intent() {
+    const WARNING: &str = "Discord is sending guild messages without their text";
+    let (fake, daemon) = start().await;
+    // What Discord sends when the intent is missing: everything but the text.
+    let withheld: Vec<Value> = (0..2)
+        .map(|_| MessageBuilder::in_guild(GUILD, RANDOM, &alice(), "").build())
+        .collect();
+    for m in &withheld {
+        fake.dispatch_message_create(m.clone());
+    }
+    let mention = MessageBuilder::in_guild(GUILD, RANDOM, &bob(), "hello")
+        .mentioning(fake.bot_user())
+        .build();
+    fake.dispatch_message_create(mention.clone());
+    fake.wait_for_sent(1, WAIT).await;
+
+    let logs = wait_for_log(&daemon, WARNING).await;
+    assert_eq!(logs.matches(WARNING).count(), 1);
+    assert!(logs.contains("Message Content Intent"));
+    let rows = wait_for_rows(&daemon, RANDOM, "mention", |r| {
+        has_message(r, id_of(&mention))
+    })
+    .await;
+    assert!(
+        withheld.iter().all(|m| !has_message(&rows, id_of(m))),
+        "{rows:#?}"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_message_content_intent_is_reported_with_what_to_do() {
+    let fake = FakeDiscord::start(TOKEN).await;
+    fake.refuse_message_content_intent();
+    let url = fake.url();
+    let daemon = spawn_daemon(&[("DISCORD_TOKEN", TOKEN), ("DISCORD_API_URL", &url)]).await;
+    wait_for_log(&daemon, "Privileged Gateway Intents), then restart").await;
+    assert_eq!(fake.identify_count(), 1);
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_sends_replies_and_typing_and_reports_errors() {
+    let fake = FakeDiscord::start(TOKEN).await;
+    let outbox = DiscordOutbox::new(&PlatformSettings {
+        token: Secret::new(TOKEN),
+        api_url: Some(fake.url()),
+    });
+    let chat = channel(GENERAL);
+
+    outbox.typing(&chat).await.unwrap();
+    assert_eq!(fake.typing(), vec![GENERAL.to_string()]);
+
+    let replied = outbox
+        .send(&chat, "an answer", Some("1400000000000000001"))
+        .await
+        .unwrap();
+    let sent = fake.sent();
+    assert_eq!(sent[0].id, replied.message_id);
+    assert_eq!(sent[0].reply_to.as_deref(), Some("1400000000000000001"));
+    assert!(replied.sent_at_ms > 1_700_000_000_000, "{replied:?}");
+
+    fake.fail_next_send_with_global_429(0.5);
+    outbox
+        .send(&chat, "after a global limit", None)
+        .await
+        .unwrap();
+    assert_eq!((fake.rate_limited().len(), fake.sent().len()), (1, 2));
+
+    let not_a_channel = outbox
+        .send(&channel("general"), "hi", None)
+        .await
+        .unwrap_err();
+    assert!(
+        not_a_channel
+            .to_string()
+            .contains("not a Discord snowflake"),
+        "{not_a_channel}"
+    );
+    let wrong_token = DiscordOutbox::new(&PlatformSettings {
+        token: Secret::new("wrong"),
+        api_url: Some(fake.url()),
+    });
+    let refused = wrong_token
+        .send(&chat, "hi", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("401"), "{refused}");
+    for error in [not_a_channel.to_string(), refused] {
+        assert!(!error.contains(TOKEN), "{error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bot_token_never_appears_in_the_logs() {
+    let (fake, daemon) = start().await;
+    fake.fail_next_send_with_429(0.2);
+    fake.dispatch_message_create(MessageBuilder::direct(DM_ALICE, &alice(), "one").build());
+    fake.wait_for_sent(1, WAIT).await;
+    fake.send_raw_text("{ not json");
+    fake.drop_connection();
+    fake.dispatch_message_create(MessageBuilder::direct(DM_BOB, &bob(), "two").build());
+    fake.wait_for_sent(2, WAIT).await;
+
+    // The daemon logs at debug level here, serenity included.
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("Discord: connected"),
+        "the Discord adapter logged nothing?"
+    );
+    let secret_part = TOKEN.rsplit('.').next().unwrap();
+    assert!(
+        !logs.contains(TOKEN) && !logs.contains(secret_part),
+        "the bot token is in the logs"
+    );
+    daemon.stop().await.unwrap();
+}

@@ -1,0 +1,970 @@
+//! A fake Discord on 127.0.0.1: enough of API v10 (REST and the WebSocket gateway) for serenity,
+//! with controls for tests.
+//!
+//! REST: `GET /api/v10/gateway[/bot]`, `GET /api/v10/users/@me`, `POST
+//! /api/v10/channels/{id}/messages` (recorded; answered with a full message object, and echoed
+//! over the gateway as Discord does) and `POST /api/v10/channels/{id}/typing`. Every request must
+//! carry `Authorization: Bot <token>`.
+//!
+//! Gateway (`/gateway`, JSON, no compression): HELLO, IDENTIFY → READY, heartbeats → ACK, RESUME →
+//! replay → RESUMED. Dispatches go into one event log; a connection delivers the log in order and
+//! numbers frames as it sends them, so `s` always grows and a RESUME replays exactly what came
+//! after the client's last seen `s`. Frames dispatched while no connection is up wait for the next
+//! one (after RESUME or a fresh IDENTIFY), so a test never loses an event to timing.
+//!
+//! Everything is bounded: waits take a timeout and panic with what the fake saw.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+/// The bot's user (and application) id in the fake.
+pub const BOT_USER_ID: &str = "1046000000000000001";
+pub const BOT_USERNAME: &str = "kaiwa-test";
+/// Short, so heartbeats (and their ACKs) happen within a test.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 3_000;
+const DISCORD_EPOCH_MS: u64 = 1_420_070_400_000;
+/// Gateway intents bits (Discord's numbering).
+pub const INTENT_GUILD_MESSAGES: u64 = 1 << 9;
+pub const INTENT_DIRECT_MESSAGES: u64 = 1 << 12;
+pub const INTENT_MESSAGE_CONTENT: u64 = 1 << 15;
+
+/// A fresh, increasing snowflake id (timestamp in the high bits, as Discord's).
+pub fn snowflake() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    let ms = unix_ms().saturating_sub(DISCORD_EPOCH_MS);
+    ((ms << 22) | (COUNTER.fetch_add(1, Ordering::Relaxed) & 0x3f_ffff)).to_string()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// RFC 3339, as Discord writes timestamps (`2024-05-01T12:00:00.250000+00:00`).
+pub fn rfc3339(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}000+00:00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+/// A Discord user as payloads carry it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FakeUser {
+    pub id: String,
+    pub username: String,
+    pub global_name: Option<String>,
+    pub bot: bool,
+}
+
+impl FakeUser {
+    pub fn person(id: &str, username: &str) -> Self {
+        FakeUser {
+            id: id.into(),
+            username: username.into(),
+            global_name: None,
+            bot: false,
+        }
+    }
+
+    pub fn bot_account(id: &str, username: &str) -> Self {
+        FakeUser {
+            bot: true,
+            ..FakeUser::person(id, username)
+        }
+    }
+
+    pub fn with_global_name(mut self, name: &str) -> Self {
+        self.global_name = Some(name.into());
+        self
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id, "username": self.username, "discriminator": "0",
+            "global_name": self.global_name, "avatar": null, "bot": self.bot,
+            "public_flags": 0,
+        })
+    }
+}
+
+/// Builds a realistic MESSAGE_CREATE payload (`d`).
+#[derive(Debug, Clone)]
+pub struct MessageBuilder {
+    json: Value,
+}
+
+impl MessageBuilder {
+    /// A message in a guild text channel.
+    pub fn in_guild(guild_id: &str, channel_id: &str, author: &FakeUser, content: &str) -> Self {
+        let mut b = Self::base(channel_id, author, content);
+        b.json["guild_id"] = guild_id.into();
+        b.json["member"] = json!({
+            "roles": [], "joined_at": rfc3339(unix_ms() - 86_400_000), "deaf": false, "mute": false,
+            "flags": 0, "nick": null, "premium_since": null, "pending": false,
+        });
+        b
+    }
+
+    /// A direct message (no guild).
+    pub fn direct(channel_id: &str, author: &FakeUser, content: &str) -> Self {
+        Self::base(channel_id, author, content)
+    }
+
+    fn base(channel_id: &str, author: &FakeUser, content: &str) -> Self {
+        MessageBuilder {
+            json: json!({
+                "id": snowflake(), "channel_id": channel_id, "author": author.to_json(),
+                "content": content, "timestamp": rfc3339(unix_ms()), "edited_timestamp": null,
+                "tts": false, "mention_everyone": false, "mentions": [], "mention_roles": [],
+                "attachments": [], "embeds": [], "pinned": false, "type": 0, "flags": 0,
+                "components": [], "nonce": snowflake(),
+            }),
+        }
+    }
+
+    pub fn id(mut self, id: &str) -> Self {
+        self.json["id"] = id.into();
+        self
+    }
+
+    /// Mentions `user`: `<@id>` in front of the text and the user in `mentions`.
+    pub fn mentioning(mut self, user: &FakeUser) -> Self {
+        let content = format!(
+            "<@{}> {}",
+            user.id,
+            self.json["content"].as_str().unwrap_or("")
+        );
+        self.json["content"] = content.into();
+        if let Some(m) = self.json["mentions"].as_array_mut() {
+            m.push(user.to_json());
+        }
+        self
+    }
+
+    /// The author's nickname in the guild (`member.nick`).
+    pub fn nick(mut self, nick: &str) -> Self {
+        self.json["member"]["nick"] = nick.into();
+        self
+    }
+
+    /// Makes it a reply (type 19) to `original`, a payload built here or one the fake sent.
+    pub fn replying_to(mut self, original: &Value) -> Self {
+        self.json["type"] = 19.into();
+        self.json["message_reference"] = json!({
+            "type": 0, "message_id": original["id"], "channel_id": original["channel_id"],
+            "guild_id": original.get("guild_id").cloned().unwrap_or(Value::Null),
+        });
+        self.json["referenced_message"] = original.clone();
+        self
+    }
+
+    pub fn build(self) -> Value {
+        self.json
+    }
+}
+
+/// A message the bot posted, as the fake recorded it.
+#[derive(Debug, Clone)]
+pub struct SentMessage {
+    pub id: String,
+    pub channel_id: String,
+    pub content: String,
+    /// `message_reference.message_id`, when it was a reply.
+    pub reply_to: Option<String>,
+    pub allowed_mentions: Value,
+    /// The full message object the fake answered with.
+    pub json: Value,
+    pub at: Instant,
+}
+
+/// An IDENTIFY the gateway received.
+#[derive(Debug, Clone)]
+pub struct Identify {
+    /// As sent (serenity sends `Bot <token>`).
+    pub token: String,
+    pub intents: u64,
+}
+
+/// A RESUME the gateway received.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub session_id: String,
+    pub seq: u64,
+}
+
+/// One entry of the gateway event log.
+#[derive(Debug, Clone)]
+enum Frame {
+    Dispatch {
+        t: String,
+        d: Value,
+    },
+    /// Sent verbatim; not numbered.
+    Raw(String),
+}
+
+/// The gateway session: which `s` stands for which point of the log.
+#[derive(Debug)]
+struct Session {
+    id: String,
+    seq: u64,
+    /// `(s, index of the next log frame after it)`, for RESUME.
+    resume_points: Vec<(u64, usize)>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    log: Vec<Frame>,
+    /// The next log index to deliver on the live connection.
+    next_frame: usize,
+    /// Log frames before this index were delivered on some connection.
+    delivered: usize,
+    session: Option<Session>,
+    sessions_started: u64,
+    /// The connection allowed to talk (newest); others close. 0: none.
+    current_connection: u64,
+    connections_opened: u64,
+    /// The current connection is identified or resumed.
+    live: bool,
+    identifies: Vec<Identify>,
+    resumes: Vec<Resume>,
+    drops: usize,
+    heartbeats: usize,
+    gateway_queries: Vec<HashMap<String, String>>,
+    refuse_message_content: bool,
+    sent: Vec<SentMessage>,
+    typing: Vec<String>,
+    rate_limited: Vec<Instant>,
+    pending_429: VecDeque<(f64, bool)>,
+    /// `METHOD path -> status`, for failure messages.
+    requests: Vec<String>,
+    guild_of_channel: HashMap<String, String>,
+}
+
+struct Shared {
+    token: String,
+    addr: SocketAddr,
+    bot: FakeUser,
+    state: Mutex<FakeState>,
+    /// Bumped after every change: wakes gateway connections and waiting tests.
+    changed: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        let out = f(&mut self.lock());
+        self.changed.send_modify(|v| *v += 1);
+        out
+    }
+
+    fn gateway_url(&self) -> String {
+        format!("ws://{}/gateway", self.addr)
+    }
+}
+
+/// The fake; the server stops when it is dropped.
+pub struct FakeDiscord {
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeDiscord {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl FakeDiscord {
+    /// Starts the fake on a free port; requests must authenticate with `token`.
+    pub async fn start(token: &str) -> FakeDiscord {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake Discord");
+        let addr = listener.local_addr().expect("fake Discord address");
+        let shared = Arc::new(Shared {
+            token: token.to_string(),
+            addr,
+            bot: FakeUser::bot_account(BOT_USER_ID, BOT_USERNAME),
+            state: Mutex::new(FakeState::default()),
+            changed: watch::channel(0).0,
+        });
+        let app = Router::new()
+            .route("/api/v10/gateway", get(rest_gateway))
+            .route("/api/v10/gateway/bot", get(rest_gateway_bot))
+            .route("/api/v10/users/@me", get(rest_me))
+            .route(
+                "/api/v10/channels/{channel_id}/messages",
+                post(rest_create_message),
+            )
+            .route("/api/v10/channels/{channel_id}/typing", post(rest_typing))
+            .route("/gateway", get(gateway))
+            .fallback(rest_unknown)
+            .with_state(Arc::clone(&shared));
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeDiscord { shared, server }
+    }
+
+    /// The REST base, for `DISCORD_API_URL`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.shared.addr)
+    }
+
+    pub fn gateway_url(&self) -> String {
+        self.shared.gateway_url()
+    }
+
+    pub fn bot_user(&self) -> &FakeUser {
+        &self.shared.bot
+    }
+
+    /// Sends a dispatch (`op` 0) with the next sequence number.
+    pub fn dispatch(&self, event: &str, d: Value) {
+        self.shared
+            .update(|s| s.log.push(Frame::Dispatch { t: event.into(), d }));
+    }
+
+    /// Sends MESSAGE_CREATE with `message` (see [`MessageBuilder`]).
+    pub fn dispatch_message_create(&self, message: Value) {
+        if let (Some(c), Some(g)) = (message["channel_id"].as_str(), message["guild_id"].as_str()) {
+            self.shared
+                .lock()
+                .guild_of_channel
+                .insert(c.into(), g.into());
+        }
+        self.dispatch("MESSAGE_CREATE", message);
+    }
+
+    /// Sends MESSAGE_UPDATE for `message` with its text changed to `content`.
+    pub fn dispatch_message_edit(&self, message: &Value, content: &str) {
+        let mut edited = message.clone();
+        edited["content"] = content.into();
+        edited["edited_timestamp"] = rfc3339(unix_ms()).into();
+        self.dispatch("MESSAGE_UPDATE", edited);
+    }
+
+    /// Sends MESSAGE_DELETE for `message`.
+    pub fn dispatch_message_delete(&self, message: &Value) {
+        let mut d = json!({"id": message["id"], "channel_id": message["channel_id"]});
+        if let Some(g) = message.get("guild_id") {
+            d["guild_id"] = g.clone();
+        }
+        self.dispatch("MESSAGE_DELETE", d);
+    }
+
+    /// Sends `payload` as it is (malformed payloads, unknown opcodes).
+    pub fn dispatch_raw(&self, payload: Value) {
+        self.send_raw_text(&payload.to_string());
+    }
+
+    /// Sends a text frame as it is, JSON or not.
+    pub fn send_raw_text(&self, text: &str) {
+        self.shared.update(|s| s.log.push(Frame::Raw(text.into())));
+    }
+
+    /// Closes the gateway connection abruptly (no close frame), as a network failure would.
+    pub fn drop_connection(&self) {
+        self.shared.update(|s| {
+            s.current_connection = 0;
+            s.live = false;
+            s.drops += 1;
+        });
+    }
+
+    /// Makes IDENTIFY with the Message Content intent fail as Discord does when the intent is not
+    /// enabled in the developer portal (close code 4014).
+    pub fn refuse_message_content_intent(&self) {
+        self.shared.update(|s| s.refuse_message_content = true);
+    }
+
+    /// Answers the next message create with 429 (per-route limit), as Discord does.
+    pub fn fail_next_send_with_429(&self, retry_after_secs: f64) {
+        self.shared
+            .update(|s| s.pending_429.push_back((retry_after_secs, false)));
+    }
+
+    /// Answers the next message create with a global 429.
+    pub fn fail_next_send_with_global_429(&self, retry_after_secs: f64) {
+        self.shared
+            .update(|s| s.pending_429.push_back((retry_after_secs, true)));
+    }
+
+    pub fn sent(&self) -> Vec<SentMessage> {
+        self.shared.lock().sent.clone()
+    }
+
+    /// Channel ids of typing indicators, in order.
+    pub fn typing(&self) -> Vec<String> {
+        self.shared.lock().typing.clone()
+    }
+
+    /// When each 429 was answered.
+    pub fn rate_limited(&self) -> Vec<Instant> {
+        self.shared.lock().rate_limited.clone()
+    }
+
+    pub fn identifies(&self) -> Vec<Identify> {
+        self.shared.lock().identifies.clone()
+    }
+
+    pub fn identify_count(&self) -> usize {
+        self.shared.lock().identifies.len()
+    }
+
+    pub fn resumes(&self) -> Vec<Resume> {
+        self.shared.lock().resumes.clone()
+    }
+
+    pub fn resume_count(&self) -> usize {
+        self.shared.lock().resumes.len()
+    }
+
+    pub fn heartbeat_count(&self) -> usize {
+        self.shared.lock().heartbeats
+    }
+
+    /// The query string of each gateway connection (`v`, `encoding`, `compress`).
+    pub fn gateway_queries(&self) -> Vec<HashMap<String, String>> {
+        self.shared.lock().gateway_queries.clone()
+    }
+
+    /// Every REST request so far, as `METHOD path -> status`.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// Waits until a gateway connection is identified (or resumed).
+    pub async fn wait_until_connected(&self, timeout: Duration) {
+        self.wait_for("a live gateway connection", timeout, |s| {
+            s.live.then_some(())
+        })
+        .await
+    }
+
+    /// Waits until the bot has posted at least `n` messages; returns them all.
+    pub async fn wait_for_sent(&self, n: usize, timeout: Duration) -> Vec<SentMessage> {
+        self.wait_for(&format!("{n} sent message(s)"), timeout, |s| {
+            (s.sent.len() >= n).then(|| s.sent.clone())
+        })
+        .await
+    }
+
+    /// Waits until `done` returns `Some` for the fake's state; panics after `timeout` with
+    /// `what` and a summary of what the fake saw.
+    async fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&FakeState) -> Option<T>,
+    ) -> T {
+        let mut changes = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(v) = done(&self.shared.lock()) {
+                return v;
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                panic!(
+                    "fake Discord: no {what} within {timeout:?}; {}",
+                    self.summary()
+                );
+            }
+        }
+    }
+
+    /// What the fake saw, for failure messages.
+    pub fn summary(&self) -> String {
+        let s = self.shared.lock();
+        format!(
+            "identifies: {}, resumes: {}, drops: {}, live: {}, sent: {:?}, requests: {:?}",
+            s.identifies.len(),
+            s.resumes.len(),
+            s.drops,
+            s.live,
+            s.sent
+                .iter()
+                .map(|m| (
+                    &m.channel_id,
+                    &m.reply_to,
+                    m.content.chars().take(40).collect::<String>()
+                ))
+                .collect::<Vec<_>>(),
+            s.requests,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// REST
+
+fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
+    headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(format!("Bot {}", shared.token).as_str())
+}
+
+fn record(shared: &Shared, line: String) {
+    shared.update(|s| s.requests.push(line));
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({"message": "401: Unauthorized", "code": 0})),
+    )
+        .into_response()
+}
+
+async fn rest_gateway(State(shared): State<Arc<Shared>>) -> Response {
+    record(&shared, "GET /api/v10/gateway -> 200".into());
+    Json(json!({"url": shared.gateway_url()})).into_response()
+}
+
+async fn rest_gateway_bot(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if !authorized(&shared, &headers) {
+        record(&shared, "GET /api/v10/gateway/bot -> 401".into());
+        return unauthorized();
+    }
+    record(&shared, "GET /api/v10/gateway/bot -> 200".into());
+    Json(json!({
+        "url": shared.gateway_url(), "shards": 1,
+        "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 14_400_000, "max_concurrency": 1},
+    }))
+    .into_response()
+}
+
+async fn rest_me(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if !authorized(&shared, &headers) {
+        record(&shared, "GET /api/v10/users/@me -> 401".into());
+        return unauthorized();
+    }
+    record(&shared, "GET /api/v10/users/@me -> 200".into());
+    let mut me = shared.bot.to_json();
+    me["verified"] = true.into();
+    me["mfa_enabled"] = false.into();
+    me["flags"] = 0.into();
+    Json(me).into_response()
+}
+
+async fn rest_create_message(
+    State(shared): State<Arc<Shared>>,
+    Path(channel_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = format!("POST /api/v10/channels/{channel_id}/messages");
+    if !authorized(&shared, &headers) {
+        record(&shared, format!("{path} -> 401"));
+        return unauthorized();
+    }
+    let pending_429 = shared.lock().pending_429.pop_front();
+    if let Some((retry_after, global)) = pending_429 {
+        record(&shared, format!("{path} -> 429"));
+        shared.update(|s| s.rate_limited.push(Instant::now()));
+        return rate_limited(retry_after, global);
+    }
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            record(&shared, format!("{path} -> 400"));
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"message": format!("400: Bad Request ({e})"), "code": 50109})),
+            )
+                .into_response();
+        }
+    };
+    let content = request["content"].as_str().unwrap_or_default().to_string();
+    if content.is_empty() || content.chars().count() > 2000 {
+        record(&shared, format!("{path} -> 400"));
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({
+                "message": "Invalid Form Body", "code": 50035,
+                "errors": {"content": {"_errors": [{"code": "BASE_TYPE_BAD_LENGTH", "message": "Must be between 1 and 2000 in length."}]}},
+            })),
+        )
+            .into_response();
+    }
+    let reply_to = request["message_reference"]["message_id"]
+        .as_str()
+        .map(String::from)
+        .or_else(|| {
+            request["message_reference"]["message_id"]
+                .as_u64()
+                .map(|id| id.to_string())
+        });
+    let guild_id = shared.lock().guild_of_channel.get(&channel_id).cloned();
+    let id = snowflake();
+    let mut message = json!({
+        "id": id, "channel_id": channel_id, "author": shared.bot.to_json(), "content": content,
+        "timestamp": rfc3339(unix_ms()), "edited_timestamp": null, "tts": false,
+        "mention_everyone": false, "mentions": [], "mention_roles": [], "attachments": [],
+        "embeds": [], "pinned": false, "type": if reply_to.is_some() { 19 } else { 0 },
+        "flags": 0, "components": [],
+    });
+    if let Some(r) = &reply_to {
+        message["message_reference"] =
+            json!({"type": 0, "message_id": r, "channel_id": channel_id, "guild_id": guild_id});
+    }
+    let sent = SentMessage {
+        id,
+        channel_id: channel_id.clone(),
+        content,
+        reply_to,
+        allowed_mentions: request["allowed_mentions"].clone(),
+        json: message.clone(),
+        at: Instant::now(),
+    };
+    // Discord tells the gateway about the bot's own messages too.
+    let mut echoed = message.clone();
+    if let Some(g) = guild_id {
+        echoed["guild_id"] = g.into();
+    }
+    shared.update(|s| {
+        s.requests.push(format!("{path} -> 200"));
+        s.sent.push(sent);
+        s.log.push(Frame::Dispatch {
+            t: "MESSAGE_CREATE".into(),
+            d: echoed,
+        });
+    });
+    Json(message).into_response()
+}
+
+/// A 429 as Discord sends it: JSON body with `retry_after` in seconds, and the same in headers.
+fn rate_limited(retry_after: f64, global: bool) -> Response {
+    let mut response = (
+        StatusCode::TOO_MANY_REQUESTS,
+        Json(json!({"message": "You are being rate limited.", "retry_after": retry_after, "global": global})),
+    )
+        .into_response();
+    let h = response.headers_mut();
+    let value =
+        |s: String| HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"));
+    h.insert(
+        "retry-after",
+        value(format!("{}", retry_after.ceil() as u64)),
+    );
+    h.insert("x-ratelimit-limit", value("5".into()));
+    h.insert("x-ratelimit-remaining", value("0".into()));
+    h.insert(
+        "x-ratelimit-reset",
+        value(format!("{:.3}", unix_ms() as f64 / 1000.0 + retry_after)),
+    );
+    h.insert(
+        "x-ratelimit-reset-after",
+        value(format!("{retry_after:.3}")),
+    );
+    h.insert("x-ratelimit-bucket", value("fake-channel-messages".into()));
+    h.insert(
+        "x-ratelimit-scope",
+        value(if global { "global" } else { "user" }.into()),
+    );
+    if global {
+        h.insert("x-ratelimit-global", value("true".into()));
+    }
+    response
+}
+
+async fn rest_typing(
+    State(shared): State<Arc<Shared>>,
+    Path(channel_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("POST /api/v10/channels/{channel_id}/typing");
+    if !authorized(&shared, &headers) {
+        record(&shared, format!("{path} -> 401"));
+        return unauthorized();
+    }
+    shared.update(|s| {
+        s.requests.push(format!("{path} -> 204"));
+        s.typing.push(channel_id);
+    });
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn rest_unknown(
+    State(shared): State<Arc<Shared>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> Response {
+    record(&shared, format!("{method} {uri} -> 404"));
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"message": "404: Not Found", "code": 0})),
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway
+
+async fn gateway(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    shared.update(|s| s.gateway_queries.push(query.clone()));
+    // Only what serenity uses: JSON text frames, no zlib-stream transport compression.
+    if query.get("encoding").is_some_and(|e| e != "json") || query.contains_key("compress") {
+        return (
+            StatusCode::BAD_REQUEST,
+            "fake Discord speaks JSON without transport compression",
+        )
+            .into_response();
+    }
+    let id = shared.update(|s| {
+        s.connections_opened += 1;
+        s.current_connection = s.connections_opened;
+        s.live = false;
+        s.connections_opened
+    });
+    upgrade.on_upgrade(move |socket| async move { Connection { shared, socket, id }.run().await })
+}
+
+/// One gateway WebSocket connection.
+struct Connection {
+    shared: Arc<Shared>,
+    socket: WebSocket,
+    id: u64,
+}
+
+/// What a connection does next.
+enum Step {
+    Continue,
+    Close,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let mut changes = self.shared.changed.subscribe();
+        let hello = json!({"op": 10, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}, "s": null, "t": null});
+        if self.send(hello.to_string()).await.is_err() {
+            return;
+        }
+        loop {
+            // Superseded or dropped: close without a close frame.
+            if self.shared.lock().current_connection != self.id {
+                return;
+            }
+            if self.deliver().await.is_err() {
+                return;
+            }
+            tokio::select! {
+                incoming = self.socket.recv() => match incoming {
+                    Some(Ok(WsMessage::Text(text))) => {
+                        if let Step::Close = self.on_payload(text.as_str()).await {
+                            return;
+                        }
+                    }
+                    Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => {
+                        self.shared.update(|s| if s.current_connection == self.id { s.live = false });
+                        return;
+                    }
+                    Some(Ok(_)) => {}
+                },
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    async fn send(&mut self, text: String) -> Result<(), axum::Error> {
+        self.socket.send(WsMessage::Text(text.into())).await
+    }
+
+    /// Sends the log frames this connection has not sent yet, numbering dispatches.
+    async fn deliver(&mut self) -> Result<(), axum::Error> {
+        loop {
+            // A plain lock: delivering changes nothing a test waits for, and a notification here
+            // would wake this very connection again.
+            let frame = {
+                let mut guard = self.shared.lock();
+                let s = &mut *guard;
+                if !s.live || s.current_connection != self.id || s.next_frame >= s.log.len() {
+                    None
+                } else {
+                    let index = s.next_frame;
+                    s.next_frame += 1;
+                    s.delivered = s.delivered.max(s.next_frame);
+                    let frame = s.log[index].clone();
+                    Some(match frame {
+                        Frame::Raw(text) => text,
+                        Frame::Dispatch { t, d } => {
+                            let session =
+                                s.session.as_mut().expect("a live connection has a session");
+                            session.seq += 1;
+                            session.resume_points.push((session.seq, index + 1));
+                            json!({"op": 0, "t": t, "s": session.seq, "d": d}).to_string()
+                        }
+                    })
+                }
+            };
+            match frame {
+                Some(text) => self.send(text).await?,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn on_payload(&mut self, text: &str) -> Step {
+        let Ok(payload) = serde_json::from_str::<Value>(text) else {
+            return self.close(4002, "Decode error.").await;
+        };
+        match payload["op"].as_u64() {
+            Some(1) => {
+                self.shared.update(|s| s.heartbeats += 1);
+                self.send_or_close(json!({"op": 11, "d": null, "s": null, "t": null}))
+                    .await
+            }
+            Some(2) => self.on_identify(&payload["d"]).await,
+            Some(6) => self.on_resume(&payload["d"]).await,
+            // Presence updates, member requests…: accepted and ignored.
+            Some(_) => Step::Continue,
+            None => self.close(4001, "Unknown opcode.").await,
+        }
+    }
+
+    async fn on_identify(&mut self, d: &Value) -> Step {
+        let identify = Identify {
+            token: d["token"].as_str().unwrap_or_default().to_string(),
+            intents: d["intents"].as_u64().unwrap_or(0),
+        };
+        let token_ok = identify
+            .token
+            .strip_prefix("Bot ")
+            .unwrap_or(&identify.token)
+            == self.shared.token;
+        let refuse_content = self.shared.lock().refuse_message_content;
+        let intents = identify.intents;
+        self.shared.update(|s| s.identifies.push(identify));
+        if !token_ok {
+            return self.close(4004, "Authentication failed.").await;
+        }
+        if refuse_content && intents & INTENT_MESSAGE_CONTENT != 0 {
+            return self.close(4014, "Disallowed intent(s).").await;
+        }
+        let ready = self.shared.update(|s| {
+            s.sessions_started += 1;
+            let id = format!("fake-session-{}", s.sessions_started);
+            s.session = Some(Session {
+                id: id.clone(),
+                seq: 1,
+                resume_points: vec![(1, s.delivered)],
+            });
+            // A new session starts after everything any earlier connection delivered.
+            s.next_frame = s.delivered;
+            s.live = true;
+            id
+        });
+        let ready = json!({
+            "op": 0, "t": "READY", "s": 1,
+            "d": {
+                "v": 10, "user": self.shared.bot.to_json(), "guilds": [], "session_id": ready,
+                "resume_gateway_url": self.shared.gateway_url(), "shard": [0, 1],
+                "application": {"id": BOT_USER_ID, "flags": 0},
+                "private_channels": [], "relationships": [], "presences": [],
+                "geo_ordered_rtc_regions": [],
+            }
+        });
+        self.send_or_close(ready).await
+    }
+
+    async fn on_resume(&mut self, d: &Value) -> Step {
+        let resume = Resume {
+            session_id: d["session_id"].as_str().unwrap_or_default().to_string(),
+            seq: d["seq"].as_u64().unwrap_or(0),
+        };
+        let token = d["token"].as_str().unwrap_or_default();
+        let token_ok = token.strip_prefix("Bot ").unwrap_or(token) == self.shared.token;
+        let (session_id, seq) = (resume.session_id.clone(), resume.seq);
+        self.shared.update(|s| s.resumes.push(resume));
+        if !token_ok {
+            return self.close(4004, "Authentication failed.").await;
+        }
+        let resumed = self.shared.update(|s| {
+            let session = s.session.as_ref().filter(|x| x.id == session_id)?;
+            let (_, next) = session.resume_points.iter().find(|(s, _)| *s == seq)?;
+            s.next_frame = *next;
+            s.live = true;
+            Some(())
+        });
+        if resumed.is_none() {
+            // Not resumable: Discord answers INVALID_SESSION (d: false), the client re-identifies.
+            return self
+                .send_or_close(json!({"op": 9, "d": false, "s": null, "t": null}))
+                .await;
+        }
+        // Replay what the client missed, then RESUMED.
+        if self.deliver().await.is_err() {
+            return Step::Close;
+        }
+        let seq = self.shared.update(|s| {
+            let session = s.session.as_mut().expect("resumed session");
+            session.seq += 1;
+            session.resume_points.push((session.seq, s.next_frame));
+            session.seq
+        });
+        self.send_or_close(json!({"op": 0, "t": "RESUMED", "s": seq, "d": {}}))
+            .await
+    }
+
+    async fn send_or_close(&mut self, payload: Value) -> Step {
+        match self.send(payload.to_string()).await {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Close,
+        }
+    }
+
+    async fn close(&mut self, code: u16, reason: &'static str) -> Step {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = self.socket.send(WsMessage::Close(Some(frame))).await;
+        self.shared.update(|s| {
+            if s.current_connection == self.id {
+                s.live = false
+            }
+        });
+        Step::Close
+    }
+}
