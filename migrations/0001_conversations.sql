@@ -14,6 +14,9 @@ CREATE TABLE messages (
     author_is_bot INTEGER NOT NULL DEFAULT 0,
     -- Sent by kaiwa itself (the assistant side of a conversation).
     from_self     INTEGER NOT NULL DEFAULT 0,
+    -- kaiwa's answer to a command or a notice ("I'm busy"): stored, but not conversation, so
+    -- it stays out of contexts and the corpus.
+    is_notice     INTEGER NOT NULL DEFAULT 0,
     text          TEXT,
     reply_to      TEXT,
     sent_at_ms    INTEGER NOT NULL,

@@ -42,7 +42,13 @@ async fn start() -> (FakeDiscord, TestDaemon) {
     let fake = FakeDiscord::start(TOKEN).await;
     let url = fake.url();
     let daemon = spawn_daemon(&[("DISCORD_TOKEN", TOKEN), ("DISCORD_API_URL", &url)]).await;
-    fake.wait_until_connected(WAIT).await;
+    if !fake.connected_within(WAIT).await {
+        panic!(
+            "the daemon did not connect to the fake Discord within {WAIT:?}; {}\nlogs:\n{}",
+            fake.summary(),
+            daemon.logs()
+        );
+    }
     (fake, daemon)
 }
 

@@ -15,9 +15,9 @@ use kaiwa::store::StoredMessage;
 use serde_json::{json, Value};
 use support::daemon::{spawn_daemon, TestDaemon};
 
-/// Looks like a real token, so a leak would be the real thing.
-const TOKEN: &str = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
-const TOKEN_SECRET: &str = "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
+/// Shaped like a real token (35-character secret), so teloxide treats it as it would in production.
+const TOKEN: &str = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
+const TOKEN_SECRET: &str = "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn start() -> (FakeTelegram, TestDaemon) {
@@ -398,8 +398,8 @@ async fn bot_token_never_appears_in_the_logs() {
     daemon.stop().await.unwrap();
 
     assert!(
-        logs.contains("/bot***/getMe"),
-        "the connection error was not logged with a scrubbed URL:\n{logs}"
+        logs.to_lowercase().contains("connection refused"),
+        "the connection error was logged without its cause:\n{logs}"
     );
     assert!(
         !logs.contains(TOKEN_SECRET),

@@ -149,6 +149,7 @@ impl Bot {
             author_name: m.author_name.clone(),
             author_is_bot: m.author_is_bot,
             from_self: false,
+            is_notice: false,
             text: m.text.clone(),
             reply_to: m.reply_to.clone(),
             sent_at_ms: m.sent_at_ms,
@@ -298,6 +299,7 @@ impl Bot {
                 author_name: SELF_NAME.into(),
                 author_is_bot: true,
                 from_self: true,
+                is_notice: false,
                 text: part.clone(),
                 reply_to: Some(m.message_id.clone()),
                 sent_at_ms: sent.sent_at_ms.max(m.sent_at_ms),
@@ -374,10 +376,32 @@ impl Bot {
         ))
     }
 
-    /// Sends a short message from the bot (command answers, notices); failures are logged.
+    /// Sends a short message from the bot (command answers, notices) and stores it as a notice;
+    /// failures are logged.
     async fn say(&self, outbox: &Arc<dyn Outbox>, m: &IncomingMessage, text: &str) {
-        if let Err(e) = outbox.send(&m.channel, text, Some(&m.message_id)).await {
-            tracing::warn!(channel = %m.channel, error = %e, "could not send a notice");
+        let sent = match outbox.send(&m.channel, text, Some(&m.message_id)).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                tracing::warn!(channel = %m.channel, error = %e, "could not send a notice");
+                return;
+            }
+        };
+        let notice = NewMessage {
+            channel: m.channel.clone(),
+            kind: m.kind,
+            message_id: sent.message_id,
+            author_id: SELF_NAME.into(),
+            author_name: SELF_NAME.into(),
+            author_is_bot: true,
+            from_self: true,
+            is_notice: true,
+            text: text.to_string(),
+            reply_to: Some(m.message_id.clone()),
+            sent_at_ms: sent.sent_at_ms.max(m.sent_at_ms),
+            source: "live".into(),
+        };
+        if let Err(e) = self.store.insert_message(&notice).await {
+            tracing::error!(error = %e, "could not store a notice");
         }
     }
 

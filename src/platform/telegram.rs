@@ -546,7 +546,8 @@ fn thread_of(channel: &ChannelRef) -> Option<ThreadId> {
 }
 
 /// Removes the bot token from text bound for logs and errors. HTTP client errors quote the
-/// request URL, and Telegram's URLs contain the token.
+/// request URL, and Telegram's URLs contain the token. (teloxide redacts the token from its network
+/// errors, but only when it looks like a real one; this does not depend on that.)
 #[derive(Clone)]
 struct Scrubber {
     secrets: Vec<String>,
@@ -578,7 +579,18 @@ impl Scrubber {
             RequestError::InvalidJson { source, .. } => {
                 format!("unreadable answer from Telegram: {source}")
             }
-            other => self.clean(&other.to_string()),
+            other => {
+                // teloxide's network errors read "error sending request"; the cause (refused,
+                // timed out, DNS) is further down the chain.
+                let mut text = other.to_string();
+                let mut cause = std::error::Error::source(other);
+                while let Some(e) = cause {
+                    text.push_str(": ");
+                    text.push_str(&e.to_string());
+                    cause = e.source();
+                }
+                self.clean(&text)
+            }
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct NewMessage {
     pub author_name: String,
     pub author_is_bot: bool,
     pub from_self: bool,
+    /// An answer to a command or a notice, not conversation.
+    pub is_notice: bool,
     pub text: String,
     pub reply_to: Option<String>,
     pub sent_at_ms: i64,
@@ -55,6 +57,7 @@ pub struct StoredMessage {
     pub author_name: String,
     pub author_is_bot: bool,
     pub from_self: bool,
+    pub is_notice: bool,
     /// `None` once deleted.
     pub text: Option<String>,
     pub reply_to: Option<String>,
@@ -148,8 +151,9 @@ impl Store {
     pub async fn insert_message(&self, m: &NewMessage) -> Result<Insert, StoreError> {
         let row = sqlx::query(
             "INSERT INTO messages (platform, chat_id, thread_id, chat_kind, message_id, author_id,
-                author_name, author_is_bot, from_self, text, reply_to, sent_at_ms, stored_at_ms, source)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                author_name, author_is_bot, from_self, is_notice, text, reply_to, sent_at_ms,
+                stored_at_ms, source)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (platform, chat_id, message_id) DO NOTHING
              RETURNING id",
         )
@@ -165,6 +169,7 @@ impl Store {
         .bind(&m.author_name)
         .bind(m.author_is_bot)
         .bind(m.from_self)
+        .bind(m.is_notice)
         .bind(&m.text)
         .bind(&m.reply_to)
         .bind(m.sent_at_ms)
@@ -297,10 +302,10 @@ impl Store {
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let mut rows: Vec<StoredMessage> = sqlx::query_as(
             "SELECT id, platform, chat_id, thread_id, chat_kind, message_id, author_id, author_name,
-                    author_is_bot, from_self, text, reply_to, sent_at_ms, edited_at_ms, source
+                    author_is_bot, from_self, is_notice, text, reply_to, sent_at_ms, edited_at_ms, source
              FROM messages m
              WHERE platform = ? AND chat_id = ? AND thread_id = ? AND text IS NOT NULL
-               AND sent_at_ms >= ?
+               AND is_notice = 0 AND sent_at_ms >= ?
                AND sent_at_ms >= COALESCE((SELECT reset_at_ms FROM channels c
                     WHERE c.platform = m.platform AND c.chat_id = m.chat_id
                       AND c.thread_id = m.thread_id), 0)
@@ -325,7 +330,7 @@ impl Store {
     ) -> Result<Vec<StoredMessage>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT id, platform, chat_id, thread_id, chat_kind, message_id, author_id, author_name,
-                    author_is_bot, from_self, text, reply_to, sent_at_ms, edited_at_ms, source
+                    author_is_bot, from_self, is_notice, text, reply_to, sent_at_ms, edited_at_ms, source
              FROM messages WHERE platform = ? AND chat_id = ? AND thread_id = ?
              ORDER BY sent_at_ms, id",
         )
@@ -458,10 +463,10 @@ impl Store {
     {
         let mut rows = sqlx::query_as::<_, StoredMessage>(
             "SELECT m.id, m.platform, m.chat_id, m.thread_id, m.chat_kind, m.message_id, m.author_id,
-                    m.author_name, m.author_is_bot, m.from_self, m.text, m.reply_to,
+                    m.author_name, m.author_is_bot, m.from_self, m.is_notice, m.text, m.reply_to,
                     m.sent_at_ms, m.edited_at_ms, m.source
              FROM messages m
-             WHERE m.text IS NOT NULL
+             WHERE m.text IS NOT NULL AND m.is_notice = 0
                AND NOT EXISTS (SELECT 1 FROM opt_outs o
                                WHERE o.platform = m.platform AND o.user_id = m.author_id)
              ORDER BY m.platform, m.chat_id, m.thread_id, m.sent_at_ms, m.id",

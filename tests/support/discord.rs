@@ -471,10 +471,26 @@ impl FakeDiscord {
 
     /// Waits until a gateway connection is identified (or resumed).
     pub async fn wait_until_connected(&self, timeout: Duration) {
-        self.wait_for("a live gateway connection", timeout, |s| {
-            s.live.then_some(())
-        })
-        .await
+        self.wait_for("live gateway connection", timeout, |s| s.live.then_some(()))
+            .await
+    }
+
+    /// Like [`Self::wait_until_connected`], but says whether it happened instead of panicking, so
+    /// the caller can explain (with the daemon's logs, say).
+    pub async fn connected_within(&self, timeout: Duration) -> bool {
+        let mut changes = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.shared.lock().live {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
     }
 
     /// Waits until the bot has posted at least `n` messages; returns them all.

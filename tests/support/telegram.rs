@@ -78,6 +78,8 @@ struct Inner {
     reject_markdown: usize,
     markdown_rejections: usize,
     unauthorized_requests: usize,
+    /// Requests per method name, as sent.
+    calls: HashMap<String, usize>,
     get_updates_calls: usize,
     last_offset: Option<i64>,
 }
@@ -283,13 +285,18 @@ impl FakeTelegram {
         while !done(self) {
             if tokio::time::Instant::now() >= deadline {
                 let inner = self.shared.lock();
+                let sent: Vec<_> = inner
+                    .sent
+                    .iter()
+                    .map(|s| (s.chat_id, s.text.chars().take(40).collect::<String>()))
+                    .collect();
                 panic!(
-                    "fake Telegram: waited {timeout:?} for {what}; sent {} message(s) {:?}, {} sendMessage \
-                     attempt(s), {} getUpdates call(s), last offset {:?}, {} update(s) unconfirmed",
-                    inner.sent.len(),
-                    inner.sent.iter().map(|s| (s.chat_id, s.text.chars().take(40).collect::<String>())).collect::<Vec<_>>(),
+                    "fake Telegram: waited {timeout:?} for {what}; sent {sent:?}; \
+                     {} sendMessage attempt(s); requests by method {:?}; \
+                     {} with a wrong token; last offset {:?}; {} update(s) unconfirmed",
                     inner.send_attempts,
-                    inner.get_updates_calls,
+                    inner.calls,
+                    inner.unauthorized_requests,
                     inner.last_offset,
                     inner.updates.len(),
                 );
@@ -389,6 +396,7 @@ async fn api(
     Path((bot, method)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
+    *shared.lock().calls.entry(method.clone()).or_default() += 1;
     if bot.strip_prefix("bot") != Some(shared.token.as_str()) {
         shared.lock().unauthorized_requests += 1;
         return api_error(StatusCode::UNAUTHORIZED, "Unauthorized");
@@ -406,15 +414,16 @@ async fn api(
             }
         }
     };
-    match method.as_str() {
-        "getMe" => ok(json!({
+    // Method names are case-insensitive in the Bot API, and teloxide sends them as `GetMe`.
+    match method.to_ascii_lowercase().as_str() {
+        "getme" => ok(json!({
             "id": BOT_ID, "is_bot": true, "first_name": "Kaiwa", "username": BOT_USERNAME,
             "can_join_groups": true, "can_read_all_group_messages": false,
             "supports_inline_queries": false, "can_connect_to_business": false, "has_main_web_app": false,
         })),
-        "getUpdates" => get_updates(&shared, &params).await,
-        "sendMessage" => send_message(&shared, &params),
-        "sendChatAction" => send_chat_action(&shared, &params),
+        "getupdates" => get_updates(&shared, &params).await,
+        "sendmessage" => send_message(&shared, &params),
+        "sendchataction" => send_chat_action(&shared, &params),
         _ => api_error(StatusCode::NOT_FOUND, "Not Found"),
     }
 }
