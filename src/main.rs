@@ -130,7 +130,17 @@ impl ModelArg {
 
     fn load(&self) -> Result<Generator> {
         let dir = self.dir();
-        Generator::load(&dir).with_context(|| format!("loading the model in {}", dir.display()))
+        Generator::load(&dir).with_context(|| {
+            if dir.exists() {
+                format!("loading the model in {}", dir.display())
+            } else {
+                format!(
+                    "no model in {}: make one with `kaiwa init-model --preset small --out {}`",
+                    dir.display(),
+                    dir.display()
+                )
+            }
+        })
     }
 }
 

@@ -86,7 +86,7 @@ pub async fn run(
             Ok(updates) => updates,
             Err(RequestError::InvalidJson { source, raw }) => match salvage_updates(&raw) {
                 Some(updates) => {
-                    warn!("telegram: getUpdates answer did not parse as a whole ({source}); handling its updates one by one");
+                    warn!("telegram: getUpdates answer did not parse ({source}); salvaged it");
                     updates
                 }
                 None => {
@@ -114,6 +114,10 @@ pub async fn run(
         backoff.reset();
 
         for update in updates {
+            // The rest of the batch stays unconfirmed; Telegram delivers it to the next run.
+            if shutdown.is_triggered() {
+                break;
+            }
             let id = i64::from(update.id.0);
             // A server may send an update again before it saw our new offset; it is handled.
             if id < offset {
@@ -122,7 +126,7 @@ pub async fn run(
             match translate(&update, &identity) {
                 Ok(event) => bot.handle(event, outbox.clone()).await,
                 Err(Skip::Unreadable(fields)) => {
-                    warn!("telegram: skipping update {id} that could not be parsed (fields: {fields})")
+                    warn!("telegram: skipping unreadable update {id} (fields: {fields})")
                 }
                 Err(Skip::Ignored(why)) => debug!("telegram: ignoring update {id}: {why}"),
             }
