@@ -44,12 +44,21 @@ async fn start() -> (FakeDiscord, TestDaemon) {
     let daemon = spawn_daemon(&[("DISCORD_TOKEN", TOKEN), ("DISCORD_API_URL", &url)]).await;
     if !fake.connected_within(WAIT).await {
         panic!(
-            "the daemon did not connect to the fake Discord within {WAIT:?}; {}\nlogs:\n{}",
+            "the daemon did not connect to the fake Discord within {WAIT:?}; {}\nkaiwa and serenity logs:\n{}",
             fake.summary(),
-            daemon.logs()
+            relevant_logs(&daemon.logs())
         );
     }
     (fake, daemon)
+}
+
+/// The daemon's and serenity's log lines (the model runtime's are many and beside the point).
+fn relevant_logs(logs: &str) -> String {
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("kaiwa") || l.contains("serenity"))
+        .collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
 fn channel(id: &str) -> ChannelRef {

@@ -10,7 +10,9 @@ mod fake_telegram;
 use std::time::Duration;
 
 use fake_telegram::{group_chat, private_chat, replying_to, user, FakeTelegram, BOT_USERNAME};
-use kaiwa::bot::event::{ChannelRef, Platform};
+use kaiwa::bot::event::{ChannelRef, Outbox, Platform, SendError};
+use kaiwa::config::{PlatformSettings, Secret};
+use kaiwa::platform::telegram::TelegramOutbox;
 use kaiwa::store::StoredMessage;
 use serde_json::{json, Value};
 use support::daemon::{spawn_daemon, TestDaemon};
@@ -405,4 +407,79 @@ async fn bot_token_never_appears_in_the_logs() {
         !logs.contains(TOKEN_SECRET),
         "the token leaked into the logs:\n{logs}"
     );
+}
+
+/// The adapter's outbox alone, against the fake: no daemon.
+fn outbox_for(fake: &FakeTelegram, token: &str) -> TelegramOutbox {
+    TelegramOutbox::new(&PlatformSettings {
+        token: Secret::new(token),
+        api_url: Some(fake.url()),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn outbox_sends_into_topics_and_replies_to_deleted_messages() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let outbox = outbox_for(&fake, TOKEN);
+    let topic = channel(-100_555).with_thread("12");
+
+    outbox.typing(&topic).await.unwrap();
+    // Message 999 does not exist (deleted meanwhile): the reply is still delivered.
+    let sent = outbox.send(&topic, "*hello*", Some("999")).await.unwrap();
+
+    let calls = fake.sent();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(sent.message_id, calls[0].message_id().to_string());
+    assert!(sent.sent_at_ms > 0);
+    assert_eq!(calls[0].message_thread_id, Some(12));
+    assert_eq!(calls[0].reply_to_message_id, Some(999));
+    assert_eq!(calls[0].parse_mode.as_deref(), Some("Markdown"));
+    let actions = fake.chat_actions();
+    assert_eq!(actions.len(), 1);
+    assert_eq!(
+        (actions[0].action.as_str(), actions[0].message_thread_id),
+        ("typing", Some(12))
+    );
+}
+
+#[tokio::test]
+async fn outbox_gives_up_on_a_lasting_rate_limit() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    for _ in 0..10 {
+        fake.fail_next_send_with_429(0);
+    }
+    let result = outbox_for(&fake, TOKEN).send(&channel(5), "hi", None).await;
+    assert!(matches!(result, Err(SendError::Other(_))), "{result:?}");
+    assert_eq!(fake.send_attempts(), 5, "attempts are bounded");
+}
+
+#[tokio::test]
+async fn outbox_errors_never_quote_the_token() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    // The fake knows another token, so it answers 401 as Telegram would.
+    let wrong = "987654321:ZZHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
+    let result = outbox_for(&fake, wrong).send(&channel(5), "hi", None).await;
+    assert_eq!(fake.unauthorized_requests(), 1);
+    let Err(SendError::Other(text)) = result else {
+        panic!("expected an error, got {result:?}")
+    };
+    assert!(
+        !text.contains("ZZHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7"),
+        "{text}"
+    );
+
+    // A network error quotes the request URL (teloxide redacts it; so do we).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let outbox = TelegramOutbox::new(&PlatformSettings {
+        token: Secret::new(TOKEN),
+        api_url: Some(url),
+    })
+    .unwrap();
+    let Err(SendError::Other(text)) = outbox.send(&channel(5), "hi", None).await else {
+        panic!("expected a network error")
+    };
+    assert!(!text.contains(TOKEN_SECRET), "{text}");
 }

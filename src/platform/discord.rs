@@ -18,7 +18,7 @@
 use std::future::Future;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
@@ -75,7 +75,7 @@ pub async fn run(
         bot,
         outbox,
         shutdown: shutdown.clone(),
-        me: RwLock::new(Some(me)),
+        me,
         warned_missing_content: AtomicBool::new(false),
     };
     // The gateway gets its own REST client: it only asks for the gateway address again.
@@ -194,16 +194,13 @@ struct DiscordHandler {
     bot: Arc<Bot>,
     outbox: Arc<DiscordOutbox>,
     shutdown: Shutdown,
-    /// Our own user (from `/users/@me`, then READY).
-    me: RwLock<Option<UserId>>,
+    /// Our own user, from `/users/@me` before the gateway connects (READY's handler runs as a
+    /// task of its own, so it might come after the first messages').
+    me: UserId,
     warned_missing_content: AtomicBool,
 }
 
 impl DiscordHandler {
-    fn me(&self) -> Option<UserId> {
-        *self.me.read().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Hands an event to the bot, unless shutdown has begun (serenity may still deliver events
     /// while its shards stop).
     async fn deliver(&self, event: Incoming) {
@@ -230,7 +227,6 @@ impl DiscordHandler {
 #[serenity::async_trait]
 impl EventHandler for DiscordHandler {
     async fn ready(&self, _ctx: Context, ready: Ready) {
-        *self.me.write().unwrap_or_else(|e| e.into_inner()) = Some(ready.user.id);
         info!(
             user = %ready.user.name,
             id = %ready.user.id,
@@ -244,8 +240,8 @@ impl EventHandler for DiscordHandler {
     }
 
     async fn message(&self, _ctx: Context, msg: Message) {
-        let me = self.me();
-        if me == Some(msg.author.id) {
+        let me = self.me;
+        if msg.author.id == me {
             return; // the core stores its own replies when it sends them
         }
         if !is_conversation(msg.kind) {
@@ -271,7 +267,7 @@ impl EventHandler for DiscordHandler {
         _new: Option<Message>,
         event: MessageUpdateEvent,
     ) {
-        if let Some(edited) = edited_event(&event, self.me()) {
+        if let Some(edited) = edited_event(&event, self.me) {
             self.deliver(edited).await;
         }
     }
@@ -288,6 +284,22 @@ impl EventHandler for DiscordHandler {
             message_id: message_id.to_string(),
         };
         self.deliver(event).await;
+    }
+
+    async fn message_delete_bulk(
+        &self,
+        _ctx: Context,
+        channel_id: ChannelId,
+        message_ids: Vec<MessageId>,
+        _guild_id: Option<GuildId>,
+    ) {
+        for message_id in message_ids {
+            let event = Incoming::Deleted {
+                channel: channel_ref(channel_id),
+                message_id: message_id.to_string(),
+            };
+            self.deliver(event).await;
+        }
     }
 }
 
@@ -311,7 +323,7 @@ fn is_conversation(kind: MessageType) -> bool {
 /// True when Discord withheld the message's content, as it does for guild messages when the
 /// Message Content intent is missing: empty text, no attachments, embeds, stickers or poll, from
 /// a person, in a guild, not mentioning us (mentions and DMs keep their content regardless).
-fn content_withheld(msg: &Message, me: Option<UserId>) -> bool {
+fn content_withheld(msg: &Message, me: UserId) -> bool {
     msg.guild_id.is_some()
         && !msg.author.bot
         && !mentions(msg, me)
@@ -323,12 +335,12 @@ fn content_withheld(msg: &Message, me: Option<UserId>) -> bool {
         && msg.message_snapshots.is_empty()
 }
 
-fn mentions(msg: &Message, me: Option<UserId>) -> bool {
-    me.is_some_and(|me| msg.mentions.iter().any(|u| u.id == me))
+fn mentions(msg: &Message, me: UserId) -> bool {
+    msg.mentions.iter().any(|u| u.id == me)
 }
 
 /// A MESSAGE_CREATE in the bot's terms.
-fn incoming_message(msg: &Message, me: Option<UserId>) -> IncomingMessage {
+fn incoming_message(msg: &Message, me: UserId) -> IncomingMessage {
     // Only a reply's reference points at the message answered; a forward's points elsewhere.
     let reply_to = msg
         .message_reference
@@ -339,7 +351,7 @@ fn incoming_message(msg: &Message, me: Option<UserId>) -> IncomingMessage {
         && msg
             .referenced_message
             .as_ref()
-            .is_some_and(|r| me == Some(r.author.id));
+            .is_some_and(|r| r.author.id == me);
     let author_name = msg
         .member
         .as_ref()
@@ -368,8 +380,8 @@ fn incoming_message(msg: &Message, me: Option<UserId>) -> IncomingMessage {
 /// A MESSAGE_UPDATE in the bot's terms, when it changed the text. Updates also report embeds
 /// being resolved and pins, without content; and without the Message Content intent the content
 /// is empty, which must not blank the stored text.
-fn edited_event(event: &MessageUpdateEvent, me: Option<UserId>) -> Option<Incoming> {
-    if event.author.as_ref().is_some_and(|a| Some(a.id) == me) {
+fn edited_event(event: &MessageUpdateEvent, me: UserId) -> Option<Incoming> {
+    if event.author.as_ref().is_some_and(|a| a.id == me) {
         return None;
     }
     let text = event.content.clone().filter(|t| !t.is_empty())?;
@@ -554,7 +566,7 @@ mod tests {
 
     #[test]
     fn direct_message_becomes_a_direct_incoming_message() {
-        let m = incoming_message(&message(serde_json::json!({})), Some(UserId::new(ME)));
+        let m = incoming_message(&message(serde_json::json!({})), UserId::new(ME));
         assert_eq!(
             m.channel,
             ChannelRef::new(Platform::Discord, "1200000000000000001")
@@ -589,7 +601,7 @@ mod tests {
             "message_reference": {"message_id": "1300000000000000000", "channel_id": "1200000000000000001"},
             "referenced_message": original,
         }));
-        let m = incoming_message(&msg, Some(UserId::new(ME)));
+        let m = incoming_message(&msg, UserId::new(ME));
         assert_eq!(m.kind, ChatKind::Group);
         assert_eq!(m.author_name, "Ali");
         assert_eq!(m.reply_to.as_deref(), Some("1300000000000000000"));
@@ -598,7 +610,7 @@ mod tests {
 
     #[test]
     fn withheld_content_is_recognised_only_where_discord_withholds_it() {
-        let me = Some(UserId::new(ME));
+        let me = UserId::new(ME);
         let guild = serde_json::json!({"guild_id": "1100000000000000001", "content": ""});
         assert!(content_withheld(&message(guild.clone()), me));
         assert!(
@@ -622,7 +634,7 @@ mod tests {
             }
             serde_json::from_value(e).unwrap()
         };
-        let me = Some(UserId::new(ME));
+        let me = UserId::new(ME);
         assert!(edited_event(&event(serde_json::json!({})), me).is_none());
         assert!(edited_event(&event(serde_json::json!({"content": ""})), me).is_none());
         let edited = edited_event(

@@ -6,8 +6,8 @@
 //! it (the message is stored and its reply queued). A crash therefore never loses a message;
 //! Telegram delivers it again and the core drops the duplicate.
 //!
-//! The bot token is part of every request URL (`/bot<TOKEN>/<method>`), and HTTP client errors quote
-//! that URL, so every error text that leaves this module goes through [`Scrubber`] first.
+//! The bot token is part of every request URL (`/bot<TOKEN>/<method>`), and HTTP client errors
+//! quote that URL, so every error text that leaves this module goes through [`Scrubber`] first.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,7 +156,10 @@ async fn identify(
         match result {
             Ok(me) => return Ok(Some(me)),
             Err(RequestError::Api(ApiError::InvalidToken)) => {
-                anyhow::bail!("Telegram rejected the bot token (TELEGRAM_TOKEN): Unauthorized; check it with @BotFather")
+                anyhow::bail!(
+                    "Telegram rejected the bot token (TELEGRAM_TOKEN): Unauthorized; \
+                     check it with @BotFather"
+                )
             }
             Err(RequestError::RetryAfter(wait)) => {
                 warn!("telegram: getMe rate limited; waiting {}", wait);
@@ -179,7 +182,8 @@ async fn acknowledge(api: &teloxide::Bot, offset: i64) {
     if offset == 0 {
         return;
     }
-    // timeout 0 answers at once; limit 1 keeps the answer small (what it returns stays unconfirmed).
+    // Timeout 0 answers at once; limit 1 keeps the answer small (what it returns stays
+    // unconfirmed).
     let request = api
         .get_updates()
         .offset(clamp_offset(offset))
@@ -492,7 +496,8 @@ impl TelegramOutbox {
                     rate_limited += 1;
                     if rate_limited >= RATE_LIMIT_ATTEMPTS || wait.duration() > MAX_RETRY_AFTER {
                         return Err(SendError::Other(format!(
-                            "telegram rate limit in {channel}: retry after {wait} (attempt {rate_limited})"
+                            "telegram rate limit in {channel}: retry after {wait} \
+                             (attempt {rate_limited})"
                         )));
                     }
                     warn!("telegram: rate limited in {channel}; retrying the reply in {wait}");
@@ -705,22 +710,26 @@ mod tests {
         assert!(with(json!({"text": "/ask@kaiwa_bot why"})).mentions_bot);
         assert!(!with(json!({"text": "@kaiwa_bot2 is another bot"})).mentions_bot);
         let linked = with(json!({"text": "Kaiwa, hi",
-            "entities": [{"type": "text_mention", "offset": 0, "length": 5, "user": user(BOT_ID, "Kaiwa")}]}));
+            "entities": [{"type": "text_mention", "offset": 0, "length": 5,
+                          "user": user(BOT_ID, "Kaiwa")}]}));
         assert!(linked.mentions_bot);
 
         let reply = with(json!({"text": "thanks", "reply_to_message":
-            {"message_id": 3, "date": 1, "chat": group_chat(-100), "from": user(BOT_ID, "Kaiwa"), "text": "hi"}}));
+            {"message_id": 3, "date": 1, "chat": group_chat(-100), "from": user(BOT_ID, "Kaiwa"),
+             "text": "hi"}}));
         assert_eq!(reply.reply_to.as_deref(), Some("3"));
         assert!(reply.replies_to_bot);
         let other = with(json!({"text": "thanks", "reply_to_message":
-            {"message_id": 4, "date": 1, "chat": group_chat(-100), "from": user(2, "Cy"), "text": "hi"}}));
+            {"message_id": 4, "date": 1, "chat": group_chat(-100), "from": user(2, "Cy"),
+             "text": "hi"}}));
         assert_eq!(other.reply_to.as_deref(), Some("4"));
         assert!(!other.replies_to_bot);
     }
 
     #[test]
     fn forum_topic_messages_carry_the_thread_but_not_a_fake_reply() {
-        let opener = json!({"message_id": 100, "date": 1, "chat": group_chat(-100), "from": user(1, "Bo"),
+        let opener = json!({"message_id": 100, "date": 1, "chat": group_chat(-100),
+            "from": user(1, "Bo"),
             "message_thread_id": 100, "is_topic_message": true,
             "forum_topic_created": {"name": "Ideas", "icon_color": 7322096}});
         let m = message(update(
@@ -749,7 +758,8 @@ mod tests {
         let channel = json!({"id": -1001, "type": "channel", "title": "News"});
         let m = message(update(
             "channel_post",
-            json!({"message_id": 7, "date": 1, "chat": channel, "sender_chat": channel, "text": "post"}),
+            json!({"message_id": 7, "date": 1, "chat": channel, "sender_chat": channel,
+                   "text": "post"}),
         ));
         assert_eq!(
             (m.author_id.as_str(), m.author_name.as_str()),
@@ -770,7 +780,8 @@ mod tests {
         let skipped = translate(
             &update(
                 "message",
-                json!({"message_id": 9, "date": 1, "chat": private_chat(42), "from": user(42, "Ann"),
+                json!({"message_id": 9, "date": 1, "chat": private_chat(42),
+                       "from": user(42, "Ann"),
                        "photo": photo}),
             ),
             &me(),

@@ -99,9 +99,11 @@ async fn start(dir: Arc<tempfile::TempDir>, env: Vec<(String, String)>) -> TestD
             .map(|(_, v)| v.clone())
     })
     .unwrap();
+    // Open (and migrate) the database before the daemon does: two first migrations of the same
+    // fresh file at once would race.
+    let store = Store::open(&db).await.unwrap();
     let (trigger, shutdown) = shutdown_channel();
     let handle = tokio::spawn(kaiwa::app::run(settings, shutdown));
-    let store = Store::open(&db).await.unwrap();
     TestDaemon {
         dir,
         env,

@@ -812,7 +812,13 @@ impl Connection {
                             return;
                         }
                     }
-                    Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => {
+                    Some(Ok(WsMessage::Close(_))) => {
+                        // Reading on sends the close reply the client waits for.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.recv()).await;
+                        self.shared.update(|s| if s.current_connection == self.id { s.live = false });
+                        return;
+                    }
+                    Some(Err(_)) | None => {
                         self.shared.update(|s| if s.current_connection == self.id { s.live = false });
                         return;
                     }

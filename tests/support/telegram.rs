@@ -419,7 +419,8 @@ async fn api(
         "getme" => ok(json!({
             "id": BOT_ID, "is_bot": true, "first_name": "Kaiwa", "username": BOT_USERNAME,
             "can_join_groups": true, "can_read_all_group_messages": false,
-            "supports_inline_queries": false, "can_connect_to_business": false, "has_main_web_app": false,
+            "supports_inline_queries": false, "can_connect_to_business": false,
+            "has_main_web_app": false,
         })),
         "getupdates" => get_updates(&shared, &params).await,
         "sendmessage" => send_message(&shared, &params),
@@ -513,7 +514,8 @@ fn send_message(shared: &Shared, params: &Value) -> Response {
         inner.markdown_rejections += 1;
         return api_error(
             StatusCode::BAD_REQUEST,
-            "Bad Request: can't parse entities: Can't find end of the entity starting at byte offset 0",
+            "Bad Request: can't parse entities: \
+             Can't find end of the entity starting at byte offset 0",
         );
     }
     let reply_parameters = params.get("reply_parameters");
