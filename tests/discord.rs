@@ -420,6 +420,25 @@ async fn refused_message_content_intent_is_reported_with_what_to_do() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_token_is_reported_without_showing_it() {
+    const WRONG: &str = "MTA0NjAwMDAwMDAwMDAwMDAwMQ.Wr0nGx.ThisTokenWasRevokedLongAgoXyZ0123456789";
+    let fake = FakeDiscord::start(TOKEN).await;
+    let url = fake.url();
+    let daemon = spawn_daemon(&[("DISCORD_TOKEN", WRONG), ("DISCORD_API_URL", &url)]).await;
+    let logs = wait_for_log(&daemon, "Discord rejected the bot token (DISCORD_TOKEN)").await;
+    assert!(
+        !logs.contains("ThisTokenWasRevokedLongAgo"),
+        "the token is in the logs"
+    );
+    assert_eq!(
+        fake.identify_count(),
+        0,
+        "no gateway connection with a rejected token"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_sends_replies_and_typing_and_reports_errors() {
     let fake = FakeDiscord::start(TOKEN).await;
     let outbox = DiscordOutbox::new(&PlatformSettings {
