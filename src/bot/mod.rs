@@ -291,20 +291,7 @@ impl Bot {
                 .send(&m.channel, part, reply_to)
                 .await
                 .map_err(|e| e.to_string())?;
-            let own = NewMessage {
-                channel: m.channel.clone(),
-                kind: m.kind,
-                message_id: sent.message_id,
-                author_id: SELF_NAME.into(),
-                author_name: SELF_NAME.into(),
-                author_is_bot: true,
-                from_self: true,
-                is_notice: false,
-                text: part.clone(),
-                reply_to: Some(m.message_id.clone()),
-                sent_at_ms: sent.sent_at_ms.max(m.sent_at_ms),
-                source: "live".into(),
-            };
+            let own = own_message(m, sent, part, false);
             self.store
                 .insert_message(&own)
                 .await
@@ -386,20 +373,7 @@ impl Bot {
                 return;
             }
         };
-        let notice = NewMessage {
-            channel: m.channel.clone(),
-            kind: m.kind,
-            message_id: sent.message_id,
-            author_id: SELF_NAME.into(),
-            author_name: SELF_NAME.into(),
-            author_is_bot: true,
-            from_self: true,
-            is_notice: true,
-            text: text.to_string(),
-            reply_to: Some(m.message_id.clone()),
-            sent_at_ms: sent.sent_at_ms.max(m.sent_at_ms),
-            source: "live".into(),
-        };
+        let notice = own_message(m, sent, text, true);
         if let Err(e) = self.store.insert_message(&notice).await {
             tracing::error!(error = %e, "could not store a notice");
         }
@@ -429,6 +403,30 @@ impl Bot {
             })
             .await;
         }
+    }
+}
+
+/// The row for a message kaiwa sent in answer to `m`.
+fn own_message(
+    m: &IncomingMessage,
+    sent: event::SentMessage,
+    text: &str,
+    is_notice: bool,
+) -> NewMessage {
+    NewMessage {
+        channel: m.channel.clone(),
+        kind: m.kind,
+        message_id: sent.message_id,
+        author_id: SELF_NAME.into(),
+        author_name: SELF_NAME.into(),
+        author_is_bot: true,
+        from_self: true,
+        is_notice,
+        text: text.to_string(),
+        reply_to: Some(m.message_id.clone()),
+        // Never before the message it answers, whatever the platform's clock says.
+        sent_at_ms: sent.sent_at_ms.max(m.sent_at_ms),
+        source: "live".into(),
     }
 }
 
