@@ -1,0 +1,92 @@
+//! `kaiwa run` as a user starts it: the real binary, settings from the environment, stopped by
+//! SIGTERM. It must answer, then exit cleanly with what it stored intact.
+
+#[path = "support/telegram.rs"]
+mod fake_telegram;
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_telegram::{private_chat, user, FakeTelegram};
+use kaiwa::bot::event::{ChannelRef, Platform};
+
+const TOKEN: &str = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_stops_the_daemon_cleanly_after_it_answered() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kaiwa.db").display());
+    let model = support::daemon::tiny_model_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kaiwa"))
+        .arg("run")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("TELEGRAM_TOKEN", TOKEN)
+        .env("TELEGRAM_API_URL", fake.url())
+        .env("DATABASE_URL", &db)
+        .env("MODEL_DIR", &model)
+        .env("MAX_NEW_TOKENS", "8")
+        .env("RUST_LOG", "kaiwa=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let alice = user(7, "Alice");
+    fake.push_message(&fake.message(&private_chat(&alice), &alice, "こんにちは"));
+    fake.wait_for_sent(1, Duration::from_secs(30)).await;
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "kaiwa run did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "exit {status}: {stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+    assert!(
+        !stderr.contains("AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7"),
+        "the token was logged"
+    );
+
+    let store = kaiwa::store::Store::open(&db).await.unwrap();
+    let rows = store
+        .channel_messages(&ChannelRef::new(Platform::Telegram, "7"))
+        .await
+        .unwrap();
+    assert_eq!(rows.iter().filter(|r| !r.from_self).count(), 1, "{rows:?}");
+    assert_eq!(rows.iter().filter(|r| r.from_self).count(), 1, "{rows:?}");
+}
+
+#[test]
+fn run_without_any_token_says_what_to_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kaiwa"))
+        .arg("run")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("MODEL_DIR", support::daemon::tiny_model_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("DISCORD_TOKEN") && stderr.contains("TELEGRAM_TOKEN"),
+        "{stderr}"
+    );
+}
