@@ -200,12 +200,19 @@ impl DecoderSession {
 
     /// Feeds `tokens` after the cached ones and returns the logits of the last one.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
-        let all = self.forward_all(tokens)?;
-        Ok(all.into_iter().last().unwrap_or_default())
+        // Only the last row is copied out: a prefill's other rows are never looked at.
+        let last = self.run(tokens, false)?;
+        Ok(last.into_iter().next().unwrap_or_default())
     }
 
     /// Feeds `tokens` after the cached ones and returns the logits of every one of them.
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.run(tokens, true)
+    }
+
+    /// Runs the graph on `tokens` and keeps the cache; returns the logits of every position, or
+    /// of the last one only.
+    fn run(&mut self, tokens: &[u32], every_position: bool) -> Result<Vec<Vec<f32>>, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Inference("no tokens to feed".into()));
         }
@@ -248,18 +255,20 @@ impl DecoderSession {
             .to_plain_array_view::<f32>()
             .map_err(err)?;
         let vocab = self.decoder.vocab_size;
-        let rows = logits
+        let flat = logits
             .as_slice()
-            .ok_or_else(|| ModelError::Inference("logits are not contiguous".into()))?
+            .ok_or_else(|| ModelError::Inference("logits are not contiguous".into()))?;
+        if flat.len() != n * vocab {
+            return Err(ModelError::Inference(format!(
+                "logits cover {} values, expected {n} positions of {vocab}",
+                flat.len()
+            )));
+        }
+        let first = if every_position { 0 } else { n - 1 };
+        let rows = flat[first * vocab..]
             .chunks_exact(vocab)
             .map(<[f32]>::to_vec)
             .collect::<Vec<_>>();
-        if rows.len() != n {
-            return Err(ModelError::Inference(format!(
-                "logits cover {} positions, expected {n}",
-                rows.len()
-            )));
-        }
         self.past = b
             .present
             .iter()
