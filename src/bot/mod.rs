@@ -141,20 +141,7 @@ impl Bot {
             }
             return Ok(());
         }
-        let new = NewMessage {
-            channel: m.channel.clone(),
-            kind: m.kind,
-            message_id: m.message_id.clone(),
-            author_id: m.author_id.clone(),
-            author_name: m.author_name.clone(),
-            author_is_bot: m.author_is_bot,
-            from_self: false,
-            is_notice: false,
-            text: m.text.clone(),
-            reply_to: m.reply_to.clone(),
-            sent_at_ms: m.sent_at_ms,
-            source: "live".into(),
-        };
+        let new = received_message(&m);
         if self.store.insert_message(&new).await? == Insert::Duplicate {
             tracing::debug!(channel = %m.channel, message = %m.message_id, "redelivered message ignored");
             return Ok(());
@@ -403,6 +390,24 @@ impl Bot {
             })
             .await;
         }
+    }
+}
+
+/// The row for a message kaiwa received.
+fn received_message(m: &IncomingMessage) -> NewMessage {
+    NewMessage {
+        channel: m.channel.clone(),
+        kind: m.kind,
+        message_id: m.message_id.clone(),
+        author_id: m.author_id.clone(),
+        author_name: m.author_name.clone(),
+        author_is_bot: m.author_is_bot,
+        from_self: false,
+        is_notice: false,
+        text: m.text.clone(),
+        reply_to: m.reply_to.clone(),
+        sent_at_ms: m.sent_at_ms,
+        source: "live".into(),
     }
 }
 
