@@ -27,13 +27,25 @@ pub enum Speakers {
 /// `user`; consecutive turns of the same role are joined into one message (one line each), as
 /// chat templates and trainers expect roles to alternate.
 pub fn render(system: Option<&str>, turns: &[Turn], speakers: Speakers) -> Vec<ChatMessage> {
+    render_indexed(system, turns, speakers).0
+}
+
+/// [`render`], also saying which message each turn went into (`None` for a turn with no text),
+/// so what is known about a turn (feedback on a reply) can follow it into the messages.
+pub fn render_indexed(
+    system: Option<&str>,
+    turns: &[Turn],
+    speakers: Speakers,
+) -> (Vec<ChatMessage>, Vec<Option<usize>>) {
     let mut out: Vec<ChatMessage> = Vec::new();
+    let mut index = Vec::with_capacity(turns.len());
     if let Some(s) = system.filter(|s| !s.trim().is_empty()) {
         out.push(ChatMessage::system(s));
     }
     for t in turns {
         let text = t.text.trim();
         if text.is_empty() {
+            index.push(None);
             continue;
         }
         let (role, line) = if t.is_assistant {
@@ -50,27 +62,28 @@ pub fn render(system: Option<&str>, turns: &[Turn], speakers: Speakers) -> Vec<C
             }
             _ => out.push(ChatMessage::new(role, line)),
         }
+        index.push(Some(out.len() - 1));
     }
-    out
+    (out, index)
 }
 
-/// Stored messages → turns, leaving out deleted messages and bot commands (`/reset`, …), which
-/// are talk to the bot, not conversation.
+/// Stored messages → turns, leaving out deleted messages, system prompts and bot commands
+/// (`/reset`, …), which are talk to the bot, not conversation.
 pub fn turns(history: &[StoredMessage]) -> Vec<Turn> {
-    history
-        .iter()
-        .filter_map(|s| {
-            let text = s.text.as_deref()?;
-            if is_bot_command(text) {
-                return None;
-            }
-            Some(Turn {
-                speaker: s.author_name.clone(),
-                is_assistant: s.from_self,
-                text: text.to_string(),
-            })
-        })
-        .collect()
+    history.iter().filter_map(turn_of).collect()
+}
+
+/// One stored message as a turn, if it is one (see [`turns`]).
+pub fn turn_of(s: &StoredMessage) -> Option<Turn> {
+    let text = s.text.as_deref()?;
+    if s.is_system || is_bot_command(text) {
+        return None;
+    }
+    Some(Turn {
+        speaker: s.author_name.clone(),
+        is_assistant: s.from_self,
+        text: text.to_string(),
+    })
 }
 
 /// Whether a message is a bot command: `/word` at its start.

@@ -26,16 +26,24 @@ struct Cli {
 enum Command {
     /// Run the bot daemon (Discord and/or Telegram, as configured in the environment or .env).
     Run,
-    /// Write the stored conversations with the bot as OpenAI `messages` JSONL (TRL, axolotl).
-    ExportCorpus {
+    /// Write the stored conversations as training files (OpenAI `messages` JSONL for TRL and
+    /// axolotl, ShareGPT, or plain transcripts) with a train/validation split and a data card.
+    ExportCorpus(ExportArgs),
+    /// Bring existing dialogue into the store (idempotent: importing a file twice adds nothing).
+    Import {
+        /// The file to import (`.gz` is read compressed).
+        path: PathBuf,
+        #[arg(long, value_enum)]
+        format: kaiwa::corpus::import::Format,
+        /// The tag stored with every message [default: import:FORMAT:FILE NAME].
         #[arg(long)]
-        out: PathBuf,
-        /// A silence longer than this many minutes starts a new conversation.
-        #[arg(long, default_value_t = 30)]
-        gap_minutes: i64,
-        /// A system prompt to put first in every example.
+        source: Option<String>,
+        /// In chat exports and transcripts, the speaker (name or id) who is the assistant side.
         #[arg(long)]
-        system: Option<String>,
+        assistant: Option<String>,
+        /// Import nothing if any record is malformed (default: skip it and report).
+        #[arg(long)]
+        strict: bool,
     },
     /// Delete everything stored of a user.
     Forget {
@@ -164,6 +172,112 @@ struct SamplingArgs {
     stop: Vec<String>,
 }
 
+#[derive(Args)]
+struct ExportArgs {
+    /// The output directory: train.*, validation.*, summary.json, data_card.md.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "openai")]
+    format: kaiwa::corpus::export::ExportFormat,
+    /// `bot`: conversations with the bot (it is the assistant); `all`: all human dialogue, each
+    /// speaker in turn the assistant.
+    #[arg(long, value_enum, default_value = "bot")]
+    mode: kaiwa::corpus::export::ExportMode,
+    /// A silence longer than this many minutes starts a new conversation.
+    #[arg(long, default_value_t = 30)]
+    gap_minutes: i64,
+    /// Cut conversations after this many messages.
+    #[arg(long, default_value_t = 64)]
+    max_turns: usize,
+    /// Only these platforms (repeatable): discord, telegram, import.
+    #[arg(long)]
+    platform: Vec<String>,
+    /// Only these chat / channel ids (repeatable).
+    #[arg(long)]
+    channel: Vec<String>,
+    /// Only rows with this source tag (repeatable): `live`, or an import's tag.
+    #[arg(long)]
+    source: Vec<String>,
+    /// Only messages sent at or after this time (2024-05-01, 2024-05-01T12:00:00Z, or ms).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only messages sent before this time.
+    #[arg(long)]
+    until: Option<String>,
+    /// Drop examples with fewer messages than this.
+    #[arg(long, default_value_t = 2)]
+    min_turns: usize,
+    /// Drop examples with fewer characters than this.
+    #[arg(long, default_value_t = 1)]
+    min_chars: usize,
+    /// Keep only examples in these languages (repeatable; ISO 639-1: ja, en, …).
+    #[arg(long)]
+    language: Vec<String>,
+    /// The share of conversations written to the validation file.
+    #[arg(long, default_value_t = 0.0)]
+    val_fraction: f64,
+    /// Seed of the train/validation split.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep duplicate examples.
+    #[arg(long)]
+    keep_duplicates: bool,
+    /// Replace e-mail addresses, phone numbers, URLs with secrets and mentions.
+    #[arg(long)]
+    redact: bool,
+    /// Replace speaker names with stable pseudonyms.
+    #[arg(long)]
+    anonymize: bool,
+    /// A system prompt to put first in every example that has none.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+impl ExportArgs {
+    fn options(&self) -> Result<kaiwa::corpus::export::ExportOptions> {
+        Ok(kaiwa::corpus::export::ExportOptions {
+            format: self.format,
+            mode: self.mode,
+            gap_ms: self.gap_minutes * 60_000,
+            max_turns: self.max_turns,
+            filter: kaiwa::store::CorpusFilter {
+                platforms: self.platform.clone(),
+                channels: self.channel.clone(),
+                sources: self.source.clone(),
+                since_ms: self.since.as_deref().map(parse_time).transpose()?,
+                until_ms: self.until.as_deref().map(parse_time).transpose()?,
+            },
+            min_turns: self.min_turns,
+            min_chars: self.min_chars,
+            languages: self.language.clone(),
+            val_fraction: self.val_fraction,
+            seed: self.seed,
+            dedup: !self.keep_duplicates,
+            redact: self.redact,
+            anonymize: self.anonymize,
+            system: self.system.clone(),
+            progress: true,
+        })
+    }
+}
+
+/// A time on the command line: a date (midnight UTC), an RFC 3339 time, or milliseconds.
+fn parse_time(s: &str) -> Result<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc()
+            .timestamp_millis());
+    }
+    bail!("{s:?} is not a time: expected 2024-05-01, 2024-05-01T12:00:00Z or milliseconds")
+}
+
 impl SamplingArgs {
     fn options(&self, generator: &Generator) -> Result<GenerateOptions> {
         let overrides = GenerationConfig {
@@ -216,33 +330,69 @@ fn run(cli: Cli) -> Result<()> {
                 kaiwa::app::run(settings, shutdown).await
             })?;
         }
-        Command::ExportCorpus {
-            out,
-            gap_minutes,
-            system,
-        } => {
-            let store = open_store()?;
-            let file = std::fs::File::create(&out)
-                .with_context(|| format!("creating {}", out.display()))?;
-            let mut writer = std::io::BufWriter::new(file);
-            let options = kaiwa::corpus::export::ExportOptions {
-                gap_ms: gap_minutes * 60_000,
-                system,
-            };
-            let (rt, store) = (store.0, store.1);
+        Command::ExportCorpus(args) => {
+            let options = args.options()?;
+            let (rt, store) = open_store()?;
             let summary = rt
-                .block_on(kaiwa::corpus::export::export_openai(
-                    &store,
-                    &mut writer,
-                    &options,
-                ))
-                .with_context(|| format!("exporting to {}", out.display()))?;
+                .block_on(kaiwa::corpus::export::export(&store, &args.out, &options))
+                .with_context(|| format!("exporting the corpus to {}", args.out.display()))?;
             eprintln!(
-                "wrote {}: {} conversations, {} messages, from {} channels",
-                out.display(),
-                summary.examples,
+                "wrote {}: {} examples ({} train, {} validation) from {} conversations, \
+                 {} messages read; dropped {} duplicates, {} too short, {} in other languages",
+                args.out.display(),
+                summary.examples(),
+                summary.train.examples,
+                summary.validation.examples,
+                summary.conversations,
+                summary.messages_read,
+                summary.dropped_exact_duplicates + summary.dropped_normalized_duplicates,
+                summary.dropped_too_short,
+                summary.dropped_other_language,
+            );
+            for (lang, f) in &summary.per_language {
+                eprintln!(
+                    "  {lang}: {} examples, {} turns, {} characters",
+                    f.examples, f.turns, f.characters
+                );
+            }
+        }
+        Command::Import {
+            path,
+            format,
+            source,
+            assistant,
+            strict,
+        } => {
+            let (rt, store) = open_store()?;
+            let options = kaiwa::corpus::ingest::ImportOptions {
+                source,
+                strict,
+                assistant,
+                progress: true,
+                ..kaiwa::corpus::ingest::ImportOptions::new(format)
+            };
+            let summary = rt
+                .block_on(kaiwa::corpus::ingest::import_file(&store, &path, &options))
+                .with_context(|| format!("importing {} as {format}", path.display()))?;
+            for e in &summary.errors {
+                eprintln!("skipped {}: {e}", path.display());
+            }
+            if summary.skipped as usize > summary.errors.len() {
+                eprintln!(
+                    "… and {} more malformed records",
+                    summary.skipped as usize - summary.errors.len()
+                );
+            }
+            eprintln!(
+                "imported {} as {}: {} messages in {} conversations; {} already stored, \
+                 {} of opted-out users left out, {} malformed records skipped",
+                path.display(),
+                summary.source,
                 summary.messages,
-                summary.channels
+                summary.conversations,
+                summary.duplicates,
+                summary.opted_out,
+                summary.skipped
             );
         }
         Command::Forget { platform, user } => {

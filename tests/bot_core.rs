@@ -352,12 +352,12 @@ async fn the_corpus_export_writes_valid_alternating_chat_examples_without_opted_
     h.send(message("y", ChatKind::Direct, "2", "u2", "/optout"))
         .await;
     h.outbox.wait_for(3).await;
-    let mut out = Vec::new();
-    let summary = kaiwa::corpus::export::export_openai(&h.store, &mut out, &Default::default())
+    let dir = tempfile::tempdir().unwrap();
+    let summary = kaiwa::corpus::export::export(&h.store, dir.path(), &Default::default())
         .await
         .unwrap();
-    let text = String::from_utf8(out).unwrap();
-    assert_eq!(summary.examples, 1, "{text}");
+    let text = std::fs::read_to_string(dir.path().join("train.jsonl")).unwrap();
+    assert_eq!(summary.examples(), 1, "{text}");
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let roles: Vec<&str> = v["messages"]

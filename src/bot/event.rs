@@ -122,6 +122,14 @@ pub enum Incoming {
         channel: ChannelRef,
         message_id: String,
     },
+    /// Someone changed their reactions on a message (👍 / 👎 on a reply is feedback on it).
+    Reaction {
+        channel: ChannelRef,
+        message_id: String,
+        user_id: String,
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
 }
 
 /// A message the bot sent.

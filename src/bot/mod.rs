@@ -117,10 +117,44 @@ impl Bot {
                 .delete_message(&channel, &message_id, now_ms())
                 .await
                 .map(drop),
+            Incoming::Reaction {
+                channel,
+                message_id,
+                user_id,
+                added,
+                removed,
+            } => {
+                self.on_reaction(&channel, &message_id, &user_id, &added, &removed)
+                    .await
+            }
         };
         if let Err(e) = result {
             tracing::error!(error = %e, "could not store an event");
         }
+    }
+
+    /// Records reactions, unless their author opted out.
+    async fn on_reaction(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+        user_id: &str,
+        added: &[String],
+        removed: &[String],
+    ) -> Result<(), crate::store::StoreError> {
+        if self.store.is_opted_out(channel.platform, user_id).await? {
+            return Ok(());
+        }
+        for (emoji, on) in added
+            .iter()
+            .map(|e| (e, true))
+            .chain(removed.iter().map(|e| (e, false)))
+        {
+            self.store
+                .record_reaction(channel, message_id, user_id, emoji, on)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn on_message(

@@ -1,4 +1,10 @@
-//! From the store to training files. `export` writes the stored conversations with the bot as
-//! OpenAI chat `messages` JSONL, the format TRL's SFTTrainer and axolotl read directly.
+//! Between the store and training files: dialogue people already have comes in (`import`, one
+//! file per format, written to the store by `ingest`), and stored conversations go out as
+//! training files (`export`, with `clean` and `lang` for redaction, duplicates, pseudonyms and
+//! languages) in the formats kaiwa's trainer, TRL and axolotl read directly.
 
+pub mod clean;
 pub mod export;
+pub mod import;
+pub mod ingest;
+pub mod lang;

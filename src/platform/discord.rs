@@ -26,7 +26,9 @@ use serenity::builder::{CreateAllowedMentions, CreateMessage};
 use serenity::client::{ClientBuilder, Context, EventHandler};
 use serenity::gateway::GatewayError;
 use serenity::http::{Http, HttpBuilder, HttpError, StatusCode};
-use serenity::model::channel::{Message, MessageReference, MessageReferenceKind, MessageType};
+use serenity::model::channel::{
+    Message, MessageReference, MessageReferenceKind, MessageType, Reaction, ReactionType,
+};
 use serenity::model::event::{MessageUpdateEvent, ResumedEvent};
 use serenity::model::gateway::{GatewayIntents, Ready};
 use serenity::model::id::{ChannelId, GuildId, MessageId, UserId};
@@ -41,10 +43,13 @@ use crate::bot::Bot;
 use crate::config::{PlatformSettings, Secret};
 use crate::shutdown::Shutdown;
 
-/// What kaiwa listens to: messages in guilds and DMs, with their text.
+/// What kaiwa listens to: messages in guilds and DMs, with their text, and reactions on them
+/// (feedback on replies, carried into the corpus).
 const INTENTS: GatewayIntents = GatewayIntents::GUILD_MESSAGES
     .union(GatewayIntents::DIRECT_MESSAGES)
-    .union(GatewayIntents::MESSAGE_CONTENT);
+    .union(GatewayIntents::MESSAGE_CONTENT)
+    .union(GatewayIntents::GUILD_MESSAGE_REACTIONS)
+    .union(GatewayIntents::DIRECT_MESSAGE_REACTIONS);
 
 /// A reply is tried this many times while Discord answers 429…
 const RATE_LIMIT_ATTEMPTS: u32 = 5;
@@ -286,6 +291,18 @@ impl EventHandler for DiscordHandler {
         self.deliver(event).await;
     }
 
+    async fn reaction_add(&self, _ctx: Context, reaction: Reaction) {
+        if let Some(event) = reaction_event(&reaction, true, self.me) {
+            self.deliver(event).await;
+        }
+    }
+
+    async fn reaction_remove(&self, _ctx: Context, reaction: Reaction) {
+        if let Some(event) = reaction_event(&reaction, false, self.me) {
+            self.deliver(event).await;
+        }
+    }
+
     async fn message_delete_bulk(
         &self,
         _ctx: Context,
@@ -301,6 +318,31 @@ impl EventHandler for DiscordHandler {
             self.deliver(event).await;
         }
     }
+}
+
+/// A reaction added or removed by someone other than the bot. Custom emoji are stored by name
+/// (`:name:`).
+fn reaction_event(r: &Reaction, added: bool, me: UserId) -> Option<Incoming> {
+    let user = r.user_id.filter(|u| *u != me)?;
+    let emoji = match &r.emoji {
+        ReactionType::Unicode(e) => e.clone(),
+        ReactionType::Custom { name, id, .. } => {
+            format!(":{}:", name.clone().unwrap_or_else(|| id.to_string()))
+        }
+        _ => return None,
+    };
+    let (added, removed) = if added {
+        (vec![emoji], Vec::new())
+    } else {
+        (Vec::new(), vec![emoji])
+    };
+    Some(Incoming::Reaction {
+        channel: channel_ref(r.channel_id),
+        message_id: r.message_id.to_string(),
+        user_id: user.to_string(),
+        added,
+        removed,
+    })
 }
 
 /// A Discord channel as the bot sees it. Threads are channels of their own on Discord, so the

@@ -18,8 +18,9 @@ use teloxide::payloads::{
 };
 use teloxide::requests::Requester as _;
 use teloxide::types::{
-    ChatAction, ChatId, Me, Message, MessageEntityKind, MessageId, ParseMode, Recipient,
-    ReplyParameters, ThreadId, Update, UpdateId, UpdateKind, UserId,
+    AllowedUpdate, ChatAction, ChatId, Me, Message, MessageEntityKind, MessageId,
+    MessageReactionUpdated, ParseMode, ReactionType, Recipient, ReplyParameters, ThreadId, Update,
+    UpdateId, UpdateKind, UserId,
 };
 use teloxide::{ApiError, RequestError};
 use tracing::{debug, info, warn};
@@ -77,7 +78,15 @@ pub async fn run(
         let request = api
             .get_updates()
             .offset(clamp_offset(offset))
-            .timeout(POLL_TIMEOUT_SECS);
+            .timeout(POLL_TIMEOUT_SECS)
+            // Reactions are only sent when asked for (and, in groups, to admins).
+            .allowed_updates(vec![
+                AllowedUpdate::Message,
+                AllowedUpdate::EditedMessage,
+                AllowedUpdate::ChannelPost,
+                AllowedUpdate::EditedChannelPost,
+                AllowedUpdate::MessageReaction,
+            ]);
         let result = tokio::select! {
             _ = shutdown.wait() => break,
             result = request => result,
@@ -271,6 +280,31 @@ enum Skip {
 }
 
 /// Translates one update into the bot's own event.
+/// A user's reactions on a message changed: what was added and what was removed. Anonymous
+/// reactions (on behalf of a chat) are not anyone's feedback to record.
+fn reaction_event(r: &MessageReactionUpdated) -> Result<Incoming, Skip> {
+    let user = r.actor.user().ok_or(Skip::Ignored("anonymous reaction"))?;
+    let emoji = |list: &[ReactionType]| -> Vec<String> {
+        list.iter()
+            .filter_map(|t| match t {
+                ReactionType::Emoji { emoji } => Some(emoji.clone()),
+                ReactionType::CustomEmoji { custom_emoji_id } => {
+                    Some(format!(":{}:", custom_emoji_id.0))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let (old, new) = (emoji(&r.old_reaction), emoji(&r.new_reaction));
+    Ok(Incoming::Reaction {
+        channel: ChannelRef::new(Platform::Telegram, r.chat.id.0.to_string()),
+        message_id: r.message_id.0.to_string(),
+        user_id: user.id.0.to_string(),
+        added: new.iter().filter(|e| !old.contains(e)).cloned().collect(),
+        removed: old.iter().filter(|e| !new.contains(e)).cloned().collect(),
+    })
+}
+
 fn translate(update: &Update, me: &BotIdentity) -> Result<Incoming, Skip> {
     match &update.kind {
         UpdateKind::Message(message) | UpdateKind::ChannelPost(message) => {
@@ -286,6 +320,7 @@ fn translate(update: &Update, me: &BotIdentity) -> Result<Incoming, Skip> {
                 edited_at_ms: edited_at.timestamp_millis(),
             })
         }
+        UpdateKind::MessageReaction(r) => reaction_event(r),
         UpdateKind::Error(value) => {
             let fields = match value.as_object() {
                 Some(object) => object

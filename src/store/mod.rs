@@ -8,11 +8,13 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
 use crate::bot::event::{ChannelRef, ChatKind, Platform};
+
+mod corpus;
+pub use corpus::{CorpusFilter, CorpusRow, ImportInsert, ImportRecord, ImportTx, ImportedRow};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,8 @@ pub struct StoredMessage {
     pub sent_at_ms: i64,
     pub edited_at_ms: Option<i64>,
     pub source: String,
+    /// A system prompt of an imported conversation.
+    pub is_system: bool,
 }
 
 /// What inserting a message did.
@@ -96,6 +100,62 @@ pub struct Stats {
     pub replies_failed: i64,
     pub opted_out_users: i64,
     pub per_platform: Vec<(String, i64)>,
+}
+
+/// The columns of a row to insert, borrowed; shared by live messages and imports.
+struct NewRow<'a> {
+    platform: &'a str,
+    chat_id: &'a str,
+    thread_id: &'a str,
+    direct: bool,
+    message_id: &'a str,
+    author_id: &'a str,
+    author_name: &'a str,
+    author_is_bot: bool,
+    from_self: bool,
+    is_notice: bool,
+    is_system: bool,
+    text: &'a str,
+    reply_to: Option<&'a str>,
+    sent_at_ms: i64,
+    source: &'a str,
+}
+
+/// Inserts a message row unless `(platform, chat_id, message_id)` is already stored.
+async fn insert_row<'e, E>(executor: E, r: &NewRow<'_>) -> Result<Insert, StoreError>
+where
+    E: sqlx::SqliteExecutor<'e>,
+{
+    let row = sqlx::query(
+        "INSERT INTO messages (platform, chat_id, thread_id, chat_kind, message_id, author_id,
+            author_name, author_is_bot, from_self, is_notice, is_system, text, reply_to,
+            sent_at_ms, stored_at_ms, source)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (platform, chat_id, message_id) DO NOTHING
+         RETURNING id",
+    )
+    .bind(r.platform)
+    .bind(r.chat_id)
+    .bind(r.thread_id)
+    .bind(if r.direct { "direct" } else { "group" })
+    .bind(r.message_id)
+    .bind(r.author_id)
+    .bind(r.author_name)
+    .bind(r.author_is_bot)
+    .bind(r.from_self)
+    .bind(r.is_notice)
+    .bind(r.is_system)
+    .bind(r.text)
+    .bind(r.reply_to)
+    .bind(r.sent_at_ms)
+    .bind(now_ms())
+    .bind(r.source)
+    .fetch_optional(executor)
+    .await?;
+    Ok(match row {
+        Some(r) => Insert::Stored(r.get(0)),
+        None => Insert::Duplicate,
+    })
 }
 
 /// Milliseconds since the Unix epoch.
@@ -149,38 +209,27 @@ impl Store {
 
     /// Stores a message unless the same platform message is already there.
     pub async fn insert_message(&self, m: &NewMessage) -> Result<Insert, StoreError> {
-        let row = sqlx::query(
-            "INSERT INTO messages (platform, chat_id, thread_id, chat_kind, message_id, author_id,
-                author_name, author_is_bot, from_self, is_notice, text, reply_to, sent_at_ms,
-                stored_at_ms, source)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (platform, chat_id, message_id) DO NOTHING
-             RETURNING id",
+        insert_row(
+            &self.pool,
+            &NewRow {
+                platform: m.channel.platform.as_str(),
+                chat_id: &m.channel.chat_id,
+                thread_id: &m.channel.thread_id,
+                direct: m.kind == ChatKind::Direct,
+                message_id: &m.message_id,
+                author_id: &m.author_id,
+                author_name: &m.author_name,
+                author_is_bot: m.author_is_bot,
+                from_self: m.from_self,
+                is_notice: m.is_notice,
+                is_system: false,
+                text: &m.text,
+                reply_to: m.reply_to.as_deref(),
+                sent_at_ms: m.sent_at_ms,
+                source: &m.source,
+            },
         )
-        .bind(m.channel.platform.as_str())
-        .bind(&m.channel.chat_id)
-        .bind(&m.channel.thread_id)
-        .bind(match m.kind {
-            ChatKind::Direct => "direct",
-            ChatKind::Group => "group",
-        })
-        .bind(&m.message_id)
-        .bind(&m.author_id)
-        .bind(&m.author_name)
-        .bind(m.author_is_bot)
-        .bind(m.from_self)
-        .bind(m.is_notice)
-        .bind(&m.text)
-        .bind(&m.reply_to)
-        .bind(m.sent_at_ms)
-        .bind(now_ms())
-        .bind(&m.source)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match row {
-            Some(r) => Insert::Stored(r.get(0)),
-            None => Insert::Duplicate,
-        })
+        .await
     }
 
     /// Replaces the text of a stored message (an edit). Returns whether a row changed.
@@ -302,7 +351,7 @@ impl Store {
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let mut rows: Vec<StoredMessage> = sqlx::query_as(
             "SELECT id, platform, chat_id, thread_id, chat_kind, message_id, author_id, author_name,
-                    author_is_bot, from_self, is_notice, text, reply_to, sent_at_ms, edited_at_ms, source
+                    author_is_bot, from_self, is_notice, text, reply_to, sent_at_ms, edited_at_ms, source, is_system
              FROM messages m
              WHERE platform = ? AND chat_id = ? AND thread_id = ? AND text IS NOT NULL
                AND is_notice = 0 AND sent_at_ms >= ?
@@ -330,7 +379,7 @@ impl Store {
     ) -> Result<Vec<StoredMessage>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT id, platform, chat_id, thread_id, chat_kind, message_id, author_id, author_name,
-                    author_is_bot, from_self, is_notice, text, reply_to, sent_at_ms, edited_at_ms, source
+                    author_is_bot, from_self, is_notice, text, reply_to, sent_at_ms, edited_at_ms, source, is_system
              FROM messages WHERE platform = ? AND chat_id = ? AND thread_id = ?
              ORDER BY sent_at_ms, id",
         )
@@ -421,14 +470,23 @@ impl Store {
     }
 
     /// Deletes every message a user wrote on a platform. Returns how many were deleted.
+    /// Deletes every message and reaction of a user on a platform (in one transaction).
+    /// Returns how many messages were deleted.
     pub async fn forget_user(&self, platform: Platform, user_id: &str) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "DELETE FROM messages WHERE platform = ? AND author_id = ? AND from_self = 0",
         )
         .bind(platform.as_str())
         .bind(user_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        sqlx::query("DELETE FROM reactions WHERE platform = ? AND user_id = ?")
+            .bind(platform.as_str())
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(r.rows_affected())
     }
 
@@ -453,40 +511,5 @@ impl Store {
             opted_out_users: count("SELECT COUNT(*) FROM opt_outs").await?,
             per_platform,
         })
-    }
-
-    /// Calls `each` with every channel's messages that carry text, from authors who have not
-    /// opted out, channel by channel in time order, without loading the whole store.
-    pub async fn for_each_channel<F>(&self, mut each: F) -> Result<(), StoreError>
-    where
-        F: FnMut(Vec<StoredMessage>),
-    {
-        let mut rows = sqlx::query_as::<_, StoredMessage>(
-            "SELECT m.id, m.platform, m.chat_id, m.thread_id, m.chat_kind, m.message_id, m.author_id,
-                    m.author_name, m.author_is_bot, m.from_self, m.is_notice, m.text, m.reply_to,
-                    m.sent_at_ms, m.edited_at_ms, m.source
-             FROM messages m
-             WHERE m.text IS NOT NULL AND m.is_notice = 0
-               AND NOT EXISTS (SELECT 1 FROM opt_outs o
-                               WHERE o.platform = m.platform AND o.user_id = m.author_id)
-             ORDER BY m.platform, m.chat_id, m.thread_id, m.sent_at_ms, m.id",
-        )
-        .fetch(&self.pool);
-        let mut current: Vec<StoredMessage> = Vec::new();
-        while let Some(row) = rows.try_next().await? {
-            let same = current.last().is_some_and(|l| {
-                l.platform == row.platform
-                    && l.chat_id == row.chat_id
-                    && l.thread_id == row.thread_id
-            });
-            if !same && !current.is_empty() {
-                each(std::mem::take(&mut current));
-            }
-            current.push(row);
-        }
-        if !current.is_empty() {
-            each(current);
-        }
-        Ok(())
     }
 }
