@@ -122,6 +122,15 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Import a large synthetic Telegram export, then export the store in both modes: messages
+    /// per second and peak memory of each phase.
+    Corpus {
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        /// Scratch directory [default: a temporary one, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -486,6 +495,25 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Bench {
+            what: BenchCommand::Corpus { messages, dir },
+        } => {
+            let scratch = tempfile_dir(dir)?;
+            let report = runtime()?
+                .block_on(kaiwa::bench::corpus::bench_corpus(scratch.path(), messages))
+                .context("running the corpus benchmark")?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            println!(
+                "import: {:.0} messages/s ({:.1} MiB Telegram export, peak RSS {:.0} MiB)",
+                report.import_messages_per_s, report.export_file_mib, report.import_peak_rss_mib
+            );
+            for e in &report.exports {
+                println!(
+                    "export --mode {:?}: {:.0} messages/s, {} examples, peak RSS {:.0} MiB",
+                    e.mode, e.messages_per_s, e.examples, e.peak_rss_mib
+                );
+            }
+        }
+        Command::Bench {
             what:
                 BenchCommand::Infer {
                     model,
@@ -524,6 +552,31 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// The store `DATABASE_URL` names (default `kaiwa.db`), with a runtime to use it on.
+/// A scratch directory: the one given (kept), or a temporary one (removed when dropped).
+enum Scratch {
+    Kept(PathBuf),
+    Temp(tempfile::TempDir),
+}
+
+impl Scratch {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Scratch::Kept(p) => p,
+            Scratch::Temp(t) => t.path(),
+        }
+    }
+}
+
+fn tempfile_dir(dir: Option<PathBuf>) -> Result<Scratch> {
+    Ok(match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            Scratch::Kept(d)
+        }
+        None => Scratch::Temp(tempfile::tempdir().context("creating a temporary directory")?),
+    })
+}
+
 fn open_store() -> Result<(tokio::runtime::Runtime, kaiwa::store::Store)> {
     let _ = dotenvy::dotenv();
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://kaiwa.db".into());

@@ -632,3 +632,20 @@ async fn the_datasets_library_reads_an_export() {
     assert_eq!(report["validation"], summary.validation.examples);
     assert_eq!(report["bad_roles"], 0, "{report}");
 }
+
+/// The corpus benchmark's own workload, small: the synthetic Telegram export imports in full
+/// and both export modes give examples (the figures themselves are for `kaiwa bench corpus`).
+#[tokio::test]
+async fn the_corpus_benchmark_workload_imports_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = kaiwa::bench::corpus::bench_corpus(dir.path(), 2500)
+        .await
+        .unwrap();
+    assert_eq!((report.messages, report.chats), (2500, 3));
+    assert_eq!(report.exports.len(), 2);
+    // Sessions of 20 messages, three speakers taking turns, `kaiwa` the assistant.
+    assert!(
+        report.exports.iter().all(|e| e.examples > 100),
+        "{report:?}"
+    );
+}

@@ -515,3 +515,64 @@ async fn bot_token_never_appears_in_the_logs() {
     );
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reactions_on_a_reply_are_recorded_as_feedback() {
+    let (fake, daemon) = start().await;
+    let intents = fake.identifies()[0].intents;
+    for intent in [1 << 10, 1 << 13] {
+        assert_ne!(
+            intents & intent,
+            0,
+            "reaction intents missing: {intents:#b}"
+        );
+    }
+    let dm = MessageBuilder::direct(DM_ALICE, &alice(), "what should I cook tonight?").build();
+    fake.dispatch_message_create(dm.clone());
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    wait_for_rows(&daemon, DM_ALICE, "stored reply", |r| {
+        r.iter().any(|m| m.from_self)
+    })
+    .await;
+
+    let reaction = |user: &str, emoji: Value| {
+        json!({"user_id": user, "channel_id": DM_ALICE, "message_id": sent[0].id,
+               "emoji": emoji, "burst": false, "burst_colors": [], "type": 0})
+    };
+    let thumbs = |e: &str| json!({"id": null, "name": e});
+    fake.dispatch("MESSAGE_REACTION_ADD", reaction(&alice().id, thumbs("👍")));
+    fake.dispatch("MESSAGE_REACTION_ADD", reaction(&alice().id, thumbs("👎")));
+    // Serenity handles each event in a task of its own, so their order is not guaranteed:
+    // wait for both before taking one back.
+    support::wait_for_feedback(daemon.store(), |m| {
+        m.first()
+            .is_some_and(|m| m["up"][1] == json!(1) && m["down"][1] == json!(1))
+    })
+    .await;
+    fake.dispatch(
+        "MESSAGE_REACTION_REMOVE",
+        reaction(&alice().id, thumbs("👎")),
+    );
+    // The bot's own reactions are not feedback.
+    fake.dispatch(
+        "MESSAGE_REACTION_ADD",
+        reaction(&fake.bot_user().id, thumbs("👎")),
+    );
+    fake.dispatch(
+        "MESSAGE_REACTION_ADD",
+        reaction(
+            &bob().id,
+            json!({"id": "3300000000000000001", "name": "kaiwa_love"}),
+        ),
+    );
+    let metas = support::wait_for_feedback(daemon.store(), |m| {
+        m.first().is_some_and(|m| {
+            let r = m["reactions"][1].as_str().unwrap_or("");
+            r.contains("kaiwa_love") && !r.contains('👎')
+        })
+    })
+    .await;
+    assert_eq!(metas[0]["up"], json!([0, 1]), "{metas:?}");
+    assert_eq!(metas[0]["down"], json!([0, 0]), "{metas:?}");
+    daemon.stop().await.unwrap();
+}

@@ -483,3 +483,44 @@ async fn outbox_errors_never_quote_the_token() {
     };
     assert!(!text.contains(TOKEN_SECRET), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reactions_on_a_reply_are_recorded_as_feedback() {
+    let (fake, daemon) = start().await;
+    let ann = user(1001, "Ann");
+    let message = fake.message(&private_chat(&ann), &ann, "おすすめの朝ごはんは？");
+    fake.push_message(&message);
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    wait_for_rows(&daemon, &channel(1001), "stored reply", |r| {
+        r.iter().any(|m| m.from_self)
+    })
+    .await;
+
+    // Ann reacts 👍 then changes it to ❤ and 🔥 (the update carries old and new lists); an
+    // anonymous reaction (on behalf of a chat) is no one's feedback.
+    let reaction = |update_id: i64, old: Value, new: Value| {
+        json!({"update_id": update_id, "message_reaction": {
+            "chat": private_chat(&ann), "message_id": sent[0].message_id(), "user": ann,
+            "date": 1_700_000_000, "old_reaction": old, "new_reaction": new}})
+    };
+    let emoji = |e: &str| json!({"type": "emoji", "emoji": e});
+    fake.push_update(reaction(9000, json!([]), json!([emoji("👍")])));
+    fake.push_update(reaction(
+        9001,
+        json!([emoji("👍")]),
+        json!([emoji("❤"), emoji("🔥")]),
+    ));
+    fake.push_update(json!({"update_id": 9002, "message_reaction": {
+        "chat": private_chat(&ann), "message_id": sent[0].message_id(),
+        "actor_chat": group_chat(-100500, "channel"), "date": 1_700_000_000,
+        "old_reaction": [], "new_reaction": [emoji("👎")]}}));
+    let metas = support::wait_for_feedback(daemon.store(), |m| {
+        m.first()
+            .is_some_and(|m| m["reactions"][1].as_str().unwrap_or("").contains('🔥'))
+    })
+    .await;
+    assert_eq!(metas[0]["reactions"], json!(["", "❤ 🔥"]), "{metas:?}");
+    assert_eq!(metas[0]["up"], json!([0, 2]));
+    assert_eq!(metas[0]["down"], json!([0, 0]));
+    daemon.stop().await.unwrap();
+}

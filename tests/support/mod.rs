@@ -52,3 +52,36 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 pub mod daemon;
+
+/// The `meta` of every example `export-corpus --mode bot` writes from `store` (where the
+/// feedback on replies is carried).
+pub async fn exported_meta(store: &kaiwa::store::Store) -> Vec<serde_json::Value> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    kaiwa::corpus::export::export(store, dir.path(), &Default::default())
+        .await
+        .expect("export");
+    std::fs::read_to_string(dir.path().join("train.jsonl"))
+        .expect("train.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line")["meta"].clone())
+        .collect()
+}
+
+/// Waits (bounded) until the exported feedback satisfies `done`; returns the metas.
+pub async fn wait_for_feedback(
+    store: &kaiwa::store::Store,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let metas = exported_meta(store).await;
+        if done(&metas) {
+            return metas;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "feedback not recorded within 20 s: {metas:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -82,6 +82,8 @@ struct Inner {
     calls: HashMap<String, usize>,
     get_updates_calls: usize,
     last_offset: Option<i64>,
+    /// The `allowed_updates` of the latest `getUpdates` that gave one (the Bot API keeps it).
+    allowed_updates: Option<Vec<String>>,
 }
 
 struct Shared {
@@ -442,6 +444,9 @@ async fn get_updates(shared: &Shared, params: &Value) -> Response {
         let mut inner = shared.lock();
         inner.get_updates_calls += 1;
         inner.last_offset = Some(offset);
+        if let Some(list) = params.get("allowed_updates").and_then(allowed_list) {
+            inner.allowed_updates = Some(list);
+        }
     }
     loop {
         // Registered before looking, so a push between the look and the wait is not missed.
@@ -458,6 +463,10 @@ async fn get_updates(shared: &Shared, params: &Value) -> Response {
                         .is_none_or(|id| id >= offset)
                 });
             }
+            // As the Bot API does, drop what the bot did not ask for: by default everything but
+            // `chat_member`, `message_reaction` and `message_reaction_count`.
+            let allowed = inner.allowed_updates.clone();
+            inner.updates.retain(|u| is_allowed(u, allowed.as_deref()));
             if !inner.updates.is_empty() {
                 let batch: Vec<Value> = inner.updates.iter().take(limit).cloned().collect();
                 // Updates without a usable id can never be confirmed; hand them out once.
@@ -470,6 +479,39 @@ async fn get_updates(shared: &Shared, params: &Value) -> Response {
         if tokio::time::timeout_at(deadline, news).await.is_err() {
             return ok(json!([]));
         }
+    }
+}
+
+/// `allowed_updates` as sent: a JSON array, or (form-encoded) a string holding one.
+fn allowed_list(v: &Value) -> Option<Vec<String>> {
+    let parsed;
+    let array = match v {
+        Value::String(s) => {
+            parsed = serde_json::from_str::<Value>(s).ok()?;
+            parsed.as_array()?
+        }
+        v => v.as_array()?,
+    };
+    let list: Vec<String> = array
+        .iter()
+        .filter_map(|x| x.as_str().map(String::from))
+        .collect();
+    (!list.is_empty()).then_some(list)
+}
+
+fn is_allowed(update: &Value, allowed: Option<&[String]>) -> bool {
+    let Some(kind) = update
+        .as_object()
+        .and_then(|o| o.keys().find(|k| *k != "update_id"))
+    else {
+        return true; // malformed updates are delivered as they are
+    };
+    match allowed {
+        Some(list) => list.iter().any(|a| a == kind),
+        None => !matches!(
+            kind.as_str(),
+            "chat_member" | "message_reaction" | "message_reaction_count"
+        ),
     }
 }
 

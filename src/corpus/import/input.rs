@@ -122,7 +122,8 @@ pub(super) fn json_from_reader<T: DeserializeOwned>(
     reader: impl Read,
     name: &SourceName,
 ) -> Result<(T, SourceName), ImportError> {
-    let mut de = serde_json::Deserializer::from_reader(reader);
+    // serde_json reads a byte at a time; through a BufReader that is a slice access.
+    let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(64 * 1024, reader));
     let value = match serde_path_to_error::deserialize(&mut de) {
         Ok(value) => value,
         Err(e) => {

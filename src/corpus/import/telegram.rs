@@ -366,29 +366,40 @@ impl<R: BufRead> HexEscapes<R> {
 impl<R: BufRead> Read for HexEscapes<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let mut written = 0;
-        for slot in out.iter_mut() {
-            if let Some((&byte, rest)) = self.pending.split_first() {
-                self.pending = rest;
+        loop {
+            while let Some((&byte, rest)) = self.pending.split_first() {
+                let Some(slot) = out.get_mut(written) else {
+                    return Ok(written);
+                };
                 *slot = byte;
                 written += 1;
-                continue;
+                self.pending = rest;
+            }
+            if written >= out.len() {
+                return Ok(written);
             }
             let input = match self.inner.fill_buf() {
                 Ok(input) => input,
                 // Hand out what is there; the error comes back on the next call.
-                Err(_) if written > 0 => break,
+                Err(_) if written > 0 => return Ok(written),
                 Err(e) => return Err(e),
             };
-            let Some(&byte) = input.first() else {
-                break;
-            };
-            self.inner.consume(1);
-            let (byte, pending) = self.state.scan(byte);
-            self.pending = pending;
-            *slot = byte;
-            written += 1;
+            if input.is_empty() {
+                return Ok(written);
+            }
+            let mut used = 0;
+            for (&byte, slot) in input.iter().zip(out.iter_mut().skip(written)) {
+                used += 1;
+                let (byte, pending) = self.state.scan(byte);
+                *slot = byte;
+                written += 1;
+                if !pending.is_empty() {
+                    self.pending = pending;
+                    break;
+                }
+            }
+            self.inner.consume(used);
         }
-        Ok(written)
     }
 }
 
@@ -517,5 +528,33 @@ mod tests {
             .read_to_string(&mut out)
             .expect("reads");
         assert_eq!(out, r#"{"a\u0001b": "c\\x41\u000B", "d": 1}"#);
+    }
+}
+
+#[cfg(test)]
+mod perf_tmp {
+    #[test]
+    #[ignore]
+    fn big_export_timing() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("result.json");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        write!(f, "{{\"name\": \"big\", \"type\": \"private_supergroup\", \"id\": 1234567890, \"messages\": [").unwrap();
+        for i in 0..300_000 {
+            if i > 0 {
+                write!(f, ",").unwrap();
+            }
+            write!(f, "{{\"id\": {i}, \"type\": \"message\", \"date\": \"2023-01-02T12:04:05\", \"date_unixtime\": \"1672628645\", \"from\": \"田中 太郎\", \"from_id\": \"user111111111\", \"text\": [\"おはようございます、今日もよろしくお願いします。\", {{\"type\": \"bold\", \"text\": \"晴れ\"}}], \"text_entities\": [{{\"type\": \"plain\", \"text\": \"おはようございます、今日もよろしくお願いします。\"}}, {{\"type\": \"bold\", \"text\": \"晴れ\"}}]}}").unwrap();
+        }
+        write!(f, "]}}").unwrap();
+        drop(f);
+        let size = std::fs::metadata(&path).unwrap().len();
+        let t = std::time::Instant::now();
+        let n: usize = super::super::read(&path, super::super::Format::Telegram)
+            .unwrap()
+            .map(|r| r.unwrap().messages.len())
+            .sum();
+        eprintln!("{} MB, {n} messages in {:?}", size / 1_000_000, t.elapsed());
     }
 }

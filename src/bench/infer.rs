@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::peak_rss_mib;
 use crate::model::runtime::OnnxDecoder;
 use crate::model::sampler::argmax;
 use crate::model::{find_onnx, load_config, ModelError};
@@ -84,19 +85,4 @@ pub fn bench_infer(
         peak_rss_mib: peak_rss_mib(),
         tokens,
     })
-}
-
-/// Peak resident set size of this process (`VmHWM`), in MiB.
-pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
 }

@@ -1,0 +1,29 @@
+//! `kaiwa bench`: the speed goals of kaiwa, measured on the machine at hand (never asserted in
+//! tests). `infer` times prefill and decoding through tract (with ONNX Runtime beside it);
+//! `corpus` times importing a large chat export and exporting a million stored messages.
+
+pub mod corpus;
+mod infer;
+
+pub use infer::{bench_infer, bench_prompt, InferReport};
+
+/// Peak resident set size of this process (`VmHWM`), in MiB (0 where it cannot be read).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Starts a new peak-memory window: the next [`peak_rss_mib`] reports the peak since now
+/// (Linux; elsewhere the peak stays the process's).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
