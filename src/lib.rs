@@ -6,7 +6,8 @@
 //!    (planned: `platform/`, `bot/`, `store/`).
 //! 2. **Corpus**: stored conversations become training files (planned: `corpus/`).
 //! 3. **Train**: a tokenizer and a small Llama-style decoder trained in Rust (planned: `train/`).
-//! 4. **Test**: held-out loss and a conversation suite gate a model (planned: `eval/`).
+//! 4. **Test**: held-out loss, bits per byte against an n-gram baseline and a conversation
+//!    suite gate a model ([`eval`]).
 //! 5. **Deploy**: the model is exported to ONNX and replies are generated through tract with a
 //!    KV cache ([`model`]).
 //!
@@ -21,10 +22,12 @@ pub mod chat;
 pub mod config;
 pub mod conversation;
 pub mod corpus;
+pub mod eval;
 pub mod model;
 pub mod platform;
 pub mod shutdown;
 pub mod store;
+pub mod train;
 
 /// The model directory used when none is given: `$MODEL_DIR`, else `models/kaiwa`.
 pub fn default_model_dir() -> std::path::PathBuf {

@@ -54,6 +54,30 @@ enum Command {
     },
     /// Figures about the conversation store.
     Stats,
+    /// Train a byte-level BPE tokenizer on corpus files (JSONL chat, .txt, .tsv; .gz too) with
+    /// Japanese handling, and report characters per token on held-out Japanese and English.
+    TrainTokenizer {
+        /// Corpus files (repeatable).
+        #[arg(long, required = true)]
+        corpus: Vec<PathBuf>,
+        #[arg(long, default_value_t = 8192)]
+        vocab_size: usize,
+        /// Output directory: tokenizer.json, tokenizer_config.json, tokenizer_report.{json,md}.
+        #[arg(long)]
+        out: PathBuf,
+        /// Held-out texts [default: every 50th corpus text].
+        #[arg(long)]
+        heldout: Option<PathBuf>,
+        /// Train without the Japanese handling (balance and chunks).
+        #[arg(long)]
+        plain: bool,
+        /// Train on at most this many MB of text (a deterministic sample).
+        #[arg(long, default_value_t = 24)]
+        max_mb: usize,
+        /// Do not train the comparison tokenizers.
+        #[arg(long)]
+        no_compare: bool,
+    },
     /// Write a randomly initialised model directory (tokenizer, config, weights, ONNX).
     InitModel {
         #[arg(long, value_enum, default_value = "small")]
@@ -415,6 +439,41 @@ fn run(cli: Cli) -> Result<()> {
             let (rt, store) = open_store()?;
             let stats = rt.block_on(store.stats())?;
             println!("{}", serde_json::to_string_pretty(&stats)?);
+        }
+        Command::TrainTokenizer {
+            corpus,
+            vocab_size,
+            out,
+            heldout,
+            plain,
+            max_mb,
+            no_compare,
+        } => {
+            let options = kaiwa::train::tokenizer::TokenizerOptions {
+                corpus,
+                vocab_size,
+                heldout,
+                japanese: !plain,
+                max_bytes: max_mb * 1_000_000,
+                compare: !no_compare,
+            };
+            let report = kaiwa::train::tokenizer::train_tokenizer(&options, &out)
+                .with_context(|| format!("training a tokenizer into {}", out.display()))?;
+            for v in &report.variants {
+                let cpt = |l: &str| v.heldout.get(l).map_or(0.0, |f| f.chars_per_token);
+                eprintln!(
+                    "{:>14}: vocab {}, held-out characters per token: ja {:.2}, en {:.2}",
+                    v.name,
+                    v.vocab_size,
+                    cpt("ja"),
+                    cpt("en")
+                );
+            }
+            eprintln!(
+                "wrote {} ({})",
+                out.join("tokenizer.json").display(),
+                report.written
+            );
         }
         Command::InitModel { preset, seed, out } => {
             let config = model::init::init_model_dir(LlamaConfig::preset(preset), seed, &out)

@@ -20,8 +20,11 @@ use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::PostProcessorWrapper;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
 
 use super::ModelError;
@@ -53,6 +56,23 @@ pub fn builtin_text() -> &'static str {
 pub fn train_byte_level_bpe<'a>(
     texts: impl Iterator<Item = &'a str> + Send,
     vocab_size: usize,
+) -> Result<TextTokenizer, ModelError> {
+    train_bpe(texts, vocab_size, false)
+}
+
+/// The pre-tokenizer regex of [`train_bpe`]'s Japanese handling: a run of kanji or katakana
+/// with the hiragana after it (okurigana, particles), or a run of hiragana alone — roughly a
+/// bunsetsu (今日は / 天気がいいですね / ラーメンを / 食べたい), so merges learn words and their
+/// endings instead of arbitrary spans of a sentence that has no spaces.
+pub const JAPANESE_CHUNKS: &str = r"[\p{Han}\p{Katakana}ー々〆ヶ]+\p{Hiragana}*|\p{Hiragana}+";
+
+/// [`train_byte_level_bpe`], optionally with Japanese handling in the pre-tokenizer: Japanese
+/// text is first cut into [`JAPANESE_CHUNKS`] (everything else goes to the GPT-2 split as
+/// before). The tokenizer stays lossless: no normalisation, and decoding gives the text back.
+pub fn train_bpe<'a>(
+    texts: impl Iterator<Item = &'a str> + Send,
+    vocab_size: usize,
+    japanese_chunks: bool,
 ) -> Result<TextTokenizer, ModelError> {
     if vocab_size < MIN_VOCAB {
         return Err(ModelError::Invalid(format!(
@@ -86,7 +106,17 @@ pub fn train_byte_level_bpe<'a>(
     >::new()
     .with_model(BPE::default())
     .with_normalizer(None)
-    .with_pre_tokenizer(Some(byte_level.into()))
+    .with_pre_tokenizer(Some(if japanese_chunks {
+        let split = Split::new(
+            SplitPattern::Regex(JAPANESE_CHUNKS.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| ModelError::Tokenize(format!("the Japanese pre-tokenizer: {e}")))?;
+        PreTokenizerWrapper::Sequence(Sequence::new(vec![split.into(), byte_level.into()]))
+    } else {
+        byte_level.into()
+    }))
     .with_post_processor(Some(byte_level.into()))
     .with_decoder(Some(byte_level.into()))
     .build()

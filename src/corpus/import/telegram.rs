@@ -530,31 +530,3 @@ mod tests {
         assert_eq!(out, r#"{"a\u0001b": "c\\x41\u000B", "d": 1}"#);
     }
 }
-
-#[cfg(test)]
-mod perf_tmp {
-    #[test]
-    #[ignore]
-    fn big_export_timing() {
-        use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("result.json");
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-        write!(f, "{{\"name\": \"big\", \"type\": \"private_supergroup\", \"id\": 1234567890, \"messages\": [").unwrap();
-        for i in 0..300_000 {
-            if i > 0 {
-                write!(f, ",").unwrap();
-            }
-            write!(f, "{{\"id\": {i}, \"type\": \"message\", \"date\": \"2023-01-02T12:04:05\", \"date_unixtime\": \"1672628645\", \"from\": \"田中 太郎\", \"from_id\": \"user111111111\", \"text\": [\"おはようございます、今日もよろしくお願いします。\", {{\"type\": \"bold\", \"text\": \"晴れ\"}}], \"text_entities\": [{{\"type\": \"plain\", \"text\": \"おはようございます、今日もよろしくお願いします。\"}}, {{\"type\": \"bold\", \"text\": \"晴れ\"}}]}}").unwrap();
-        }
-        write!(f, "]}}").unwrap();
-        drop(f);
-        let size = std::fs::metadata(&path).unwrap().len();
-        let t = std::time::Instant::now();
-        let n: usize = super::super::read(&path, super::super::Format::Telegram)
-            .unwrap()
-            .map(|r| r.unwrap().messages.len())
-            .sum();
-        eprintln!("{} MB, {n} messages in {:?}", size / 1_000_000, t.elapsed());
-    }
-}

@@ -1,0 +1,906 @@
+//! Held-out loss, perplexity and bits per byte of a model, through tract.
+//!
+//! **What is scored.** A chat example is rendered whole with the model's own chat template and
+//! only the tokens of the assistant's message contents are scored (the role markers, the user's
+//! turns and the end-of-turn token are context). A text document is scored on every token, after
+//! the model's BOS token when it has one.
+//!
+//! **Finding the assistant's content.** For assistant message `i`, the template renders the
+//! messages before it with the generation prompt (`…<|im_start|>assistant\n`) and the messages
+//! through it without. Both must be prefixes of the whole rendering (true of ChatML and of every
+//! template that renders a conversation message by message); the content is then found right
+//! after the first of them, as written or, for templates that strip it, trimmed. Templates that
+//! rewrite earlier turns make the example be skipped, with the reason in the report.
+//!
+//! **Tokens.** The rendering is cut at the content spans and each piece is tokenized on its own,
+//! so the scored tokens decode to exactly the content. With a byte-level tokenizer and ChatML
+//! this is the same as tokenizing the whole text (every span starts after a newline or a special
+//! token and ends before one); examples where it is not are counted in the report.
+//!
+//! **Long examples** use a sliding window over the model's context `C`
+//! (`max_position_embeddings`): windows start every `C / 2` tokens, and each token is scored
+//! once, in the first window that has it past its first position, so every token is predicted
+//! from at least `C / 2` tokens of context (or all it has). Each window is one `forward_all` over
+//! a fresh KV cache.
+//!
+//! **Figures.** loss = mean negative log-likelihood in nats per scored token, perplexity =
+//! e^loss, bits per byte = total NLL / ln 2 / the number of UTF-8 bytes the scored tokens decode
+//! to. Bytes are counted per token from the tokenizer's vocabulary (exact for byte-level BPE;
+//! for other tokenizers from the token's text, `▁` counting as a space and `<0xNN>` as one
+//! byte), so bits per byte compare across tokenizers and with the byte-level n-gram, which is
+//! scored on exactly these bytes.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokenizers::DecoderWrapper;
+
+use super::data::{DataFormat, Dataset, Example, ExampleContent};
+use super::ngram::ByteNgram;
+use super::{parallel_map, EvalError};
+use crate::corpus::lang;
+use crate::model::chat_template::TokenizerConfig;
+use crate::model::{
+    ChatMessage, ChatTemplate, DecoderSession, Generator, ModelError, OnnxDecoder, TextTokenizer,
+};
+
+/// The figures of a model on a held-out file (written into the report).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldoutReport {
+    pub data: String,
+    pub data_sha256: String,
+    pub format: DataFormat,
+    /// Examples scored.
+    pub examples: u64,
+    /// Examples with nothing to score or that the template cannot render.
+    pub skipped: u64,
+    /// Why, for the first few of them (`line N: reason`).
+    pub skipped_reasons: Vec<String>,
+    /// The model's context, and the stride of the sliding window.
+    pub context: usize,
+    pub stride: usize,
+    /// Forward passes run.
+    pub windows: u64,
+    pub tokens: u64,
+    pub bytes: u64,
+    /// Total negative log-likelihood, in nats.
+    pub nll_nats: f64,
+    /// Mean negative log-likelihood per token, in nats.
+    pub loss: f64,
+    pub perplexity: f64,
+    pub bits_per_byte: f64,
+    /// Examples whose piece-wise tokenization differs from tokenizing the whole rendering.
+    pub tokenization_mismatches: u64,
+    pub ngram: Option<NgramFigures>,
+    /// The same figures per language (`meta.language`, else detected from the scored text).
+    pub per_language: BTreeMap<String, LanguageFigures>,
+    pub seconds: f64,
+}
+
+/// The n-gram baseline on the same bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NgramFigures {
+    /// The file it was trained on.
+    pub train: String,
+    pub order: usize,
+    pub smoothing: String,
+    pub train_bytes: u64,
+    pub discounts: Vec<f64>,
+    pub bits: f64,
+    pub bits_per_byte: f64,
+}
+
+/// Figures for the examples of one language.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LanguageFigures {
+    pub examples: u64,
+    pub tokens: u64,
+    pub bytes: u64,
+    pub loss: f64,
+    pub bits_per_byte: f64,
+    pub ngram_bits_per_byte: Option<f64>,
+}
+
+/// A trained n-gram and where it came from.
+#[derive(Debug, Clone)]
+pub struct NgramBaseline {
+    pub model: ByteNgram,
+    pub train: String,
+}
+
+/// An example tokenized and marked for scoring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredSequence {
+    pub tokens: Vec<u32>,
+    /// Whether each token is scored (predicted from the ones before it, and counted).
+    pub scored: Vec<bool>,
+    /// The scored stretches of text, for byte counts and the n-gram.
+    pub segments: Vec<Segment>,
+    /// Tokenizing the whole rendering would have given other tokens.
+    pub tokenization_differs: bool,
+}
+
+/// One scored stretch of text (an assistant message, a document).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    /// Its token positions in the sequence.
+    pub tokens: Range<usize>,
+    /// The bytes its tokens decode to.
+    pub bytes: Vec<u8>,
+    /// Leading bytes that belong to unscored tokens (context only).
+    pub skip: usize,
+}
+
+impl ScoredSequence {
+    /// Bytes of the scored tokens.
+    pub fn scored_bytes(&self) -> usize {
+        self.segments.iter().map(|s| s.bytes.len() - s.skip).sum()
+    }
+
+    pub fn scored_tokens(&self) -> usize {
+        self.scored.iter().filter(|&&s| s).count()
+    }
+}
+
+/// What [`SequenceBuilder::prepare`] makes of an example.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prepared {
+    Ready(ScoredSequence),
+    /// Nothing to score, or the template cannot render it: the reason.
+    Skipped(String),
+}
+
+/// Turns examples into scored token sequences the way a model directory's tokenizer and chat
+/// template see them.
+#[derive(Debug, Clone)]
+pub struct SequenceBuilder {
+    tokenizer: TextTokenizer,
+    template: Option<ChatTemplate>,
+    bos: Option<u32>,
+    bytes: TokenBytes,
+}
+
+impl SequenceBuilder {
+    /// The builder of a model directory: its tokenizer, chat template (if any) and BOS token
+    /// (`bos_token` of `tokenizer_config.json`, else `bos_token_id` of `config.json`).
+    pub fn for_model(dir: &Path, tokenizer: &TextTokenizer) -> Result<Self, ModelError> {
+        let config = TokenizerConfig::load(dir)?;
+        let template = match config.chat_template() {
+            Some(source) => Some(ChatTemplate::new(
+                source,
+                config.bos_token().map(str::to_string),
+                config.eos_token().map(str::to_string),
+            )?),
+            None => None,
+        };
+        let bos = config
+            .bos_token()
+            .and_then(|t| tokenizer.token_to_id(t))
+            .or_else(|| {
+                crate::model::load_config(dir)
+                    .ok()
+                    .and_then(|c| c.bos_token_id)
+            });
+        Ok(Self::new(tokenizer.clone(), template, bos))
+    }
+
+    pub fn new(tokenizer: TextTokenizer, template: Option<ChatTemplate>, bos: Option<u32>) -> Self {
+        let bytes = TokenBytes::new(&tokenizer);
+        SequenceBuilder {
+            tokenizer,
+            template,
+            bos,
+            bytes,
+        }
+    }
+
+    /// Tokenizes `example` and marks what is scored (see the module docs).
+    pub fn prepare(&self, example: &Example) -> Result<Prepared, ModelError> {
+        match &example.content {
+            ExampleContent::Chat(messages) => self.prepare_chat(messages),
+            ExampleContent::Text(text) => self.prepare_text(text),
+        }
+    }
+
+    fn prepare_text(&self, text: &str) -> Result<Prepared, ModelError> {
+        let mut out = Pieces::default();
+        if let Some(bos) = self.bos {
+            out.push(&[bos], false, &self.bytes);
+        }
+        let ids = self.tokenizer.encode(text, false)?;
+        out.push(&ids, true, &self.bytes);
+        Ok(out.finish(false))
+    }
+
+    fn prepare_chat(&self, messages: &[ChatMessage]) -> Result<Prepared, ModelError> {
+        let Some(template) = &self.template else {
+            return Err(ModelError::Template(
+                "the model has no chat template: chat data cannot be scored (use text data)".into(),
+            ));
+        };
+        let (full, spans) = match assistant_spans(template, messages) {
+            Ok(found) => found,
+            Err(reason) => return Ok(Prepared::Skipped(reason)),
+        };
+        let Some(last) = spans.last() else {
+            return Ok(Prepared::Skipped(
+                "no assistant message with content".into(),
+            ));
+        };
+        let mut out = Pieces::default();
+        let mut at = 0;
+        for span in &spans {
+            let context = self.tokenizer.encode(&full[at..span.start], false)?;
+            out.push(&context, false, &self.bytes);
+            let content = self.tokenizer.encode(&full[span.clone()], false)?;
+            out.push(&content, true, &self.bytes);
+            at = span.end;
+        }
+        let whole = self.tokenizer.encode(&full[..last.end], false)?;
+        let differs = whole != out.tokens;
+        Ok(out.finish(differs))
+    }
+}
+
+/// A sequence being assembled from pieces.
+#[derive(Default)]
+struct Pieces {
+    tokens: Vec<u32>,
+    scored: Vec<bool>,
+    segments: Vec<Segment>,
+}
+
+impl Pieces {
+    fn push(&mut self, ids: &[u32], content: bool, bytes: &TokenBytes) {
+        let start = self.tokens.len();
+        self.tokens.extend_from_slice(ids);
+        if !content {
+            self.scored.extend(ids.iter().map(|_| false));
+            return;
+        }
+        let mut segment = Segment {
+            tokens: start..start + ids.len(),
+            bytes: Vec::new(),
+            skip: 0,
+        };
+        for (i, &id) in ids.iter().enumerate() {
+            // The first token of a sequence has nothing to be predicted from.
+            let scored = start + i > 0;
+            self.scored.push(scored);
+            let token_bytes = bytes.of(id);
+            if !scored {
+                segment.skip += token_bytes.len();
+            }
+            segment.bytes.extend_from_slice(token_bytes);
+        }
+        if !ids.is_empty() {
+            self.segments.push(segment);
+        }
+    }
+
+    fn finish(self, tokenization_differs: bool) -> Prepared {
+        if !self.scored.iter().any(|&s| s) {
+            return Prepared::Skipped("nothing to score".into());
+        }
+        Prepared::Ready(ScoredSequence {
+            tokens: self.tokens,
+            scored: self.scored,
+            segments: self.segments,
+            tokenization_differs,
+        })
+    }
+}
+
+/// The whole rendering of `messages` and the byte ranges of the assistant's contents in it,
+/// found by rendering prefixes (see the module docs). An error is the reason to skip.
+pub fn assistant_spans(
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+) -> Result<(String, Vec<Range<usize>>), String> {
+    let render = |messages: &[ChatMessage], prompt: bool| {
+        template
+            .render(messages, prompt)
+            .map_err(|e| format!("the chat template cannot render it: {e}"))
+    };
+    let full = render(messages, false)?;
+    let mut spans = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        if message.role != "assistant" {
+            continue;
+        }
+        let before = render(&messages[..i], true)?;
+        let through = render(&messages[..=i], false)?;
+        if !full.starts_with(&before) || !full.starts_with(&through) || through.len() < before.len()
+        {
+            return Err(format!(
+                "the chat template does not render the conversation message by message \
+                 (message {i} changes what comes before it)"
+            ));
+        }
+        let rendered = &through[before.len()..];
+        let content = if rendered.contains(message.content.as_str()) {
+            message.content.as_str()
+        } else {
+            message.content.trim()
+        };
+        if content.is_empty() {
+            continue;
+        }
+        let at = rendered.find(content).ok_or_else(|| {
+            format!("the content of message {i} does not appear in its rendering")
+        })?;
+        let start = before.len() + at;
+        spans.push(start..start + content.len());
+    }
+    Ok((full, spans))
+}
+
+/// The bytes each token id stands for.
+#[derive(Debug, Clone)]
+pub struct TokenBytes {
+    table: Arc<Vec<Vec<u8>>>,
+}
+
+impl TokenBytes {
+    /// The table of a tokenizer (see the module docs for how bytes are counted).
+    pub fn new(tokenizer: &TextTokenizer) -> Self {
+        let inner = tokenizer.inner();
+        let byte_level = matches!(inner.get_decoder(), Some(d) if is_byte_level(d));
+        let added = inner.get_added_tokens_decoder();
+        let unicode_to_byte = byte_level.then(unicode_to_byte);
+        let table = (0..tokenizer.vocab_size() as u32)
+            .map(|id| {
+                if let Some(token) = added.get(&id) {
+                    return token.content.as_bytes().to_vec();
+                }
+                let Some(piece) = tokenizer.id_to_token(id) else {
+                    return Vec::new();
+                };
+                match &unicode_to_byte {
+                    Some(map) => piece_bytes_byte_level(&piece, map),
+                    None => piece_bytes(&piece),
+                }
+            })
+            .collect();
+        TokenBytes {
+            table: Arc::new(table),
+        }
+    }
+
+    /// The bytes of `id` (none for ids outside the vocabulary).
+    pub fn of(&self, id: u32) -> &[u8] {
+        self.table.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+}
+
+fn is_byte_level(decoder: &DecoderWrapper) -> bool {
+    match decoder {
+        DecoderWrapper::ByteLevel(_) => true,
+        DecoderWrapper::Sequence(seq) => seq.get_decoders().iter().any(is_byte_level),
+        _ => false,
+    }
+}
+
+/// GPT-2's byte ↔ printable character table, inverted: printable bytes stand for themselves,
+/// the others for U+0100 onwards, in byte order.
+fn unicode_to_byte() -> BTreeMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xa1..=0xac | 0xae..=0xff);
+    let mut map = BTreeMap::new();
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        let c = if printable(b) {
+            char::from(b)
+        } else {
+            let c = char::from_u32(next).unwrap_or(char::REPLACEMENT_CHARACTER);
+            next += 1;
+            c
+        };
+        map.insert(c, b);
+    }
+    map
+}
+
+fn piece_bytes_byte_level(piece: &str, map: &BTreeMap<char, u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(piece.len());
+    for c in piece.chars() {
+        match map.get(&c) {
+            Some(&b) => out.push(b),
+            None => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Bytes of a SentencePiece-style piece: `<0xNN>` is one byte, `▁` a space.
+fn piece_bytes(piece: &str) -> Vec<u8> {
+    if let Some(hex) = piece
+        .strip_prefix("<0x")
+        .and_then(|rest| rest.strip_suffix('>'))
+    {
+        if let Ok(b) = u8::from_str_radix(hex, 16) {
+            return vec![b];
+        }
+    }
+    piece.replace('\u{2581}', " ").into_bytes()
+}
+
+/// Whatever gives logits for a sequence at positions `0..n`: tract in `kaiwa eval`, the
+/// plain-Rust reference (or a fake) in tests.
+pub trait LogitsSource {
+    fn logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError>;
+}
+
+/// Logits from an ONNX graph through tract; one KV cache, emptied before every window.
+pub struct TractLogits {
+    session: DecoderSession,
+}
+
+impl TractLogits {
+    pub fn new(decoder: &Arc<OnnxDecoder>) -> Result<Self, ModelError> {
+        Ok(TractLogits {
+            session: decoder.session()?,
+        })
+    }
+}
+
+impl LogitsSource for TractLogits {
+    fn logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.session.reset()?;
+        self.session.forward_all(tokens)
+    }
+}
+
+/// One forward pass of the sliding window: feeds `tokens[start..last_target]` and scores the
+/// targets `first_target..=last_target` that are marked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: usize,
+    pub first_target: usize,
+    pub last_target: usize,
+}
+
+/// The windows that score every marked token of a sequence of `scored.len()` tokens exactly once
+/// within a context of `context` tokens (see the module docs). Windows with nothing to score
+/// are left out.
+pub fn plan_windows(scored: &[bool], context: usize) -> Vec<Window> {
+    let context = context.max(2);
+    let stride = context / 2;
+    let len = scored.len();
+    let mut windows = Vec::new();
+    let mut next_target = 1;
+    let mut start = 0;
+    while next_target < len {
+        let end = (start + context).min(len);
+        let targets = next_target..end;
+        let first = targets.clone().find(|&j| scored[j]);
+        let last = targets.clone().rev().find(|&j| scored[j]);
+        if let (Some(first_target), Some(last_target)) = (first, last) {
+            windows.push(Window {
+                start,
+                first_target,
+                last_target,
+            });
+        }
+        next_target = end;
+        start += stride;
+    }
+    windows
+}
+
+/// The negative log-likelihood of one sequence.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SequenceScore {
+    /// Summed over the scored tokens, in nats.
+    pub nll: f64,
+    pub tokens: u64,
+    pub windows: u64,
+}
+
+/// Scores `sequence` with `source` in windows of `context` tokens.
+pub fn score_sequence(
+    source: &mut dyn LogitsSource,
+    sequence: &ScoredSequence,
+    context: usize,
+) -> Result<SequenceScore, ModelError> {
+    let mut score = SequenceScore::default();
+    for w in plan_windows(&sequence.scored, context) {
+        let logits = source.logits(&sequence.tokens[w.start..w.last_target])?;
+        for target in w.first_target..=w.last_target {
+            if !sequence.scored[target] {
+                continue;
+            }
+            let row = logits.get(target - 1 - w.start).ok_or_else(|| {
+                ModelError::Inference(format!(
+                    "{} rows of logits for a window of {} tokens",
+                    logits.len(),
+                    w.last_target - w.start
+                ))
+            })?;
+            score.nll += negative_log_likelihood(row, sequence.tokens[target])?;
+            score.tokens += 1;
+        }
+        score.windows += 1;
+    }
+    Ok(score)
+}
+
+/// `−log softmax(logits)[token]`, in f64.
+pub fn negative_log_likelihood(logits: &[f32], token: u32) -> Result<f64, ModelError> {
+    let Some(&target) = logits.get(token as usize) else {
+        return Err(ModelError::Inference(format!(
+            "token {token} is outside the model's {} logits",
+            logits.len()
+        )));
+    };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    Ok(max + sum.ln() - target as f64)
+}
+
+/// The figures of one example.
+#[derive(Debug, Clone, Default)]
+struct ExampleScore {
+    language: String,
+    tokens: u64,
+    bytes: u64,
+    nll: f64,
+    ngram_bits: Option<f64>,
+    windows: u64,
+    tokenization_differs: bool,
+}
+
+/// Scores every example of `data` with the model `generator` holds, and the n-gram on the same
+/// bytes, on `threads` threads (each with its own KV cache). The sums run in file order, so
+/// the figures do not depend on the number of threads.
+pub fn evaluate(
+    generator: &Generator,
+    data: &Dataset,
+    ngram: Option<&NgramBaseline>,
+    threads: usize,
+) -> Result<HeldoutReport, EvalError> {
+    let started = Instant::now();
+    let builder = SequenceBuilder::for_model(generator.dir(), generator.tokenizer())?;
+    let context = generator.context_len();
+    let decoder = generator.decoder();
+    let outcomes = parallel_map(
+        &data.examples,
+        threads,
+        || Ok(TractLogits::new(decoder)?),
+        |source: &mut TractLogits,
+         example: &Example|
+         -> Result<Result<ExampleScore, String>, EvalError> {
+            let sequence = match builder.prepare(example)? {
+                Prepared::Ready(s) => s,
+                Prepared::Skipped(reason) => return Ok(Err(reason)),
+            };
+            let score = score_sequence(source, &sequence, context)?;
+            let ngram_bits = ngram.map(|n| {
+                sequence
+                    .segments
+                    .iter()
+                    .map(|s| n.model.bits(&s.bytes, s.skip))
+                    .sum()
+            });
+            let language = match &example.language {
+                Some(l) => l.clone(),
+                None => lang::detect(&example.scored_texts().join("\n")).to_string(),
+            };
+            Ok(Ok(ExampleScore {
+                language,
+                tokens: score.tokens,
+                bytes: sequence.scored_bytes() as u64,
+                nll: score.nll,
+                ngram_bits,
+                windows: score.windows,
+                tokenization_differs: sequence.tokenization_differs,
+            }))
+        },
+    )?;
+
+    let mut total = ExampleScore::default();
+    let mut per_language: BTreeMap<String, (u64, ExampleScore)> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    let mut mismatches = 0;
+    for (example, outcome) in data.examples.iter().zip(outcomes) {
+        let score = match outcome {
+            Ok(score) => score,
+            Err(reason) => {
+                skipped.push(format!("line {}: {reason}", example.line));
+                continue;
+            }
+        };
+        mismatches += u64::from(score.tokenization_differs);
+        let (n, lang) = per_language.entry(score.language.clone()).or_default();
+        *n += 1;
+        for sum in [&mut total, lang] {
+            sum.tokens += score.tokens;
+            sum.bytes += score.bytes;
+            sum.nll += score.nll;
+            sum.windows += score.windows;
+            sum.ngram_bits = match (sum.ngram_bits, score.ngram_bits) {
+                (Some(a), Some(b)) => Some(a + b),
+                (None, b) => b,
+                (a, None) => a,
+            };
+        }
+    }
+    if total.tokens == 0 || total.bytes == 0 {
+        return Err(EvalError::Data {
+            path: data.path.clone(),
+            line: 0,
+            reason: format!(
+                "nothing to score in {} examples{}",
+                data.examples.len(),
+                skipped
+                    .first()
+                    .map(|r| format!(" (first skipped: {r})"))
+                    .unwrap_or_default()
+            ),
+        });
+    }
+    let bits_per_byte = |nll: f64, bytes: u64| nll / std::f64::consts::LN_2 / bytes as f64;
+    let loss = total.nll / total.tokens as f64;
+    let scored = (data.examples.len() - skipped.len()) as u64;
+    Ok(HeldoutReport {
+        data: data.path.display().to_string(),
+        data_sha256: data.sha256.clone(),
+        format: data.format,
+        examples: scored,
+        skipped: skipped.len() as u64,
+        skipped_reasons: skipped.into_iter().take(10).collect(),
+        context,
+        stride: context.max(2) / 2,
+        windows: total.windows,
+        tokens: total.tokens,
+        bytes: total.bytes,
+        nll_nats: total.nll,
+        loss,
+        perplexity: loss.exp(),
+        bits_per_byte: bits_per_byte(total.nll, total.bytes),
+        tokenization_mismatches: mismatches,
+        ngram: ngram.map(|n| {
+            let bits = total.ngram_bits.unwrap_or(0.0);
+            NgramFigures {
+                train: n.train.clone(),
+                order: n.model.order(),
+                smoothing: "interpolated Kneser-Ney".into(),
+                train_bytes: n.model.trained_bytes(),
+                discounts: n.model.discounts().to_vec(),
+                bits,
+                bits_per_byte: bits / total.bytes as f64,
+            }
+        }),
+        per_language: per_language
+            .into_iter()
+            .filter(|(_, (_, s))| s.tokens > 0 && s.bytes > 0)
+            .map(|(language, (examples, s))| {
+                let figures = LanguageFigures {
+                    examples,
+                    tokens: s.tokens,
+                    bytes: s.bytes,
+                    loss: s.nll / s.tokens as f64,
+                    bits_per_byte: bits_per_byte(s.nll, s.bytes),
+                    ngram_bits_per_byte: s.ngram_bits.map(|b| b / s.bytes as f64),
+                };
+                (language, figures)
+            })
+            .collect(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::chat_template::CHATML_TEMPLATE;
+    use crate::model::tokenizer::{builtin_text, train_byte_level_bpe};
+
+    fn builder() -> SequenceBuilder {
+        let tokenizer = train_byte_level_bpe(builtin_text().lines(), 600).unwrap();
+        let template = ChatTemplate::new(CHATML_TEMPLATE, None, None).unwrap();
+        SequenceBuilder::new(tokenizer, Some(template), Some(0))
+    }
+
+    fn chat(messages: Vec<ChatMessage>) -> Example {
+        Example {
+            line: 1,
+            content: ExampleContent::Chat(messages),
+            language: None,
+        }
+    }
+
+    #[test]
+    fn only_the_assistant_content_is_scored_and_its_bytes_are_exact() {
+        let b = builder();
+        let example = chat(vec![
+            ChatMessage::system("あなたは親切なアシスタントです。"),
+            ChatMessage::user("今日の天気はどうですか？"),
+            ChatMessage::assistant("晴れです。🌸 散歩日和ですね！"),
+            ChatMessage::user("What about tomorrow?"),
+            ChatMessage::assistant("  Rain, I'm afraid.\n"),
+        ]);
+        let Prepared::Ready(seq) = b.prepare(&example).unwrap() else {
+            panic!("skipped")
+        };
+        assert!(!seq.tokenization_differs);
+        assert_eq!(seq.segments.len(), 2);
+        let scored: Vec<u32> = seq
+            .tokens
+            .iter()
+            .zip(&seq.scored)
+            .filter(|(_, &s)| s)
+            .map(|(&t, _)| t)
+            .collect();
+        let text = b.tokenizer.decode(&scored, false).unwrap();
+        assert_eq!(text, "晴れです。🌸 散歩日和ですね！  Rain, I'm afraid.\n");
+        assert_eq!(seq.scored_bytes(), text.len());
+        for s in &seq.segments {
+            assert_eq!(s.skip, 0);
+            let ids = &seq.tokens[s.tokens.clone()];
+            assert_eq!(
+                s.bytes,
+                b.tokenizer.decode(ids, false).unwrap().into_bytes(),
+                "the byte table agrees with decoding"
+            );
+        }
+    }
+
+    #[test]
+    fn examples_without_assistant_content_are_skipped_with_a_reason() {
+        let b = builder();
+        for messages in [
+            vec![ChatMessage::user("hi")],
+            vec![ChatMessage::user("hi"), ChatMessage::assistant("")],
+        ] {
+            match b.prepare(&chat(messages)).unwrap() {
+                Prepared::Skipped(reason) => assert!(reason.contains("no assistant"), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_template_that_rewrites_earlier_turns_is_detected() {
+        // Puts a count of all messages in front: every prefix renders differently.
+        let template = ChatTemplate::new(
+            "{{ messages|length }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let err = assistant_spans(
+            &template,
+            &[ChatMessage::user("a"), ChatMessage::assistant("b")],
+        )
+        .unwrap_err();
+        assert!(err.contains("message by message"), "{err}");
+    }
+
+    #[test]
+    fn text_documents_are_scored_after_bos_and_without_it_skip_the_first_token() {
+        let mut b = builder();
+        let doc = Example {
+            line: 1,
+            content: ExampleContent::Text("こんにちは、世界。".into()),
+            language: None,
+        };
+        let Prepared::Ready(seq) = b.prepare(&doc).unwrap() else {
+            panic!()
+        };
+        assert_eq!(seq.tokens[0], 0);
+        assert_eq!(seq.scored_tokens(), seq.tokens.len() - 1);
+        assert_eq!(seq.scored_bytes(), "こんにちは、世界。".len());
+
+        b.bos = None;
+        let Prepared::Ready(seq) = b.prepare(&doc).unwrap() else {
+            panic!()
+        };
+        let first = b.bytes.of(seq.tokens[0]).len();
+        assert!(first > 0);
+        assert_eq!(seq.segments[0].skip, first);
+        assert_eq!(seq.scored_bytes(), "こんにちは、世界。".len() - first);
+    }
+
+    #[test]
+    fn sentencepiece_pieces_count_their_bytes() {
+        assert_eq!(piece_bytes("<0xE3>"), vec![0xe3]);
+        assert_eq!(piece_bytes("\u{2581}hello"), b" hello".to_vec());
+        assert_eq!(piece_bytes("<0xZZ>"), b"<0xZZ>".to_vec());
+        let map = unicode_to_byte();
+        assert_eq!(map.len(), 256);
+        assert_eq!(piece_bytes_byte_level("\u{120}hi", &map), b" hi".to_vec());
+    }
+
+    #[test]
+    fn windows_score_each_marked_token_once_with_half_the_context() {
+        for (len, context) in [(5, 16), (16, 16), (17, 16), (100, 16), (101, 7), (3, 2)] {
+            let scored: Vec<bool> = (0..len).map(|i| i > 0 && i % 5 != 3).collect();
+            let mut count = vec![0; len];
+            for w in plan_windows(&scored, context) {
+                assert!(w.last_target - w.start < context, "window too long: {w:?}");
+                for (t, c) in count
+                    .iter_mut()
+                    .enumerate()
+                    .take(w.last_target + 1)
+                    .skip(w.first_target)
+                {
+                    if scored[t] {
+                        *c += 1;
+                        let seen = t - w.start;
+                        assert!(seen >= (context / 2).min(t), "{t} sees {seen} in {w:?}");
+                    }
+                }
+            }
+            for t in 0..len {
+                assert_eq!(
+                    count[t],
+                    usize::from(scored[t]),
+                    "len {len} ctx {context} t {t}"
+                );
+            }
+        }
+        // Nothing marked: no forward pass at all.
+        assert!(plan_windows(&[false; 40], 8).is_empty());
+    }
+
+    /// Logits that put all weight on "previous token + 1": checks the bookkeeping of windows.
+    struct Successor {
+        vocab: usize,
+        calls: Vec<usize>,
+    }
+
+    impl LogitsSource for Successor {
+        fn logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+            self.calls.push(tokens.len());
+            Ok(tokens
+                .iter()
+                .map(|&t| {
+                    let mut row = vec![0.0; self.vocab];
+                    row[(t as usize + 1) % self.vocab] = 30.0;
+                    row
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn scoring_uses_the_logits_of_the_previous_position() {
+        let tokens: Vec<u32> = (0..50).map(|i| i % 10).collect();
+        let mut scored = vec![true; 50];
+        scored[0] = false;
+        let seq = ScoredSequence {
+            tokens,
+            scored,
+            segments: Vec::new(),
+            tokenization_differs: false,
+        };
+        let mut source = Successor {
+            vocab: 10,
+            calls: Vec::new(),
+        };
+        let score = score_sequence(&mut source, &seq, 8).unwrap();
+        assert_eq!(score.tokens, 49);
+        assert!(score.nll < 1e-9, "{}", score.nll);
+        assert!(source.calls.iter().all(|&n| n < 8));
+        assert_eq!(score.windows as usize, source.calls.len());
+        // A sequence that breaks the pattern once costs about 30 nats there.
+        let mut broken = seq.clone();
+        broken.tokens[20] = 7;
+        let score = score_sequence(&mut source, &broken, 8).unwrap();
+        assert!((score.nll - 60.0).abs() < 1.0, "{}", score.nll);
+    }
+
+    #[test]
+    fn negative_log_likelihood_is_log_softmax() {
+        let nll = negative_log_likelihood(&[0.0, 0.0, 0.0, 0.0], 2).unwrap();
+        assert!((nll - 4f64.ln()).abs() < 1e-12);
+        assert!(negative_log_likelihood(&[0.0], 3).is_err());
+    }
+}
