@@ -117,6 +117,63 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Test a model before deploying it: held-out loss, perplexity and bits per byte beside a
+    /// byte n-gram baseline, a Japanese/English conversation suite, and a gate against the
+    /// deployed model (exit status 3 when the candidate is worse).
+    Eval {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Held-out data: chat JSONL (scored on the assistant's content) or .txt documents
+        /// separated by blank lines (scored on every token).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// The format of --data and --train [default: from the extension].
+        #[arg(long, value_enum)]
+        format: Option<kaiwa::eval::DataFormat>,
+        /// Training data for the n-gram baseline [default: train.<ext> beside --data, if any].
+        #[arg(long)]
+        train: Option<PathBuf>,
+        /// Order of the byte n-gram baseline (1 to 7).
+        #[arg(long, default_value_t = kaiwa::eval::ngram::DEFAULT_ORDER)]
+        ngram_order: usize,
+        /// Suite files or directories (repeatable) [default: evals/ if it exists].
+        #[arg(long)]
+        suite: Vec<PathBuf>,
+        /// Skip the conversation suite.
+        #[arg(long, conflicts_with = "suite")]
+        no_suite: bool,
+        /// Sampling seed of every suite case [default: the suite file's].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Suite sampling temperature, 0 for greedy [default: the suite file's].
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Suite reply length limit [default: the suite file's].
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// Score only the first N held-out examples.
+        #[arg(long)]
+        max_examples: Option<usize>,
+        /// Where report.md and report.json go [default: MODEL/eval].
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// The deployed model to compare with: a model directory (evaluated the same way) or an
+        /// earlier report (a directory holding report.json, or the file).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Exit with status 3 if the candidate is worse than --baseline.
+        #[arg(long, requires = "baseline")]
+        gate: bool,
+        /// Held-out bits per byte the candidate may lose before it counts as worse.
+        #[arg(long, default_value_t = 0.01)]
+        bpb_tolerance: f64,
+        /// Suite cases the candidate may pass fewer of before it counts as worse.
+        #[arg(long, default_value_t = 0)]
+        case_tolerance: u64,
+        /// Worker threads [default: one per core].
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -552,6 +609,70 @@ fn run(cli: Cli) -> Result<()> {
                 decode_tok_s = generation.new_tokens as f64 / generation.decode.as_secs_f64().max(1e-9),
                 "generated"
             );
+        }
+        Command::Eval {
+            model,
+            data,
+            format,
+            train,
+            ngram_order,
+            suite,
+            no_suite,
+            seed,
+            temperature,
+            max_new_tokens,
+            max_examples,
+            report,
+            baseline,
+            gate,
+            bpb_tolerance,
+            case_tolerance,
+            threads,
+        } => {
+            let suites = match (no_suite, suite.is_empty()) {
+                (true, _) => Vec::new(),
+                (false, false) => suite,
+                (false, true) if std::path::Path::new("evals").is_dir() => vec!["evals".into()],
+                (false, true) => {
+                    tracing::warn!("no --suite and no evals/ directory here: suite skipped");
+                    Vec::new()
+                }
+            };
+            let options = kaiwa::eval::EvalOptions {
+                data,
+                format,
+                train,
+                ngram_order,
+                suites,
+                overrides: kaiwa::eval::SamplingOverrides {
+                    seed,
+                    temperature,
+                    max_new_tokens,
+                },
+                max_examples,
+                report_dir: report,
+                baseline,
+                rules: kaiwa::eval::GateRules {
+                    bpb_tolerance,
+                    case_tolerance,
+                },
+                threads,
+                ..kaiwa::eval::EvalOptions::new(model.dir())
+            };
+            let outcome = kaiwa::eval::run(&options)
+                .with_context(|| format!("evaluating {}", options.model.display()))?;
+            eprint!("{}", outcome.report.summary());
+            eprintln!(
+                "wrote {} and {}",
+                outcome.report_dir.join(kaiwa::eval::report::REPORT_MD).display(),
+                outcome.report_dir.join(kaiwa::eval::report::REPORT_JSON).display()
+            );
+            if gate && outcome.gate_failed() {
+                if let Some(g) = &outcome.report.gate {
+                    eprintln!("error: gate failed: {}", g.verdict());
+                }
+                std::process::exit(i32::from(kaiwa::eval::EXIT_GATE_FAILED));
+            }
         }
         Command::Bench {
             what: BenchCommand::Corpus { messages, dir },

@@ -57,11 +57,12 @@ impl Redactor {
             )),
             // International (+81 90 1234 5678) and national (090-1234-5678, (555) 123-4567)
             // forms: 9 to 15 digits with the usual separators.
-            phone: re(
-                r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}[\s.-]\d{2,4}[\s.-]\d{3,4}\b",
-            ),
+            phone: re(concat!(
+                r"(?:\+\d{1,3}[\s.-]?)?",
+                r"(?:\(\d{1,4}\)[\s.-]?\d{2,4}|\d{2,4}[\s.-]\d{2,4})[\s.-]\d{3,4}\b"
+            )),
             discord_mention: re(r"<(?:@[!&]?|#)\d+>"),
-            at_mention: re(r"(?:^|[^\w@.])@([A-Za-z0-9_]{3,32})\b"),
+            at_mention: re(r"(?:^|[^\w@.<])@([A-Za-z0-9_]{3,32})\b"),
         }
     }
 

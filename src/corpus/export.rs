@@ -543,7 +543,7 @@ impl Exporter<'_> {
             self.summary.dropped_too_short += 1;
             return Ok(());
         }
-        if !o.languages.is_empty() && !o.languages.iter().any(|l| *l == example.meta.language) {
+        if !o.languages.is_empty() && !o.languages.contains(&example.meta.language) {
             self.summary.dropped_other_language += 1;
             return Ok(());
         }

@@ -178,6 +178,7 @@ pub fn rows(c: &Conversation, assistant: Option<&str>, base_ms: i64) -> Vec<Impo
                 message_id: m.id.clone().unwrap_or_else(|| i.to_string()),
                 author_id: m.author_id.clone(),
                 author_name: m.author_name.clone(),
+                author_is_bot: m.author_is_bot,
                 from_self: m.role == Role::Assistant
                     || assistant.is_some_and(|a| a == m.author_name || a == m.author_id),
                 is_system: m.role == Role::System,

@@ -139,6 +139,13 @@ pub struct Inputs {
 impl Inputs {
     /// Reads the data, trains the n-gram and parses the suites.
     pub fn load(options: &EvalOptions) -> Result<Self, EvalError> {
+        if !(1..=ngram::MAX_ORDER).contains(&options.ngram_order) {
+            return Err(EvalError::Invalid(format!(
+                "the n-gram order must be 1 to {}, not {}",
+                ngram::MAX_ORDER,
+                options.ngram_order
+            )));
+        }
         let data = match &options.data {
             Some(path) => {
                 let mut d = Dataset::read(path, options.format)?;

@@ -21,6 +21,7 @@ pub struct ImportedRow {
     pub message_id: String,
     pub author_id: String,
     pub author_name: String,
+    pub author_is_bot: bool,
     /// On the assistant side of the conversation (stored like kaiwa's own replies).
     pub from_self: bool,
     pub is_system: bool,
@@ -114,7 +115,7 @@ impl ImportTx {
             message_id: &r.message_id,
             author_id: &r.author_id,
             author_name: &r.author_name,
-            author_is_bot: false,
+            author_is_bot: r.author_is_bot,
             from_self: r.from_self,
             is_notice: false,
             is_system: r.is_system,

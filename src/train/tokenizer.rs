@@ -192,7 +192,7 @@ fn read_corpus(o: &TokenizerOptions) -> Result<(Vec<Text>, Vec<Text>), TrainToke
     } else {
         let (h, rest): (Vec<Text>, Vec<Text>) = all
             .into_iter()
-            .partition(|t| stable_hash(&["heldout", &t.text]) % 50 == 0);
+            .partition(|t| stable_hash(&["heldout", &t.text]).is_multiple_of(50));
         heldout = h;
         all = rest;
     }

@@ -87,6 +87,8 @@ struct Author {
     name: String,
     #[serde(default)]
     nickname: Option<String>,
+    #[serde(default, rename = "isBot")]
+    is_bot: bool,
 }
 
 #[derive(Deserialize)]
@@ -162,6 +164,7 @@ fn convert_message(message: DceMessage, channel_id: &str) -> Result<Option<Messa
             None
         }
     });
+    let author_is_bot = message.author.is_bot;
     let author_name = message
         .author
         .nickname
@@ -171,6 +174,7 @@ fn convert_message(message: DceMessage, channel_id: &str) -> Result<Option<Messa
         id: Some(message.id),
         author_id: message.author.id,
         author_name,
+        author_is_bot,
         role: Role::User,
         text: message.content,
         sent_at_ms: Some(sent_at.timestamp_millis()),

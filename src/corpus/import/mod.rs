@@ -77,6 +77,8 @@ pub struct Message {
     pub id: Option<String>,
     pub author_id: String,
     pub author_name: String,
+    /// The author is a bot account (other bots are left out of `export-corpus --mode all`).
+    pub author_is_bot: bool,
     pub role: Role,
     pub text: String,
     /// Milliseconds since the Unix epoch, when the source says.
@@ -171,6 +173,7 @@ fn corpus_message(role: Role, text: String) -> Message {
         id: None,
         author_id,
         author_name,
+        author_is_bot: false,
         role,
         text,
         sent_at_ms: None,

@@ -252,6 +252,7 @@ fn convert_message(
         id: Some(message.id.to_string()),
         author_id,
         author_name,
+        author_is_bot: false,
         role: Role::User,
         text,
         sent_at_ms: Some(sent_at_ms),

@@ -105,6 +105,7 @@ impl Transcripts {
                 id: None,
                 author_id: name.clone(),
                 author_name: name,
+                author_is_bot: false,
                 role: Role::User,
                 text,
                 sent_at_ms: None,
