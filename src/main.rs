@@ -664,8 +664,14 @@ fn run(cli: Cli) -> Result<()> {
             eprint!("{}", outcome.report.summary());
             eprintln!(
                 "wrote {} and {}",
-                outcome.report_dir.join(kaiwa::eval::report::REPORT_MD).display(),
-                outcome.report_dir.join(kaiwa::eval::report::REPORT_JSON).display()
+                outcome
+                    .report_dir
+                    .join(kaiwa::eval::report::REPORT_MD)
+                    .display(),
+                outcome
+                    .report_dir
+                    .join(kaiwa::eval::report::REPORT_JSON)
+                    .display()
             );
             if gate && outcome.gate_failed() {
                 if let Some(g) = &outcome.report.gate {
@@ -688,8 +694,9 @@ fn run(cli: Cli) -> Result<()> {
             );
             for e in &report.exports {
                 println!(
-                    "export --mode {:?}: {:.0} messages/s, {} examples, peak RSS {:.0} MiB",
-                    e.mode, e.messages_per_s, e.examples, e.peak_rss_mib
+                    "export --mode {:?}: {:.0} messages/s, {} examples, RSS {:.0} MiB before, \
+                     peak {:.0} MiB",
+                    e.mode, e.messages_per_s, e.examples, e.rss_before_mib, e.peak_rss_mib
                 );
             }
         }

@@ -214,7 +214,11 @@ fn long_documents_are_scored_in_sliding_windows_like_the_reference() {
         report.loss
     );
     // After the BOS token, every byte of every document is scored.
-    let text_bytes = data.examples.iter().map(|e| e.scored_texts()[0].len()).sum::<usize>();
+    let text_bytes = data
+        .examples
+        .iter()
+        .map(|e| e.scored_texts()[0].len())
+        .sum::<usize>();
     assert_eq!(report.bytes as usize, text_bytes);
 }
 
@@ -230,7 +234,11 @@ fn the_ngram_baseline_is_scored_on_the_same_bytes_and_learns_its_training_file()
     }
     write_jsonl(&train, &convs);
     let data = Dataset::read(&train, None).unwrap();
-    let texts: Vec<&str> = data.examples.iter().flat_map(|e| e.scored_texts()).collect();
+    let texts: Vec<&str> = data
+        .examples
+        .iter()
+        .flat_map(|e| e.scored_texts())
+        .collect();
     let ngram = NgramBaseline {
         model: ByteNgram::train(texts.iter().map(|t| t.as_bytes()), 5),
         train: train.display().to_string(),
@@ -253,7 +261,10 @@ fn the_ngram_baseline_is_scored_on_the_same_bytes_and_learns_its_training_file()
         n.bits_per_byte
     );
     // The n-gram's bits are summed over exactly the bytes the transformer is scored on.
-    let by_hand: f64 = texts.iter().map(|t| ngram.model.bits(t.as_bytes(), 0)).sum();
+    let by_hand: f64 = texts
+        .iter()
+        .map(|t| ngram.model.bits(t.as_bytes(), 0))
+        .sum();
     assert!((n.bits - by_hand).abs() < 1e-6 * by_hand);
     // A random model knows nothing: the n-gram beats it by far, as a trained model should.
     assert!(report.bits_per_byte > 2.0 * n.bits_per_byte);
@@ -296,15 +307,18 @@ fn suite_checks_judge_hand_written_answers() {
         vec!["keywords"]
     );
     // Length, in characters, not bytes.
-    let long = "晴れです。".repeat(3) + &"今日はとても気持ちのいい天気で、散歩にぴったり。".repeat(1) + &"明日の予報も確認しておきましょう。週末は少し崩れるかもしれません。";
+    let long = "晴れです。今日はとても気持ちのいい天気で、散歩にぴったり。\
+                明日の予報も確認しておきましょう。週末は少し崩れるかもしれません。";
     assert!(long.chars().count() > 60);
-    assert_eq!(failed(&weather, &long), vec!["length"]);
+    assert_eq!(failed(&weather, long), vec!["length"]);
     assert_eq!(
         failed(&weather, "  \n "),
         vec!["non_empty", "length", "language", "keywords"]
     );
 
-    let food = case("  - id: food\n    prompt: What should I cook tonight?\n    keywords_any: [Curry, pasta]\n");
+    let food = case(
+        "  - id: food\n    prompt: What should I cook tonight?\n    keywords_any: [Curry, pasta]\n",
+    );
     assert_eq!(food.language, "en");
     // Keywords ignore case and width (NFKC).
     assert!(failed(&food, "How about a nice curry with rice?").is_empty());
@@ -333,7 +347,12 @@ fn the_shipped_suites_cover_everyday_japanese_and_english() {
         assert!(s.sampling.temperature.is_some() && s.sampling.max_new_tokens.is_some());
         // Every expected language agrees with the prompt's.
         for c in &s.cases {
-            assert_eq!(kaiwa::corpus::lang::detect(&c.prompt), c.language, "{}", c.id);
+            assert_eq!(
+                kaiwa::corpus::lang::detect(&c.prompt),
+                c.language,
+                "{}",
+                c.id
+            );
         }
     }
 }
@@ -370,7 +389,11 @@ fn the_gate_passes_a_model_against_itself_and_fails_worse_figures() {
     cand.heldout.as_mut().unwrap().bits_per_byte += 0.1;
     let gate = compare(&cand, &base, &rules).unwrap();
     assert!(!gate.passed);
-    assert!(gate.verdict().contains("held-out bits per byte"), "{}", gate.verdict());
+    assert!(
+        gate.verdict().contains("held-out bits per byte"),
+        "{}",
+        gate.verdict()
+    );
     assert!(!gate.verdict().contains("suite"), "{}", gate.verdict());
     // Better is fine.
     let mut better = base.clone();
@@ -378,34 +401,49 @@ fn the_gate_passes_a_model_against_itself_and_fails_worse_figures() {
     assert!(compare(&better, &base, &rules).unwrap().passed);
 
     // Suite: a case the baseline passed and the candidate fails.
-    let mut passing = base.clone();
-    let suite = passing.suite.as_mut().unwrap();
-    suite.files[0].cases[0].passed = true;
-    suite.passed = suite.files.iter().flat_map(|f| &f.cases).filter(|c| c.passed).count() as u64;
-    let gate = compare(&base, &passing, &rules).unwrap();
-    if base.suite.as_ref().unwrap().files[0].cases[0].passed {
-        assert!(gate.passed);
-    } else {
-        assert!(!gate.passed);
-        assert!(gate.verdict().contains("suite cases passed"), "{}", gate.verdict());
-        let key = format!(
-            "{}/{}",
-            base.suite.as_ref().unwrap().files[0].name,
-            base.suite.as_ref().unwrap().files[0].cases[0].id
-        );
-        assert_eq!(gate.regressions, vec![key]);
-        let lenient = GateRules {
-            case_tolerance: 1,
-            ..rules
-        };
-        assert!(compare(&base, &passing, &lenient).unwrap().passed);
-    }
+    let with_case_0 = |passed: bool| {
+        let mut r = base.clone();
+        let suite = r.suite.as_mut().unwrap();
+        suite.files[0].cases[0].passed = passed;
+        suite.passed = suite
+            .files
+            .iter()
+            .flat_map(|f| &f.cases)
+            .filter(|c| c.passed)
+            .count() as u64;
+        r
+    };
+    let (failing, passing) = (with_case_0(false), with_case_0(true));
+    let gate = compare(&failing, &passing, &rules).unwrap();
+    assert!(!gate.passed);
+    assert!(
+        gate.verdict().contains("suite cases passed"),
+        "{}",
+        gate.verdict()
+    );
+    let first = &base.suite.as_ref().unwrap().files[0];
+    assert_eq!(
+        gate.regressions,
+        vec![format!("{}/{}", first.name, first.cases[0].id)]
+    );
+    assert!(compare(&passing, &failing, &rules).unwrap().passed);
+    let lenient = GateRules {
+        case_tolerance: 1,
+        ..rules
+    };
+    assert!(compare(&failing, &passing, &lenient).unwrap().passed);
 
     // Figures on other data are not comparable: no verdict at all.
     let mut other = base.clone();
     other.heldout.as_mut().unwrap().data_sha256 = "0".repeat(64);
     assert!(matches!(
         compare(&other, &base, &rules),
+        Err(EvalError::NotComparable(_))
+    ));
+    let mut hotter = base.clone();
+    hotter.suite.as_mut().unwrap().files[0].sampling.temperature += 0.5;
+    assert!(matches!(
+        compare(&hotter, &base, &rules),
         Err(EvalError::NotComparable(_))
     ));
     let mut no_suite = base.clone();
@@ -445,8 +483,15 @@ fn the_gate_fails_a_confidently_wrong_candidate_end_to_end() {
         ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(i32::from(EXIT_GATE_FAILED)), "{stderr}");
-    assert!(stderr.contains("gate failed") && stderr.contains("held-out bits per byte"), "{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(EXIT_GATE_FAILED)),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("gate failed") && stderr.contains("held-out bits per byte"),
+        "{stderr}"
+    );
     let json = report_json(&report);
     assert_eq!(json["gate"]["passed"], false);
     let cand = json["heldout"]["bits_per_byte"].as_f64().unwrap();
@@ -468,7 +513,11 @@ fn the_gate_fails_a_confidently_wrong_candidate_end_to_end() {
             ("--report", &dir.path().join("better")),
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Without --gate a worse candidate is reported but does not fail the command.
     let out = kaiwa_eval(
@@ -480,7 +529,11 @@ fn the_gate_fails_a_confidently_wrong_candidate_end_to_end() {
             ("--report", &dir.path().join("informative")),
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Data the baseline was not scored on: an error, not a verdict.
     let other = dir.path().join("other.jsonl");
@@ -547,7 +600,10 @@ fn an_eval_run_writes_both_reports_with_every_suite_answer() {
     // Held-out figures and the n-gram, trained on train.jsonl found beside the data.
     let h = &json["heldout"];
     assert!(h["bits_per_byte"].as_f64().unwrap() > 0.0);
-    assert!(h["ngram"]["train"].as_str().unwrap().ends_with("train.jsonl"));
+    assert!(h["ngram"]["train"]
+        .as_str()
+        .unwrap()
+        .ends_with("train.jsonl"));
     assert!(md.contains("bits per byte") && md.contains("byte 5-gram"));
     assert_eq!(json["gate"]["passed"], true);
 
@@ -558,7 +614,10 @@ fn an_eval_run_writes_both_reports_with_every_suite_answer() {
         &[
             ("--model", &m.uniform),
             ("--data", &val),
-            ("--suite", &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("evals")),
+            (
+                "--suite",
+                &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("evals"),
+            ),
             ("--report", &again),
         ],
     );
@@ -572,18 +631,27 @@ fn bad_inputs_are_errors_that_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let val = dir.path().join("validation.jsonl");
     std::fs::write(&val, "{\"messages\": []}\n{broken\n").unwrap();
-    let out = kaiwa_eval(&["--no-suite"], &[("--model", &m.uniform), ("--data", &val)]);
+    let out = kaiwa_eval(
+        &["--no-suite"],
+        &[("--model", &m.uniform), ("--data", &val)],
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("validation.jsonl:2"), "{stderr}");
 
     let suite = dir.path().join("bad.yaml");
-    std::fs::write(&suite, "cases:\n  - id: a\n    prompt: hello there\n    keywrods_any: [x]\n")
-        .unwrap();
+    std::fs::write(
+        &suite,
+        "cases:\n  - id: a\n    prompt: hello there\n    keywrods_any: [x]\n",
+    )
+    .unwrap();
     let out = kaiwa_eval(&[], &[("--model", &m.uniform), ("--suite", &suite)]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.yaml") && stderr.contains("keywrods_any"), "{stderr}");
+    assert!(
+        stderr.contains("bad.yaml") && stderr.contains("keywrods_any"),
+        "{stderr}"
+    );
 
     let out = kaiwa_eval(&["--no-suite"], &[("--model", &m.uniform)]);
     assert_eq!(out.status.code(), Some(1));

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{peak_rss_mib, reset_peak_rss};
+use super::{peak_rss_mib, reset_peak_rss, rss_mib};
 use crate::corpus::export::{export, ExportError, ExportMode, ExportOptions};
 use crate::corpus::import::Format;
 use crate::corpus::ingest::{import_file, ImportOptions, IngestError};
@@ -49,6 +49,9 @@ pub struct ExportFigures {
     pub seconds: f64,
     pub messages_per_s: f64,
     pub examples: u64,
+    /// Resident memory when the export started (what the import left allocated) and the peak
+    /// during it: the difference is what the export itself needed.
+    pub rss_before_mib: f64,
     pub peak_rss_mib: f64,
 }
 
@@ -131,6 +134,7 @@ pub async fn bench_corpus(dir: &Path, messages: u64) -> Result<CorpusReport, Ben
     let mut exports = Vec::new();
     for mode in [ExportMode::Bot, ExportMode::All] {
         reset_peak_rss();
+        let rss_before_mib = rss_mib();
         let t = Instant::now();
         let summary = export(
             &store,
@@ -148,6 +152,7 @@ pub async fn bench_corpus(dir: &Path, messages: u64) -> Result<CorpusReport, Ben
             seconds,
             messages_per_s: summary.messages_read as f64 / seconds,
             examples: summary.examples(),
+            rss_before_mib,
             peak_rss_mib: peak_rss_mib(),
         });
     }

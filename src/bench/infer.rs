@@ -47,6 +47,14 @@ pub fn bench_infer(
     let onnx = find_onnx(dir)?;
     let fallback = load_config(dir).ok().map(|c| (c.kv_heads(), c.head_dim()));
     let decoder = Arc::new(OnnxDecoder::load(&onnx, fallback)?);
+    if let Some(ctx) = load_config(dir).ok().map(|c| c.max_position_embeddings) {
+        if prompt_tokens + new_tokens > ctx {
+            return Err(ModelError::Invalid(format!(
+                "a {prompt_tokens}-token prompt and {new_tokens} new tokens do not fit the \
+                 model's context of {ctx} tokens"
+            )));
+        }
+    }
     let prompt = bench_prompt(prompt_tokens, decoder.vocab_size());
 
     // Warm-up, then the median of `repeats` prefills.

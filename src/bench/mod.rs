@@ -9,16 +9,24 @@ pub use infer::{bench_infer, bench_prompt, InferReport};
 
 /// Peak resident set size of this process (`VmHWM`), in MiB (0 where it cannot be read).
 pub fn peak_rss_mib() -> f64 {
+    proc_status_kib("VmHWM:") / 1024.0
+}
+
+/// Resident set size of this process now (`VmRSS`), in MiB (0 where it cannot be read).
+pub fn rss_mib() -> f64 {
+    proc_status_kib("VmRSS:") / 1024.0
+}
+
+fn proc_status_kib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|kb| kb.parse::<f64>().ok())
             })
         })
-        .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
 

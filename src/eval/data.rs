@@ -30,6 +30,13 @@ pub enum DataFormat {
 }
 
 impl DataFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::Chat => "chat",
+            DataFormat::Text => "text",
+        }
+    }
+
     /// The format a file name implies: `.jsonl` / `.json` are chat, `.txt` is text.
     pub fn from_path(path: &Path) -> Option<Self> {
         match path.extension()?.to_str()? {

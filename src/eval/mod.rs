@@ -177,6 +177,10 @@ impl Inputs {
                     train: path.display().to_string(),
                 })
             }
+            (None, Some(_)) => {
+                tracing::warn!("no training file: the n-gram baseline is left out (give --train)");
+                None
+            }
             _ => None,
         };
         let suites = suite::load_suites(&options.suites)?;

@@ -11,7 +11,7 @@
 //!   `case_tolerance` (0 by default). The cases that passed before and fail now are listed.
 //!
 //! The two must have been evaluated on the same data file (same SHA-256) and the same suite
-//! cases; otherwise there is no verdict but an error. `kaiwa eval --gate` exits with
+//! cases with the same sampling settings; otherwise there is no verdict but an error. `kaiwa eval --gate` exits with
 //! [`EXIT_GATE_FAILED`] when the candidate is worse.
 
 use std::fmt::Write as _;
@@ -141,7 +141,9 @@ pub fn compare(
                     short(&b.data_sha256)
                 )));
             }
-            let worse = !(c.bits_per_byte <= b.bits_per_byte + rules.bpb_tolerance);
+            // NaN (a broken candidate) counts as worse.
+            let limit = b.bits_per_byte + rules.bpb_tolerance;
+            let worse = c.bits_per_byte.is_nan() || c.bits_per_byte > limit;
             comparisons.push(Comparison {
                 figure: "held-out bits per byte".into(),
                 candidate: c.bits_per_byte,
@@ -167,6 +169,14 @@ pub fn compare(
                 return Err(EvalError::NotComparable(
                     "the candidate and the baseline ran different suite cases".into(),
                 ));
+            }
+            for (cf, bf) in c.files.iter().zip(&b.files) {
+                if cf.sampling != bf.sampling {
+                    return Err(EvalError::NotComparable(format!(
+                        "suite {} was sampled with other settings for the candidate                          ({:?}) than for the baseline ({:?}); fix them in the suite file",
+                        cf.name, cf.sampling, bf.sampling
+                    )));
+                }
             }
             let now = c.passed_keys();
             regressions = b
@@ -326,10 +336,10 @@ fn heldout_markdown(md: &mut String, h: &HeldoutReport) {
     let _ = writeln!(md, "## Held-out data\n");
     let _ = writeln!(
         md,
-        "`{}` ({:?}, sha256 `{}`): {} examples scored, {} skipped; {} tokens, {} bytes; \
+        "`{}` ({}, sha256 `{}`): {} examples scored, {} skipped; {} tokens, {} bytes; \
          context {} tokens, sliding window stride {}, {} forward passes, {:.1} s.\n",
         h.data,
-        h.format,
+        h.format.name(),
         short(&h.data_sha256),
         h.examples,
         h.skipped,

@@ -38,7 +38,9 @@
 //!   space), at most `max_repeated_ngram_ratio`; and no line (trimmed, non-empty) appearing more
 //!   than `max_line_repeats` times. "ははははははは" has ratio 0.75; ordinary prose is near 0.
 //! - `keywords`: when `keywords_any` is given, the reply contains at least one of them (compared
-//!   after NFKC normalisation and lowercasing, so `ＯＫ` matches `ok`).
+//!   after NFKC normalisation and lowercasing, so `ＯＫ` matches `ok`). A keyword that starts
+//!   with an ASCII letter or digit must start a word (`rain` matches "raining", `hi` does not
+//!   match "this"); other keywords (Japanese) match anywhere.
 //!
 //! Unknown keys are errors, so a misspelt check is not silently ignored.
 
@@ -228,7 +230,7 @@ pub fn check_answer(case: &Case, answer: &str) -> Vec<CheckOutcome> {
         let found: Vec<&String> = c
             .keywords_any
             .iter()
-            .filter(|k| haystack.contains(&normalize(k)))
+            .filter(|k| contains_keyword(&haystack, &normalize(k)))
             .collect();
         out.push(outcome(
             "keywords",
@@ -245,6 +247,21 @@ pub fn check_answer(case: &Case, answer: &str) -> Vec<CheckOutcome> {
 
 fn normalize(text: &str) -> String {
     text.nfkc().collect::<String>().to_lowercase()
+}
+
+/// Whether `keyword` occurs in `text`. A keyword that starts with an ASCII letter or digit must
+/// start a word (`rain` is in "raining", `hi` is not in "this"); Japanese has no spaces between
+/// words, so other keywords match anywhere.
+fn contains_keyword(text: &str, keyword: &str) -> bool {
+    if keyword.is_empty() {
+        return false;
+    }
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !word(keyword.chars().next()) {
+        return text.contains(keyword);
+    }
+    text.match_indices(keyword)
+        .any(|(at, _)| !word(text[..at].chars().next_back()))
 }
 
 /// Reads suite files: each path is a YAML file or a directory whose `*.yaml` / `*.yml` files
@@ -784,6 +801,23 @@ mod tests {
             assert!(err.contains(needle), "{text:?}: {err}");
             assert!(err.contains("evals/test.yaml"), "{err}");
         }
+    }
+
+    #[test]
+    fn ascii_keywords_match_whole_words_and_japanese_ones_anywhere() {
+        assert!(contains_keyword("hi there", "hi"));
+        assert!(contains_keyword("oh, hi!", "hi"));
+        assert!(!contains_keyword("this is it", "hi"));
+        assert!(contains_keyword("it's raining", "rain"));
+        assert!(!contains_keyword("a brain", "rain"));
+        assert!(contains_keyword("today it will rain", "rain"));
+        assert!(contains_keyword("just in case, take it", "just in case"));
+        assert!(contains_keyword("明日は雨が降ります", "雨"));
+        assert!(
+            contains_keyword("東京tokyoへ", "tokyo"),
+            "kana and kanji are not word letters"
+        );
+        assert!(!contains_keyword("anything", ""));
     }
 
     #[test]
