@@ -386,6 +386,12 @@ impl SamplingArgs {
     }
 }
 
+/// `kaiwa eval --gate` found the candidate worse than the baseline: its own exit status, so a
+/// promotion script can tell it from an error.
+#[derive(Debug, thiserror::Error)]
+#[error("gate failed: {0}")]
+struct GateFailed(String);
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -401,7 +407,11 @@ fn main() -> ExitCode {
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::FAILURE
+            if err.is::<GateFailed>() {
+                ExitCode::from(kaiwa::eval::EXIT_GATE_FAILED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -674,10 +684,8 @@ fn run(cli: Cli) -> Result<()> {
                     .display()
             );
             if gate && outcome.gate_failed() {
-                if let Some(g) = &outcome.report.gate {
-                    eprintln!("error: gate failed: {}", g.verdict());
-                }
-                std::process::exit(i32::from(kaiwa::eval::EXIT_GATE_FAILED));
+                let verdict = outcome.report.gate.as_ref().map(|g| g.verdict());
+                return Err(GateFailed(verdict.unwrap_or_default()).into());
             }
         }
         Command::Bench {
