@@ -3,9 +3,12 @@
 //! The pipeline, and where each step lives:
 //!
 //! 1. **Collect**: a bot daemon on Discord and Telegram stores every conversation in SQLite
-//!    (planned: `platform/`, `bot/`, `store/`).
-//! 2. **Corpus**: stored conversations become training files (planned: `corpus/`).
-//! 3. **Train**: a tokenizer and a small Llama-style decoder trained in Rust (planned: `train/`).
+//!    ([`platform`] adapters, the [`bot`] core, the [`store`]).
+//! 2. **Corpus**: existing dialogue is imported into the same store and everything stored
+//!    becomes training files ([`corpus`]).
+//! 3. **Train**: a tokenizer ([`train::tokenizer`]) and the packed training data
+//!    ([`train::data`]) are here; the transformer's training loop is not yet (its tested core
+//!    is in `research/train-probe/`).
 //! 4. **Test**: held-out loss, bits per byte against an n-gram baseline and a conversation
 //!    suite gate a model ([`eval`]).
 //! 5. **Deploy**: the model is exported to ONNX and replies are generated through tract with a
