@@ -140,6 +140,8 @@ pub struct ExportSummary {
     pub validation: Figures,
     pub per_language: BTreeMap<String, Figures>,
     pub per_platform: BTreeMap<String, Figures>,
+    /// Per `source` tag: `live`, or an import's.
+    pub per_source: BTreeMap<String, Figures>,
     pub dropped_exact_duplicates: u64,
     pub dropped_normalized_duplicates: u64,
     pub dropped_too_short: u64,
@@ -605,6 +607,10 @@ impl Exporter<'_> {
             .entry(example.meta.platform.clone())
             .or_default()
             .add(turns, characters);
+        s.per_source
+            .entry(example.meta.source.clone())
+            .or_default()
+            .add(turns, characters);
         if example.meta.reactions.iter().any(|r| !r.is_empty()) {
             s.with_feedback += 1;
         }
@@ -737,6 +743,7 @@ fn data_card(s: &ExportSummary, o: &ExportOptions) -> String {
     ));
     c.push_str(&table("Per language", &s.per_language));
     c.push_str(&table("Per platform", &s.per_platform));
+    c.push_str(&table("Per source", &s.per_source));
     c.push_str(&format!("\nFiles: {}\n", s.files.join(", ")));
     c
 }
