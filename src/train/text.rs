@@ -93,3 +93,56 @@ fn chat_turns(v: &serde_json::Value) -> Vec<&str> {
         })
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn texts(path: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for_each_text(path, |t| out.push(t.to_string())).unwrap();
+        out
+    }
+
+    #[test]
+    fn chat_jsonl_tsv_and_plain_text_give_their_texts_compressed_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let chat = dir.path().join("c.jsonl");
+        std::fs::write(
+            &chat,
+            concat!(
+                r#"{"messages":[{"role":"user","content":"こんにちは"},{"role":"assistant","content":"やあ"}]}"#,
+                "\n\n",
+                r#"{"conversations":[{"from":"human","value":"hi"}]}"#,
+                "\n",
+                r#"{"text":"a document"}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(texts(&chat), ["こんにちは", "やあ", "hi", "a document"]);
+
+        let tsv = dir.path().join("pairs.tsv.gz");
+        let mut gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&tsv).unwrap(),
+            flate2::Compression::default(),
+        );
+        gz.write_all("猫が好きです。\tI like cats.\n".as_bytes())
+            .unwrap();
+        gz.finish().unwrap();
+        assert_eq!(texts(&tsv), ["猫が好きです。", "I like cats."]);
+
+        let txt = dir.path().join("t.txt");
+        std::fs::write(&txt, "one\n\n  \ntwo\n").unwrap();
+        assert_eq!(texts(&txt), ["one", "two"]);
+
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(&bad, "{\"messages\": [\n").unwrap();
+        let err = for_each_text(&bad, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("bad.jsonl line 1"), "{err}");
+        let missing = for_each_text(&dir.path().join("none.txt"), |_| {}).unwrap_err();
+        assert!(missing.to_string().contains("none.txt"));
+    }
+}
