@@ -12,19 +12,50 @@ use unicode_normalization::UnicodeNormalization;
 /// FNV-1a, 64 bits: a hash that never changes between Rust versions or runs (unlike
 /// `std::hash`), for content ids and the train/validation split.
 pub fn stable_hash(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            // A separator that cannot occur in text, so ("ab", "c") and ("a", "bc") differ.
-            h ^= 0xff;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        for b in part.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+    let mut h = StableHasher::default();
+    for part in parts {
+        h.part(part.bytes());
+    }
+    h.finish()
+}
+
+/// [`stable_hash`] fed part by part, so callers need not collect their parts first.
+#[derive(Debug, Clone, Copy)]
+pub struct StableHasher {
+    h: u64,
+    started: bool,
+}
+
+impl Default for StableHasher {
+    fn default() -> Self {
+        StableHasher {
+            h: 0xcbf2_9ce4_8422_2325,
+            started: false,
         }
     }
-    h
+}
+
+impl StableHasher {
+    /// Adds one part; parts are separated so that ("ab", "c") and ("a", "bc") differ.
+    pub fn part(&mut self, bytes: impl IntoIterator<Item = u8>) {
+        if self.started {
+            // A separator that cannot occur in UTF-8 text.
+            self.byte(0xff);
+        }
+        self.started = true;
+        for b in bytes {
+            self.byte(b);
+        }
+    }
+
+    fn byte(&mut self, b: u8) {
+        self.h ^= u64::from(b);
+        self.h = self.h.wrapping_mul(0x0100_0000_01b3);
+    }
+
+    pub fn finish(self) -> u64 {
+        self.h
+    }
 }
 
 /// Replaces personal data in text with placeholders: e-mail addresses (`<email>`), phone numbers
@@ -129,26 +160,19 @@ impl Dedup {
     /// is. An example is its sequence of (role, content).
     pub fn check<'a>(
         &mut self,
-        turns: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+        turns: impl Iterator<Item = (&'a str, &'a str)>,
     ) -> Option<Duplicate> {
-        let mut exact_parts = Vec::new();
-        let mut norm_parts = Vec::new();
+        let (mut exact, mut norm) = (StableHasher::default(), StableHasher::default());
         for (role, content) in turns {
-            exact_parts.push(role.to_string());
-            exact_parts.push(content.to_string());
-            norm_parts.push(role.to_string());
-            norm_parts.push(normalize(content));
+            exact.part(role.bytes());
+            exact.part(content.bytes());
+            norm.part(role.bytes());
+            norm.part(normalize(content).into_bytes());
         }
-        let key = |parts: &[String]| {
-            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-            stable_hash(&refs)
-        };
-        let exact = key(&exact_parts);
-        let norm = key(&norm_parts);
-        if !self.exact.insert(exact) {
+        if !self.exact.insert(exact.finish()) {
             return Some(Duplicate::Exact);
         }
-        if !self.normalized.insert(norm) {
+        if !self.normalized.insert(norm.finish()) {
             return Some(Duplicate::Normalized);
         }
         None

@@ -4,7 +4,7 @@
 //! or a deleted message can never reach a training file. Reactions (feedback on replies) and the
 //! store's own settings live here too.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use futures_util::TryStreamExt;
 use sqlx::{QueryBuilder, Sqlite};
@@ -57,7 +57,8 @@ pub enum ImportInsert {
 pub struct ImportTx {
     tx: sqlx::Transaction<'static, Sqlite>,
     source: String,
-    opted_out: HashSet<(String, String)>,
+    /// Opted-out user ids by platform.
+    opted_out: HashMap<String, HashSet<String>>,
 }
 
 impl Store {
@@ -68,10 +69,14 @@ impl Store {
             sqlx::query_as("SELECT platform, user_id FROM opt_outs")
                 .fetch_all(&mut *tx)
                 .await?;
+        let mut by_platform: HashMap<String, HashSet<String>> = HashMap::new();
+        for (platform, user) in opted_out {
+            by_platform.entry(platform).or_default().insert(user);
+        }
         Ok(ImportTx {
             tx,
             source: source.to_string(),
-            opted_out: opted_out.into_iter().collect(),
+            opted_out: by_platform,
         })
     }
 
@@ -103,7 +108,8 @@ impl ImportTx {
     pub async fn insert(&mut self, r: &ImportedRow) -> Result<ImportInsert, StoreError> {
         if self
             .opted_out
-            .contains(&(r.platform.clone(), r.author_id.clone()))
+            .get(&r.platform)
+            .is_some_and(|users| users.contains(&r.author_id))
         {
             return Ok(ImportInsert::OptedOut);
         }
@@ -203,10 +209,10 @@ impl Store {
     where
         F: FnMut(CorpusRow) -> bool,
     {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT m.id, m.platform, m.chat_id, m.thread_id, m.chat_kind, m.message_id,
-                    m.author_id, m.author_name, m.author_is_bot, m.from_self, m.is_notice, m.text,
-                    m.reply_to, m.sent_at_ms, m.edited_at_ms, m.source, m.is_system,
+        let mut q = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            message_columns!(),
+            ",
                     (SELECT group_concat(r.emoji, char(31)) FROM reactions r
                      WHERE r.platform = m.platform AND r.chat_id = m.chat_id
                        AND r.message_id = m.message_id
@@ -214,7 +220,7 @@ impl Store {
                                        WHERE o.platform = r.platform AND o.user_id = r.user_id)
                     ) AS reactions
              FROM messages m",
-        );
+        ));
         push_corpus_where(&mut q, filter);
         q.push(" ORDER BY m.platform, m.chat_id, m.thread_id, m.sent_at_ms, m.id");
         let mut rows = q.build_query_as::<CorpusRow>().fetch(&self.pool);

@@ -13,6 +13,16 @@ use sqlx::{Row, SqlitePool};
 
 use crate::bot::event::{ChannelRef, ChatKind, Platform};
 
+/// The columns of a [`StoredMessage`], from `messages` aliased as `m`: one list for every query
+/// that reads messages, so a new column cannot be forgotten in one of them.
+macro_rules! message_columns {
+    () => {
+        "m.id, m.platform, m.chat_id, m.thread_id, m.chat_kind, m.message_id, m.author_id,
+         m.author_name, m.author_is_bot, m.from_self, m.is_notice, m.text, m.reply_to,
+         m.sent_at_ms, m.edited_at_ms, m.source, m.is_system"
+    };
+}
+
 mod corpus;
 pub use corpus::{CorpusFilter, CorpusRow, ImportInsert, ImportRecord, ImportTx, ImportedRow};
 
@@ -349,18 +359,18 @@ impl Store {
         since_ms: i64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut rows: Vec<StoredMessage> = sqlx::query_as(
-            "SELECT id, platform, chat_id, thread_id, chat_kind, message_id, author_id, author_name,
-                    author_is_bot, from_self, is_notice, text, reply_to, sent_at_ms, edited_at_ms, source, is_system
-             FROM messages m
-             WHERE platform = ? AND chat_id = ? AND thread_id = ? AND text IS NOT NULL
-               AND is_notice = 0 AND sent_at_ms >= ?
-               AND sent_at_ms >= COALESCE((SELECT reset_at_ms FROM channels c
-                    WHERE c.platform = m.platform AND c.chat_id = m.chat_id
-                      AND c.thread_id = m.thread_id), 0)
-             ORDER BY sent_at_ms DESC, id DESC
-             LIMIT ?",
-        )
+        let mut rows: Vec<StoredMessage> = sqlx::query_as(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages m
+                 WHERE m.platform = ? AND m.chat_id = ? AND m.thread_id = ? AND m.text IS NOT NULL
+                   AND m.is_notice = 0 AND m.sent_at_ms >= ?
+                   AND m.sent_at_ms >= COALESCE((SELECT reset_at_ms FROM channels c
+                        WHERE c.platform = m.platform AND c.chat_id = m.chat_id
+                          AND c.thread_id = m.thread_id), 0)
+                 ORDER BY m.sent_at_ms DESC, m.id DESC
+                 LIMIT ?"
+        ))
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(&channel.thread_id)
@@ -377,12 +387,12 @@ impl Store {
         &self,
         channel: &ChannelRef,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, platform, chat_id, thread_id, chat_kind, message_id, author_id, author_name,
-                    author_is_bot, from_self, is_notice, text, reply_to, sent_at_ms, edited_at_ms, source, is_system
-             FROM messages WHERE platform = ? AND chat_id = ? AND thread_id = ?
-             ORDER BY sent_at_ms, id",
-        )
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages m WHERE m.platform = ? AND m.chat_id = ? AND m.thread_id = ?
+                 ORDER BY m.sent_at_ms, m.id"
+        ))
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(&channel.thread_id)
