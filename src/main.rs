@@ -78,6 +78,9 @@ enum Command {
         #[arg(long)]
         no_compare: bool,
     },
+    /// Train a model on corpus files (or continue training one), with checkpoints, `--resume`,
+    /// metrics and a loss curve; the result is a model directory in OUT/model.
+    Train(Box<TrainArgs>),
     /// Write a randomly initialised model directory (tokenizer, config, weights, ONNX).
     InitModel {
         #[arg(long, value_enum, default_value = "small")]
@@ -203,6 +206,32 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Training speed of a preset (tokens/s and the share of the CPU's measured peak FLOP/s),
+    /// and with --pytorch the same steps in PyTorch eager (bench/pytorch_train.py).
+    Train {
+        #[arg(long, value_enum, default_value = "small")]
+        preset: Preset,
+        /// Vocabulary size of the benchmark model.
+        #[arg(long, default_value_t = 8192)]
+        vocab: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        context: usize,
+        /// Forward/backward passes per step (gradient accumulation).
+        #[arg(long, default_value_t = 1)]
+        micro_batches: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Also run bench/pytorch_train.py with the same shapes and print the ratio.
+        #[arg(long)]
+        pytorch: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Import a large synthetic Telegram export, then export the store in both modes: messages
     /// per second and peak memory of each phase.
     Corpus {
@@ -212,6 +241,194 @@ enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Run folder: run.json, checkpoint/, metrics.jsonl, loss.png, and the model in OUT/model.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its last checkpoint (every other option comes from its
+    /// run.json).
+    #[arg(long)]
+    resume: bool,
+    /// Training files: chat JSONL as export-corpus writes it, text (.txt, documents separated by
+    /// blank lines) or sentence pairs (.tsv); .gz too. Repeatable; repeat a file to weight it.
+    #[arg(long, required_unless_present = "resume")]
+    data: Vec<PathBuf>,
+    /// Held-out file for the validation loss (e.g. export-corpus's validation.jsonl).
+    #[arg(long)]
+    validation: Option<PathBuf>,
+    /// Fine-tune this model directory (keeps its tokenizer and architecture) instead of
+    /// starting a new model.
+    #[arg(long, conflicts_with_all = ["tokenizer", "preset"])]
+    init: Option<PathBuf>,
+    /// For a new model: the folder `kaiwa train-tokenizer` wrote.
+    #[arg(long, required_unless_present_any = ["init", "resume"])]
+    tokenizer: Option<PathBuf>,
+    /// For a new model: the architecture to start from (each size can be overridden below).
+    #[arg(long, value_enum, default_value = "small")]
+    preset: Preset,
+    #[arg(long)]
+    hidden: Option<usize>,
+    #[arg(long)]
+    intermediate: Option<usize>,
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long)]
+    heads: Option<usize>,
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Positions the model supports (max_position_embeddings).
+    #[arg(long)]
+    max_positions: Option<usize>,
+    /// Share the embedding matrix with the output projection.
+    #[arg(long)]
+    tie_embeddings: Option<bool>,
+    #[arg(long, value_enum, default_value = "chat")]
+    objective: kaiwa::train::data::Objective,
+    /// Tokens per training row.
+    #[arg(long, default_value_t = 256)]
+    context: usize,
+    /// Rows per optimizer step.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Rows per forward/backward pass (gradient accumulation when smaller than --batch).
+    #[arg(long)]
+    micro_batch: Option<usize>,
+    /// Optimizer steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Training time, e.g. 90s, 20m, 1h30m (a hard stop; alone, it also sizes the schedule).
+    #[arg(long, value_parser = kaiwa::train::run::parse_duration)]
+    time: Option<std::time::Duration>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    min_lr: f64,
+    #[arg(long, default_value_t = 50)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    /// Clip the global gradient norm to this (0 turns clipping off).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Validate every N steps.
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    /// Validation rows (at most).
+    #[arg(long, default_value_t = 64)]
+    eval_rows: usize,
+    /// Checkpoint every N steps (and always at the end, and on Ctrl-C).
+    #[arg(long, default_value_t = 200)]
+    checkpoint_every: usize,
+}
+
+impl TrainArgs {
+    fn spec(&self) -> Result<kaiwa::train::run::RunSpec> {
+        use kaiwa::train::run::{DataFile, RunSpec, Start};
+        let start = match (&self.init, &self.tokenizer) {
+            (Some(dir), _) => Start::From(dir.clone()),
+            (None, Some(tokenizer)) => {
+                let mut a = LlamaConfig::preset(self.preset);
+                a.hidden_size = self.hidden.unwrap_or(a.hidden_size);
+                a.intermediate_size = self.intermediate.unwrap_or(a.intermediate_size);
+                a.num_hidden_layers = self.layers.unwrap_or(a.num_hidden_layers);
+                a.num_attention_heads = self.heads.unwrap_or(a.num_attention_heads);
+                a.num_key_value_heads = self.kv_heads.or(a.num_key_value_heads);
+                a.max_position_embeddings = self.max_positions.unwrap_or(a.max_position_embeddings);
+                a.tie_word_embeddings = self.tie_embeddings.unwrap_or(a.tie_word_embeddings);
+                Start::Fresh {
+                    architecture: a,
+                    tokenizer: tokenizer.clone(),
+                }
+            }
+            (None, None) => bail!("give --tokenizer DIR for a new model, or --init DIR"),
+        };
+        let mut spec = RunSpec::new(start, self.data.clone());
+        spec.validation = self.validation.clone().map(|path| DataFile {
+            path,
+            sha256: String::new(),
+        });
+        spec.objective = self.objective;
+        spec.context = self.context;
+        spec.batch_rows = self.batch;
+        spec.micro_batch_rows = self.micro_batch.unwrap_or(self.batch);
+        spec.steps = self.steps;
+        spec.time_s = self.time.map(|t| t.as_secs_f64());
+        spec.peak_lr = self.lr;
+        spec.min_lr = self.min_lr;
+        spec.warmup_steps = self.warmup;
+        spec.adamw.weight_decay = self.weight_decay;
+        spec.adamw.clip_norm = (self.clip > 0.0).then_some(self.clip);
+        spec.seed = self.seed;
+        spec.eval_every = self.eval_every;
+        spec.eval_rows = self.eval_rows;
+        spec.checkpoint_every = self.checkpoint_every;
+        Ok(spec)
+    }
+}
+
+/// Set by the first Ctrl-C (or SIGTERM) during `kaiwa train`; a second one exits at once.
+static STOP_TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn train(args: &TrainArgs) -> Result<()> {
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            wait_for_signal().await;
+            eprintln!("\nstopping: saving a checkpoint (Ctrl-C again to quit at once)");
+            STOP_TRAINING.store(true, Ordering::SeqCst);
+            wait_for_signal().await;
+            std::process::exit(130);
+        });
+    });
+    let mut progress = kaiwa::train::progress::BarProgress::new();
+    let summary = if args.resume {
+        kaiwa::train::run::resume(&args.out, &STOP_TRAINING, &mut progress)
+            .with_context(|| format!("resuming the run in {}", args.out.display()))?
+    } else {
+        kaiwa::train::run::train(args.spec()?, &args.out, &STOP_TRAINING, &mut progress)
+            .with_context(|| format!("training into {}", args.out.display()))?
+    };
+    eprintln!(
+        "{} {}/{} steps, {} tokens in {:.0} s ({:.0} tokens/s); loss {}{}",
+        if summary.interrupted {
+            "stopped after"
+        } else {
+            "trained"
+        },
+        summary.steps_done,
+        summary.total_steps,
+        summary.tokens_seen,
+        summary.elapsed_s,
+        summary.tokens_per_s,
+        summary.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary
+            .val_loss
+            .map_or(String::new(), |l| format!(", validation {l:.4}")),
+    );
+    eprintln!(
+        "model: {}   curve: {}",
+        summary.model_dir.display(),
+        args.out.join(kaiwa::train::run::PLOT_FILE).display()
+    );
+    if summary.interrupted {
+        eprintln!(
+            "resume with: kaiwa train --resume --out {}",
+            args.out.display()
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -542,6 +759,7 @@ fn run(cli: Cli) -> Result<()> {
                 report.written
             );
         }
+        Command::Train(args) => train(&args)?,
         Command::InitModel { preset, seed, out } => {
             let config = model::init::init_model_dir(LlamaConfig::preset(preset), seed, &out)
                 .with_context(|| format!("writing a new model to {}", out.display()))?;
@@ -689,6 +907,30 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench {
+            what:
+                BenchCommand::Train {
+                    preset,
+                    vocab,
+                    batch,
+                    context,
+                    micro_batches,
+                    warmup,
+                    steps,
+                    pytorch,
+                    json,
+                },
+        } => bench_train(
+            preset,
+            vocab,
+            batch,
+            context,
+            micro_batches,
+            warmup,
+            steps,
+            pytorch,
+            json,
+        )?,
+        Command::Bench {
             what: BenchCommand::Corpus { messages, dir },
         } => {
             let scratch = tempfile_dir(dir)?;
@@ -735,6 +977,83 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_train(
+    preset: Preset,
+    vocab: usize,
+    batch: usize,
+    context: usize,
+    micro_batches: usize,
+    warmup: usize,
+    steps: usize,
+    pytorch: bool,
+    json: bool,
+) -> Result<()> {
+    let mut config = LlamaConfig::preset(preset);
+    config.vocab_size = vocab;
+    config.max_position_embeddings = config.max_position_embeddings.max(context);
+    let r = kaiwa::bench::train::bench_train(&config, batch, context, micro_batches, warmup, steps);
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "kaiwa (burn/Flex) {} parameters, batch {}x{} in {} pass(es): {:.0} tokens/s, step {:.0} ms, \
+             {:.1} GFLOP/s = {:.1}% of the measured peak {:.1} GFLOP/s, {:.2} cores busy, peak RSS {:.0} MiB",
+            r.parameters,
+            r.batch,
+            r.context,
+            r.micro_batches,
+            r.tokens_per_s,
+            r.step_median_ms,
+            r.achieved_gflops,
+            100.0 * r.peak_fraction,
+            r.peak_gflops,
+            r.cores_busy,
+            r.peak_rss_mib
+        );
+    }
+    if pytorch {
+        let script = std::path::Path::new("bench/pytorch_train.py");
+        let c = &config;
+        let output = std::process::Command::new("python3")
+            .arg(script)
+            .args(["--vocab", &c.vocab_size.to_string()])
+            .args(["--hidden", &c.hidden_size.to_string()])
+            .args(["--intermediate", &c.intermediate_size.to_string()])
+            .args(["--layers", &c.num_hidden_layers.to_string()])
+            .args(["--heads", &c.num_attention_heads.to_string()])
+            .args(["--kv-heads", &c.kv_heads().to_string()])
+            .args(["--tie", &c.tie_word_embeddings.to_string()])
+            .args(["--batch", &batch.to_string()])
+            .args(["--context", &context.to_string()])
+            .args(["--warmup", &warmup.to_string()])
+            .args(["--steps", &steps.to_string()])
+            .output()
+            .with_context(|| format!("running python3 {}", script.display()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        print!("{stdout}");
+        let theirs = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("tokens_per_s "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .context("the PyTorch script printed no tokens_per_s line")?;
+        println!(
+            "kaiwa/pytorch: {:.2}x ({:.0} vs {:.0} tokens/s)",
+            r.tokens_per_s / theirs,
+            r.tokens_per_s,
+            theirs
+        );
     }
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! `kaiwa bench`: the speed goals of kaiwa, measured on the machine at hand (never asserted in
 //! tests). `infer` times prefill and decoding through tract (with ONNX Runtime beside it);
-//! `corpus` times importing a large chat export and exporting a million stored messages.
+//! `train` times training steps (with PyTorch beside it); `corpus` times importing a large chat
+//! export and exporting a million stored messages.
 
 pub mod corpus;
 mod infer;
+pub mod train;
 
 pub use infer::{bench_infer, bench_prompt, InferReport};
 

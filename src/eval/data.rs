@@ -1,16 +1,19 @@
 //! The held-out and training files `kaiwa eval` reads: what a model is scored on.
 //!
-//! Two formats, chosen by extension or `--format`:
+//! Three formats, chosen by extension (`.gz` files are read compressed) or `--format`:
 //!
 //! - **chat**: JSONL as `kaiwa export-corpus` writes it, one conversation per line, either
 //!   OpenAI `{"messages": [{"role", "content"}, …], "meta": {…}}` or ShareGPT
 //!   `{"conversations": [{"from", "value"}, …]}`. The model is scored on what the assistant says.
 //! - **text**: plain text whose documents are separated by blank lines (the `--format text`
 //!   export, or any pre-training text). The model is scored on every token of a document.
+//! - **pairs**: tab-separated lines such as the starter corpus's Tanaka sentence pairs
+//!   (`japanese<TAB>english`); every field is a short document of its own.
 //!
 //! A malformed line is an error naming the file and the line: an evaluation on silently
 //! shortened data would compare figures that are not comparable.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +30,8 @@ pub enum DataFormat {
     Chat,
     /// Blank-line separated documents; loss on every token.
     Text,
+    /// Tab-separated lines (`.tsv`), each field a document; loss on every token.
+    Pairs,
 }
 
 impl DataFormat {
@@ -34,14 +39,19 @@ impl DataFormat {
         match self {
             DataFormat::Chat => "chat",
             DataFormat::Text => "text",
+            DataFormat::Pairs => "pairs",
         }
     }
 
-    /// The format a file name implies: `.jsonl` / `.json` are chat, `.txt` is text.
+    /// The format a file name implies: `.jsonl` / `.json` are chat, `.txt` is text, `.tsv`
+    /// is pairs, each also with `.gz` after it.
     pub fn from_path(path: &Path) -> Option<Self> {
-        match path.extension()?.to_str()? {
+        let name = path.file_name()?.to_str()?;
+        let name = name.strip_suffix(".gz").unwrap_or(name);
+        match name.rsplit_once('.')?.1 {
             "jsonl" | "json" => Some(DataFormat::Chat),
             "txt" => Some(DataFormat::Text),
+            "tsv" => Some(DataFormat::Pairs),
             _ => None,
         }
     }
@@ -98,13 +108,24 @@ impl Dataset {
                     path: path.to_path_buf(),
                     line: 0,
                     reason: "cannot tell the format from the extension (.jsonl for chat, .txt \
-                             for text): pass --format chat or --format text"
+                             for text, .tsv for pairs): pass --format"
                         .into(),
                 })
             }
         };
-        let bytes = std::fs::read(path).map_err(|e| EvalError::io(path, e))?;
+        let mut bytes = std::fs::read(path).map_err(|e| EvalError::io(path, e))?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
+        if path.extension().is_some_and(|e| e == "gz") {
+            let mut plain = Vec::new();
+            flate2::read::MultiGzDecoder::new(bytes.as_slice())
+                .read_to_end(&mut plain)
+                .map_err(|e| EvalError::Data {
+                    path: path.to_path_buf(),
+                    line: 0,
+                    reason: format!("not a readable gzip file: {e}"),
+                })?;
+            bytes = plain;
+        }
         let text = String::from_utf8(bytes).map_err(|e| EvalError::Data {
             path: path.to_path_buf(),
             line: 0,
@@ -117,6 +138,7 @@ impl Dataset {
                 reason,
             })?,
             DataFormat::Text => parse_text(&text),
+            DataFormat::Pairs => parse_pairs(&text),
         };
         Ok(Dataset {
             path: path.to_path_buf(),
@@ -212,6 +234,17 @@ fn parse_text(text: &str) -> Vec<Example> {
     }
     if !current.is_empty() {
         examples.push(document(start, &current));
+    }
+    examples
+}
+
+/// Every non-empty field of every line, as a document of its own.
+fn parse_pairs(text: &str) -> Vec<Example> {
+    let mut examples = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        for field in line.split('\t').map(str::trim).filter(|f| !f.is_empty()) {
+            examples.push(document(i + 1, &[field]));
+        }
     }
     examples
 }

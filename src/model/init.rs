@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use super::chat_template::TokenizerConfig;
 use super::config::{GenerationConfig, LlamaConfig, TokenIds};
 use super::onnx_export::{export_onnx, ExportOptions};
-use super::tokenizer::{builtin_text, train_byte_level_bpe, BOS_TOKEN, IM_END};
+use super::tokenizer::{builtin_text, train_byte_level_bpe, TextTokenizer, BOS_TOKEN, IM_END};
 use super::weights::{tensor_specs, LlamaWeights, Param};
 use super::{
     write_json, ModelError, CONFIG_FILE, GENERATION_CONFIG_FILE, ONNX_FILE, TOKENIZER_FILE,
@@ -49,39 +49,12 @@ fn standard_normal(rng: &mut impl Rng) -> f32 {
 /// size of the embedding; the tokenizer trained on the built-in text may be smaller, in which
 /// case the extra rows are padding that generation never picks.
 pub fn init_model_dir(
-    mut config: LlamaConfig,
+    config: LlamaConfig,
     seed: u64,
     out: &Path,
 ) -> Result<LlamaConfig, ModelError> {
-    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let tokenizer = train_byte_level_bpe(builtin_text().lines(), config.vocab_size)?;
-    config.vocab_size = config.vocab_size.max(tokenizer.vocab_size());
-    let id = |t: &str| {
-        tokenizer.token_to_id(t).ok_or_else(|| {
-            ModelError::Tokenize(format!("special token {t} missing after training"))
-        })
-    };
-    let (bos, eos) = (id(BOS_TOKEN)?, id(IM_END)?);
-    config.bos_token_id = Some(bos);
-    config.eos_token_id = Some(TokenIds::One(eos));
-    config.validate()?;
-
-    tokenizer.save(&out.join(TOKENIZER_FILE))?;
-    let mut tokenizer_config = TokenizerConfig::chatml();
-    tokenizer_config.set_model_max_length(config.max_position_embeddings);
-    tokenizer_config.save(out)?;
-    write_json(&out.join(CONFIG_FILE), &config)?;
-    let generation = GenerationConfig {
-        bos_token_id: Some(bos),
-        eos_token_id: Some(TokenIds::Many(vec![eos, bos])),
-        do_sample: Some(true),
-        temperature: Some(0.7),
-        top_k: Some(40),
-        top_p: Some(0.9),
-        repetition_penalty: Some(1.1),
-        max_new_tokens: Some(256),
-    };
-    write_json(&out.join(GENERATION_CONFIG_FILE), &generation)?;
+    let config = write_model_files(config, &tokenizer, TokenizerConfig::chatml(), out)?;
     let weights = random_weights(&config, seed);
     weights.save(&out.join(super::WEIGHTS_FILE))?;
     export_onnx(
@@ -91,4 +64,53 @@ pub fn init_model_dir(
         &ExportOptions::default(),
     )?;
     Ok(config)
+}
+
+/// Writes everything of a model directory but the weights: `tokenizer.json`,
+/// `tokenizer_config.json` (with the context length as `model_max_length`), `config.json` and
+/// `generation_config.json`. `config` is completed for `tokenizer` first: the vocabulary is at
+/// least the tokenizer's, and the BOS and end-of-turn (`<|im_end|>`) ids are the tokenizer's.
+/// Returns the completed config.
+pub fn write_model_files(
+    mut config: LlamaConfig,
+    tokenizer: &TextTokenizer,
+    mut tokenizer_config: TokenizerConfig,
+    out: &Path,
+) -> Result<LlamaConfig, ModelError> {
+    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+    config.vocab_size = config.vocab_size.max(tokenizer.vocab_size());
+    let id = |t: &str| {
+        tokenizer
+            .token_to_id(t)
+            .ok_or_else(|| ModelError::Tokenize(format!("the tokenizer has no special token {t}")))
+    };
+    let (bos, eos) = (id(BOS_TOKEN)?, id(IM_END)?);
+    config.bos_token_id = Some(bos);
+    config.eos_token_id = Some(TokenIds::One(eos));
+    config.validate()?;
+
+    tokenizer.save(&out.join(TOKENIZER_FILE))?;
+    tokenizer_config.set_model_max_length(config.max_position_embeddings);
+    tokenizer_config.save(out)?;
+    write_json(&out.join(CONFIG_FILE), &config)?;
+    write_json(
+        &out.join(GENERATION_CONFIG_FILE),
+        &default_generation_config(bos, eos),
+    )?;
+    Ok(config)
+}
+
+/// The sampling defaults a new model directory gets: stop at the end of the turn (or a stray
+/// BOS), moderate temperature with top-k / top-p, and a mild repetition penalty.
+pub fn default_generation_config(bos: u32, eos: u32) -> GenerationConfig {
+    GenerationConfig {
+        bos_token_id: Some(bos),
+        eos_token_id: Some(TokenIds::Many(vec![eos, bos])),
+        do_sample: Some(true),
+        temperature: Some(0.7),
+        top_k: Some(40),
+        top_p: Some(0.9),
+        repetition_penalty: Some(1.1),
+        max_new_tokens: Some(256),
+    }
 }

@@ -99,6 +99,10 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), Mod
 
 /// Finds the ONNX graph of a model directory: `model.onnx`, or `onnx/model.onnx` as some
 /// Hugging Face repositories lay it out.
+///
+/// A directory with `config.json` and `model.safetensors` but no graph gets its `model.onnx`
+/// exported here, once: the default model in the repository ships only its weights, since the
+/// graph would hold a second copy of them.
 pub fn find_onnx(dir: &Path) -> Result<PathBuf, ModelError> {
     let candidates = [ONNX_FILE, "onnx/model.onnx"];
     for c in candidates {
@@ -112,6 +116,19 @@ pub fn find_onnx(dir: &Path) -> Result<PathBuf, ModelError> {
             path: dir.to_path_buf(),
             reason: "no such directory".into(),
         });
+    }
+    if dir.join(CONFIG_FILE).is_file() && dir.join(WEIGHTS_FILE).is_file() {
+        let config = load_config(dir)?;
+        let weights = LlamaWeights::load(&config, &dir.join(WEIGHTS_FILE))?;
+        let path = dir.join(ONNX_FILE);
+        tracing::info!(path = %path.display(), "no ONNX graph yet: exporting it from the weights");
+        onnx_export::export_onnx(
+            &config,
+            &weights,
+            &path,
+            &onnx_export::ExportOptions::default(),
+        )?;
+        return Ok(path);
     }
     Err(ModelError::NotAModelDir {
         path: dir.to_path_buf(),

@@ -70,7 +70,10 @@ pub fn export_onnx(
         move_initializers_to_file(&mut model, &data_path)?;
     }
     let bytes = prost::Message::encode_to_vec(&model);
-    std::fs::write(path, bytes).map_err(|e| ModelError::io(path, e))
+    // Written aside and renamed, so a reader never sees half a graph.
+    let tmp = path.with_extension("onnx.tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 
 /// Builds the `ModelProto` of a Llama decoder with its weights inline.

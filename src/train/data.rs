@@ -4,8 +4,10 @@
 //! **What is learned.** A chat example (what `kaiwa export-corpus` writes) is rendered with the
 //! model's own chat template, exactly as the eval scores it and the bot prompts it
 //! ([`SequenceBuilder`]), and the loss is on the assistant's message contents *and the
-//! end-of-turn token after each*, so the model learns when to stop. With `pretrain`, a text
-//! document is learned whole, after the BOS token.
+//! end-of-turn token after each*, so the model learns when to stop. A text document (plain
+//! text, sentence pairs) is learned whole, after the BOS token, so chat data and text can be
+//! mixed in one run. With `pretrain`, chat examples are learned whole too (every token after
+//! the first, the user's turns and the template's markup included).
 //!
 //! **Packing.** Examples are concatenated in a seeded order and cut into rows of `context + 1`
 //! tokens (inputs are the first `context`, targets the last `context`), so no compute goes to
@@ -25,11 +27,14 @@ use crate::eval::heldout::{Prepared, SequenceBuilder};
 use crate::model::ModelError;
 
 /// What the loss is taken on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Objective {
-    /// Chat fine-tuning: the assistant's contents and end-of-turn tokens.
+    /// Chat fine-tuning: the assistant's contents and end-of-turn tokens (text documents whole).
     Chat,
-    /// Plain text: every token.
+    /// Every token of every example.
     Pretrain,
 }
 
@@ -64,17 +69,17 @@ pub fn tokens_of(
     eos: u32,
 ) -> Result<Result<Tokens, String>, ModelError> {
     let is_chat = matches!(example.content, ExampleContent::Chat(_));
-    if objective == Objective::Chat && !is_chat {
-        return Ok(Err(
-            "a text document in chat training (use --objective pretrain)".into(),
-        ));
-    }
     let seq = match builder.prepare(example)? {
         Prepared::Ready(seq) => seq,
         Prepared::Skipped(reason) => return Ok(Err(reason)),
     };
     let mut ids = seq.tokens;
     let mut learn = seq.scored;
+    if objective == Objective::Pretrain {
+        for (i, flag) in learn.iter_mut().enumerate() {
+            *flag = i > 0;
+        }
+    }
     if is_chat {
         // The end-of-turn token after every assistant message is learned too; the rendering
         // stops at the last content, so its end-of-turn token is appended.
@@ -285,17 +290,31 @@ mod tests {
     }
 
     #[test]
-    fn text_documents_are_learned_whole_and_refused_in_chat_training() {
+    fn text_documents_are_learned_whole_under_both_objectives() {
         let (b, eos, _) = builder();
         let doc = Example {
             line: 1,
             content: ExampleContent::Text("今日はいい天気ですね。".into()),
             language: None,
         };
-        assert!(tokens_of(&b, &doc, Objective::Chat, eos).unwrap().is_err());
-        let t = tokens_of(&b, &doc, Objective::Pretrain, eos)
+        for objective in [Objective::Chat, Objective::Pretrain] {
+            let t = tokens_of(&b, &doc, objective, eos).unwrap().unwrap();
+            assert!(t.learn.iter().skip(1).all(|&l| l));
+            assert_ne!(t.ids.last(), Some(&eos), "no end-of-turn after a document");
+        }
+    }
+
+    #[test]
+    fn pretraining_on_a_conversation_learns_every_token_but_the_first() {
+        let (b, eos, _) = builder();
+        let ex = chat(1, &[("user", "こんにちは"), ("assistant", "どうも")]);
+        let chat_only = tokens_of(&b, &ex, Objective::Chat, eos).unwrap().unwrap();
+        let whole = tokens_of(&b, &ex, Objective::Pretrain, eos)
             .unwrap()
             .unwrap();
-        assert!(t.learn.iter().skip(1).all(|&l| l));
+        assert_eq!(chat_only.ids, whole.ids);
+        assert!(!whole.learn[0]);
+        assert!(whole.learn.iter().skip(1).all(|&l| l));
+        assert!(chat_only.learn.iter().filter(|&&l| l).count() < whole.ids.len() - 1);
     }
 }

@@ -1,10 +1,10 @@
 //! The Llama decoder as a trainable burn module.
 //!
-//! The same architecture as `model::reference` (RMSNorm, rotate-half RoPE, grouped-query causal
+//! The same architecture as [`crate::model::reference`] (RMSNorm, rotate-half RoPE, grouped-query causal
 //! attention, SwiGLU MLP, optionally tied embeddings), written with differentiable tensor ops so
 //! burn's autodiff can train it. The struct fields are named like the Hugging Face modules, so a
 //! parameter's module path *is* its tensor name in `model.safetensors`
-//! (`model.layers.0.self_attn.q_proj.weight`); `weights.rs` relies on that.
+//! (`model.layers.0.self_attn.q_proj.weight`); [`super::convert`] relies on that.
 //!
 //! Linear weights are kept in the Hugging Face layout `[out_features, in_features]` and applied
 //! as `x · Wᵀ`; the Flex backend multiplies the transposed view without copying it.
@@ -13,83 +13,10 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
-/// The architecture of a Llama-family decoder: the fields of `config.json` the forward pass uses.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub vocab: usize,
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub max_pos: usize,
-    pub rms_eps: f64,
-    pub rope_theta: f64,
-    pub tie_embeddings: bool,
-}
-
-impl Config {
-    /// kaiwa's `small` preset: 256 wide, 4 layers, 4 heads, vocab 8192 (about 7 M parameters).
-    pub fn small() -> Self {
-        Config {
-            vocab: 8192,
-            hidden: 256,
-            intermediate: 688,
-            layers: 4,
-            heads: 4,
-            kv_heads: 4,
-            max_pos: 512,
-            rms_eps: 1e-5,
-            rope_theta: 10_000.0,
-            tie_embeddings: false,
-        }
-    }
-
-    /// kaiwa's `tiny` preset: grouped-query attention and tied embeddings, for tests.
-    pub fn tiny() -> Self {
-        Config {
-            vocab: 512,
-            hidden: 64,
-            intermediate: 176,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            max_pos: 256,
-            rms_eps: 1e-5,
-            rope_theta: 10_000.0,
-            tie_embeddings: true,
-        }
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
-    }
-
-    /// The number of trainable parameters (a tied head counts once).
-    pub fn parameter_count(&self) -> usize {
-        let (h, i, v) = (self.hidden, self.intermediate, self.vocab);
-        let kv = self.kv_heads * self.head_dim();
-        let per_layer = 2 * h + 2 * h * h + 2 * kv * h + 3 * h * i;
-        let head = if self.tie_embeddings { 0 } else { v * h };
-        v * h + self.layers * per_layer + h + head
-    }
-
-    /// Training FLOPs for one token of a `context`-long sequence: 6 per weight multiply (forward
-    /// and backward; the embedding lookup is not a multiply) plus causal attention, where the
-    /// two `T×T` products cost `6 · 2 · layers · hidden · T/2` averaged over the positions.
-    pub fn train_flops_per_token(&self, context: usize) -> f64 {
-        let matmul_params = self.parameter_count()
-            - if self.tie_embeddings {
-                0
-            } else {
-                self.vocab * self.hidden
-            };
-        let attention = 6.0 * self.layers as f64 * self.hidden as f64 * context as f64;
-        6.0 * matmul_params as f64 + attention
-    }
-}
+use crate::model::weights::Param as WeightParam;
+use crate::model::{LlamaConfig, LlamaWeights};
 
 /// A weight applied as `x · Wᵀ`, stored `[out_features, in_features]` like `torch.nn.Linear`.
 #[derive(Module, Debug)]
@@ -98,9 +25,9 @@ pub struct Projection {
 }
 
 impl Projection {
-    fn init(out_features: usize, in_features: usize, device: &Device) -> Self {
+    fn new(weight: &WeightParam, device: &Device) -> Self {
         Projection {
-            weight: normal_param([out_features, in_features], device),
+            weight: param(weight, device),
         }
     }
 
@@ -118,9 +45,9 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn init(hidden: usize, eps: f64, device: &Device) -> Self {
+    fn new(gain: &WeightParam, eps: f64, device: &Device) -> Self {
         RmsNorm {
-            weight: Param::from_tensor(Tensor::ones([hidden], device)),
+            weight: param(gain, device),
             eps,
         }
     }
@@ -156,7 +83,7 @@ pub struct Attention {
 impl Attention {
     /// `[batch·time, hidden] → [batch·time, hidden]`, causal within each sequence.
     fn forward(&self, x: Tensor<2>, batch: usize, rope: &Rope) -> Tensor<2> {
-        let [rows, hidden] = x.dims();
+        let [rows, _] = x.dims();
         let time = rows / batch;
         let dim = self.q_proj.weight.dims()[0] / self.heads;
         // [b·t, heads·dim] → [b, heads, t, dim]
@@ -173,7 +100,7 @@ impl Attention {
         };
         let context = attention(q, k, v, None, None, options);
         self.o_proj
-            .forward(context.swap_dims(1, 2).reshape([rows, hidden]))
+            .forward(context.swap_dims(1, 2).reshape([rows, self.heads * dim]))
     }
 
     /// Shares each key/value head with `heads / kv_heads` query heads (grouped-query attention).
@@ -242,12 +169,13 @@ pub struct Rope {
 }
 
 impl Rope {
-    fn new(config: &Config, device: &Device) -> Self {
+    fn new(config: &LlamaConfig, device: &Device) -> Self {
         let dim = config.head_dim();
         let half = dim / 2;
-        let mut cos = vec![0.0f32; config.max_pos * dim];
-        let mut sin = vec![0.0f32; config.max_pos * dim];
-        for pos in 0..config.max_pos {
+        let max_pos = config.max_position_embeddings;
+        let mut cos = vec![0.0f32; max_pos * dim];
+        let mut sin = vec![0.0f32; max_pos * dim];
+        for pos in 0..max_pos {
             for i in 0..half {
                 let inv_freq = 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64);
                 let angle = pos as f64 * inv_freq;
@@ -257,7 +185,7 @@ impl Rope {
                 }
             }
         }
-        let table = |data| Tensor::from_data(TensorData::new(data, [config.max_pos, dim]), device);
+        let table = |data| Tensor::from_data(TensorData::new(data, [max_pos, dim]), device);
         Rope {
             cos: table(cos),
             sin: table(sin),
@@ -287,45 +215,42 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// A freshly initialised model: every matrix drawn from N(0, 0.02²) (Hugging Face's
-    /// `initializer_range`), norm gains one. Seed the device first (`device.seed(..)`) for a
-    /// reproducible draw.
-    pub fn init(config: &Config, device: &Device) -> Self {
-        assert!(
-            config.heads.is_multiple_of(config.kv_heads)
-                && config.hidden.is_multiple_of(config.heads),
-            "heads must divide hidden and be a multiple of kv_heads"
-        );
-        let (h, i) = (config.hidden, config.intermediate);
-        let dim = config.head_dim();
-        let layers = (0..config.layers)
-            .map(|_| DecoderLayer {
-                input_layernorm: RmsNorm::init(h, config.rms_eps, device),
+    /// The model holding `weights` (validated against `config` when they were built), with
+    /// every parameter trainable. A fresh run starts from [`crate::model::init::random_weights`],
+    /// the seeded initialisation `kaiwa init-model` uses; fine-tuning starts from a model
+    /// directory's `model.safetensors`.
+    pub fn from_weights(config: &LlamaConfig, weights: &LlamaWeights, device: &Device) -> Self {
+        let eps = config.rms_norm_eps;
+        let layers = weights
+            .layers
+            .iter()
+            .map(|w| DecoderLayer {
+                input_layernorm: RmsNorm::new(&w.input_layernorm, eps, device),
                 self_attn: Attention {
-                    q_proj: Projection::init(config.heads * dim, h, device),
-                    k_proj: Projection::init(config.kv_heads * dim, h, device),
-                    v_proj: Projection::init(config.kv_heads * dim, h, device),
-                    o_proj: Projection::init(h, config.heads * dim, device),
-                    heads: config.heads,
-                    kv_heads: config.kv_heads,
+                    q_proj: Projection::new(&w.q_proj, device),
+                    k_proj: Projection::new(&w.k_proj, device),
+                    v_proj: Projection::new(&w.v_proj, device),
+                    o_proj: Projection::new(&w.o_proj, device),
+                    heads: config.num_attention_heads,
+                    kv_heads: config.kv_heads(),
                 },
-                post_attention_layernorm: RmsNorm::init(h, config.rms_eps, device),
+                post_attention_layernorm: RmsNorm::new(&w.post_attention_layernorm, eps, device),
                 mlp: Mlp {
-                    gate_proj: Projection::init(i, h, device),
-                    up_proj: Projection::init(i, h, device),
-                    down_proj: Projection::init(h, i, device),
+                    gate_proj: Projection::new(&w.gate_proj, device),
+                    up_proj: Projection::new(&w.up_proj, device),
+                    down_proj: Projection::new(&w.down_proj, device),
                 },
             })
             .collect();
         Llama {
             model: Decoder {
                 embed_tokens: Embedding {
-                    weight: normal_param([config.vocab, h], device),
+                    weight: param(&weights.embed_tokens, device),
                 },
                 layers,
-                norm: RmsNorm::init(h, config.rms_eps, device),
+                norm: RmsNorm::new(&weights.norm, eps, device),
             },
-            lm_head: (!config.tie_embeddings).then(|| Projection::init(config.vocab, h, device)),
+            lm_head: weights.lm_head.as_ref().map(|w| Projection::new(w, device)),
             rope: Rope::new(config, device),
         }
     }
@@ -370,10 +295,9 @@ impl Llama {
     }
 }
 
-fn normal_param(shape: [usize; 2], device: &Device) -> Param<Tensor<2>> {
-    Param::from_tensor(Tensor::random(
-        shape,
-        Distribution::Normal(0.0, 0.02),
-        device,
-    ))
+/// A trainable parameter holding a copy of `weight`. Its id is provisional:
+/// [`super::convert::number_params`] renumbers every parameter in module order.
+fn param<const D: usize>(weight: &WeightParam, device: &Device) -> Param<Tensor<D>> {
+    let data = TensorData::new(weight.data.clone(), weight.shape.clone());
+    Param::from_tensor(Tensor::from_data(data, device))
 }

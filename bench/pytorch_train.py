@@ -1,12 +1,16 @@
-"""The same training step as `cargo run --release --bin bench`, in PyTorch eager fp32 on the CPU.
+"""The training step of `kaiwa bench train`, in PyTorch eager fp32 on the CPU: the reference
+that kaiwa's training speed is compared with (`kaiwa bench train --pytorch` runs it).
 
-Same architecture (kaiwa's small preset: d=256, 4 layers, 4 heads, SwiGLU 688, vocab 8192,
-untied head), same batch (16 x 256), same step (forward, masked mean cross-entropy, backward,
-global-norm clipping to 1.0, AdamW betas 0.9/0.95 eps 1e-8 with weight decay 0.1 on matrices).
+Same architecture (by default kaiwa's small preset: d=256, 4 layers, 4 heads, SwiGLU 688, vocab
+8192, untied head; every size is an option), same batch (16 x 256), same step (forward, mean
+cross-entropy, backward, global-norm clipping to 1.0, AdamW betas 0.9/0.95 eps 1e-8 with weight
+decay 0.1 on matrices). Not part of the product: PyTorch is only needed to run this comparison
+(`pip install torch`).
 
-usage: python bench/pytorch_train.py [--impl manual|hf] [--threads N] [--steps 10] [--peak]
-  manual: a hand-written module with F.scaled_dot_product_attention (what the burn model does)
+usage: python3 bench/pytorch_train.py [--impl manual|hf] [--threads N] [--steps 10] [--peak]
+  manual: a hand-written module with F.scaled_dot_product_attention (what kaiwa's model does)
   hf:     transformers' LlamaForCausalLM (sdpa attention)
+The last line is `tokens_per_s N`, which `kaiwa bench train --pytorch` reads.
 """
 
 import argparse
@@ -18,7 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# kaiwa's small preset; main() replaces these from the command line.
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, EPS, THETA = 8192, 256, 688, 4, 4, 4, 1e-5, 10000.0
+TIE = False
 
 
 class RmsNorm(nn.Module):
@@ -71,6 +77,8 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
         self.norm = RmsNorm(HIDDEN)
         self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+        if TIE:
+            self.lm_head.weight = self.embed_tokens.weight
         d = HIDDEN // HEADS
         inv = 1.0 / THETA ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
         ang = torch.arange(context, dtype=torch.float64)[:, None] * inv[None, :]
@@ -122,7 +130,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peak", action="store_true")
+    ap.add_argument("--vocab", type=int, default=VOCAB)
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
+    ap.add_argument("--intermediate", type=int, default=INTER)
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--heads", type=int, default=HEADS)
+    ap.add_argument("--kv-heads", type=int, default=KV_HEADS)
+    ap.add_argument("--tie", choices=["true", "false"], default="false")
     args = ap.parse_args()
+    global VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, TIE
+    VOCAB, HIDDEN, INTER, LAYERS = args.vocab, args.hidden, args.intermediate, args.layers
+    HEADS, KV_HEADS, TIE = args.heads, args.kv_heads, args.tie == "true"
     torch.set_num_threads(args.threads)
     if args.peak:
         peak_matmul()
@@ -171,7 +189,10 @@ def main():
     cpu = time.process_time() - cpu_start
     tokens = args.batch * args.context * args.steps
     tokens_per_s = tokens / sum(times)
-    flops_per_token = 6 * (params - VOCAB * HIDDEN) + 6 * LAYERS * HIDDEN * args.context
+    # As kaiwa counts: 6 per weight multiply (the embedding lookup is none, a tied head is one),
+    # plus causal attention.
+    norms = HIDDEN * (2 * LAYERS + 1)
+    flops_per_token = 6 * (params - norms - (0 if TIE else VOCAB * HIDDEN)) + 6 * LAYERS * HIDDEN * args.context
     times.sort()
     print(
         f"timed {args.steps} steps: {tokens_per_s:.0f} tokens/s, step median {1e3 * times[len(times) // 2]:.0f} ms "
@@ -185,6 +206,7 @@ def main():
         f"achieved {flops_per_token * tokens_per_s / 1e9:.1f} GFLOP/s; "
         f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )
+    print(f"tokens_per_s {tokens_per_s:.1f}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,16 @@
 //! clipping, AdamW. The loop around it (data, evaluation, checkpoints) belongs to the caller.
 
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use std::path::Path;
+
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::loss::{cross_entropy_sum, SummedLoss};
-use crate::model::Llama;
-use crate::optim::{adamw, clip_global_norm, AdamWSettings, Schedule};
+use super::convert::number_params;
+use super::loss::{cross_entropy_sum, SummedLoss};
+use super::model::Llama;
+use super::optim::{adamw, clip_global_norm, AdamWSettings, Schedule};
+use crate::model::ModelError;
 
 /// `batch` sequences of `time` tokens, with the next-token targets and a loss mask, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,22 +25,39 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Language-model batch from `batch` rows of `time + 1` tokens: every next token counts.
+    /// Language-model batch from rows of `time + 1` tokens: every next token counts.
     pub fn from_rows(rows: &[Vec<u32>]) -> Self {
-        let time = rows[0].len() - 1;
+        let masks: Vec<Vec<bool>> = rows
+            .iter()
+            .map(|r| vec![true; r.len().saturating_sub(1)])
+            .collect();
+        let refs: Vec<(&[u32], &[bool])> = rows
+            .iter()
+            .zip(&masks)
+            .map(|(r, m)| (r.as_slice(), m.as_slice()))
+            .collect();
+        Self::from_masked(&refs)
+    }
+
+    /// A batch from rows of `time + 1` tokens, each with the `time` flags saying which targets
+    /// count (what [`super::data::pack`] makes). Every row must have the length of the first.
+    pub fn from_masked(rows: &[(&[u32], &[bool])]) -> Self {
+        let time = rows.first().map_or(0, |(r, _)| r.len().saturating_sub(1));
         let mut inputs = Vec::with_capacity(rows.len() * time);
         let mut targets = Vec::with_capacity(rows.len() * time);
-        for row in rows {
-            assert_eq!(row.len(), time + 1, "all rows must have the same length");
+        let mut mask = Vec::with_capacity(rows.len() * time);
+        for (row, flags) in rows {
+            debug_assert!(row.len() == time + 1 && flags.len() == time, "ragged rows");
             inputs.extend_from_slice(&row[..time]);
             targets.extend_from_slice(&row[1..]);
+            mask.extend_from_slice(&flags[..time]);
         }
         Batch {
             batch: rows.len(),
             time,
-            mask: vec![true; inputs.len()],
             inputs,
             targets,
+            mask,
         }
     }
 
@@ -113,7 +134,10 @@ pub struct Trainer {
 
 impl Trainer {
     /// `device` must be an autodiff device (`Device::flex().autodiff()`), the one `model` is on.
+    /// The parameters are renumbered (see [`number_params`]) so the optimizer state can be saved
+    /// and attached again.
     pub fn new(model: Llama, settings: AdamWSettings, schedule: Schedule, device: Device) -> Self {
+        let model = number_params(model);
         let optimizer = adamw(&settings, &model);
         Trainer {
             model: Some(model),
@@ -123,6 +147,56 @@ impl Trainer {
             step: 0,
             device,
         }
+    }
+
+    /// A trainer continuing from a checkpoint: `model` holds the saved weights, `optimizer`
+    /// the file [`Trainer::save_optimizer`] wrote after `steps_done` steps.
+    pub fn resume(
+        model: Llama,
+        settings: AdamWSettings,
+        schedule: Schedule,
+        device: Device,
+        optimizer: &Path,
+        steps_done: usize,
+    ) -> Result<Self, ModelError> {
+        let record = OptimizerRecord::load(optimizer).map_err(|e| ModelError::Weights {
+            path: optimizer.to_path_buf(),
+            reason: format!("optimizer state: {e}"),
+        })?;
+        if record.is_empty() && steps_done > 0 {
+            return Err(ModelError::Weights {
+                path: optimizer.to_path_buf(),
+                reason: "the optimizer state is empty".into(),
+            });
+        }
+        let model = number_params(model);
+        let optimizer = adamw(&settings, &model).load_record(record);
+        Ok(Trainer {
+            model: Some(model),
+            optimizer,
+            settings,
+            schedule,
+            step: steps_done,
+            device,
+        })
+    }
+
+    /// Writes the optimizer state (AdamW moments and step counts, burn's burnpack format).
+    pub fn save_optimizer(&self, path: &Path) -> Result<(), ModelError> {
+        self.optimizer.save(path).map_err(|e| ModelError::Weights {
+            path: path.to_path_buf(),
+            reason: format!("optimizer state: {e}"),
+        })
+    }
+
+    /// Fixes the length of the schedule (for a time budget, once the step time is known).
+    pub fn set_total_steps(&mut self, total_steps: usize) {
+        self.schedule.total_steps = total_steps;
+    }
+
+    /// The learning rate the next step will use.
+    pub fn next_lr(&self) -> f64 {
+        self.schedule.lr(self.step)
     }
 
     pub fn model(&self) -> &Llama {

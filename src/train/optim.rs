@@ -11,7 +11,7 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 
 /// Optimizer settings; `Default` is the GPT-style recipe.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWSettings {
     pub beta1: f32,
     pub beta2: f32,
@@ -36,7 +36,7 @@ impl Default for AdamWSettings {
 
 /// Linear warm-up from zero to `peak_lr` over `warmup_steps`, then a cosine decay to `min_lr`
 /// at `total_steps`, flat after that.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
     pub peak_lr: f64,
     pub min_lr: f64,
