@@ -122,6 +122,7 @@ def peak_matmul():
 
 
 def main():
+    global VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, TIE
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", choices=["manual", "hf"], default="manual")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -138,7 +139,6 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=KV_HEADS)
     ap.add_argument("--tie", choices=["true", "false"], default="false")
     args = ap.parse_args()
-    global VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, TIE
     VOCAB, HIDDEN, INTER, LAYERS = args.vocab, args.hidden, args.intermediate, args.layers
     HEADS, KV_HEADS, TIE = args.heads, args.kv_heads, args.tie == "true"
     torch.set_num_threads(args.threads)

@@ -6,9 +6,9 @@
 //!    ([`platform`] adapters, the [`bot`] core, the [`store`]).
 //! 2. **Corpus**: existing dialogue is imported into the same store and everything stored
 //!    becomes training files ([`corpus`]).
-//! 3. **Train**: a tokenizer ([`train::tokenizer`]) and the packed training data
-//!    ([`train::data`]) are here; the transformer's training loop is not yet (its tested core
-//!    is in `research/train-probe/`).
+//! 3. **Train**: a tokenizer ([`train::tokenizer`]) and the transformer, trained with burn on
+//!    the CPU ([`train::run`] is the loop: packed data from [`train::data`], checkpoints, exact
+//!    resume, metrics and a loss curve).
 //! 4. **Test**: held-out loss, bits per byte against an n-gram baseline and a conversation
 //!    suite gate a model ([`eval`]).
 //! 5. **Deploy**: the model is exported to ONNX and replies are generated through tract with a

@@ -208,30 +208,7 @@ enum BenchCommand {
     },
     /// Training speed of a preset (tokens/s and the share of the CPU's measured peak FLOP/s),
     /// and with --pytorch the same steps in PyTorch eager (bench/pytorch_train.py).
-    Train {
-        #[arg(long, value_enum, default_value = "small")]
-        preset: Preset,
-        /// Vocabulary size of the benchmark model.
-        #[arg(long, default_value_t = 8192)]
-        vocab: usize,
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        #[arg(long, default_value_t = 256)]
-        context: usize,
-        /// Forward/backward passes per step (gradient accumulation).
-        #[arg(long, default_value_t = 1)]
-        micro_batches: usize,
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// Also run bench/pytorch_train.py with the same shapes and print the ratio.
-        #[arg(long)]
-        pytorch: bool,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Train(TrainBenchArgs),
     /// Import a large synthetic Telegram export, then export the store in both modes: messages
     /// per second and peak memory of each phase.
     Corpus {
@@ -241,6 +218,33 @@ enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct TrainBenchArgs {
+    #[arg(long, value_enum, default_value = "small")]
+    preset: Preset,
+    /// Vocabulary size of the benchmark model.
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    context: usize,
+    /// Forward/backward passes per step (gradient accumulation; two at a time run side by
+    /// side on two threads).
+    #[arg(long, default_value_t = 2)]
+    micro_batches: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Also run bench/pytorch_train.py with the same shapes and print the ratio.
+    #[arg(long)]
+    pytorch: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -293,7 +297,8 @@ struct TrainArgs {
     /// Rows per optimizer step.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// Rows per forward/backward pass (gradient accumulation when smaller than --batch).
+    /// Rows per forward/backward pass (gradient accumulation when smaller than --batch)
+    /// [default: half the batch: two passes, run side by side on two threads].
     #[arg(long)]
     micro_batch: Option<usize>,
     /// Optimizer steps.
@@ -342,7 +347,7 @@ impl TrainArgs {
                 a.max_position_embeddings = self.max_positions.unwrap_or(a.max_position_embeddings);
                 a.tie_word_embeddings = self.tie_embeddings.unwrap_or(a.tie_word_embeddings);
                 Start::Fresh {
-                    architecture: a,
+                    architecture: Box::new(a),
                     tokenizer: tokenizer.clone(),
                 }
             }
@@ -356,7 +361,11 @@ impl TrainArgs {
         spec.objective = self.objective;
         spec.context = self.context;
         spec.batch_rows = self.batch;
-        spec.micro_batch_rows = self.micro_batch.unwrap_or(self.batch);
+        spec.micro_batch_rows = self.micro_batch.unwrap_or(if self.batch.is_multiple_of(2) {
+            self.batch / 2
+        } else {
+            self.batch
+        });
         spec.steps = self.steps;
         spec.time_s = self.time.map(|t| t.as_secs_f64());
         spec.peak_lr = self.lr;
@@ -907,29 +916,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench {
-            what:
-                BenchCommand::Train {
-                    preset,
-                    vocab,
-                    batch,
-                    context,
-                    micro_batches,
-                    warmup,
-                    steps,
-                    pytorch,
-                    json,
-                },
-        } => bench_train(
-            preset,
-            vocab,
-            batch,
-            context,
-            micro_batches,
-            warmup,
-            steps,
-            pytorch,
-            json,
-        )?,
+            what: BenchCommand::Train(args),
+        } => bench_train(&args)?,
         Command::Bench {
             what: BenchCommand::Corpus { messages, dir },
         } => {
@@ -981,18 +969,18 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bench_train(
-    preset: Preset,
-    vocab: usize,
-    batch: usize,
-    context: usize,
-    micro_batches: usize,
-    warmup: usize,
-    steps: usize,
-    pytorch: bool,
-    json: bool,
-) -> Result<()> {
+fn bench_train(args: &TrainBenchArgs) -> Result<()> {
+    let TrainBenchArgs {
+        preset,
+        vocab,
+        batch,
+        context,
+        micro_batches,
+        warmup,
+        steps,
+        pytorch,
+        json,
+    } = *args;
     let mut config = LlamaConfig::preset(preset);
     config.vocab_size = vocab;
     config.max_position_embeddings = config.max_position_embeddings.max(context);

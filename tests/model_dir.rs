@@ -94,8 +94,12 @@ fn generation_is_reproducible_and_streams_whole_characters() {
             .unwrap();
         (g, deltas)
     };
-    let (a, deltas) = run(1);
-    let (b, _) = run(1);
+    // A random model may end its reply at once; take the first seed that says something.
+    let seed = (1..50)
+        .find(|&s| run(s).0.new_tokens > 0)
+        .expect("some seed gives a non-empty reply");
+    let (a, deltas) = run(seed);
+    let (b, _) = run(seed);
     assert_eq!(a.text, b.text, "same seed, same reply");
     assert_eq!(deltas.concat(), a.text, "the stream is the reply");
     // Streaming never splits a character: the deltas add up to decoding all tokens at once (a
@@ -106,7 +110,7 @@ fn generation_is_reproducible_and_streams_whole_characters() {
     );
     assert_eq!(a.tokens.len(), a.new_tokens);
     assert!(a.new_tokens > 0 && a.prompt_tokens > 10);
-    let texts: Vec<String> = (2..6).map(|s| run(s).0.text).collect();
+    let texts: Vec<String> = (seed + 1..seed + 5).map(|s| run(s).0.text).collect();
     assert!(
         texts.iter().any(|t| *t != a.text),
         "different seeds should differ"

@@ -70,7 +70,7 @@ fn tiny_spec(root: &Path, steps: usize) -> RunSpec {
     architecture.max_position_embeddings = 64;
     let mut spec = RunSpec::new(
         Start::Fresh {
-            architecture,
+            architecture: Box::new(architecture),
             tokenizer: tokenizer_dir(root),
         },
         vec![chat.clone(), text],
@@ -293,4 +293,35 @@ fn bad_settings_and_data_are_clear_errors() {
 
     let err = resume(&root.path().join("nothing"), &flag, &mut Quiet).unwrap_err();
     assert!(err.to_string().contains("run.json"), "{err}");
+}
+
+#[test]
+fn a_time_budget_fixes_the_schedule_from_the_first_steps_and_stops_in_time() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("run");
+    let mut spec = tiny_spec(root.path(), 1);
+    spec.steps = None;
+    spec.time_s = Some(3.0);
+    spec.warmup_steps = 5;
+    spec.eval_every = 0;
+    spec.checkpoint_every = 0;
+    let flag = AtomicBool::new(false);
+    let summary = train(spec, &out, &flag, &mut Quiet).unwrap();
+    let stored: RunSpec = serde_json::from_str(
+        &std::fs::read_to_string(out.join(kaiwa::train::run::RUN_FILE)).unwrap(),
+    )
+    .unwrap();
+    let total = stored.total_steps.expect("the schedule's length is stored");
+    assert!(total > 5, "total {total}");
+    assert!(
+        summary.steps_done >= 5 && summary.steps_done <= total,
+        "{summary:?}"
+    );
+    // It ended because the schedule was done or the time was spent, whichever came first.
+    assert!(
+        summary.steps_done == total || summary.elapsed_s >= 3.0,
+        "{summary:?}"
+    );
+    // The validation at the end is there even with --eval-every 0.
+    assert!(curve(&out).iter().any(|c| c.1 == "val"));
 }

@@ -491,3 +491,22 @@ fn clipping_scales_all_gradients_to_the_global_norm() {
         after.1.sqrt()
     );
 }
+
+#[test]
+fn micro_batches_on_two_threads_step_exactly_like_one_thread() {
+    let config = LlamaConfig::preset(Preset::Tiny);
+    let rows = token_rows(6, 12, config.vocab_size, 50);
+    // Three micro-batches: a pair on two threads, then one alone.
+    let parts: Vec<Batch> = rows.chunks(2).map(Batch::from_rows).collect();
+    let run = |parallel: bool| {
+        let (model, device) = model(&config, 51);
+        let mut trainer = trainer(model, &device, 4, no_decay());
+        trainer.set_parallel(parallel);
+        let losses: Vec<f32> = (0..4).map(|_| trainer.step(&parts).loss).collect();
+        (losses, to_weights(trainer.model(), &config).unwrap())
+    };
+    let (la, wa) = run(true);
+    let (lb, wb) = run(false);
+    assert_eq!(la, lb);
+    assert!(wa == wb, "two threads and one gave other weights");
+}

@@ -14,6 +14,7 @@ use super::config::{GenerationConfig, LlamaConfig};
 use super::runtime::OnnxDecoder;
 use super::sampler::{Sampler, SamplingParams};
 use super::tokenizer::{StreamDecoder, TextTokenizer};
+use super::utf8::Utf8Guard;
 use super::{
     find_onnx, read_json, ModelError, CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE,
 };
@@ -101,6 +102,7 @@ pub struct Generator {
     eos_ids: Vec<u32>,
     context_len: usize,
     defaults: GenerateOptions,
+    utf8: Utf8Guard,
 }
 
 impl Generator {
@@ -155,6 +157,7 @@ impl Generator {
         Ok(Generator {
             dir: dir.to_path_buf(),
             decoder,
+            utf8: Utf8Guard::new(&tokenizer),
             tokenizer,
             template,
             eos_ids,
@@ -271,16 +274,19 @@ impl Generator {
         let mut out = StopText::new(&options.stop);
         let mut new_tokens = 0;
         let mut stop = StopReason::Length;
+        let mut owed = 0;
         while new_tokens < max_new {
             // Rows past the tokenizer's vocabulary are padding: never pick them.
             for l in logits.iter_mut().skip(text_vocab) {
                 *l = f32::NEG_INFINITY;
             }
+            self.utf8.mask(owed, &mut logits);
             let token = sampler.sample(&mut logits, &history);
             if self.eos_ids.contains(&token) {
                 stop = StopReason::Eos;
                 break;
             }
+            owed = self.utf8.advance(owed, token);
             history.push(token);
             new_tokens += 1;
             if let Some(delta) = stream.push(token)? {

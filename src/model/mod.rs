@@ -14,7 +14,9 @@ pub mod onnx_export;
 pub mod reference;
 pub mod runtime;
 pub mod sampler;
+pub mod token_bytes;
 pub mod tokenizer;
+pub mod utf8;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -15,6 +15,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::model::reference::rope_tables;
 use crate::model::weights::Param as WeightParam;
 use crate::model::{LlamaConfig, LlamaWeights};
 
@@ -161,7 +162,7 @@ pub struct Decoder {
 }
 
 /// Rotary position tables `[max_pos, head_dim]` in the rotate-half layout (frequencies repeated
-/// over both halves), as `model::reference::rope_tables` computes them.
+/// over both halves), from [`rope_tables`].
 #[derive(Module, Debug)]
 pub struct Rope {
     cos: Tensor<2>,
@@ -170,21 +171,8 @@ pub struct Rope {
 
 impl Rope {
     fn new(config: &LlamaConfig, device: &Device) -> Self {
-        let dim = config.head_dim();
-        let half = dim / 2;
-        let max_pos = config.max_position_embeddings;
-        let mut cos = vec![0.0f32; max_pos * dim];
-        let mut sin = vec![0.0f32; max_pos * dim];
-        for pos in 0..max_pos {
-            for i in 0..half {
-                let inv_freq = 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64);
-                let angle = pos as f64 * inv_freq;
-                for j in [i, i + half] {
-                    cos[pos * dim + j] = angle.cos() as f32;
-                    sin[pos * dim + j] = angle.sin() as f32;
-                }
-            }
-        }
+        let (dim, max_pos) = (config.head_dim(), config.max_position_embeddings);
+        let (cos, sin) = rope_tables(config);
         let table = |data| Tensor::from_data(TensorData::new(data, [max_pos, dim]), device);
         Rope {
             cos: table(cos),

@@ -66,7 +66,8 @@ pub const SUMMARY_FILE: &str = "summary.json";
 const OPTIMIZER_FILE: &str = "optimizer.bpk";
 const STATE_FILE: &str = "state.json";
 
-/// Steps timed to fix the total under a time budget.
+/// The fewest steps timed to fix the total under a time budget (more, up to 10, when the
+/// warm-up is longer).
 const CALIBRATION_STEPS: usize = 5;
 
 /// Errors of a training run.
@@ -108,7 +109,7 @@ pub enum Start {
     /// tokenizer), initialised from `seed`, with the tokenizer in this folder (what
     /// `kaiwa train-tokenizer` writes: `tokenizer.json`, optionally `tokenizer_config.json`).
     Fresh {
-        architecture: LlamaConfig,
+        architecture: Box<LlamaConfig>,
         tokenizer: PathBuf,
     },
     /// Continue training an existing model directory (fine-tuning), keeping its tokenizer,
@@ -137,7 +138,8 @@ pub struct RunSpec {
     pub context: usize,
     /// Rows per optimizer step.
     pub batch_rows: usize,
-    /// Rows per forward/backward pass; `batch_rows / micro_batch_rows` passes are accumulated.
+    /// Rows per forward/backward pass; `batch_rows / micro_batch_rows` passes are accumulated,
+    /// two at a time side by side on two threads.
     pub micro_batch_rows: usize,
     pub steps: Option<usize>,
     pub time_s: Option<f64>,
@@ -172,7 +174,7 @@ impl RunSpec {
             objective: Objective::Chat,
             context: 256,
             batch_rows: 16,
-            micro_batch_rows: 16,
+            micro_batch_rows: 8,
             steps: None,
             time_s: None,
             total_steps: None,
@@ -393,7 +395,7 @@ fn prepare_model_dir(
             } else {
                 TokenizerConfig::chatml()
             };
-            let mut architecture = architecture.clone();
+            let mut architecture = LlamaConfig::clone(architecture);
             architecture.vocab_size = tok.vocab_size();
             let config = write_model_files(architecture, &tok, tokenizer_config, model_dir)?;
             let weights = random_weights(&config, spec.seed);
@@ -575,10 +577,14 @@ fn run(
             if state.steps_done > 1 {
                 calibration.push(step_s);
             }
-            if calibration.len() + 1 >= CALIBRATION_STEPS {
+            // Up to 10 steps, all within the warm-up.
+            if calibration.len() + 1 >= spec.warmup_steps.clamp(CALIBRATION_STEPS, 10) {
                 let budget = time_budget.map_or(0.0, |b| b.as_secs_f64());
                 let mean = calibration.iter().sum::<f64>() / calibration.len() as f64;
-                let remaining = ((budget - state.elapsed_s) / mean).floor().max(0.0) as usize;
+                // 5 % of the time is left for validation and checkpoints.
+                let remaining = ((budget - state.elapsed_s) / (mean * 1.05))
+                    .floor()
+                    .max(0.0) as usize;
                 total = (state.steps_done + remaining).max(spec.warmup_steps + 1);
                 spec.total_steps = Some(total);
                 write_json_atomic(&out.join(RUN_FILE), &spec)?;
