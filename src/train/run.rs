@@ -603,20 +603,22 @@ fn run(
             tokens_per_s,
         );
 
-        let at = |every: usize| every > 0 && state.steps_done.is_multiple_of(every);
-        if let (true, Some(val)) = (at(spec.eval_every), &validation) {
-            let loss = validation_loss(trainer.model(), val, spec.micro_batch_rows, &device);
-            metrics.write(&Metric::Validation {
-                step: state.steps_done,
-                val_loss: loss,
-            })?;
+        if let (true, Some(val)) = (at_step(spec.eval_every, state.steps_done), &validation) {
+            let loss = validate(
+                &trainer,
+                val,
+                &spec,
+                &device,
+                state.steps_done,
+                &mut metrics,
+            )?;
             progress.note(&format!(
                 "step {}: validation loss {loss:.4}",
                 state.steps_done
             ));
             last_val = Some(loss);
         }
-        if at(spec.checkpoint_every) {
+        if at_step(spec.checkpoint_every, state.steps_done) {
             save_checkpoint(out, &trainer, &config, &state)?;
             metrics.sync()?;
             plot(out, &metrics)?;
@@ -627,11 +629,14 @@ fn run(
     // metrics read as the first part of the uninterrupted run's.
     if let (Some(val), false) = (&validation, interrupted) {
         if last_val.is_none() || !at_step(spec.eval_every, state.steps_done) {
-            let loss = validation_loss(trainer.model(), val, spec.micro_batch_rows, &device);
-            metrics.write(&Metric::Validation {
-                step: state.steps_done,
-                val_loss: loss,
-            })?;
+            let loss = validate(
+                &trainer,
+                val,
+                &spec,
+                &device,
+                state.steps_done,
+                &mut metrics,
+            )?;
             last_val = Some(loss);
         }
     }
@@ -675,6 +680,23 @@ fn run(
 
 fn at_step(every: usize, step: usize) -> bool {
     every > 0 && step.is_multiple_of(every)
+}
+
+/// The validation loss after `step`, written to the metrics.
+fn validate(
+    trainer: &Trainer,
+    data: &PackedData,
+    spec: &RunSpec,
+    device: &Device,
+    step: usize,
+    metrics: &mut MetricsFile,
+) -> Result<f32, TrainError> {
+    let loss = validation_loss(trainer.model(), data, spec.micro_batch_rows, device);
+    metrics.write(&Metric::Validation {
+        step,
+        val_loss: loss,
+    })?;
+    Ok(loss)
 }
 
 /// The micro-batches of optimizer step `step`: the next `batch_rows` rows of the epoch
