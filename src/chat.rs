@@ -14,7 +14,7 @@ pub fn run_chat(
     system: Option<&str>,
     options: &GenerateOptions,
     input: &mut dyn BufRead,
-    output: &mut dyn Write,
+    output: &mut (dyn Write + Send),
 ) -> std::io::Result<Vec<ChatMessage>> {
     let mut history: Vec<ChatMessage> = Vec::new();
     let start = |history: &mut Vec<ChatMessage>| {

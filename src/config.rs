@@ -71,6 +71,8 @@ pub struct Settings {
     pub generation: GenerateOptions,
     /// Generations running at once (each on its own thread).
     pub workers: usize,
+    /// Threads one generation's matrix products are split over (`model::threads`).
+    pub threads: usize,
     /// Replies waiting for a worker before new ones are refused.
     pub queue_capacity: usize,
     /// Minimum time between two answered messages of one user.
@@ -168,14 +170,17 @@ impl Settings {
             ),
             generation,
             workers: parse(&get, "WORKERS", 1)?,
+            threads: parse(&get, "THREADS", crate::model::threads::default_threads())?,
             queue_capacity: parse(&get, "QUEUE_CAPACITY", 32)?,
             user_cooldown: Duration::from_millis(parse(&get, "USER_COOLDOWN_MS", 1500)?),
         };
-        if settings.workers == 0 {
-            return Err(SettingsError {
-                name: "WORKERS",
-                reason: "must be at least 1".into(),
-            });
+        for (name, value) in [("WORKERS", settings.workers), ("THREADS", settings.threads)] {
+            if value == 0 {
+                return Err(SettingsError {
+                    name,
+                    reason: "must be at least 1".into(),
+                });
+            }
         }
         Ok(settings)
     }

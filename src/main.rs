@@ -104,6 +104,8 @@ enum Command {
     Chat {
         #[command(flatten)]
         model: ModelArg,
+        #[command(flatten)]
+        threads: ThreadsArg,
         #[arg(long)]
         system: Option<String>,
         #[command(flatten)]
@@ -113,6 +115,8 @@ enum Command {
     Generate {
         #[command(flatten)]
         model: ModelArg,
+        #[command(flatten)]
+        threads: ThreadsArg,
         #[arg(long)]
         prompt: String,
         #[arg(long)]
@@ -190,6 +194,8 @@ enum BenchCommand {
     Infer {
         #[command(flatten)]
         model: ModelArg,
+        #[command(flatten)]
+        threads: ThreadsArg,
         #[arg(long, default_value_t = 256)]
         prompt_tokens: usize,
         #[arg(long, default_value_t = 128)]
@@ -447,14 +453,28 @@ struct ModelArg {
     model: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct ThreadsArg {
+    /// Threads a reply's matrix products are split over [default: the cores, at most 4].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+}
+
+impl ThreadsArg {
+    fn get(&self) -> usize {
+        self.threads
+            .map_or_else(kaiwa::model::threads::default_threads, usize::from)
+    }
+}
+
 impl ModelArg {
     fn dir(&self) -> PathBuf {
         self.model.clone().unwrap_or_else(kaiwa::default_model_dir)
     }
 
-    fn load(&self) -> Result<Generator> {
+    fn load(&self, threads: &ThreadsArg) -> Result<Generator> {
         let dir = self.dir();
-        Generator::load(&dir).with_context(|| {
+        Generator::load_with_threads(&dir, threads.get()).with_context(|| {
             if dir.exists() {
                 format!("loading the model in {}", dir.display())
             } else {
@@ -802,36 +822,37 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Chat {
             model,
+            threads,
             system,
             sampling,
         } => {
-            let generator = model.load()?;
+            let generator = model.load(&threads)?;
             let options = sampling.options(&generator)?;
             let stdin = std::io::stdin();
-            let stdout = std::io::stdout();
             kaiwa::chat::run_chat(
                 &generator,
                 system.as_deref(),
                 &options,
                 &mut stdin.lock(),
-                &mut stdout.lock(),
+                // Not a lock: replies are generated, and printed, on the model's threads.
+                &mut std::io::stdout(),
             )?;
         }
         Command::Generate {
             model,
+            threads,
             prompt,
             system,
             sampling,
         } => {
-            let generator = model.load()?;
+            let generator = model.load(&threads)?;
             let options = sampling.options(&generator)?;
             let mut messages = Vec::new();
             if let Some(s) = system {
                 messages.push(ChatMessage::system(s));
             }
             messages.push(ChatMessage::user(prompt));
-            let stdout = std::io::stdout();
-            let mut out = stdout.lock();
+            let mut out = std::io::stdout();
             let generation = generator.generate(&messages, &options, &mut |delta| {
                 out.write_all(delta.as_bytes())
                     .and_then(|_| out.flush())
@@ -946,13 +967,16 @@ fn run(cli: Cli) -> Result<()> {
                     new_tokens,
                     repeats,
                     ort,
+                    threads,
                     ort_threads,
                     json,
                 },
         } => {
             let dir = model.dir();
-            let report = kaiwa::bench::bench_infer(&dir, prompt_tokens, new_tokens, repeats)
-                .with_context(|| format!("benchmarking {}", dir.display()))?;
+            let threads = threads.get();
+            let report =
+                kaiwa::bench::bench_infer(&dir, prompt_tokens, new_tokens, repeats, threads)
+                    .with_context(|| format!("benchmarking {}", dir.display()))?;
             print_report(&report, json)?;
             if ort {
                 let ort = run_ort_bench(&dir, prompt_tokens, new_tokens, repeats, ort_threads)?;

@@ -75,6 +75,42 @@ fn init_model_writes_the_hugging_face_layout() {
     );
 }
 
+/// A directory shipped without `model.onnx` (as `models/kaiwa` is) gets it exported on first
+/// load; several loads racing for it all succeed, see a whole graph, and leave no temporary file.
+#[test]
+fn a_missing_graph_is_exported_on_first_load_even_by_several_loaders_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = init_tiny(dir.path());
+    let graph = dir.path().join("model.onnx");
+    let original = std::fs::read(&graph).unwrap();
+    for _ in 0..2 {
+        std::fs::remove_file(&graph).unwrap();
+        let barrier = std::sync::Barrier::new(4);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    barrier.wait();
+                    let generator = Generator::load_with_threads(dir.path(), 1).unwrap();
+                    assert_eq!(generator.decoder().vocab_size(), config.vocab_size);
+                });
+            }
+        });
+        assert_eq!(
+            std::fs::read(&graph).unwrap(),
+            original,
+            "same weights, same graph"
+        );
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.contains("tmp")),
+            "temporary files left: {names:?}"
+        );
+    }
+}
+
 #[test]
 fn generation_is_reproducible_and_streams_whole_characters() {
     let dir = tempfile::tempdir().unwrap();

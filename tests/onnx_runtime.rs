@@ -14,27 +14,55 @@ use support::*;
 const TOLERANCE: f32 = 1e-4;
 
 /// Prefill `prefill` tokens, then decode the rest one at a time; every position's logits must
-/// match the reference forward pass over the whole sequence.
+/// match the reference forward pass over the whole sequence, on one thread and on two.
 fn check_against_reference(config: &LlamaConfig, options: &ExportOptions, prefill: usize) {
     let dir = tempfile::tempdir().unwrap();
     let weights = write_onnx(dir.path(), config, 11, options);
+    let toks = tokens(prefill + 12, config.vocab_size, 1);
+    let expected = ReferenceModel::new(config, &weights).forward(&toks);
+    for threads in [1, 2] {
+        eprintln!("{threads} thread(s)");
+        check_decoder(
+            dir.path(),
+            config,
+            options,
+            threads,
+            &toks,
+            prefill,
+            &expected,
+        );
+    }
+}
+
+fn check_decoder(
+    dir: &std::path::Path,
+    config: &LlamaConfig,
+    options: &ExportOptions,
+    threads: usize,
+    toks: &[u32],
+    prefill: usize,
+    expected: &[Vec<f32>],
+) {
     let fallback = (config.kv_heads(), config.head_dim());
-    let decoder =
-        Arc::new(OnnxDecoder::load(&dir.path().join("model.onnx"), Some(fallback)).unwrap());
+    let decoder = Arc::new(
+        OnnxDecoder::load_with_threads(&dir.join("model.onnx"), Some(fallback), threads).unwrap(),
+    );
+    assert_eq!(decoder.threads(), threads);
     assert_eq!(decoder.takes_position_ids(), options.position_ids);
     assert_eq!(decoder.num_layers(), config.num_hidden_layers);
     assert_eq!(decoder.vocab_size(), config.vocab_size);
 
-    let toks = tokens(prefill + 12, config.vocab_size, 1);
-    let expected = ReferenceModel::new(config, &weights).forward(&toks);
     let mut session = decoder.session().unwrap();
-    let mut got = session.forward_all(&toks[..prefill]).unwrap();
-    for &t in &toks[prefill..] {
-        got.extend(session.forward_all(&[t]).unwrap());
-    }
+    let got = decoder.parallel(|| {
+        let mut got = session.forward_all(&toks[..prefill]).unwrap();
+        for &t in &toks[prefill..] {
+            got.extend(session.forward_all(&[t]).unwrap());
+        }
+        got
+    });
     assert_eq!(session.past_len(), toks.len());
     let mut worst = 0.0f32;
-    for (pos, (g, e)) in got.iter().zip(&expected).enumerate() {
+    for (pos, (g, e)) in got.iter().zip(expected).enumerate() {
         let d = max_abs_diff(g, e);
         assert!(d < TOLERANCE, "position {pos}: max abs diff {d}");
         worst = worst.max(d);
@@ -47,6 +75,73 @@ fn check_against_reference(config: &LlamaConfig, options: &ExportOptions, prefil
         "logit spread {spread} is too small for a meaningful check"
     );
     eprintln!("worst difference {worst:e} over {} positions", toks.len());
+}
+
+/// Greedy decoding of `steps` tokens inside `parallel`; returns every step's logits.
+fn greedy_logits(decoder: &Arc<OnnxDecoder>, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let mut session = decoder.session().unwrap();
+    decoder.parallel(|| {
+        let mut all = vec![session.forward(prompt).unwrap()];
+        for _ in 0..steps {
+            let next = kaiwa::model::sampler::argmax(all.last().unwrap());
+            all.push(session.forward(&[next]).unwrap());
+        }
+        all
+    })
+}
+
+/// The thread pool only splits each product over rows, so the logits are the same bits as on
+/// one thread; two generations at once share the pool (one gets it, the other runs on its own
+/// thread) and neither changes the other's result.
+#[test]
+fn two_threads_give_the_same_logits_as_one_and_generations_can_overlap() {
+    let config = mha_untied_config();
+    let dir = tempfile::tempdir().unwrap();
+    write_onnx(dir.path(), &config, 5, &ExportOptions::default());
+    let path = dir.path().join("model.onnx");
+    let one = Arc::new(OnnxDecoder::load_with_threads(&path, None, 1).unwrap());
+    let two = Arc::new(OnnxDecoder::load_with_threads(&path, None, 2).unwrap());
+    let prompts = [
+        tokens(17, config.vocab_size, 4),
+        tokens(9, config.vocab_size, 5),
+    ];
+    let expected: Vec<_> = prompts.iter().map(|p| greedy_logits(&one, p, 20)).collect();
+    assert_eq!(greedy_logits(&two, &prompts[0], 20), expected[0]);
+
+    for _ in 0..3 {
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let handles: Vec<_> = prompts
+            .iter()
+            .cloned()
+            .map(|prompt| {
+                let (two, barrier) = (Arc::clone(&two), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    greedy_logits(&two, &prompt, 20)
+                })
+            })
+            .collect();
+        for (handle, want) in handles.into_iter().zip(&expected) {
+            assert_eq!(&handle.join().unwrap(), want);
+        }
+    }
+}
+
+/// A panic inside `parallel` reaches the caller and leaves the pool usable.
+#[test]
+fn a_panic_inside_parallel_leaves_the_pool_usable() {
+    let config = tiny_config();
+    let dir = tempfile::tempdir().unwrap();
+    write_onnx(dir.path(), &config, 6, &ExportOptions::default());
+    let decoder =
+        Arc::new(OnnxDecoder::load_with_threads(&dir.path().join("model.onnx"), None, 2).unwrap());
+    let prompt = tokens(8, config.vocab_size, 7);
+    let before = greedy_logits(&decoder, &prompt, 3);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decoder.parallel(|| panic!("boom"))
+    }));
+    assert!(caught.is_err());
+    assert_eq!(greedy_logits(&decoder, &prompt, 3), before);
 }
 
 #[test]

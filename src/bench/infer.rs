@@ -2,7 +2,8 @@
 //!
 //! The workload is fixed so that `bench/onnxruntime_decode.py` can replay it exactly in ONNX
 //! Runtime: batch 1, a prompt of `prompt_tokens` ids `(i * 7919 + 13) % vocab`, then greedy
-//! decoding of `new_tokens` tokens, one at a time with the KV cache.
+//! decoding of `new_tokens` tokens, one at a time with the KV cache. Both run inside
+//! [`OnnxDecoder::parallel`], as a generation does.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -37,16 +38,18 @@ pub fn bench_prompt(len: usize, vocab: usize) -> Vec<u32> {
     (0..len).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
-/// Runs the benchmark on the ONNX graph of a model directory.
+/// Runs the benchmark on the ONNX graph of a model directory, with tract's products on
+/// `threads` threads.
 pub fn bench_infer(
     dir: &Path,
     prompt_tokens: usize,
     new_tokens: usize,
     repeats: usize,
+    threads: usize,
 ) -> Result<InferReport, ModelError> {
     let onnx = find_onnx(dir)?;
     let fallback = load_config(dir).ok().map(|c| (c.kv_heads(), c.head_dim()));
-    let decoder = Arc::new(OnnxDecoder::load(&onnx, fallback)?);
+    let decoder = Arc::new(OnnxDecoder::load_with_threads(&onnx, fallback, threads)?);
     if let Some(ctx) = load_config(dir).ok().map(|c| c.max_position_embeddings) {
         if prompt_tokens + new_tokens > ctx {
             return Err(ModelError::Invalid(format!(
@@ -63,7 +66,7 @@ pub fn bench_infer(
     for _ in 0..repeats.max(1) {
         let mut session = decoder.session()?;
         let t = Instant::now();
-        session.forward(&prompt)?;
+        decoder.parallel(|| session.forward(&prompt))?;
         prefills.push(t.elapsed().as_secs_f64() * 1e3);
     }
     prefills.sort_by(f64::total_cmp);
@@ -73,18 +76,22 @@ pub fn bench_infer(
     let mut tokens = Vec::new();
     for _ in 0..repeats.max(1) {
         let mut session = decoder.session()?;
-        let mut logits = session.forward(&prompt)?;
-        tokens.clear();
-        let t = Instant::now();
-        for _ in 0..new_tokens {
-            let next = argmax(&logits);
-            tokens.push(next);
-            logits = session.forward(&[next])?;
-        }
-        best_rate = best_rate.max(new_tokens as f64 / t.elapsed().as_secs_f64());
+        let (rate, greedy) = decoder.parallel(|| -> Result<_, ModelError> {
+            let mut logits = session.forward(&prompt)?;
+            let mut greedy = Vec::with_capacity(new_tokens);
+            let t = Instant::now();
+            for _ in 0..new_tokens {
+                let next = argmax(&logits);
+                greedy.push(next);
+                logits = session.forward(&[next])?;
+            }
+            Ok((new_tokens as f64 / t.elapsed().as_secs_f64(), greedy))
+        })?;
+        best_rate = best_rate.max(rate);
+        tokens = greedy;
     }
     Ok(InferReport {
-        runtime: "tract".into(),
+        runtime: format!("tract(threads={})", decoder.threads()),
         model: onnx.display().to_string(),
         prompt_tokens,
         new_tokens,

@@ -83,12 +83,13 @@ impl Bot {
 
     /// Loads the model directory again and swaps it in; replies in progress finish on the old one.
     pub async fn reload_model(&self) -> Result<Arc<Generator>, crate::model::ModelError> {
-        let dir = self.settings.model_dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || Generator::load(&dir))
-            .await
-            .map_err(|e| {
-                crate::model::ModelError::Invalid(format!("model loading panicked: {e}"))
-            })??;
+        let (dir, threads) = (self.settings.model_dir.clone(), self.settings.threads);
+        let loaded =
+            tokio::task::spawn_blocking(move || Generator::load_with_threads(&dir, threads))
+                .await
+                .map_err(|e| {
+                    crate::model::ModelError::Invalid(format!("model loading panicked: {e}"))
+                })??;
         let loaded = Arc::new(loaded);
         *self.model.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&loaded);
         Ok(loaded)

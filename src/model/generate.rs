@@ -13,6 +13,7 @@ use super::chat_template::{ChatMessage, ChatTemplate, TokenizerConfig};
 use super::config::{GenerationConfig, LlamaConfig};
 use super::runtime::OnnxDecoder;
 use super::sampler::{Sampler, SamplingParams};
+use super::threads::default_threads;
 use super::tokenizer::{StreamDecoder, TextTokenizer};
 use super::utf8::Utf8Guard;
 use super::{
@@ -107,8 +108,14 @@ pub struct Generator {
 
 impl Generator {
     /// Loads a model directory: `tokenizer.json`, the chat template, the ONNX graph, and
-    /// `config.json` / `generation_config.json` when present.
+    /// `config.json` / `generation_config.json` when present. Generations run on
+    /// [`default_threads`] threads.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_with_threads(dir, default_threads())
+    }
+
+    /// [`Generator::load`], with generations on `threads` threads (1: on the calling thread).
+    pub fn load_with_threads(dir: &Path, threads: usize) -> Result<Self, ModelError> {
         if !dir.is_dir() {
             return Err(ModelError::NotAModelDir {
                 path: dir.to_path_buf(),
@@ -130,7 +137,7 @@ impl Generator {
         )?;
         let onnx = find_onnx(dir)?;
         let fallback = config.as_ref().map(|c| (c.kv_heads(), c.head_dim()));
-        let decoder = Arc::new(OnnxDecoder::load(&onnx, fallback)?);
+        let decoder = Arc::new(OnnxDecoder::load_with_threads(&onnx, fallback, threads)?);
 
         let mut eos_ids: Vec<u32> = generation
             .eos_token_id
@@ -249,14 +256,26 @@ impl Generator {
     }
 
     /// Generates a reply to `messages`, calling `on_delta` with each new piece of text.
-    /// `on_delta` returns `false` to stop early.
+    /// `on_delta` returns `false` to stop early. The model's matrix products run on the
+    /// decoder's threads ([`OnnxDecoder::parallel`]), so `on_delta` may be called from one of
+    /// them.
     pub fn generate(
         &self,
         messages: &[ChatMessage],
         options: &GenerateOptions,
-        on_delta: &mut dyn FnMut(&str) -> bool,
+        on_delta: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, ModelError> {
         options.sampling.validate()?;
+        self.decoder
+            .parallel(|| self.generate_here(messages, options, on_delta))
+    }
+
+    fn generate_here(
+        &self,
+        messages: &[ChatMessage],
+        options: &GenerateOptions,
+        on_delta: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Generation, ModelError> {
         let (prompt, dropped) = self.prompt_tokens(messages, options.max_new_tokens)?;
         let room = self.context_len.saturating_sub(prompt.len());
         let max_new = options.max_new_tokens.min(room);

@@ -14,6 +14,7 @@ pub mod onnx_export;
 pub mod reference;
 pub mod runtime;
 pub mod sampler;
+pub mod threads;
 pub mod token_bytes;
 pub mod tokenizer;
 pub mod utf8;

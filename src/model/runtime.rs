@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{DimLike, Factoid};
 
+use super::threads::{default_threads, StepPool};
 use super::ModelError;
 
 /// How the graph's inputs and outputs map onto the convention.
@@ -33,17 +34,32 @@ struct Binding {
 #[derive(Debug)]
 pub struct OnnxDecoder {
     path: PathBuf,
-    plan: Arc<TypedRunnableModel>,
+    /// The graph for any number of new tokens (prompts).
+    prefill: Arc<TypedRunnableModel>,
+    /// The same graph specialised to one new token (decoding).
+    decode: Arc<TypedRunnableModel>,
     binding: Binding,
     kv_heads: usize,
     head_dim: usize,
     vocab_size: usize,
+    /// Threads for the matrix products, when more than one.
+    pool: Option<StepPool>,
 }
 
 impl OnnxDecoder {
-    /// Loads and optimises an ONNX graph. `fallback` supplies `(kv_heads, head_dim)` when the
-    /// graph leaves them symbolic (usually they are concrete in the graph).
+    /// Loads and optimises an ONNX graph, to run on [`default_threads`] threads. `fallback`
+    /// supplies `(kv_heads, head_dim)` when the graph leaves them symbolic (usually they are
+    /// concrete in the graph).
     pub fn load(path: &Path, fallback: Option<(usize, usize)>) -> Result<Self, ModelError> {
+        Self::load_with_threads(path, fallback, default_threads())
+    }
+
+    /// [`OnnxDecoder::load`] with an explicit number of threads (1: no thread pool).
+    pub fn load_with_threads(
+        path: &Path,
+        fallback: Option<(usize, usize)>,
+        threads: usize,
+    ) -> Result<Self, ModelError> {
         if !path.is_file() {
             return Err(ModelError::NotAModelDir {
                 path: path.to_path_buf(),
@@ -114,7 +130,20 @@ impl OnnxDecoder {
                 .map_err(load_err)?;
             }
         }
-        let typed = model.into_optimized().map_err(load_err)?;
+        // Two plans from one analysis: a general one for prompts, and one with the sequence
+        // length fixed to 1 for decoding. With `S` known, tract picks its AVX-512 matrix-vector
+        // kernels and packs the weights for them, where a symbolic `S` makes it share one
+        // weight packing between a matrix kernel and a slower 256-bit matrix-vector kernel.
+        let typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(load_err)?;
+        let one_token = std::collections::HashMap::from([(s, 1.to_dim())]);
+        let decode = typed
+            .set_symbols(&one_token)
+            .and_then(|m| m.into_optimized())
+            .map_err(load_err)?;
+        let typed = typed.into_optimized().map_err(load_err)?;
         let vocab_size = typed
             .output_fact(binding.logits)
             .ok()
@@ -123,15 +152,33 @@ impl OnnxDecoder {
                 path: path.to_path_buf(),
                 reason: "the vocabulary size (last axis of `logits`) is not a known number".into(),
             })?;
-        let plan = typed.into_runnable().map_err(load_err)?;
+        let prefill = typed.into_runnable().map_err(load_err)?;
+        let decode = decode.into_runnable().map_err(load_err)?;
         Ok(OnnxDecoder {
             path: path.to_path_buf(),
-            plan,
+            prefill,
+            decode,
             binding,
             kv_heads,
             head_dim,
             vocab_size,
+            pool: StepPool::new(threads)?,
         })
+    }
+
+    /// Threads the matrix products run on inside [`OnnxDecoder::parallel`].
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, StepPool::threads)
+    }
+
+    /// Runs `f`, typically a whole generation with a [`DecoderSession`] of this decoder, with
+    /// the graph's matrix products split over the decoder's threads (see `model::threads`).
+    /// Outside it, sessions run on the calling thread alone.
+    pub fn parallel<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.run(f),
+            None => f(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -163,13 +210,14 @@ impl OnnxDecoder {
     pub fn session(self: &Arc<Self>) -> Result<DecoderSession, ModelError> {
         let empty = Tensor::zero::<f32>(&[1, self.kv_heads, 0, self.head_dim])
             .map_err(|e| ModelError::Inference(format!("{e:#}")))?;
-        let state = self
-            .plan
-            .spawn()
-            .map_err(|e| ModelError::Inference(format!("{e:#}")))?;
+        let spawn = |plan: &Arc<TypedRunnableModel>| {
+            plan.spawn()
+                .map_err(|e| ModelError::Inference(format!("{e:#}")))
+        };
         Ok(DecoderSession {
             decoder: Arc::clone(self),
-            state,
+            prefill_state: spawn(&self.prefill)?,
+            decode_state: spawn(&self.decode)?,
             past: vec![(empty.clone(), empty); self.num_layers()],
             past_len: 0,
         })
@@ -179,7 +227,8 @@ impl OnnxDecoder {
 /// One sequence being decoded: the KV cache and the number of tokens it covers.
 pub struct DecoderSession {
     decoder: Arc<OnnxDecoder>,
-    state: TypedSimpleState,
+    prefill_state: TypedSimpleState,
+    decode_state: TypedSimpleState,
     past: Vec<(Tensor, Tensor)>,
     past_len: usize,
 }
@@ -243,7 +292,12 @@ impl DecoderSession {
             .into_iter()
             .map(|t| t.ok_or_else(|| ModelError::Inference("unbound input".into())))
             .collect::<Result<_, _>>()?;
-        let mut outputs = match self.state.run(inputs) {
+        let state = if n == 1 {
+            &mut self.decode_state
+        } else {
+            &mut self.prefill_state
+        };
+        let mut outputs = match state.run(inputs) {
             Ok(o) => o,
             Err(e) => {
                 // The cache was moved into the failed run: start over rather than decode garbage.
