@@ -6,6 +6,7 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use kaiwa::bench::train::random_token_rows;
 use kaiwa::model::init::random_weights;
 use kaiwa::model::onnx_export::{export_onnx, ExportOptions};
 use kaiwa::model::reference::ReferenceModel;
@@ -38,25 +39,6 @@ fn model(config: &LlamaConfig, seed: u64) -> (Llama, Device) {
     let device = device();
     let weights = random_weights(config, seed);
     (Llama::from_weights(config, &weights, &device), device)
-}
-
-/// Deterministic pseudo-random token rows of `time + 1` tokens.
-fn token_rows(rows: usize, time: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..rows)
-        .map(|_| {
-            (0..=time)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((state >> 33) % vocab as u64) as u32
-                })
-                .collect()
-        })
-        .collect()
 }
 
 fn ids(tokens: &[u32]) -> Vec<i64> {
@@ -126,7 +108,7 @@ impl ModuleVisitor for GradCheck<'_> {
 fn every_parameter_receives_a_finite_nonzero_gradient() {
     for config in tiny_configs() {
         let (model, device) = model(&config, 2);
-        let batch = Batch::from_rows(&token_rows(2, 12, config.vocab_size, 3));
+        let batch = Batch::from_rows(&random_token_rows(2, 12, config.vocab_size, 3));
         let inputs =
             Tensor::<2, Int>::from_data(TensorData::new(ids(&batch.inputs), [2, 12]), &device);
         let targets =
@@ -173,7 +155,7 @@ fn logits_match_the_reference_forward_pass() {
     for config in tiny_configs() {
         let weights = random_weights(&config, 4);
         let (model, device) = model(&config, 4);
-        let tokens = token_rows(1, 19, config.vocab_size, 5).remove(0);
+        let tokens = random_token_rows(1, 19, config.vocab_size, 5).remove(0);
         let got = burn_logits(&model, &tokens, &device);
         let expected = ReferenceModel::new(&config, &weights).forward(&tokens);
         for (g, e) in got.iter().zip(&expected) {
@@ -213,7 +195,7 @@ fn train(model: Llama, device: &Device, batches: &[Batch], steps: usize) -> (Tra
 fn tract_on_the_exported_onnx_agrees_with_the_trained_model() {
     for config in tiny_configs() {
         let (model, device) = model(&config, 30);
-        let batch = Batch::from_rows(&token_rows(4, 16, config.vocab_size, 31));
+        let batch = Batch::from_rows(&random_token_rows(4, 16, config.vocab_size, 31));
         let (trainer, losses) = train(model, &device, std::slice::from_ref(&batch), 40);
         assert!(losses[39] < losses[0] - 1.0, "trained: {losses:?}");
         let weights: LlamaWeights = to_weights(trainer.model(), &config).unwrap();
@@ -222,7 +204,7 @@ fn tract_on_the_exported_onnx_agrees_with_the_trained_model() {
         export_onnx(&config, &weights, &path, &ExportOptions::default()).unwrap();
         let decoder = std::sync::Arc::new(OnnxDecoder::load(&path, None).unwrap());
 
-        let tokens = token_rows(1, 23, config.vocab_size, 32).remove(0);
+        let tokens = random_token_rows(1, 23, config.vocab_size, 32).remove(0);
         let expected = burn_logits(trainer.model(), &tokens, &device);
         let mut session = decoder.session().unwrap();
         let prefill = session.forward_all(&tokens).unwrap();
@@ -243,7 +225,7 @@ fn tract_on_the_exported_onnx_agrees_with_the_trained_model() {
 fn a_tiny_batch_is_overfit() {
     let config = LlamaConfig::preset(Preset::Tiny);
     let (model, device) = model(&config, 9);
-    let batch = Batch::from_rows(&token_rows(4, 16, config.vocab_size, 10));
+    let batch = Batch::from_rows(&random_token_rows(4, 16, config.vocab_size, 10));
     let (trainer, losses) = train(model, &device, std::slice::from_ref(&batch), 300);
     let last = batch_loss(trainer.model(), &batch, &device);
     assert!(
@@ -258,7 +240,7 @@ fn a_tiny_batch_is_overfit() {
 fn masked_out_targets_do_not_change_the_loss() {
     let config = LlamaConfig::preset(Preset::Tiny);
     let (model, device) = model(&config, 11);
-    let mut batch = Batch::from_rows(&token_rows(2, 8, config.vocab_size, 12));
+    let mut batch = Batch::from_rows(&random_token_rows(2, 8, config.vocab_size, 12));
     for i in 0..batch.mask.len() {
         batch.mask[i] = i % 3 == 0;
     }
@@ -277,7 +259,7 @@ fn masked_out_targets_do_not_change_the_loss() {
 #[test]
 fn two_micro_batches_step_like_one_batch() {
     let config = LlamaConfig::preset(Preset::Tiny);
-    let rows = token_rows(4, 12, config.vocab_size, 14);
+    let rows = random_token_rows(4, 12, config.vocab_size, 14);
     let mut whole = Batch::from_rows(&rows);
     // Uneven masks, so a per-micro-batch mean would weight tokens differently.
     for i in 0..whole.mask.len() {
@@ -314,7 +296,7 @@ fn the_same_seed_repeats_a_training_run_bit_for_bit() {
     let config = LlamaConfig::preset(Preset::Tiny);
     let run = || {
         let (model, device) = model(&config, 15);
-        let batch = Batch::from_rows(&token_rows(4, 32, config.vocab_size, 16));
+        let batch = Batch::from_rows(&random_token_rows(4, 32, config.vocab_size, 16));
         let (trainer, losses) = train(model, &device, &[batch], 5);
         (losses, to_weights(trainer.model(), &config).unwrap())
     };
@@ -327,7 +309,7 @@ fn the_same_seed_repeats_a_training_run_bit_for_bit() {
 #[test]
 fn a_saved_optimizer_state_continues_the_run_exactly() {
     let config = LlamaConfig::preset(Preset::Tiny);
-    let batch = Batch::from_rows(&token_rows(4, 16, config.vocab_size, 40));
+    let batch = Batch::from_rows(&random_token_rows(4, 16, config.vocab_size, 40));
     let batches = std::slice::from_ref(&batch);
     let (model_a, device) = model(&config, 41);
     let mut straight = trainer(model_a, &device, 8, no_decay());
@@ -370,7 +352,7 @@ fn a_saved_optimizer_state_continues_the_run_exactly() {
 fn selecting_masked_rows_gives_the_masked_mean_loss() {
     let config = LlamaConfig::preset(Preset::Tiny);
     let (model, device) = model(&config, 17);
-    let mut batch = Batch::from_rows(&token_rows(3, 10, config.vocab_size, 18));
+    let mut batch = Batch::from_rows(&random_token_rows(3, 10, config.vocab_size, 18));
     for i in 0..batch.mask.len() {
         batch.mask[i] = i % 4 != 1 && i > 2;
     }
@@ -418,7 +400,7 @@ fn the_fused_loss_gradient_equals_the_plain_one() {
 
 fn one_step(config: &LlamaConfig, settings: AdamWSettings) -> LlamaWeights {
     let (model, device) = model(config, 21);
-    let batch = Batch::from_rows(&token_rows(2, 8, config.vocab_size, 22));
+    let batch = Batch::from_rows(&random_token_rows(2, 8, config.vocab_size, 22));
     let schedule = Schedule {
         peak_lr: 1e-2,
         min_lr: 1e-2,
@@ -469,7 +451,7 @@ impl ModuleVisitor for GradNorm<'_> {
 fn clipping_scales_all_gradients_to_the_global_norm() {
     let config = LlamaConfig::preset(Preset::Tiny);
     let (model, device) = model(&config, 23);
-    let batch = Batch::from_rows(&token_rows(2, 8, config.vocab_size, 24));
+    let batch = Batch::from_rows(&random_token_rows(2, 8, config.vocab_size, 24));
     let inputs = Tensor::<2, Int>::from_data(TensorData::new(ids(&batch.inputs), [2, 8]), &device);
     let targets = Tensor::<1, Int>::from_data(TensorData::new(ids(&batch.targets), [16]), &device);
     let loss = cross_entropy_sum(model.forward_flat(inputs), targets).for_backward;
@@ -495,7 +477,7 @@ fn clipping_scales_all_gradients_to_the_global_norm() {
 #[test]
 fn micro_batches_on_two_threads_step_exactly_like_one_thread() {
     let config = LlamaConfig::preset(Preset::Tiny);
-    let rows = token_rows(6, 12, config.vocab_size, 50);
+    let rows = random_token_rows(6, 12, config.vocab_size, 50);
     // Three micro-batches: a pair on two threads, then one alone.
     let parts: Vec<Batch> = rows.chunks(2).map(Batch::from_rows).collect();
     let run = |parallel: bool| {

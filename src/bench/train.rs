@@ -85,7 +85,7 @@ pub fn bench_train(
         total_steps: 1000,
     };
     let mut trainer = Trainer::new(model, AdamWSettings::default(), schedule, device);
-    let rows = token_rows(batch, context, config.vocab_size);
+    let rows = random_token_rows(batch, context, config.vocab_size, 1);
     let micro = micro_batches.clamp(1, batch.max(1));
     let per = batch.div_ceil(micro);
     let batches: Vec<Batch> = rows.chunks(per).map(Batch::from_rows).collect();
@@ -140,17 +140,21 @@ pub fn peak_matmul_gflops() -> f64 {
     2.0 * (n * n * n) as f64 / best / 1e9
 }
 
-/// The benchmark batch: `rows` rows of `context + 1` pseudo-random ids (the same LCG as
-/// `bench/pytorch_train.py` would need no match: only the shapes matter for speed).
-fn token_rows(rows: usize, context: usize, vocab: usize) -> Vec<Vec<u32>> {
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+/// `rows` rows of `len + 1` pseudo-random token ids below `vocab`, the same for the same `seed`
+/// (a 64-bit LCG): the benchmark's batch, where only the shapes matter for speed, and the
+/// training tests' inputs.
+pub fn random_token_rows(rows: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let next = |state: u64| {
+        state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+    };
+    let mut state = next(seed);
     (0..rows)
         .map(|_| {
-            (0..=context)
+            (0..=len)
                 .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
+                    state = next(state);
                     ((state >> 33) % vocab.max(1) as u64) as u32
                 })
                 .collect()
