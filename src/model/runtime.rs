@@ -34,10 +34,7 @@ struct Binding {
 #[derive(Debug)]
 pub struct OnnxDecoder {
     path: PathBuf,
-    /// The graph for any number of new tokens (prompts).
-    prefill: Arc<TypedRunnableModel>,
-    /// The same graph specialised to one new token (decoding).
-    decode: Arc<TypedRunnableModel>,
+    plan: Arc<TypedRunnableModel>,
     binding: Binding,
     kv_heads: usize,
     head_dim: usize,
@@ -130,20 +127,7 @@ impl OnnxDecoder {
                 .map_err(load_err)?;
             }
         }
-        // Two plans from one analysis: a general one for prompts, and one with the sequence
-        // length fixed to 1 for decoding. With `S` known, tract picks its AVX-512 matrix-vector
-        // kernels and packs the weights for them, where a symbolic `S` makes it share one
-        // weight packing between a matrix kernel and a slower 256-bit matrix-vector kernel.
-        let typed = model
-            .into_typed()
-            .and_then(|m| m.into_decluttered())
-            .map_err(load_err)?;
-        let one_token = std::collections::HashMap::from([(s, 1.to_dim())]);
-        let decode = typed
-            .set_symbols(&one_token)
-            .and_then(|m| m.into_optimized())
-            .map_err(load_err)?;
-        let typed = typed.into_optimized().map_err(load_err)?;
+        let typed = model.into_optimized().map_err(load_err)?;
         let vocab_size = typed
             .output_fact(binding.logits)
             .ok()
@@ -152,12 +136,10 @@ impl OnnxDecoder {
                 path: path.to_path_buf(),
                 reason: "the vocabulary size (last axis of `logits`) is not a known number".into(),
             })?;
-        let prefill = typed.into_runnable().map_err(load_err)?;
-        let decode = decode.into_runnable().map_err(load_err)?;
+        let plan = typed.into_runnable().map_err(load_err)?;
         Ok(OnnxDecoder {
             path: path.to_path_buf(),
-            prefill,
-            decode,
+            plan,
             binding,
             kv_heads,
             head_dim,
@@ -210,14 +192,13 @@ impl OnnxDecoder {
     pub fn session(self: &Arc<Self>) -> Result<DecoderSession, ModelError> {
         let empty = Tensor::zero::<f32>(&[1, self.kv_heads, 0, self.head_dim])
             .map_err(|e| ModelError::Inference(format!("{e:#}")))?;
-        let spawn = |plan: &Arc<TypedRunnableModel>| {
-            plan.spawn()
-                .map_err(|e| ModelError::Inference(format!("{e:#}")))
-        };
+        let state = self
+            .plan
+            .spawn()
+            .map_err(|e| ModelError::Inference(format!("{e:#}")))?;
         Ok(DecoderSession {
             decoder: Arc::clone(self),
-            prefill_state: spawn(&self.prefill)?,
-            decode_state: spawn(&self.decode)?,
+            state,
             past: vec![(empty.clone(), empty); self.num_layers()],
             past_len: 0,
         })
@@ -227,8 +208,7 @@ impl OnnxDecoder {
 /// One sequence being decoded: the KV cache and the number of tokens it covers.
 pub struct DecoderSession {
     decoder: Arc<OnnxDecoder>,
-    prefill_state: TypedSimpleState,
-    decode_state: TypedSimpleState,
+    state: TypedSimpleState,
     past: Vec<(Tensor, Tensor)>,
     past_len: usize,
 }
@@ -292,12 +272,7 @@ impl DecoderSession {
             .into_iter()
             .map(|t| t.ok_or_else(|| ModelError::Inference("unbound input".into())))
             .collect::<Result<_, _>>()?;
-        let state = if n == 1 {
-            &mut self.decode_state
-        } else {
-            &mut self.prefill_state
-        };
-        let mut outputs = match state.run(inputs) {
+        let mut outputs = match self.state.run(inputs) {
             Ok(o) => o,
             Err(e) => {
                 // The cache was moved into the failed run: start over rather than decode garbage.
