@@ -208,7 +208,13 @@ fn sibling_train_file(data: &Path) -> Option<PathBuf> {
 
 /// Evaluates the model in `dir` on `inputs`.
 pub fn evaluate(dir: &Path, inputs: &Inputs) -> Result<Report, EvalError> {
-    let generator = Generator::load(dir)?;
+    // The evaluation already keeps `threads` workers busy (one window or suite case each); a
+    // model with a thread pool of its own would only add a spinning thread to them.
+    let model_threads = match worker_count(inputs.threads) {
+        1 => crate::model::threads::default_threads(),
+        _ => 1,
+    };
+    let generator = Generator::load_with_threads(dir, model_threads)?;
     let heldout = match &inputs.data {
         Some(data) => Some(heldout::evaluate(
             &generator,
@@ -281,6 +287,14 @@ pub fn run(options: &EvalOptions) -> Result<Outcome, EvalError> {
     })
 }
 
+/// The number of worker threads `threads` asks for: 0 means one per core.
+fn worker_count(threads: usize) -> usize {
+    match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// Maps `f` over `items` on `threads` threads (0: one per core), each thread with its own
 /// state from `init`. Results come back in the order of `items`; the first error (in that
 /// order) is returned, and workers stop taking new items once one has failed.
@@ -295,11 +309,7 @@ where
     R: Send,
     E: Send,
 {
-    let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    }
-    .clamp(1, items.len().max(1));
+    let threads = worker_count(threads).min(items.len().max(1));
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let results: Mutex<Vec<(usize, Result<R, E>)>> = Mutex::new(Vec::with_capacity(items.len()));
