@@ -232,6 +232,13 @@ mod tests {
     fn bad_values_name_the_setting() {
         let e = Settings::from_lookup(lookup(&[("WORKERS", "many")])).unwrap_err();
         assert_eq!(e.name, "WORKERS");
+        for (name, value) in [("WORKERS", "0"), ("THREADS", "0"), ("THREADS", "-2")] {
+            let e = Settings::from_lookup(lookup(&[(name, value)])).unwrap_err();
+            assert_eq!(e.name, name, "{name}={value}");
+        }
+        let s = Settings::from_lookup(lookup(&[("THREADS", "3")])).unwrap();
+        assert_eq!(s.threads, 3);
+        assert!(Settings::from_lookup(lookup(&[])).unwrap().threads >= 1);
         let e = Settings::from_lookup(lookup(&[("ADMIN_IDS", "telegram")])).unwrap_err();
         assert_eq!(e.name, "ADMIN_IDS");
         let e = Settings::from_lookup(lookup(&[("TOP_P", "2")])).unwrap_err();
