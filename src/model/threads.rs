@@ -20,7 +20,8 @@ use tract_linalg::multithread::{self, Executor};
 use super::ModelError;
 
 /// The number of threads a generation uses when nothing says otherwise: the machine's cores, at
-/// most 4 (the products of a small model do not split further with profit).
+/// most 4. Every extra thread spins for the whole generation; only 2 have been measured (the
+/// development machine has 2 cores), and a small model's products are too short to feed many.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
