@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The recipe of the default model, models/kaiwa: kaiwa's own pipeline, start to end, on the
-# starter corpus in data/. About 25 minutes on a quiet 2-core machine, once kaiwa is built (most
+# starter corpus in data/. About 19 minutes on a quiet 2-core machine, once kaiwa is built (most
 # of it the TRAIN_STEPS training steps). Run from anywhere:
 #
 #   bash models/recipe.sh
 #
 # 1. import the starter dialogue into a scratch SQLite store (the bot's own store format);
 # 2. export it as OpenAI `messages` JSONL with a seeded 5 % validation split (and the Japanese
-#    dialogue on its own, to weight it: it is 1 % of the dialogue);
+#    dialogue on its own, plain and under an English system prompt, to weight it 12×: it is 1 %
+#    of the dialogue);
 # 3. train the byte-level BPE tokenizer (Japanese handling on);
 # 4. train the model: the dialogue (loss on the assistant's turns) mixed with the Japanese
 #    Tanaka sentences (loss on every token), for TRAIN_STEPS steps of 16 × 256 tokens (a step
@@ -41,6 +42,10 @@ done
 step "export the corpus"
 "$KAIWA" export-corpus --out "$WORK/corpus" --mode bot --val-fraction 0.05 --seed 1
 "$KAIWA" export-corpus --out "$WORK/corpus_ja" --mode bot --val-fraction 0.05 --seed 1 --language ja
+# The Japanese dialogue once more under the English system prompt of .env.example, so that the
+# model answers a Japanese user in Japanese whatever SYSTEM_PROMPT says (evals/bot_language.yaml).
+"$KAIWA" export-corpus --out "$WORK/corpus_ja_sys" --mode bot --val-fraction 0.05 --seed 1 --language ja \
+    --system "You are kaiwa, a friendly assistant. Answer in the language you are spoken to."
 
 # The Japanese side of the Tanaka pairs (a one-column .tsv: one sentence a document). The
 # English side is left out: the dialogue already holds ten times more English.
@@ -53,7 +58,9 @@ step "train the tokenizer"
 
 step "train the model ($TRAIN_STEPS steps)"
 ja=()
-for _ in 1 2 3 4 5 6 7 8; do ja+=(--data "$WORK/corpus_ja/train.jsonl"); done
+for _ in 1 2 3 4 5 6; do
+    ja+=(--data "$WORK/corpus_ja/train.jsonl" --data "$WORK/corpus_ja_sys/train.jsonl")
+done
 "$KAIWA" train --out "$WORK/run" --tokenizer "$WORK/tokenizer" \
     --preset small --tie-embeddings true \
     --data "$WORK/corpus/train.jsonl" "${ja[@]}" --data "$WORK/tanaka_ja.tsv" \
