@@ -8,7 +8,6 @@ use tokio::task::JoinSet;
 
 use crate::bot::Bot;
 use crate::config::Settings;
-use crate::model::Generator;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 
@@ -21,12 +20,9 @@ pub async fn run(settings: Settings, mut shutdown: Shutdown) -> anyhow::Result<(
         );
     }
     let store = Store::open(&settings.database_url).await?;
-    let (dir, threads) = (settings.model_dir.clone(), settings.threads);
-    let generator =
-        tokio::task::spawn_blocking(move || Generator::load_with_threads(&dir, threads))
-            .await
-            .context("loading the model")?
-            .with_context(|| format!("loading the model in {}", settings.model_dir.display()))?;
+    let generator = crate::bot::load_model(&settings)
+        .await
+        .with_context(|| format!("loading the model in {}", settings.model_dir.display()))?;
     tracing::info!(model = %settings.model_dir.display(), database = %settings.database_url, "kaiwa starting");
     let bot = Bot::new(settings.clone(), store.clone(), Arc::new(generator));
 

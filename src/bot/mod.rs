@@ -52,6 +52,15 @@ pub struct Bot {
     cancel: Arc<AtomicBool>,
 }
 
+/// Loads the model directory of `settings` (`MODEL_DIR`, on `THREADS` threads), off the async
+/// threads: at start-up and on `/reload`.
+pub async fn load_model(settings: &Settings) -> Result<Generator, crate::model::ModelError> {
+    let (dir, threads) = (settings.model_dir.clone(), settings.threads);
+    tokio::task::spawn_blocking(move || Generator::load_with_threads(&dir, threads))
+        .await
+        .map_err(|e| crate::model::ModelError::Invalid(format!("model loading panicked: {e}")))?
+}
+
 impl Bot {
     pub fn new(settings: Settings, store: Store, model: Arc<Generator>) -> Arc<Self> {
         Arc::new(Bot {
@@ -83,14 +92,7 @@ impl Bot {
 
     /// Loads the model directory again and swaps it in; replies in progress finish on the old one.
     pub async fn reload_model(&self) -> Result<Arc<Generator>, crate::model::ModelError> {
-        let (dir, threads) = (self.settings.model_dir.clone(), self.settings.threads);
-        let loaded =
-            tokio::task::spawn_blocking(move || Generator::load_with_threads(&dir, threads))
-                .await
-                .map_err(|e| {
-                    crate::model::ModelError::Invalid(format!("model loading panicked: {e}"))
-                })??;
-        let loaded = Arc::new(loaded);
+        let loaded = Arc::new(load_model(&self.settings).await?);
         *self.model.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&loaded);
         Ok(loaded)
     }

@@ -28,7 +28,17 @@ pub fn to_weights(model: &Llama, config: &LlamaConfig) -> Result<LlamaWeights, M
 /// makes the ids of a model rebuilt from a checkpoint equal those of the model that was saved,
 /// so the saved optimizer state attaches to the right parameters on `--resume`.
 pub fn number_params(model: Llama) -> Llama {
-    model.map(&mut Numberer { next: 1 })
+    renumber(model, 1, false)
+}
+
+/// Gives the parameters of `model` the ids `first, first + 1, …` in module order. With
+/// `new_leaves`, each also becomes a new autodiff leaf over the same memory (see
+/// `train::step`'s shadow models).
+pub(crate) fn renumber(model: Llama, first: u64, new_leaves: bool) -> Llama {
+    model.map(&mut Numberer {
+        next: first,
+        new_leaves,
+    })
 }
 
 #[derive(Default)]
@@ -60,6 +70,7 @@ impl ModuleVisitor for Collector {
 
 struct Numberer {
     next: u64,
+    new_leaves: bool,
 }
 
 impl ModuleMapper for Numberer {
@@ -67,6 +78,11 @@ impl ModuleMapper for Numberer {
         let (_, value, mapper) = param.consume();
         let id = ParamId::from(self.next);
         self.next += 1;
+        let value = if self.new_leaves {
+            value.detach().require_grad()
+        } else {
+            value
+        };
         Param::from_mapped_value(id, value, mapper)
     }
 }

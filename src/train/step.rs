@@ -1,13 +1,13 @@
 //! One optimizer step: forward, masked loss, backward over one or more micro-batches, global-norm
 //! clipping, AdamW. The loop around it (data, evaluation, checkpoints) belongs to the caller.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use std::path::Path;
 
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::convert::number_params;
+use super::convert::{number_params, renumber};
 use super::loss::{cross_entropy_sum, SummedLoss};
 use super::model::Llama;
 use super::optim::{adamw, clip_global_norm, AdamWSettings, Schedule};
@@ -297,22 +297,7 @@ const SHADOW_IDS: u64 = 1 << 40;
 /// passes over the same model would run their backward passes one after the other; over the
 /// model and its shadow they run side by side.
 fn shadow(model: &Llama) -> Llama {
-    model.clone().map(&mut Shadow {
-        next: SHADOW_IDS + 1,
-    })
-}
-
-struct Shadow {
-    next: u64,
-}
-
-impl ModuleMapper for Shadow {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (_, value, mapper) = param.consume();
-        let id = ParamId::from(self.next);
-        self.next += 1;
-        Param::from_mapped_value(id, value.detach().require_grad(), mapper)
-    }
+    renumber(model.clone(), SHADOW_IDS + 1, true)
 }
 
 /// The shadow's gradients under the ids of the model's parameters (same module order).
