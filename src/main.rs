@@ -810,6 +810,7 @@ fn run(cli: Cli) -> Result<()> {
             let options = ExportOptions {
                 position_ids: !no_position_ids,
                 external_data,
+                ..Default::default()
             };
             let out = model::onnx_export::default_output(&dir);
             model::onnx_export::export_onnx(&config, &weights, &out, &options)

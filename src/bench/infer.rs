@@ -91,7 +91,15 @@ pub fn bench_infer(
         tokens = greedy;
     }
     Ok(InferReport {
-        runtime: format!("tract(threads={})", decoder.threads()),
+        runtime: format!(
+            "tract(threads={}, attention={})",
+            decoder.threads(),
+            if decoder.fused_attention() > 0 {
+                "kaiwa"
+            } else {
+                "graph"
+            }
+        ),
         model: onnx.display().to_string(),
         prompt_tokens,
         new_tokens,

@@ -6,6 +6,7 @@
 //! The runtime needs only the tokenizer files and an ONNX graph in the decoder-with-past
 //! convention of Hugging Face Optimum, so models exported by the wider ecosystem run too.
 
+pub mod attention;
 pub mod chat_template;
 pub mod config;
 pub mod generate;

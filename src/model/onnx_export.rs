@@ -8,10 +8,16 @@
 //!   `[batch, kv_heads, past, head_dim]` f32;
 //! - outputs `logits` `[batch, seq, vocab]` and `present.N.key|value`.
 //!
-//! One graph serves prefill (past = 0) and decode. The shape of the graph is chosen for tract:
-//! the causal mask is derived from the past length (`Shape(past.0.key)[2]`) so it stays
-//! symbolic, the 1/√d scale is applied to Q (not to the growing K cache), attention is
-//! `Softmax(Where(mask, QKᵀ, min))`, and each `present` output is the `Concat(past, new)` itself.
+//! One graph serves prefill (past = 0) and decode. The causal mask is derived from the past
+//! length (`Shape(past.0.key)[2]`) so it stays symbolic in tract.
+//!
+//! Each layer's attention is one standard `Attention` node (opset 23) taking the past keys and
+//! values and giving the present ones, which kaiwa's runtime runs with its own kernel
+//! (`model::attention`); ONNX Runtime 1.23 and later read it too. The other layout
+//! ([`ExportOptions::attention_op`] off, opset 17) writes attention out the way Optimum's Llama
+//! exports do, shaped for tract's general path: the 1/√d scale on Q (not on the growing K
+//! cache), `Softmax(Where(mask, QKᵀ, min))`, and each `present` output the `Concat(past, new)`
+//! itself. The runtime is tested on both.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,8 +36,15 @@ use super::reference::rope_tables;
 use super::weights::{LlamaWeights, Param};
 use super::ModelError;
 
-/// The ONNX operator set the export targets.
-pub const OPSET: i64 = 17;
+/// The ONNX operator set the export targets: 23, the first with a standard `Attention` operator.
+pub const OPSET: i64 = 23;
+/// The operator set of the decomposed layout ([`ExportOptions::attention_op`] off), which older
+/// runtimes read too.
+pub const OPSET_DECOMPOSED: i64 = 17;
+/// The ONNX IR version that goes with [`OPSET`] (ONNX 1.18).
+const IR_VERSION: i64 = 11;
+/// The IR version that goes with [`OPSET_DECOMPOSED`] (ONNX 1.12).
+const IR_VERSION_DECOMPOSED: i64 = 8;
 /// The file the weights go to when they are stored outside the graph.
 pub const EXTERNAL_DATA_FILE: &str = "model.onnx_data";
 
@@ -45,6 +58,11 @@ pub struct ExportOptions {
     /// Store the weights in `model.onnx_data` beside the graph (ONNX external data), as
     /// Optimum does for large models.
     pub external_data: bool,
+    /// Attention as one standard `Attention` node per layer (ONNX opset 23), taking the past
+    /// keys and values and giving the present ones; kaiwa's runtime runs it with its own kernel
+    /// (`model::attention`). Off: attention written out in `MatMul`, `Softmax` and `Concat`
+    /// (opset 17), the way Optimum exports Llama.
+    pub attention_op: bool,
 }
 
 impl Default for ExportOptions {
@@ -52,6 +70,7 @@ impl Default for ExportOptions {
         ExportOptions {
             position_ids: true,
             external_data: false,
+            attention_op: true,
         }
     }
 }
@@ -178,6 +197,11 @@ pub fn build_model(
     let pad4 = g.node("Unsqueeze", &[&pad, &ax12], vec![]);
     let mask = g.node("And", &[&causal4, &pad4], vec![]);
     let neg = g.const_f32_scalar("mask_min", f32::MIN);
+    // The `Attention` operator takes the mask as an additive bias.
+    let bias = options.attention_op.then(|| {
+        let zero = g.const_f32_scalar("mask_zero", 0.0);
+        g.node("Where", &[&mask, &zero, &neg], vec![])
+    });
 
     // Rotary tables gathered at the positions: [batch, 1, seq, head_dim].
     let (cos, sin) = rope_tables(config);
@@ -207,7 +231,8 @@ pub fn build_model(
     let s_mid = g.const_i64("half_mid", &[half], &[1]);
     let s_hi = g.const_i64("half_hi", &[head_dim as i64], &[1]);
     let ax3 = g.const_i64("axis3", &[3], &[1]);
-    let scale = g.const_f32_scalar("attn_scale", 1.0 / (head_dim as f32).sqrt());
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let scale_q = (!options.attention_op).then(|| g.const_f32_scalar("attn_scale", scale));
     let to_heads = |g: &mut GraphBuilder, x: &str, h: usize| {
         let shape = g.const_i64(
             &format!("shape_heads{h}"),
@@ -237,11 +262,17 @@ pub fn build_model(
     let rms_norm = |g: &mut GraphBuilder, x: &str, w: &Param, name: &str| {
         let weight = g.init_f32(name, &w.shape, &w.data);
         let sq = g.node("Mul", &[x, x], vec![]);
-        let mean = g.node(
-            "ReduceMean",
-            &[&sq],
-            vec![attr_ints("axes", &[-1]), attr_int("keepdims", 1)],
-        );
+        // Since opset 18 the axes of a reduction are an input.
+        let mean = if options.attention_op {
+            let axes = g.const_i64("axes_last", &[-1], &[1]);
+            g.node("ReduceMean", &[&sq, &axes], vec![attr_int("keepdims", 1)])
+        } else {
+            g.node(
+                "ReduceMean",
+                &[&sq],
+                vec![attr_ints("axes", &[-1]), attr_int("keepdims", 1)],
+            )
+        };
         let shifted = g.node("Add", &[&mean, &eps], vec![]);
         let rms = g.node("Sqrt", &[&shifted], vec![]);
         let normed = g.node("Div", &[x, &rms], vec![]);
@@ -291,8 +322,19 @@ pub fn build_model(
         let present_v = format!("present.{l}.value");
         let past_k = format!("past_key_values.{l}.key");
         let past_v = format!("past_key_values.{l}.value");
-        let ctx = {
-            let q = g.node("Mul", &[&q, &scale], vec![]);
+        let ctx = if let Some(bias) = &bias {
+            // Grouped-query attention is native to the operator (fewer K/V heads than Q heads).
+            let ctx = format!("/attention_{l}");
+            g.node_outputs(
+                "Attention",
+                &[&q, &k, &v, bias, &past_k, &past_v],
+                &[&ctx, &present_k, &present_v],
+                vec![attr_float("scale", scale)],
+            );
+            ctx
+        } else {
+            let scale_q = scale_q.as_deref().expect("made for this layout");
+            let q = g.node("Mul", &[&q, scale_q], vec![]);
             g.node_to(
                 "Concat",
                 &[&past_k, &k],
@@ -395,10 +437,18 @@ pub fn build_model(
         ..Default::default()
     };
     ModelProto {
-        ir_version: 8,
+        ir_version: if options.attention_op {
+            IR_VERSION
+        } else {
+            IR_VERSION_DECOMPOSED
+        },
         opset_import: vec![OperatorSetIdProto {
             domain: String::new(),
-            version: OPSET,
+            version: if options.attention_op {
+                OPSET
+            } else {
+                OPSET_DECOMPOSED
+            },
         }],
         producer_name: "kaiwa".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
@@ -521,6 +571,15 @@ impl GraphBuilder {
 
     fn const_i64_scalar(&mut self, value: i64) -> String {
         self.const_i64(&format!("scalar{value}"), &[value], &[])
+    }
+}
+
+fn attr_float(name: &str, value: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Float as i32,
+        f: value,
+        ..Default::default()
     }
 }
 

@@ -41,6 +41,8 @@ pub struct OnnxDecoder {
     vocab_size: usize,
     /// Threads for the matrix products, when more than one.
     pool: Option<StepPool>,
+    /// Attention nodes run by kaiwa's kernel (`model::attention`).
+    fused_attention: usize,
 }
 
 impl OnnxDecoder {
@@ -127,7 +129,13 @@ impl OnnxDecoder {
                 .map_err(load_err)?;
             }
         }
-        let typed = model.into_optimized().map_err(load_err)?;
+        let mut typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(load_err)?;
+        let fused = super::attention::fuse_attention(&mut typed).map_err(load_err)?;
+        tracing::debug!(path = %path.display(), fused, "attention nodes run by kaiwa's kernel");
+        let typed = typed.into_optimized().map_err(load_err)?;
         let vocab_size = typed
             .output_fact(binding.logits)
             .ok()
@@ -145,6 +153,7 @@ impl OnnxDecoder {
             head_dim,
             vocab_size,
             pool: StepPool::new(threads)?,
+            fused_attention: fused,
         })
     }
 
@@ -161,6 +170,13 @@ impl OnnxDecoder {
             Some(pool) => pool.run(f),
             None => f(),
         }
+    }
+
+    /// How many of the graph's attention nodes run through kaiwa's own kernel: every layer's
+    /// for a graph with standard `Attention` nodes (kaiwa's export), none for one that writes
+    /// attention out in `MatMul`s (which tract runs as it is).
+    pub fn fused_attention(&self) -> usize {
+        self.fused_attention
     }
 
     pub fn path(&self) -> &Path {
