@@ -99,6 +99,11 @@ enum Command {
         /// Compute positions inside the graph instead of taking a position_ids input.
         #[arg(long)]
         no_position_ids: bool,
+        /// Write attention out in MatMul/Softmax/Concat (opset 17, as Optimum does) instead of
+        /// one standard Attention node per layer (opset 23, ONNX Runtime 1.23 or later).
+        /// kaiwa runs both; the default decodes faster.
+        #[arg(long)]
+        decomposed_attention: bool,
     },
     /// Talk to a model in the terminal.
     Chat {
@@ -804,13 +809,14 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             external_data,
             no_position_ids,
+            decomposed_attention,
         } => {
             let config = model::load_config(&dir)?;
             let weights = LlamaWeights::load(&config, &dir.join(model::WEIGHTS_FILE))?;
             let options = ExportOptions {
                 position_ids: !no_position_ids,
                 external_data,
-                ..Default::default()
+                attention_op: !decomposed_attention,
             };
             let out = model::onnx_export::default_output(&dir);
             model::onnx_export::export_onnx(&config, &weights, &out, &options)
