@@ -172,6 +172,37 @@ fn graph_without_position_ids_matches_reference() {
     check_against_reference(&tiny_config(), &options, 15);
 }
 
+/// Tied embeddings larger than tract's constant-folding budget (4 MiB): the output projection
+/// gets its own copy of the table (packed once instead of every step), and the logits still
+/// match the reference.
+#[test]
+fn large_tied_embeddings_are_untied_for_the_output_projection() {
+    let mut config = tiny_config();
+    config.vocab_size = 20_000; // 20,000 × 64 × 4 bytes = 5.1 MB
+    assert!(config.tie_word_embeddings);
+    let dir = tempfile::tempdir().unwrap();
+    let weights = write_onnx(dir.path(), &config, 4, &ExportOptions::default());
+    let decoder = Arc::new(OnnxDecoder::load(&dir.path().join("model.onnx"), None).unwrap());
+    assert_eq!(decoder.untied_weights(), 1);
+    let toks = tokens(10, config.vocab_size, 5);
+    let expected = ReferenceModel::new(&config, &weights).forward(&toks);
+    check_decoder(
+        dir.path(),
+        &config,
+        &ExportOptions::default(),
+        2,
+        &toks,
+        6,
+        &expected,
+    );
+
+    // A small table is folded by tract itself and left alone.
+    let small = tempfile::tempdir().unwrap();
+    write_onnx(small.path(), &tiny_config(), 4, &ExportOptions::default());
+    let decoder = OnnxDecoder::load(&small.path().join("model.onnx"), None).unwrap();
+    assert_eq!(decoder.untied_weights(), 0);
+}
+
 /// Attention written out in `MatMul`, `Softmax` and `Concat` (opset 17), as Optimum exports
 /// Llama: tract runs it with its own operators.
 #[test]

@@ -16,6 +16,45 @@ use tract_onnx::tract_hir::internal::{DimLike, Factoid};
 use super::threads::{default_threads, StepPool};
 use super::ModelError;
 
+/// Gives each matrix product reading a large shared constant its own constant node, and
+/// returns how many it rewired.
+///
+/// tract packs a constant operand of a product once, at optimisation, unless the constant is
+/// larger than its folding budget (4 MiB) and read by other nodes too: then it packs it again on
+/// every run. Tied embeddings are that case (the table is read by the token lookup and, as the
+/// output projection, by the last product): on the default model the 8 MiB table was re-packed
+/// every decode step, a third of the step. A node of its own (sharing the same tensor) lets the
+/// product's copy be packed once, as an untied head's is; it costs the packed copy's memory.
+fn untie_shared_weights(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+    use tract_onnx::tract_core::ops::konst::Const;
+    let mut rewired = Vec::new();
+    for node in model.nodes() {
+        let Some(konst) = node.op_as::<Const>() else {
+            continue;
+        };
+        let successors = &node.outputs[0].successors;
+        let large = konst.val().len() * konst.val().datum_type().size_of()
+            > tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET as usize;
+        if successors.len() < 2 || !large {
+            continue;
+        }
+        for inlet in successors {
+            if model.node(inlet.node).op_is::<EinSum>() {
+                rewired.push((node.id, *inlet));
+            }
+        }
+    }
+    for (i, &(konst, inlet)) in rewired.iter().enumerate() {
+        let op = model.node(konst).op.clone();
+        let name = format!("{}.for_product_{i}", model.node(konst).name);
+        let fact = model.outlet_fact(konst.into())?.clone();
+        let own = model.add_node(name, op, tvec!(fact))?;
+        model.add_edge(own.into(), inlet)?;
+    }
+    Ok(rewired.len())
+}
+
 /// How the graph's inputs and outputs map onto the convention.
 #[derive(Debug, Clone)]
 struct Binding {
@@ -43,6 +82,8 @@ pub struct OnnxDecoder {
     pool: Option<StepPool>,
     /// Attention nodes run by kaiwa's kernel (`model::attention`).
     fused_attention: usize,
+    /// Products given their own copy of a shared weight (see `untie_shared_weights`).
+    untied_weights: usize,
 }
 
 impl OnnxDecoder {
@@ -134,6 +175,8 @@ impl OnnxDecoder {
             .and_then(|m| m.into_decluttered())
             .map_err(load_err)?;
         let fused = super::attention::fuse_attention(&mut typed).map_err(load_err)?;
+        let untied = untie_shared_weights(&mut typed).map_err(load_err)?;
+        tracing::debug!(path = %path.display(), untied, "shared weights given to their products");
         tracing::debug!(path = %path.display(), fused, "attention nodes run by kaiwa's kernel");
         let typed = typed.into_optimized().map_err(load_err)?;
         let vocab_size = typed
@@ -154,6 +197,7 @@ impl OnnxDecoder {
             vocab_size,
             pool: StepPool::new(threads)?,
             fused_attention: fused,
+            untied_weights: untied,
         })
     }
 
@@ -177,6 +221,12 @@ impl OnnxDecoder {
     /// attention out in `MatMul`s (which tract runs as it is).
     pub fn fused_attention(&self) -> usize {
         self.fused_attention
+    }
+
+    /// How many matrix products read a large weight that the graph shares with other nodes
+    /// (tied embeddings) and were given a copy of their own, packed once at load.
+    pub fn untied_weights(&self) -> usize {
+        self.untied_weights
     }
 
     pub fn path(&self) -> &Path {
