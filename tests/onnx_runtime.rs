@@ -259,7 +259,7 @@ fn onnxruntime_agrees_with_tract() {
             "onnxruntime is not installed for {python}; .ci/run installs it"
         );
         eprintln!(
-            "skipping: python3 with onnxruntime not available (pip install onnxruntime numpy)"
+            "skipping: python3 with onnxruntime not available (pip install 'onnxruntime>=1.23' numpy)"
         );
         return;
     }
