@@ -330,7 +330,7 @@ impl Dims {
             _ => 0,
         };
         ensure!(
-            qs[0] == ks[0] && qs[3] == ks[3],
+            qs[0] == ks[0] && qs[3] == ks[3] && qs[3] > 0,
             "q {qs:?} does not match k {ks:?} (batch, head size)"
         );
         ensure!(
@@ -406,14 +406,7 @@ impl<'a> Mask<'a> {
 }
 
 fn plain_slice<T: Datum>(tensor: &TValue) -> TractResult<&[T]> {
-    let storage = tensor
-        .as_plain_ram_storage()
-        .context("the attention mask is not in plain memory")?;
-    ensure!(tensor.datum_type() == T::datum_type());
-    let bytes = storage.as_bytes();
-    ensure!(bytes.len() >= tensor.len() * std::mem::size_of::<T>());
-    // SAFETY: the storage holds `len` values of the tensor's datum type, aligned for it.
-    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, tensor.len()) })
+    tensor.try_as_plain_ram()?.as_slice::<T>()
 }
 
 struct Job<'a> {
@@ -454,8 +447,9 @@ impl Job<'_> {
         let mut rest = out;
         for b in 0..d.batch {
             for kvh in 0..d.kv_heads {
+                // At least one task per head, even with no query rows: it writes `present`.
                 let mut first = 0;
-                while first < rows_per_head {
+                loop {
                     let rows = block.min(rows_per_head - first);
                     let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(rows * d.head_dim);
                     let present = match &mut present {
@@ -471,6 +465,9 @@ impl Job<'_> {
                     });
                     rest = tail;
                     first += rows;
+                    if first >= rows_per_head {
+                        break;
+                    }
                 }
             }
         }
@@ -502,40 +499,30 @@ impl Job<'_> {
         }
 
         let m = task.out.len() / hd;
+        if m == 0 {
+            return;
+        }
         let t = d.keys();
         let q_start = ((task.b * d.heads + task.kvh * d.group()) * d.seq + task.first) * hd;
         let q = &self.q[q_start..][..m * hd];
         let mut scores = vec![0f32; m * t];
         // Scores over the past rows, then over the new ones, into one m × t matrix.
         for (keys, rows, column) in [(past_k, d.past, 0), (new_k, d.new, d.past)] {
-            if rows == 0 {
-                continue;
-            }
-            // SAFETY: scores is m×t row-major (columns `column..column + rows` written), q is
-            // m×hd row-major, keys is rows×hd row-major, read as its transpose hd×rows.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    rows,
-                    hd,
-                    scores.as_mut_ptr().add(column),
-                    1,
-                    t as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    hd as isize,
-                    keys.as_ptr(),
-                    hd as isize,
-                    1,
-                    0.0,
-                    self.scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            // q (m × hd) times keys (rows × hd) read as its transpose (hd × rows).
+            let dst = &mut scores[column..];
+            product(
+                m,
+                rows,
+                hd,
+                dst,
+                t,
+                false,
+                q,
+                (hd, 1),
+                keys,
+                (1, hd),
+                self.scale,
+            );
         }
         for (i, row) in scores.chunks_exact_mut(t).enumerate() {
             let r = task.first + i;
@@ -552,36 +539,76 @@ impl Job<'_> {
         // out = P[:, past] · past_v + P[:, new] · new_v
         let mut accumulate = false;
         for (values, rows, column) in [(past_v, d.past, 0), (new_v, d.new, d.past)] {
-            if rows == 0 {
-                continue;
-            }
-            // SAFETY: out is m×hd row-major, scores m×t (columns `column..column + rows`
-            // read), values rows×hd row-major.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    hd,
-                    rows,
-                    task.out.as_mut_ptr(),
-                    1,
-                    hd as isize,
-                    accumulate,
-                    scores.as_ptr().add(column),
-                    1,
-                    t as isize,
-                    values.as_ptr(),
-                    1,
-                    hd as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            accumulate = true;
+            let probs = &scores[column..];
+            product(
+                m,
+                hd,
+                rows,
+                task.out,
+                hd,
+                accumulate,
+                probs,
+                (t, 1),
+                values,
+                (hd, 1),
+                1.0,
+            );
+            accumulate |= rows > 0;
         }
+    }
+}
+
+/// `dst = beta · lhs · rhs` (or `dst + beta · lhs · rhs` when `accumulate`) for an `m × k`
+/// `lhs` and a `k × n` `rhs`, each operand given by its first value and its (row, column)
+/// strides; `dst` is `m × n` with rows `dst_row` apart. Nothing happens when `k` is 0.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_row: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_row, lhs_col): (usize, usize),
+    rhs: &[f32],
+    (rhs_row, rhs_col): (usize, usize),
+    beta: f32,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let last =
+        |row: usize, col: usize, rows: usize, cols: usize| (rows - 1) * row + (cols - 1) * col;
+    assert!(
+        last(dst_row, 1, m, n) < dst.len()
+            && last(lhs_row, lhs_col, m, k) < lhs.len()
+            && last(rhs_row, rhs_col, k, n) < rhs.len(),
+        "attention product out of bounds"
+    );
+    // SAFETY: the assertion above keeps every element gemm addresses inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_col as isize,
+            lhs_row as isize,
+            rhs.as_ptr(),
+            rhs_col as isize,
+            rhs_row as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -731,8 +758,9 @@ mod tests {
         assert!(worst < 1e-5, "max abs diff {worst}");
     }
 
-    /// Decode-like and prefill-like shapes, grouped-query heads, a batch of two, and query
-    /// blocks split over several tasks (more than `ROWS_PER_TASK` rows per KV head).
+    /// Decode-like and prefill-like shapes, grouped-query heads, a batch of two, query blocks
+    /// split over several tasks (more than `ROWS_PER_TASK` rows per KV head), and no new rows
+    /// at all (the caches are still written).
     #[test]
     fn concat_mode_with_a_bias_mask_matches_the_naive_computation() {
         for (batch, heads, kv_heads, past, seq) in [
@@ -740,6 +768,7 @@ mod tests {
             (2, 4, 2, 3, 5),
             (1, 2, 1, 0, 70),
             (1, 6, 3, 40, 50),
+            (1, 2, 2, 5, 0),
         ] {
             let hd = 8;
             let q = tensor([batch, heads, seq, hd], 1);
