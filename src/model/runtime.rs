@@ -176,8 +176,12 @@ impl OnnxDecoder {
             .map_err(load_err)?;
         let fused = super::attention::fuse_attention(&mut typed).map_err(load_err)?;
         let untied = untie_shared_weights(&mut typed).map_err(load_err)?;
-        tracing::debug!(path = %path.display(), untied, "shared weights given to their products");
-        tracing::debug!(path = %path.display(), fused, "attention nodes run by kaiwa's kernel");
+        tracing::debug!(
+            path = %path.display(),
+            fused,
+            untied,
+            "attention nodes run by kaiwa's kernel; products given their own shared weight"
+        );
         let typed = typed.into_optimized().map_err(load_err)?;
         let vocab_size = typed
             .output_fact(binding.logits)
