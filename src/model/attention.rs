@@ -205,27 +205,28 @@ impl TypedOp for CacheAttention {
 /// decluttered model), taking over the `Concat`s of past and new keys and values that feed it
 /// when nothing else but the graph's outputs reads them. Returns how many nodes it replaced.
 pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
+    // What the op accepts, in its plain form, decides: f32 rank-4 q, k, v and an optional
+    // rank-4 f32 or bool mask (tract's `Sdpa` never has both a mask and `is_causal`).
+    let accepts = |node: &TypedNode| -> bool {
+        let Some(sdpa) = node.op_as::<Sdpa>() else {
+            return false;
+        };
+        let Ok(facts) = model.node_input_facts(node.id) else {
+            return false;
+        };
+        let op = CacheAttention {
+            scale: None,
+            causal: sdpa.is_causal,
+            concat: false,
+        };
+        sdpa.datum_type == f32::datum_type()
+            && !(sdpa.is_causal && facts.len() == 4)
+            && op.output_facts(&facts).is_ok()
+    };
     let targets: Vec<usize> = model
         .nodes()
         .iter()
-        .filter(|node| {
-            node.op_as::<Sdpa>().is_some_and(|sdpa| {
-                sdpa.datum_type == f32::datum_type()
-                    && (node.inputs.len() == 3 || (node.inputs.len() == 4 && !sdpa.is_causal))
-                    && node.inputs.iter().all(|&i| {
-                        model.outlet_fact(i).is_ok_and(|f| {
-                            f.rank() == 4
-                                && (f.datum_type == f32::datum_type()
-                                    || f.datum_type == bool::datum_type())
-                        })
-                    })
-                    && node.inputs[..3].iter().all(|&i| {
-                        model
-                            .outlet_fact(i)
-                            .is_ok_and(|f| f.datum_type == f32::datum_type())
-                    })
-            })
-        })
+        .filter(|node| accepts(node))
         .map(|node| node.id)
         .collect();
     for &id in &targets {
