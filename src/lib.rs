@@ -26,6 +26,7 @@ pub mod config;
 pub mod conversation;
 pub mod corpus;
 pub mod eval;
+mod kernels;
 pub mod model;
 pub mod platform;
 pub mod shutdown;

@@ -14,6 +14,7 @@
 //! split over the pool with the rest. Graphs that write attention out in `MatMul`s (Optimum's
 //! exports) are left as they are.
 
+use crate::kernels::product;
 use std::sync::Arc;
 
 use tract_linalg::multithread::{current_tract_executor, Executor};
@@ -556,60 +557,6 @@ impl Job<'_> {
             );
             accumulate |= rows > 0;
         }
-    }
-}
-
-/// `dst = beta · lhs · rhs` (or `dst + beta · lhs · rhs` when `accumulate`) for an `m × k`
-/// `lhs` and a `k × n` `rhs`, each operand given by its first value and its (row, column)
-/// strides; `dst` is `m × n` with rows `dst_row` apart. Nothing happens when `k` is 0.
-#[allow(clippy::too_many_arguments)]
-fn product(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_row: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_row, lhs_col): (usize, usize),
-    rhs: &[f32],
-    (rhs_row, rhs_col): (usize, usize),
-    beta: f32,
-) {
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    let last =
-        |row: usize, col: usize, rows: usize, cols: usize| (rows - 1) * row + (cols - 1) * col;
-    assert!(
-        last(dst_row, 1, m, n) < dst.len()
-            && last(lhs_row, lhs_col, m, k) < lhs.len()
-            && last(rhs_row, rhs_col, k, n) < rhs.len(),
-        "attention product out of bounds"
-    );
-    // SAFETY: the assertion above keeps every element gemm addresses inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_row as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_col as isize,
-            lhs_row as isize,
-            rhs.as_ptr(),
-            rhs_col as isize,
-            rhs_row as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 

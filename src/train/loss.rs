@@ -5,8 +5,9 @@
 //! the mean over the masked-in positions, so a batch's loss does not depend on how much of it is
 //! prompt.
 
-use burn::tensor::activation::softmax;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{Int, Tensor};
+
+use super::fused;
 
 /// Mean of `-log softmax(logits)[target]` over the positions where `mask` is 1.
 ///
@@ -23,12 +24,11 @@ pub fn masked_cross_entropy(
     nll.mul(mask).sum().div_scalar(masked_in.max(1) as f64)
 }
 
-/// The summed cross-entropy of a set of rows, in two parts.
+/// The summed cross-entropy of a set of rows.
 pub struct SummedLoss {
     /// `Σ -log softmax(logits)[target]`, with no autodiff graph: the number to report.
     pub value: Tensor<1>,
-    /// A scalar whose gradient with respect to the logits is that of `value`, for `backward()`.
-    /// Its own value is meaningless.
+    /// The same sum, tracked: `backward()` on it gives the gradients.
     pub for_backward: Tensor<1>,
 }
 
@@ -36,32 +36,16 @@ pub struct SummedLoss {
 /// kept only the masked-in rows (cheaper than masking, as the output projection and the
 /// softmax then skip the prompt tokens).
 ///
-/// The gradient of the summed loss with respect to the logits is `softmax(logits) - onehot`.
-/// Rather than let autodiff differentiate a chain of element-wise ops over the `[n, vocab]`
-/// logits (ten passes over the largest tensor of the step, each single-threaded on the Flex
-/// backend), that gradient `G` is computed once outside the graph with the backend's fused,
-/// parallel softmax, and `Σ logits ⊙ G` (with `G` a constant) is handed to autodiff, whose
-/// gradient is exactly `G`. This cut the loss's forward + backward from about 450 ms to about
-/// 150 ms at 4,096 × 8,192 (see the report). `masked_cross_entropy` is the plain formulation
-/// and the test reference.
+/// One fused op ([`super::fused::cross_entropy_sum`]): a single parallel pass over the
+/// `[n, vocab]` logits gives the loss and its gradient `softmax(logits) − onehot`, which the
+/// backward pass only scales. Written with autodiff's element-wise ops, the loss took about ten
+/// single-threaded passes over the largest tensor of the step. `masked_cross_entropy` is the
+/// plain formulation and the test reference.
 pub fn cross_entropy_sum(logits: Tensor<2>, targets: Tensor<1, Int>) -> SummedLoss {
-    let [n, _] = logits.dims();
-    let targets = targets.without_autodiff().reshape([n, 1]);
-    let probs = softmax(logits.clone().without_autodiff(), 1);
-    // -log p[target]; p is clamped so a hopeless prediction reports a large finite loss
-    // (about 87) instead of infinity. The gradient does not depend on the clamp.
-    let value = probs
-        .clone()
-        .gather(1, targets.clone())
-        .clamp_min(f32::MIN_POSITIVE)
-        .log()
-        .sum()
-        .neg();
-    let minus_one = Tensor::<2>::full([n, 1], -1.0, &probs.device());
-    let grad = probs.scatter(1, targets, minus_one, IndexingUpdateOp::Add);
+    let loss = fused::cross_entropy_sum(logits, targets);
     SummedLoss {
-        value,
-        for_backward: logits.mul(grad).sum(),
+        value: loss.clone().detach(),
+        for_backward: loss,
     }
 }
 

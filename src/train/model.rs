@@ -10,11 +10,9 @@
 //! as `x · Wᵀ`; the Flex backend multiplies the transposed view without copying it.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use super::fused;
 use crate::model::reference::rope_tables;
 use crate::model::weights::Param as WeightParam;
 use crate::model::{LlamaConfig, LlamaWeights};
@@ -55,14 +53,7 @@ impl RmsNorm {
 
     /// `[n, hidden] → [n, hidden]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let inv_rms = x
-            .clone()
-            .square()
-            .mean_dim(1)
-            .add_scalar(self.eps)
-            .sqrt()
-            .recip();
-        x.mul(inv_rms).mul(self.weight.val().unsqueeze_dim(0))
+        fused::rms_norm(x, self.weight.val(), self.eps as f32)
     }
 }
 
@@ -84,36 +75,20 @@ pub struct Attention {
 impl Attention {
     /// `[batch·time, hidden] → [batch·time, hidden]`, causal within each sequence.
     fn forward(&self, x: Tensor<2>, batch: usize, rope: &Rope) -> Tensor<2> {
-        let [rows, _] = x.dims();
-        let time = rows / batch;
-        let dim = self.q_proj.weight.dims()[0] / self.heads;
-        // [b·t, heads·dim] → [b, heads, t, dim]
-        let split =
-            |y: Tensor<2>, heads: usize| y.reshape([batch, time, heads, dim]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), self.heads));
-        let k = rope.apply(split(self.k_proj.forward(x.clone()), self.kv_heads));
-        let v = split(self.v_proj.forward(x), self.kv_heads);
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let context = attention(q, k, v, None, None, options);
-        self.o_proj
-            .forward(context.swap_dims(1, 2).reshape([rows, self.heads * dim]))
-    }
-
-    /// Shares each key/value head with `heads / kv_heads` query heads (grouped-query attention).
-    fn repeat_kv(&self, x: Tensor<4>) -> Tensor<4> {
-        let groups = self.heads / self.kv_heads;
-        if groups == 1 {
-            return x;
-        }
-        let [b, kv, t, d] = x.dims();
-        x.unsqueeze_dim::<5>(2)
-            .expand([b, kv, groups, t, d])
-            .reshape([b, kv * groups, t, d])
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        let context = fused::causal_attention(
+            q,
+            k,
+            v,
+            rope.cos.clone(),
+            rope.sin.clone(),
+            batch,
+            self.heads,
+            self.kv_heads,
+        );
+        self.o_proj.forward(context)
     }
 }
 
@@ -127,8 +102,9 @@ pub struct Mlp {
 impl Mlp {
     /// SwiGLU: `down(silu(gate(x)) · up(x))`.
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(fused::swiglu(gate, self.up_proj.forward(x)))
     }
 }
 
@@ -178,18 +154,6 @@ impl Rope {
             cos: table(cos),
             sin: table(sin),
         }
-    }
-
-    /// Rotates `[batch, heads, time, dim]` by the positions `0..time`.
-    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, time, dim] = x.dims();
-        let half = dim / 2;
-        let cos = self.cos.clone().narrow(0, 0, time).unsqueeze::<4>();
-        let sin = self.sin.clone().narrow(0, 0, time).unsqueeze::<4>();
-        let first = x.clone().narrow(3, 0, half);
-        let second = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        x.mul(cos).add(rotated.mul(sin))
     }
 }
 

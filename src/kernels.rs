@@ -1,0 +1,217 @@
+//! Small numeric kernels shared by the runtime's attention op and the trainer's fused ops: a
+//! strided matrix product over slices (the `gemm` crate, AVX-512 where the CPU has it) and a
+//! vectorised `exp`.
+
+/// `dst = beta · lhs · rhs` (or `dst + beta · lhs · rhs` when `accumulate`) for an `m × k`
+/// `lhs` and a `k × n` `rhs`, each operand given by its first value and its (row, column)
+/// strides; `dst` is `m × n` with rows `dst_row` apart. Nothing happens when `k` is 0.
+///
+/// Single-threaded: callers run many of these side by side.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_row: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_row, lhs_col): (usize, usize),
+    rhs: &[f32],
+    (rhs_row, rhs_col): (usize, usize),
+    beta: f32,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let last =
+        |row: usize, col: usize, rows: usize, cols: usize| (rows - 1) * row + (cols - 1) * col;
+    assert!(
+        last(dst_row, 1, m, n) < dst.len()
+            && last(lhs_row, lhs_col, m, k) < lhs.len()
+            && last(rhs_row, rhs_col, k, n) < rhs.len(),
+        "matrix product out of bounds"
+    );
+    // SAFETY: the assertion above keeps every element gemm addresses inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_col as isize,
+            lhs_row as isize,
+            rhs.as_ptr(),
+            rhs_col as isize,
+            rhs_row as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `e^x` for finite `x`, relative error under 3e-7, written so that a loop over a slice
+/// vectorises: `x = n·ln 2 + r` with `n` an integer and `|r| ≤ ln 2 / 2` (Cody and Waite's
+/// two-part `ln 2`, so `r` stays exact for large `x`), a degree-6 Taylor polynomial for `e^r`,
+/// and `2^n` built in the exponent bits. Inputs are clamped to `[-87.3, 88.3]`: below, the
+/// result is about the smallest normal (1e-38) instead of a subnormal or 0; above, about 2e38
+/// instead of infinity. NaN is not preserved.
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 = LN2_HI + LN2_LO, LN2_HI with few mantissa bits so n · LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 · 2^23: adding it rounds to an integer, kept in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.3);
+    let shifted = x * LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n_bits + 127) as u32) << 23);
+    p * scale
+}
+
+/// `x ← e^(x - shift)` for every element, returning the sum of the results: the inner loop of a
+/// softmax. See [`exp_approx`] for the accuracy.
+pub(crate) fn exp_sum_in_place(xs: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { exp_sum_avx512(xs, shift) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { exp_sum_avx2(xs, shift) };
+        }
+    }
+    exp_sum_generic(xs, shift)
+}
+
+#[inline(always)]
+fn exp_sum_generic(xs: &mut [f32], shift: f32) -> f32 {
+    // Sixteen partial sums so the additions vectorise too.
+    let mut sums = [0.0f32; 16];
+    let mut chunks = xs.chunks_exact_mut(16);
+    for chunk in &mut chunks {
+        for (x, sum) in chunk.iter_mut().zip(&mut sums) {
+            *x = exp_approx(*x - shift);
+            *sum += *x;
+        }
+    }
+    let mut total: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp_approx(*x - shift);
+        total += *x;
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn exp_sum_avx512(xs: &mut [f32], shift: f32) -> f32 {
+    exp_sum_generic(xs, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sum_avx2(xs: &mut [f32], shift: f32) -> f32 {
+    exp_sum_generic(xs, shift)
+}
+
+/// `out ← 1 / (1 + e^(-x))` for every element (the logistic sigmoid), vectorised like
+/// [`exp_sum_in_place`].
+pub(crate) fn sigmoid_into(xs: &[f32], out: &mut [f32]) {
+    debug_assert_eq!(xs.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { sigmoid_avx512(xs, out) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { sigmoid_avx2(xs, out) };
+        }
+    }
+    sigmoid_generic(xs, out)
+}
+
+#[inline(always)]
+fn sigmoid_generic(xs: &[f32], out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = 1.0 / (1.0 + exp_approx(-x));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn sigmoid_avx512(xs: &[f32], out: &mut [f32]) {
+    sigmoid_generic(xs, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sigmoid_avx2(xs: &[f32], out: &mut [f32]) {
+    sigmoid_generic(xs, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_the_standard_library() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_approx(x));
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        // Clamped ends stay finite and positive.
+        assert!(exp_approx(-1000.0) > 0.0 && exp_approx(-1000.0) < 1.3e-38);
+        assert!(exp_approx(1000.0).is_finite());
+    }
+
+    #[test]
+    fn exp_sum_covers_every_element_and_the_remainder() {
+        for len in [0, 1, 15, 16, 17, 100] {
+            let mut xs: Vec<f32> = (0..len).map(|i| i as f32 * 0.1 - 3.0).collect();
+            let want: Vec<f32> = xs.iter().map(|x| (x - 0.5).exp()).collect();
+            let sum = exp_sum_in_place(&mut xs, 0.5);
+            for (g, w) in xs.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-6 * w.abs(), "{g} vs {w}");
+            }
+            let want_sum: f32 = want.iter().sum();
+            assert!((sum - want_sum).abs() <= 1e-5 * want_sum.max(1.0));
+        }
+    }
+
+    #[test]
+    fn sigmoid_matches_the_formula() {
+        let xs: Vec<f32> = (0..100).map(|i| i as f32 * 0.37 - 18.0).collect();
+        let mut out = vec![0.0; xs.len()];
+        sigmoid_into(&xs, &mut out);
+        for (&x, &s) in xs.iter().zip(&out) {
+            let want = 1.0 / (1.0 + (-x).exp());
+            assert!((s - want).abs() <= 1e-6, "sigmoid({x}) = {s}, want {want}");
+        }
+    }
+}
