@@ -58,6 +58,62 @@ pub(crate) fn product(
     }
 }
 
+/// `lhs · rhs` as a new row-major `m × n` buffer, for an `m × k` `lhs` and a `k × n` `rhs`
+/// given by their (row, column) strides. The buffer is written once by `gemm`, never zeroed
+/// first; a large product is split over rayon's threads. The split is over output blocks, so
+/// the result does not depend on the number of threads.
+pub(crate) fn product_new(
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
+    (lhs_row, lhs_col): (usize, usize),
+    rhs: &[f32],
+    (rhs_row, rhs_col): (usize, usize),
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    let last =
+        |row: usize, col: usize, rows: usize, cols: usize| (rows - 1) * row + (cols - 1) * col;
+    assert!(
+        last(lhs_row, lhs_col, m, k) < lhs.len() && last(rhs_row, rhs_col, k, n) < rhs.len(),
+        "matrix product out of bounds"
+    );
+    let parallelism = if m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the assertion above keeps every element gemm reads inside `lhs` and `rhs`; `out`
+    // has room for the m × n result, which gemm writes in full without reading it
+    // (`read_dst` false), so every element is initialised before `set_len`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_col as isize,
+            lhs_row as isize,
+            rhs.as_ptr(),
+            rhs_col as isize,
+            rhs_row as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        out.set_len(m * n);
+    }
+    out
+}
+
 /// `e^x` for finite `x`, relative error under 3e-7, written so that a loop over a slice
 /// vectorises: `x = n·ln 2 + r` with `n` an integer and `|r| ≤ ln 2 / 2` (Cody and Waite's
 /// two-part `ln 2`, so `r` stays exact for large `x`), a degree-6 Taylor polynomial for `e^r`,
@@ -173,6 +229,45 @@ unsafe fn sigmoid_avx2(xs: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn product_new_matches_a_naive_product() {
+        // A 3 × 5 by 5 × 4 product, the right operand read transposed (column-major).
+        let (m, n, k) = (3, 4, 5);
+        let lhs: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.7).sin()).collect();
+        let rhs_t: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.3).cos()).collect();
+        let got = product_new((m, n, k), &lhs, (k, 1), &rhs_t, (1, k));
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| lhs[i * k + p] * rhs_t[j * k + p]).sum();
+                assert!((got[i * n + j] - want).abs() < 1e-5);
+            }
+        }
+        assert_eq!(
+            product_new((2, 3, 0), &[], (0, 1), &[], (3, 1)),
+            vec![0.0; 6]
+        );
+        // Large enough to be split over threads: the same as one thread.
+        let (m, n, k) = (200, 96, 64);
+        let lhs: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.01).sin()).collect();
+        let rhs: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.02).cos()).collect();
+        let split = product_new((m, n, k), &lhs, (k, 1), &rhs, (n, 1));
+        let mut whole = vec![0.0; m * n];
+        product(
+            m,
+            n,
+            k,
+            &mut whole,
+            n,
+            false,
+            &lhs,
+            (k, 1),
+            &rhs,
+            (n, 1),
+            1.0,
+        );
+        assert_eq!(split, whole);
+    }
 
     #[test]
     fn exp_matches_the_standard_library() {

@@ -30,7 +30,7 @@ use burn::backend::{backend_extension, Backend, Dispatch, Flex, TensorMetadata};
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::kernels::{exp_sum_in_place, product, sigmoid_into};
+use crate::kernels::{exp_sum_in_place, product, product_new, sigmoid_into};
 
 /// The fused ops, on Flex and on `Autodiff<Flex>`. Call them through [`rms_norm`], [`swiglu`]
 /// and [`causal_attention`].
@@ -39,6 +39,10 @@ pub trait FusedOps: Backend {
     /// `x / sqrt(mean(x²) + eps) · gain` over the rows of `x` `[n, hidden]`; `gain` is `[hidden]`.
     fn fused_rms_norm(x: FloatTensor<Self>, gain: FloatTensor<Self>, eps: f32)
         -> FloatTensor<Self>;
+
+    /// `x · weightᵀ` for `x` `[n, in]` and `weight` `[out, in]` (a linear layer in the
+    /// `torch.nn.Linear` layout): `[n, out]`.
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// `silu(gate) · up`, element-wise, for two tensors of one shape.
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -76,6 +80,14 @@ pub fn rms_norm(x: Tensor<2>, gain: Tensor<1>, eps: f32) -> Tensor<2> {
         x.into_dispatch(),
         gain.into_dispatch(),
         eps,
+    ))
+}
+
+/// `x · weightᵀ` (see [`FusedOps::fused_linear`]).
+pub fn linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::fused_linear(
+        x.into_dispatch(),
+        weight.into_dispatch(),
     ))
 }
 
@@ -216,6 +228,63 @@ fn rms_norm_backward(x: &[f32], gain: &[f32], inv_rms: &[f32], dy: &[f32]) -> (V
         }
     }
     (dx, dgain)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear layers.
+
+/// `(rows, in, out)` of a linear layer, checked.
+fn linear_dims(x: &FlexTensor, weight: &FlexTensor) -> (usize, usize, usize) {
+    let (x, w) = (dims(x), dims(weight));
+    assert!(
+        x.len() == 2 && w.len() == 2 && x[1] == w[1],
+        "linear: input {x:?} does not fit weight {w:?}"
+    );
+    (x[0], x[1], w[0])
+}
+
+/// `y = x · Wᵀ`.
+fn linear_forward(x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
+    let (rows, inputs, outputs) = linear_dims(x, weight);
+    let y = product_new(
+        (rows, outputs, inputs),
+        values(x),
+        (inputs, 1),
+        values(weight),
+        (1, inputs),
+    );
+    tensor(y, &[rows, outputs])
+}
+
+/// `(dx, dW) = (dy · W, dyᵀ · x)`.
+fn linear_backward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    dy: &FlexTensor,
+    need: (bool, bool),
+) -> (Option<FlexTensor>, Option<FlexTensor>) {
+    let (rows, inputs, outputs) = linear_dims(x, weight);
+    let dx = need.0.then(|| {
+        let dx = product_new(
+            (rows, inputs, outputs),
+            values(dy),
+            (outputs, 1),
+            values(weight),
+            (inputs, 1),
+        );
+        tensor(dx, &[rows, inputs])
+    });
+    let dw = need.1.then(|| {
+        let dw = product_new(
+            (outputs, inputs, rows),
+            values(dy),
+            (1, outputs),
+            values(x),
+            (inputs, 1),
+        );
+        tensor(dw, &[outputs, inputs])
+    });
+    (dx, dw)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,6 +777,10 @@ impl FusedOps for Flex {
         tensor(y, &shape)
     }
 
+    fn fused_linear(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        linear_forward(&contiguous(x), &contiguous(weight))
+    }
+
     fn fused_swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
         let (gate, up) = (contiguous(gate), contiguous(up));
         let shape = dims(&gate);
@@ -768,6 +841,27 @@ impl Backward<Flex, 2> for RmsNormBackward {
         }
         if let Some(node) = node_gain {
             grads.register::<Flex>(node.id, tensor(dgain, &dims(&state.gain)));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<Flex, 2> for LinearBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_weight] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let (x, weight) = ops.state;
+        let need = (node_x.is_some(), node_weight.is_some());
+        let (dx, dw) = linear_backward(&x, &weight, &dy, need);
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<Flex>(node.id, dx);
+        }
+        if let (Some(node), Some(dw)) = (node_weight, dw) {
+            grads.register::<Flex>(node.id, dw);
         }
     }
 }
@@ -860,6 +954,25 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 x.into_primitive(),
                 gain.into_primitive(),
                 eps,
+            )),
+        }
+    }
+
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        match LinearBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = contiguous(x.into_primitive());
+                let weight = contiguous(weight.into_primitive());
+                let y = linear_forward(&x, &weight);
+                prep.finish((x, weight), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::fused_linear(
+                x.into_primitive(),
+                weight.into_primitive(),
             )),
         }
     }
@@ -1038,6 +1151,20 @@ mod tests {
                     .recip();
                 x.mul(inv_rms).mul(g)
             },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn linear_matches_burn_ops() {
+        let device = device();
+        let x = random([130, 48], &device);
+        let weight = random([20, 48], &device);
+        check(
+            "linear",
+            [x, weight],
+            |[x, w]| linear(x, w),
+            |[x, w]| x.matmul(w.transpose()),
             1e-5,
         );
     }

@@ -7,7 +7,7 @@
 //! (`model.layers.0.self_attn.q_proj.weight`); [`super::convert`] relies on that.
 //!
 //! Linear weights are kept in the Hugging Face layout `[out_features, in_features]` and applied
-//! as `x · Wᵀ`; the Flex backend multiplies the transposed view without copying it.
+//! as `x · Wᵀ` by the fused linear op, which reads the weight transposed without copying it.
 
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -32,7 +32,7 @@ impl Projection {
 
     /// `[n, in] → [n, out]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        x.matmul(self.weight.val().transpose())
+        fused::linear(x, self.weight.val())
     }
 }
 
@@ -238,7 +238,7 @@ impl Llama {
     pub fn project(&self, x: Tensor<2>) -> Tensor<2> {
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => x.matmul(self.model.embed_tokens.weight.val().transpose()),
+            None => fused::linear(x, self.model.embed_tokens.weight.val()),
         }
     }
 
