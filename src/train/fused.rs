@@ -169,6 +169,11 @@ const ELEMENTS_PER_TASK: usize = 1 << 14;
 /// `(y, inv_rms)` for rows of `gain.len()` values.
 fn rms_norm_forward(x: &[f32], gain: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = gain.len();
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "rms_norm: {} values are not rows of the gain's {d}",
+        x.len()
+    );
     let mut y = vec![0.0; x.len()];
     let mut inv_rms = vec![0.0; x.len() / d];
     y.par_chunks_mut(d * ROWS_PER_TASK)
@@ -291,6 +296,7 @@ fn linear_backward(
 // SwiGLU.
 
 fn swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    assert_eq!(gate.len(), up.len(), "swiglu: gate and up differ in size");
     let mut out = vec![0.0; gate.len()];
     out.par_chunks_mut(ELEMENTS_PER_TASK)
         .zip(gate.par_chunks(ELEMENTS_PER_TASK))
