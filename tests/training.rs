@@ -492,3 +492,59 @@ fn micro_batches_on_two_threads_step_exactly_like_one_thread() {
     assert_eq!(la, lb);
     assert!(wa == wb, "two threads and one gave other weights");
 }
+
+/// kaiwa's fused AdamW takes the same steps as burn's own `AdamW` with the same settings, and
+/// continues from burn's saved state (checkpoints written before it existed).
+#[test]
+fn the_fused_adamw_steps_like_burns_adamw() {
+    use burn::optim::{AdamWConfig, ModuleOptimizer, OptimizerRecord};
+    use kaiwa::train::optim::FusedAdamW;
+
+    let config = LlamaConfig::preset(Preset::Tiny);
+    let (start, device) = model(&config, 31);
+    let settings = AdamWSettings::default();
+    let fused = |weight_decay| FusedAdamW {
+        beta_1: settings.beta1,
+        beta_2: settings.beta2,
+        epsilon: settings.eps,
+        weight_decay,
+    };
+    let burns = AdamWConfig::new()
+        .with_beta_1(settings.beta1)
+        .with_beta_2(settings.beta2)
+        .with_epsilon(settings.eps)
+        .with_weight_decay(settings.weight_decay);
+    let mut optimizers = [
+        ModuleOptimizer::from(fused(settings.weight_decay)),
+        burns.init(),
+    ];
+    let mut models = [start.clone(), start];
+    let dir = tempfile::tempdir().unwrap();
+    for step in 0..4u64 {
+        if step == 2 {
+            // The fused optimizer goes on from burn's state.
+            let path = dir.path().join("burn.bpk");
+            optimizers[1].save(&path).unwrap();
+            let record = OptimizerRecord::load(&path).unwrap();
+            assert!(!record.is_empty());
+            optimizers[0] = ModuleOptimizer::from(fused(settings.weight_decay)).load_record(record);
+        }
+        let batch = Batch::from_rows(&random_token_rows(2, 8, config.vocab_size, 40 + step));
+        let inputs =
+            Tensor::<2, Int>::from_data(TensorData::new(ids(&batch.inputs), [2, 8]), &device);
+        let targets =
+            Tensor::<1, Int>::from_data(TensorData::new(ids(&batch.targets), [16]), &device);
+        for (model, optimizer) in models.iter_mut().zip(&mut optimizers) {
+            let loss = cross_entropy_sum(model.forward_flat(inputs.clone()), targets.clone());
+            let grads = GradientsParams::from_grads(loss.for_backward.backward(), &*model);
+            *model = optimizer.step(3e-3, model.clone(), grads);
+        }
+    }
+    let [a, b] = models.map(|m| to_weights(&m, &config).unwrap());
+    let (a, b) = (a.named(), b.named());
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let diff = max_abs_diff(&x.data, &y.data);
+        assert!(diff <= 1e-6, "{name}: the two optimizers differ by {diff}");
+    }
+}

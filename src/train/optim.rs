@@ -4,11 +4,16 @@
 //! weight decay 1e-4, beta2 0.999) and its built-in clipping is per tensor, so every setting is
 //! spelled out here and clipping is done over all gradients together, as PyTorch's
 //! `clip_grad_norm_` does. Weight decay applies to matrices only (rank ≥ 2: projections and
-//! embeddings, as nanoGPT does), never to norm gains.
+//! embeddings, as nanoGPT does), never to norm gains. The update itself is [`FusedAdamW`]:
+//! burn's AdamW arithmetic and state, one parallel pass per parameter.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::Tensor;
+use burn::optim::{
+    AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer,
+};
+use burn::tensor::{Device, Tensor};
+
+use super::fused::{adamw_update, AdamWStep};
 
 /// Optimizer settings; `Default` is the GPT-style recipe.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -59,19 +64,86 @@ impl Schedule {
 
 /// AdamW over `model`'s parameters: decay on matrices, none on vectors.
 pub fn adamw(settings: &AdamWSettings, model: &impl Module) -> ModuleOptimizer {
-    let config = |weight_decay: f32| {
-        AdamWConfig::new()
-            .with_beta_1(settings.beta1)
-            .with_beta_2(settings.beta2)
-            .with_epsilon(settings.eps)
-            .with_weight_decay(weight_decay)
+    let optimizer = |weight_decay: f32| FusedAdamW {
+        beta_1: settings.beta1,
+        beta_2: settings.beta2,
+        epsilon: settings.eps,
+        weight_decay,
     };
     let mut ranks = ParamRanks::default();
     model.visit(&mut ranks);
     let vectors = ParamGroup::from_ids(ranks.vectors);
-    config(settings.weight_decay)
-        .init()
-        .with_group(vectors, config(0.0).build(), None)
+    ModuleOptimizer::from(optimizer(settings.weight_decay)).with_group(
+        vectors,
+        optimizer(0.0),
+        None,
+    )
+}
+
+/// burn's AdamW (`burn::optim::AdamW`, without AMSGrad or cautious decay), each parameter's
+/// update in one parallel pass ([`adamw_update`]) instead of a dozen single-threaded tensor ops
+/// (about 80 ms of a 1 s step of the small preset). The arithmetic is burn's, in the same
+/// order, and the state is burn's `AdamWState`, so checkpoints of either load in the other.
+#[derive(Debug, Clone)]
+pub struct FusedAdamW {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+}
+
+impl Optimizer for FusedAdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let flat = |t: Tensor<D>| t.reshape([n]);
+        let (time, moment_1, moment_2) = match state {
+            Some(state) => (
+                state.momentum.time + 1,
+                flat(state.momentum.moment_1),
+                flat(state.momentum.moment_2),
+            ),
+            // Zero moments give burn's first step: m = (1 − β₁)g, v = g²(1 − β₂).
+            None => {
+                let zeros = Tensor::<1>::zeros([n], &tensor.device());
+                (1, zeros.clone(), zeros)
+            }
+        };
+        let exponent = time as i32;
+        let decay_rate = lr * f64::from(self.weight_decay);
+        let step = AdamWStep {
+            lr: lr as f32,
+            decay: if decay_rate == 0.0 {
+                1.0
+            } else {
+                (1.0 - decay_rate) as f32
+            },
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            bias_1: 1.0 - self.beta_1.powi(exponent),
+            bias_2: 1.0 - self.beta_2.powi(exponent),
+            epsilon: self.epsilon,
+        };
+        let (param, moment_1, moment_2) =
+            adamw_update(flat(tensor), flat(grad), moment_1, moment_2, step);
+        let unflat = |t: Tensor<1>| t.reshape(shape.clone());
+        let momentum = AdaptiveMomentumState::new(time, unflat(moment_1), unflat(moment_2));
+        (unflat(param), Some(AdamWState::new(momentum)))
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.momentum.moment_1 = state.momentum.moment_1.to_device(device);
+        state.momentum.moment_2 = state.momentum.moment_2.to_device(device);
+        state
+    }
 }
 
 /// Scales `grads` so their global L2 norm is at most `max_norm`, and returns the norm before
