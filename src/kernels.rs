@@ -141,21 +141,46 @@ fn exp_approx(x: f32) -> f32 {
     p * scale
 }
 
-/// `x ← e^(x - shift)` for every element, returning the sum of the results: the inner loop of a
-/// softmax. See [`exp_approx`] for the accuracy.
-pub(crate) fn exp_sum_in_place(xs: &mut [f32], shift: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { exp_sum_avx512(xs, shift) };
+/// Defines `$name`, which runs `$generic` compiled for the best vector instructions the CPU has
+/// (AVX-512, AVX2 with FMA, or the baseline), chosen at run time: `$generic` is written so that
+/// its loops vectorise, and is inlined into each variant.
+macro_rules! simd_dispatch {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $generic:ident) => {
+        $(#[$doc])*
+        pub(crate) fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $generic($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { exp_sum_avx2(xs, shift) };
-        }
-    }
-    exp_sum_generic(xs, shift)
+    };
+}
+
+simd_dispatch! {
+    /// `x ← e^(x - shift)` for every element, returning the sum of the results: the inner loop
+    /// of a softmax. See [`exp_approx`] for the accuracy.
+    fn exp_sum_in_place(xs: &mut [f32], shift: f32) -> f32 = exp_sum_generic
+}
+
+simd_dispatch! {
+    /// `out ← 1 / (1 + e^(-x))` for every element (the logistic sigmoid).
+    fn sigmoid_into(xs: &[f32], out: &mut [f32]) -> () = sigmoid_generic
 }
 
 #[inline(always)]
@@ -177,53 +202,12 @@ fn exp_sum_generic(xs: &mut [f32], shift: f32) -> f32 {
     total
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn exp_sum_avx512(xs: &mut [f32], shift: f32) -> f32 {
-    exp_sum_generic(xs, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_sum_avx2(xs: &mut [f32], shift: f32) -> f32 {
-    exp_sum_generic(xs, shift)
-}
-
-/// `out ← 1 / (1 + e^(-x))` for every element (the logistic sigmoid), vectorised like
-/// [`exp_sum_in_place`].
-pub(crate) fn sigmoid_into(xs: &[f32], out: &mut [f32]) {
-    debug_assert_eq!(xs.len(), out.len());
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { sigmoid_avx512(xs, out) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { sigmoid_avx2(xs, out) };
-        }
-    }
-    sigmoid_generic(xs, out)
-}
-
 #[inline(always)]
 fn sigmoid_generic(xs: &[f32], out: &mut [f32]) {
+    debug_assert_eq!(xs.len(), out.len());
     for (o, &x) in out.iter_mut().zip(xs) {
         *o = 1.0 / (1.0 + exp_approx(-x));
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn sigmoid_avx512(xs: &[f32], out: &mut [f32]) {
-    sigmoid_generic(xs, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn sigmoid_avx2(xs: &[f32], out: &mut [f32]) {
-    sigmoid_generic(xs, out)
 }
 
 #[cfg(test)]

@@ -500,6 +500,13 @@ fn adamw_forward(param: &[f32], grad: &[f32], m: &[f32], v: &[f32], s: &AdamWSte
 /// Query rows per block: a block's scores are computed against the keys up to its last row.
 const QUERY_BLOCK: usize = 64;
 
+/// The query blocks of a sequence of `time` rows: `(first row, rows, keys it sees)`.
+fn query_blocks(time: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..time)
+        .step_by(QUERY_BLOCK)
+        .map(move |r0| (r0, QUERY_BLOCK.min(time - r0), (r0 + QUERY_BLOCK).min(time)))
+}
+
 #[derive(Debug, Clone, Copy)]
 struct AttentionShape {
     batch: usize,
@@ -701,8 +708,7 @@ fn attention_forward(
                 .enumerate()
             {
                 let query = &qh[(bg * group + i) * t * d..][..t * d];
-                for r0 in (0..t).step_by(QUERY_BLOCK) {
-                    let (m, cols) = (QUERY_BLOCK.min(t - r0), (r0 + QUERY_BLOCK).min(t));
+                for (r0, m, cols) in query_blocks(t) {
                     // scores = scale · Q[block] · K[..cols]ᵀ
                     product(
                         m,
@@ -786,8 +792,7 @@ fn attention_backward(
                 let query = &saved.q[head * t * d..][..t * d];
                 let probs = &saved.probs[head * t * t..][..t * t];
                 let dout = &dout_h[head * t * d..][..t * d];
-                for r0 in (0..t).step_by(QUERY_BLOCK) {
-                    let (m, cols) = (QUERY_BLOCK.min(t - r0), (r0 + QUERY_BLOCK).min(t));
+                for (r0, m, cols) in query_blocks(t) {
                     // dP = dO[block] · V[..cols]ᵀ
                     product(
                         m,
