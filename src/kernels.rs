@@ -16,46 +16,31 @@ pub(crate) fn product(
     dst_row: usize,
     accumulate: bool,
     lhs: &[f32],
-    (lhs_row, lhs_col): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: &[f32],
-    (rhs_row, rhs_col): (usize, usize),
+    rhs_strides: (usize, usize),
     beta: f32,
 ) {
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    let last =
-        |row: usize, col: usize, rows: usize, cols: usize| (rows - 1) * row + (cols - 1) * col;
     assert!(
-        last(dst_row, 1, m, n) < dst.len()
-            && last(lhs_row, lhs_col, m, k) < lhs.len()
-            && last(rhs_row, rhs_col, k, n) < rhs.len(),
+        last_index((dst_row, 1), m, n) < dst.len(),
         "matrix product out of bounds"
     );
-    // SAFETY: the assertion above keeps every element gemm addresses inside its slice.
+    let (lhs, rhs) = ((lhs, lhs_strides), (rhs, rhs_strides));
+    // SAFETY: the assertion above keeps every element of the result inside `dst`.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_row as isize,
+        gemm_into(
+            (m, n, k),
+            (dst.as_mut_ptr(), dst_row),
             accumulate,
-            lhs.as_ptr(),
-            lhs_col as isize,
-            lhs_row as isize,
-            rhs.as_ptr(),
-            rhs_col as isize,
-            rhs_row as isize,
-            1.0,
+            lhs,
+            rhs,
             beta,
-            false,
-            false,
-            false,
             gemm::Parallelism::None,
-        );
-    }
+        )
+    };
 }
 
 /// `lhs · rhs` as a new row-major `m × n` buffer, for an `m × k` `lhs` and a `k × n` `rhs`
@@ -65,53 +50,87 @@ pub(crate) fn product(
 pub(crate) fn product_new(
     (m, n, k): (usize, usize, usize),
     lhs: &[f32],
-    (lhs_row, lhs_col): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: &[f32],
-    (rhs_row, rhs_col): (usize, usize),
+    rhs_strides: (usize, usize),
 ) -> Vec<f32> {
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
     }
-    let last =
-        |row: usize, col: usize, rows: usize, cols: usize| (rows - 1) * row + (cols - 1) * col;
-    assert!(
-        last(lhs_row, lhs_col, m, k) < lhs.len() && last(rhs_row, rhs_col, k, n) < rhs.len(),
-        "matrix product out of bounds"
-    );
     let parallelism = if m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
     let mut out = Vec::<f32>::with_capacity(m * n);
-    // SAFETY: the assertion above keeps every element gemm reads inside `lhs` and `rhs`; `out`
-    // has room for the m × n result, which gemm writes in full without reading it
-    // (`read_dst` false), so every element is initialised before `set_len`.
+    // SAFETY: `out` has room for the m × n result, which gemm writes in full without reading
+    // it (`accumulate` false), so every element is initialised before `set_len`.
+    unsafe {
+        gemm_into(
+            (m, n, k),
+            (out.as_mut_ptr(), n),
+            false,
+            (lhs, lhs_strides),
+            (rhs, rhs_strides),
+            1.0,
+            parallelism,
+        );
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// The offset of the last element of a `rows × cols` matrix with the given (row, column)
+/// strides.
+fn last_index((row, col): (usize, usize), rows: usize, cols: usize) -> usize {
+    (rows - 1) * row + (cols - 1) * col
+}
+
+/// `gemm` on slices for the operands (bounds checked here) and a raw destination.
+///
+/// # Safety
+///
+/// `dst` must be valid for writes (and for reads when `accumulate`) of an `m × n` matrix with
+/// rows `dst_row` apart; `m`, `n` and `k` must be non-zero.
+unsafe fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_row): (*mut f32, usize),
+    accumulate: bool,
+    (lhs, (lhs_row, lhs_col)): (&[f32], (usize, usize)),
+    (rhs, (rhs_row, rhs_col)): (&[f32], (usize, usize)),
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(
+        last_index((lhs_row, lhs_col), m, k) < lhs.len()
+            && last_index((rhs_row, rhs_col), k, n) < rhs.len(),
+        "matrix product out of bounds"
+    );
+    // SAFETY: the assertion keeps every operand element gemm reads inside its slice; the
+    // caller vouches for `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
-            false,
+            dst_row as isize,
+            accumulate,
             lhs.as_ptr(),
             lhs_col as isize,
             lhs_row as isize,
             rhs.as_ptr(),
             rhs_col as isize,
             rhs_row as isize,
-            0.0,
-            1.0,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
             false,
             false,
             false,
             parallelism,
         );
-        out.set_len(m * n);
     }
-    out
 }
 
 /// `e^x` for finite `x`, relative error under 3e-7, written so that a loop over a slice
