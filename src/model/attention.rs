@@ -14,7 +14,6 @@
 //! split over the pool with the rest. Graphs that write attention out in `MatMul`s (Optimum's
 //! exports) are left as they are.
 
-use crate::kernels::product;
 use std::sync::Arc;
 
 use tract_linalg::multithread::{current_tract_executor, Executor};
@@ -22,6 +21,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::TypedConcat;
 use tract_transformers::ops::sdpa::Sdpa;
+
+use crate::kernels::product;
 
 /// `softmax(q·kᵀ·scale + mask)·v` for `q` `[batch, heads, seq, head_dim]` and keys and values
 /// `[batch, kv_heads, keys, head_dim]` (grouped-query: `heads` a multiple of `kv_heads`), with
