@@ -196,7 +196,7 @@ pub fn causal_attention(
 
 /// `t` in row-major order, without a copy when it already is.
 fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.as_slice::<f32>().is_some() {
+    if t.layout().contiguous_offsets().is_some() {
         t
     } else {
         t.to_contiguous()
@@ -402,7 +402,7 @@ fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32
 
 /// Token ids of an int tensor.
 fn token_ids(targets: &FlexTensor) -> Vec<usize> {
-    let targets = contiguous_ints(targets);
+    let targets = contiguous(targets.clone());
     match targets.dtype() {
         DType::I64 => targets
             .as_slice::<i64>()
@@ -416,14 +416,6 @@ fn token_ids(targets: &FlexTensor) -> Vec<usize> {
         _ => None,
     }
     .expect("cross-entropy targets are i64, i32 or u32 token ids")
-}
-
-fn contiguous_ints(t: &FlexTensor) -> FlexTensor {
-    if t.is_contiguous() && t.layout().start_offset() == 0 {
-        t.clone()
-    } else {
-        t.to_contiguous()
-    }
 }
 
 /// `(Σ loss, gradient)`: per row, `loss = logsumexp(x) − x[target]` and the gradient of that
