@@ -51,6 +51,14 @@ step "export the corpus"
 # English side is left out: the dialogue already holds ten times more English.
 gzip -dc data/starter/tanaka_ja_en.tsv.gz | cut -f1 > "$WORK/tanaka_ja.tsv"
 
+# Dialogue derived from the Tanaka pairs (`kaiwa derive-dialogue`): the exchanges written inside
+# them (real, everyday, both languages) and synthetic topic-matched question → statement replies,
+# the only everyday-topic Japanese dialogue in reach. The Japanese replies go in once more under
+# the English system prompt, like the Japanese dialogue above.
+"$KAIWA" derive-dialogue --pairs data/starter/tanaka_ja_en.tsv.gz --out "$WORK/derived"
+"$KAIWA" derive-dialogue --pairs data/starter/tanaka_ja_en.tsv.gz --out "$WORK/derived_sys" \
+    --system "You are kaiwa, a friendly assistant. Answer in the language you are spoken to."
+
 step "train the tokenizer"
 "$KAIWA" train-tokenizer --corpus "$WORK/corpus/train.jsonl" \
     --corpus data/starter/tanaka_ja_en.tsv.gz --vocab-size 8192 --no-compare \
@@ -58,12 +66,17 @@ step "train the tokenizer"
 
 step "train the model ($TRAIN_STEPS steps)"
 ja=()
-for _ in 1 2 3 4 5 6; do
+for _ in 1 2 3; do
     ja+=(--data "$WORK/corpus_ja/train.jsonl" --data "$WORK/corpus_ja_sys/train.jsonl")
+done
+derived=(--data "$WORK/derived/replies_ja.jsonl" --data "$WORK/derived_sys/replies_ja.jsonl"
+         --data "$WORK/derived/replies_en.jsonl")
+for _ in 1 2 3 4 5 6 7 8; do
+    derived+=(--data "$WORK/derived/exchanges_ja.jsonl" --data "$WORK/derived/exchanges_en.jsonl")
 done
 "$KAIWA" train --out "$WORK/run" --tokenizer "$WORK/tokenizer" \
     --preset small --tie-embeddings true \
-    --data "$WORK/corpus/train.jsonl" "${ja[@]}" --data "$WORK/tanaka_ja.tsv" \
+    --data "$WORK/corpus/train.jsonl" "${ja[@]}" --data "$WORK/tanaka_ja.tsv" "${derived[@]}" \
     --validation "$WORK/corpus/validation.jsonl" \
     --context 256 --batch 16 --steps "$TRAIN_STEPS" --lr 2e-3 --min-lr 2e-4 --warmup 30 \
     --eval-every 100 --checkpoint-every 100 --seed 1

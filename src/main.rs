@@ -45,6 +45,27 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Derive training dialogue from a Japanese–English sentence-pair file (`japanese<TAB>
+    /// english`, like data/starter/tanaka_ja_en.tsv.gz): the exchanges written inside it
+    /// (「…」「…」) and synthetic replies (each question paired with the statement closest to
+    /// its topic), in both languages, as OpenAI `messages` JSONL.
+    DeriveDialogue {
+        /// The sentence-pair file (`.gz` is read compressed).
+        #[arg(long)]
+        pairs: PathBuf,
+        /// Output directory: exchanges_{ja,en}.jsonl, replies_{ja,en}.jsonl, summary.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// A system prompt put first in every conversation.
+        #[arg(long)]
+        system: Option<String>,
+        /// The least topic similarity (TF-IDF cosine) of a reply to its question.
+        #[arg(long, default_value_t = 0.3)]
+        min_score: f64,
+        /// How many questions one statement may answer.
+        #[arg(long, default_value_t = 2)]
+        max_reuse: usize,
+    },
     /// Delete everything stored of a user.
     Forget {
         #[arg(long)]
@@ -746,6 +767,31 @@ fn run(cli: Cli) -> Result<()> {
                 summary.duplicates,
                 summary.opted_out,
                 summary.skipped
+            );
+        }
+        Command::DeriveDialogue {
+            pairs,
+            out,
+            system,
+            min_score,
+            max_reuse,
+        } => {
+            let options = kaiwa::corpus::derive::RetrievalOptions {
+                min_score,
+                max_reuse,
+                ..Default::default()
+            };
+            let summary = kaiwa::corpus::derive::derive(&pairs, &out, &options, system.as_deref())
+                .with_context(|| format!("deriving dialogue from {}", pairs.display()))?;
+            eprintln!(
+                "wrote {}: {} written exchanges and {} retrieved replies (of {} questions) \
+                 in Japanese and English, from {} sentence pairs ({} malformed lines skipped)",
+                out.display(),
+                summary.written_exchanges,
+                summary.retrieved_replies,
+                summary.questions,
+                summary.pairs,
+                summary.skipped_lines
             );
         }
         Command::Forget { platform, user } => {

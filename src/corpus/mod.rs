@@ -4,6 +4,7 @@
 //! languages) in the formats kaiwa's trainer, TRL and axolotl read directly.
 
 pub mod clean;
+pub mod derive;
 pub mod export;
 pub mod import;
 pub mod ingest;
