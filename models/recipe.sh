@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The recipe of the default model, models/kaiwa: kaiwa's own pipeline, start to end, on the
-# starter corpus in data/. About 19 minutes on a quiet 2-core machine, once kaiwa is built (most
+# starter corpus in data/. About 20 minutes on a quiet 2-core machine, once kaiwa is built (most
 # of it the TRAIN_STEPS training steps). Run from anywhere:
 #
 #   bash models/recipe.sh
 #
 # 1. import the starter dialogue into a scratch SQLite store (the bot's own store format);
 # 2. export it as OpenAI `messages` JSONL with a seeded 5 % validation split (and the Japanese
-#    dialogue on its own, plain and under an English system prompt, to weight it 12×: it is 1 %
-#    of the dialogue);
+#    dialogue on its own, plain and under an English system prompt, to weight it 6×: it is 1 %
+#    of the dialogue); derive dialogue from the Tanaka pairs (`kaiwa derive-dialogue`: the
+#    exchanges written inside them, 8×, and synthetic topic-matched replies, 1×);
 # 3. train the byte-level BPE tokenizer (Japanese handling on);
 # 4. train the model: the dialogue (loss on the assistant's turns) mixed with the Japanese
 #    Tanaka sentences (loss on every token), for TRAIN_STEPS steps of 16 × 256 tokens (a step
@@ -20,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORK=${WORK:-target/recipe}
-TRAIN_STEPS=${TRAIN_STEPS:-900}
+TRAIN_STEPS=${TRAIN_STEPS:-1200}
 OUT=${OUT:-models/kaiwa}
 # KAIWA=path/to/kaiwa uses that binary instead of building one.
 if [ -z "${KAIWA:-}" ]; then

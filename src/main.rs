@@ -62,6 +62,9 @@ enum Command {
         /// The least topic similarity (TF-IDF cosine) of a reply to its question.
         #[arg(long, default_value_t = 0.3)]
         min_score: f64,
+        /// Statements at least this similar to a question are near-copies, not replies.
+        #[arg(long, default_value_t = 0.85)]
+        max_score: f64,
         /// How many questions one statement may answer.
         #[arg(long, default_value_t = 2)]
         max_reuse: usize,
@@ -774,10 +777,12 @@ fn run(cli: Cli) -> Result<()> {
             out,
             system,
             min_score,
+            max_score,
             max_reuse,
         } => {
             let options = kaiwa::corpus::derive::RetrievalOptions {
                 min_score,
+                max_score,
                 max_reuse,
                 ..Default::default()
             };
