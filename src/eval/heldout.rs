@@ -29,6 +29,12 @@
 //! for other tokenizers from the token's text, `▁` counting as a space and `<0xNN>` as one
 //! byte), so bits per byte compare across tokenizers and with the byte-level n-gram, which is
 //! scored on exactly these bytes.
+//!
+//! **Prompt dependence.** For the first [`PROMPT_GAIN_EXCHANGES`] chat examples, the first
+//! assistant reply is scored twice: after the messages that came before it, and after those of
+//! the previous such example (the prompts rotated by one). The difference in nats per reply
+//! token ([`PromptGain`]) says how much the model's replies depend on what they answer; a model
+//! that ignores the user scores about 0 whatever its loss.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -79,7 +85,27 @@ pub struct HeldoutReport {
     pub ngram: Option<NgramFigures>,
     /// The same figures per language (`meta.language`, else detected from the scored text).
     pub per_language: BTreeMap<String, LanguageFigures>,
+    /// How much the replies depend on their prompt (chat data with two exchanges or more).
+    #[serde(default)]
+    pub prompt_gain: Option<PromptGain>,
     pub seconds: f64,
+}
+
+/// How many exchanges the prompt dependence is measured on.
+pub const PROMPT_GAIN_EXCHANGES: usize = 200;
+
+/// The loss of replies after their own prompt and after another exchange's prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptGain {
+    /// Exchanges (an example's messages up to its first assistant reply) and reply tokens.
+    pub exchanges: u64,
+    pub tokens: u64,
+    /// Nats per reply token after the reply's own prompt.
+    pub loss_own: f64,
+    /// Nats per reply token after the previous exchange's prompt.
+    pub loss_other: f64,
+    /// `loss_other − loss_own`.
+    pub gain: f64,
 }
 
 /// The n-gram baseline on the same bytes.
@@ -554,6 +580,28 @@ pub fn evaluate(
             ),
         });
     }
+    let exchanges = first_exchanges(&data.examples, PROMPT_GAIN_EXCHANGES);
+    let pairs: Vec<(&[ChatMessage], &[ChatMessage])> = (0..exchanges.len())
+        .map(|i| {
+            let other = exchanges[(i + exchanges.len() - 1) % exchanges.len()];
+            (exchanges[i], other)
+        })
+        .collect();
+    let gains = parallel_map(
+        if exchanges.len() >= 2 {
+            &pairs[..]
+        } else {
+            &[]
+        },
+        threads,
+        || Ok(TractLogits::new(decoder)?),
+        |source: &mut TractLogits, &(own, other)| -> Result<_, EvalError> {
+            Ok(exchange_scores(&builder, own, other, |seq| {
+                score_sequence(source, seq, context)
+            })?)
+        },
+    )?;
+    let prompt_gain = prompt_gain(gains.into_iter().flatten());
     let bits_per_byte = |nll: f64, bytes: u64| nll / std::f64::consts::LN_2 / bytes as f64;
     let loss = total.nll / total.tokens as f64;
     let scored = (data.examples.len() - skipped.len()) as u64;
@@ -601,7 +649,84 @@ pub fn evaluate(
                 (language, figures)
             })
             .collect(),
+        prompt_gain,
         seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The messages of the first `limit` chat examples up to and including their first assistant
+/// reply with content, for those that have a user message before it.
+fn first_exchanges(examples: &[Example], limit: usize) -> Vec<&[ChatMessage]> {
+    examples
+        .iter()
+        .filter_map(|e| {
+            let ExampleContent::Chat(messages) = &e.content else {
+                return None;
+            };
+            let reply = messages
+                .iter()
+                .position(|m| m.role == "assistant" && !m.content.trim().is_empty())?;
+            messages[..reply]
+                .iter()
+                .any(|m| m.role == "user")
+                .then(|| &messages[..=reply])
+        })
+        .take(limit)
+        .collect()
+}
+
+/// The reply of `own` (its last message) scored after its own prompt and after the prompt of
+/// `other`: `(nll own, nll other, tokens)`, or `None` when either cannot be rendered or scores
+/// a different number of tokens.
+fn exchange_scores(
+    builder: &SequenceBuilder,
+    own: &[ChatMessage],
+    other: &[ChatMessage],
+    mut score: impl FnMut(&ScoredSequence) -> Result<SequenceScore, ModelError>,
+) -> Result<Option<(f64, f64, u64)>, ModelError> {
+    let (Some((reply, own_prompt)), Some((_, other_prompt))) =
+        (own.split_last(), other.split_last())
+    else {
+        return Ok(None);
+    };
+    let mut scores = Vec::with_capacity(2);
+    for prompt in [own_prompt, other_prompt] {
+        let mut messages = prompt.to_vec();
+        messages.push(reply.clone());
+        let example = Example {
+            line: 0,
+            content: ExampleContent::Chat(messages),
+            language: None,
+        };
+        let Prepared::Ready(sequence) = builder.prepare(&example)? else {
+            return Ok(None);
+        };
+        scores.push(score(&sequence)?);
+    }
+    if scores[0].tokens != scores[1].tokens || scores[0].tokens == 0 {
+        return Ok(None);
+    }
+    Ok(Some((scores[0].nll, scores[1].nll, scores[0].tokens)))
+}
+
+/// Sums the exchanges' scores; `None` with fewer than two exchanges.
+fn prompt_gain(scores: impl Iterator<Item = (f64, f64, u64)>) -> Option<PromptGain> {
+    let (mut own, mut other, mut tokens, mut exchanges) = (0.0, 0.0, 0u64, 0u64);
+    for (o, x, t) in scores {
+        own += o;
+        other += x;
+        tokens += t;
+        exchanges += 1;
+    }
+    (exchanges >= 2 && tokens > 0).then(|| {
+        let (loss_own, loss_other) = (own / tokens as f64, other / tokens as f64);
+        PromptGain {
+            exchanges,
+            tokens,
+            loss_own,
+            loss_other,
+            gain: loss_other - loss_own,
+        }
     })
 }
 
@@ -794,6 +919,79 @@ mod tests {
         broken.tokens[20] = 7;
         let score = score_sequence(&mut source, &broken, 8).unwrap();
         assert!((score.nll - 60.0).abs() < 1.0, "{}", score.nll);
+    }
+
+    /// Logits that favour every token already in the window: a model that copies from its
+    /// prompt. With `copy` false, the same logits for every position: a model that ignores it.
+    struct Copier {
+        vocab: usize,
+        copy: bool,
+    }
+
+    impl LogitsSource for Copier {
+        fn logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+            let mut row = vec![0.0; self.vocab];
+            Ok(tokens
+                .iter()
+                .map(|&t| {
+                    if self.copy {
+                        row[t as usize % self.vocab] = 5.0;
+                    }
+                    row.clone()
+                })
+                .collect())
+        }
+    }
+
+    fn exchange(user: &str, assistant: &str) -> Example {
+        chat(vec![
+            ChatMessage::new("user", user),
+            ChatMessage::new("assistant", assistant),
+        ])
+    }
+
+    #[test]
+    fn prompt_gain_is_what_the_own_prompt_saves_over_another() {
+        let builder = builder();
+        let examples = vec![
+            exchange("the weather is nice", "the weather is nice"),
+            chat(vec![ChatMessage::new("assistant", "no user before me")]),
+            Example {
+                line: 9,
+                content: ExampleContent::Text("a document".into()),
+                language: None,
+            },
+            exchange("what a lovely cat", "a lovely cat"),
+            exchange("trains are late", "trains are late today"),
+        ];
+        let exchanges = first_exchanges(&examples, 10);
+        assert_eq!(
+            exchanges.len(),
+            3,
+            "only chat examples with a user turn first"
+        );
+        assert_eq!(first_exchanges(&examples, 2).len(), 2);
+        let gain = |copy: bool| {
+            let n = exchanges.len();
+            let scores = (0..n).map(|i| {
+                let mut source = Copier { vocab: 600, copy };
+                exchange_scores(&builder, exchanges[i], exchanges[(i + n - 1) % n], |seq| {
+                    score_sequence(&mut source, seq, 64)
+                })
+                .unwrap()
+                .unwrap()
+            });
+            prompt_gain(scores).unwrap()
+        };
+        let ignores = gain(false);
+        assert_eq!(ignores.exchanges, 3);
+        assert!(ignores.gain.abs() < 1e-9, "{ignores:?}");
+        let copies = gain(true);
+        assert!(copies.gain > 1.0, "{copies:?}");
+        assert!(copies.loss_own < ignores.loss_own);
+        assert_eq!(copies.tokens, ignores.tokens);
+        // One exchange has no other prompt to compare with.
+        assert_eq!(prompt_gain([(1.0, 2.0, 3)].into_iter()), None);
     }
 
     #[test]

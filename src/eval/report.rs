@@ -265,6 +265,14 @@ impl Report {
                     n.order, n.bits_per_byte
                 );
             }
+            if let Some(g) = &h.prompt_gain {
+                let _ = writeln!(
+                    out,
+                    "prompt dependence: replies cost {:.4} nats/token after their own prompt, \
+                     {:.4} after another's (gain {:.4}, {} exchanges)",
+                    g.loss_own, g.loss_other, g.gain, g.exchanges
+                );
+            }
         }
         if let Some(s) = &self.suite {
             let _ = writeln!(out, "suite: {}/{} cases passed", s.passed, s.cases);
@@ -417,6 +425,15 @@ fn heldout_markdown(md: &mut String, h: &HeldoutReport) {
                     .unwrap_or_else(|| "—".into())
             );
         }
+    }
+    if let Some(g) = &h.prompt_gain {
+        let _ = writeln!(
+            md,
+            "\nPrompt dependence: the first reply of {} examples ({} tokens) costs {:.4} nats per \
+             token after its own prompt and {:.4} after the previous example's, a gain of \
+             **{:.4}** nats per token. A model that ignores what it is answering gains about 0.",
+            g.exchanges, g.tokens, g.loss_own, g.loss_other, g.gain
+        );
     }
     if h.tokenization_mismatches > 0 {
         let _ = writeln!(
