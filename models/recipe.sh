@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # The recipe of the default model, models/kaiwa: kaiwa's own pipeline, start to end, on the
-# starter corpus in data/. About 20 minutes on a quiet 2-core machine, once kaiwa is built (most
+# starter corpus in data/. About 19 minutes on a quiet 2-core machine, once kaiwa is built (most
 # of it the TRAIN_STEPS training steps). Run from anywhere:
 #
 #   bash models/recipe.sh
 #
 # 1. import the starter dialogue into a scratch SQLite store (the bot's own store format);
 # 2. export it as OpenAI `messages` JSONL with a seeded 5 % validation split (and the Japanese
-#    dialogue on its own, plain and under an English system prompt, to weight it 6×: it is 1 %
-#    of the dialogue); derive dialogue from the Tanaka pairs (`kaiwa derive-dialogue`: the
-#    exchanges written inside them, 8×, and synthetic topic-matched replies, 1×);
+#    dialogue on its own, plain and under an English system prompt, to weight it 12×: it is 1 %
+#    of the dialogue);
 # 3. train the byte-level BPE tokenizer (Japanese handling on);
 # 4. train the model: the dialogue (loss on the assistant's turns) mixed with the Japanese
 #    Tanaka sentences (loss on every token), for TRAIN_STEPS steps of 16 × 256 tokens (a step
@@ -21,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORK=${WORK:-target/recipe}
-TRAIN_STEPS=${TRAIN_STEPS:-1200}
+TRAIN_STEPS=${TRAIN_STEPS:-900}
 OUT=${OUT:-models/kaiwa}
 # KAIWA=path/to/kaiwa uses that binary instead of building one.
 if [ -z "${KAIWA:-}" ]; then
@@ -52,14 +51,6 @@ step "export the corpus"
 # English side is left out: the dialogue already holds ten times more English.
 gzip -dc data/starter/tanaka_ja_en.tsv.gz | cut -f1 > "$WORK/tanaka_ja.tsv"
 
-# Dialogue derived from the Tanaka pairs (`kaiwa derive-dialogue`): the exchanges written inside
-# them (real, everyday, both languages) and synthetic topic-matched question → statement replies,
-# the only everyday-topic Japanese dialogue in reach. The Japanese replies go in once more under
-# the English system prompt, like the Japanese dialogue above.
-"$KAIWA" derive-dialogue --pairs data/starter/tanaka_ja_en.tsv.gz --out "$WORK/derived"
-"$KAIWA" derive-dialogue --pairs data/starter/tanaka_ja_en.tsv.gz --out "$WORK/derived_sys" \
-    --system "You are kaiwa, a friendly assistant. Answer in the language you are spoken to."
-
 step "train the tokenizer"
 "$KAIWA" train-tokenizer --corpus "$WORK/corpus/train.jsonl" \
     --corpus data/starter/tanaka_ja_en.tsv.gz --vocab-size 8192 --no-compare \
@@ -67,17 +58,12 @@ step "train the tokenizer"
 
 step "train the model ($TRAIN_STEPS steps)"
 ja=()
-for _ in 1 2 3; do
+for _ in 1 2 3 4 5 6; do
     ja+=(--data "$WORK/corpus_ja/train.jsonl" --data "$WORK/corpus_ja_sys/train.jsonl")
-done
-derived=(--data "$WORK/derived/replies_ja.jsonl" --data "$WORK/derived_sys/replies_ja.jsonl"
-         --data "$WORK/derived/replies_en.jsonl")
-for _ in 1 2 3 4 5 6 7 8; do
-    derived+=(--data "$WORK/derived/exchanges_ja.jsonl" --data "$WORK/derived/exchanges_en.jsonl")
 done
 "$KAIWA" train --out "$WORK/run" --tokenizer "$WORK/tokenizer" \
     --preset small --tie-embeddings true \
-    --data "$WORK/corpus/train.jsonl" "${ja[@]}" --data "$WORK/tanaka_ja.tsv" "${derived[@]}" \
+    --data "$WORK/corpus/train.jsonl" "${ja[@]}" --data "$WORK/tanaka_ja.tsv" \
     --validation "$WORK/corpus/validation.jsonl" \
     --context 256 --batch 16 --steps "$TRAIN_STEPS" --lr 2e-3 --min-lr 2e-4 --warmup 30 \
     --eval-every 100 --checkpoint-every 100 --seed 1
