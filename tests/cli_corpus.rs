@@ -110,3 +110,97 @@ fn a_malformed_record_is_reported_with_its_line_and_strict_imports_nothing() {
     assert!(!wrong.status.success());
     assert!(stderr(&wrong).contains("qa.csv"), "{}", stderr(&wrong));
 }
+
+#[test]
+fn derive_dialogue_reads_compressed_pairs_and_refuses_bad_options_with_an_error() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.tsv.gz");
+    let mut text = String::from(
+        "今日の天気はどうですか。\tWhat's the weather like today?\n\
+         今日は天気が悪い。\tThe weather is bad today.\n\
+         「ありがとう」「どう致しまして」\t\"Thank you.\" \"You're welcome.\"\n\
+         not a pair\n",
+    );
+    for i in 0..100 {
+        text.push_str(&format!("番号{i}の箱です。\tThis is box number {i}.\n"));
+    }
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&pairs).unwrap(),
+        flate2::Compression::default(),
+    );
+    gz.write_all(text.as_bytes()).unwrap();
+    gz.finish().unwrap();
+    let db = dir.path().join("unused.db");
+    let out = dir.path().join("derived");
+    let pairs_arg = pairs.to_str().unwrap();
+    let out_arg = out.to_str().unwrap();
+    let o = kaiwa(
+        &db,
+        &[
+            "derive-dialogue",
+            "--pairs",
+            pairs_arg,
+            "--out",
+            out_arg,
+            "--system",
+            "Be kind.",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 written exchanges and 1 retrieved replies (of 1 questions)")
+            && stderr(&o).contains("(1 malformed lines skipped)"),
+        "{}",
+        stderr(&o)
+    );
+    let lines = |name: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join(name))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let replies = lines("replies_ja.jsonl");
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0]["messages"][0]["content"], "Be kind.");
+    assert_eq!(
+        replies[0]["messages"][1]["content"],
+        "今日の天気はどうですか。"
+    );
+    assert_eq!(replies[0]["messages"][2]["content"], "今日は天気が悪い。");
+    assert_eq!(replies[0]["meta"]["lines"], serde_json::json!([1, 2]));
+    assert_eq!(
+        lines("exchanges_en.jsonl")[0]["messages"][2]["content"],
+        "You're welcome."
+    );
+
+    for bad in [
+        vec!["--max-reuse", "0"],
+        vec!["--min-score", "0.9", "--max-score", "0.5"],
+    ] {
+        let mut args = vec!["derive-dialogue", "--pairs", pairs_arg, "--out", out_arg];
+        args.extend(bad.iter().copied());
+        let o = kaiwa(&db, &args);
+        assert_eq!(o.status.code(), Some(1), "{bad:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("deriving dialogue from"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+    let missing = dir.path().join("missing.tsv");
+    let o = kaiwa(
+        &db,
+        &[
+            "derive-dialogue",
+            "--pairs",
+            missing.to_str().unwrap(),
+            "--out",
+            out_arg,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("missing.tsv"), "{}", stderr(&o));
+}
