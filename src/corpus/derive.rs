@@ -5,14 +5,14 @@
 //!
 //! - **Written exchanges** ([`written_exchanges`]): pairs whose Japanese is nothing but two or
 //!   more quoted turns (`「…」「…」`) and whose English quotes as many (`"…" "…"`). These are
-//!   real dialogue, written by people, in both languages: `「ありがとうございます」「どう致しまして」`.
+//!   real dialogue, written by people, in both languages: `「君の鉛筆を使ってもよいですか」「ええ、どうぞ」`.
 //! - **Retrieved replies** ([`retrieved_replies`]), synthetic: each question is paired with the
 //!   statement that shares the most rare content with it: TF-IDF cosine over the English content
 //!   words and the Japanese kanji/katakana bigrams of both sides of a pair, so the pairing is the
-//!   same in both languages. `今日の天気はどうですか。` → `天気予報によれば明日は雨だ。` is typical:
-//!   on the topic, not an answer anyone wrote to that question. What they teach a small model is
-//!   to stay on the user's topic; their replies are often non sequiturs, which is why they are
-//!   kept out of the written exchanges' file and out of any validation split.
+//!   same in both languages. `朝食に何を食べましたか。` → `君は、朝食を食べる必要がある。` is typical:
+//!   on the topic, not an answer anyone wrote to that question. They are meant to teach a small
+//!   model to stay on the user's topic; their replies are often non sequiturs, which is why they
+//!   are kept out of the written exchanges' file and out of any validation split.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
