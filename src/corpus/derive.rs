@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::model::ChatMessage;
+
 /// Errors deriving dialogue.
 #[derive(Debug, thiserror::Error)]
 pub enum DeriveError {
@@ -61,6 +63,25 @@ impl SentencePair {
     /// Quoted speech: a written exchange or a reported saying, not a plain sentence.
     fn is_quoted(&self) -> bool {
         self.ja.contains(['「', '」', '『', '』']) || self.en.contains('"')
+    }
+
+    /// A question that gets a retrieved reply.
+    fn asks(&self) -> bool {
+        self.is_question() && !self.is_quoted()
+    }
+
+    /// A statement that may be a retrieved reply.
+    fn states(&self) -> bool {
+        !self.is_question() && !self.is_quoted()
+    }
+
+    /// The sentence in `language` (`ja`, else English).
+    fn text(&self, language: &str) -> &str {
+        if language == "ja" {
+            &self.ja
+        } else {
+            &self.en
+        }
     }
 }
 
@@ -287,10 +308,7 @@ pub fn retrieved_replies(
         .iter()
         .map(|f| f.iter().map(|&x| weight[x as usize]).sum::<f64>().sqrt())
         .collect();
-    let answerable: Vec<bool> = pairs
-        .iter()
-        .map(|p| !p.is_question() && !p.is_quoted())
-        .collect();
+    let answerable: Vec<bool> = pairs.iter().map(SentencePair::states).collect();
     let mut postings: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
     for (i, f) in docs.iter().enumerate() {
         if answerable[i] {
@@ -306,7 +324,7 @@ pub fn retrieved_replies(
     let mut touched: Vec<u32> = Vec::new();
     let mut replies = Vec::new();
     for (q, pair) in pairs.iter().enumerate() {
-        if !pair.is_question() || pair.is_quoted() || norm[q] == 0.0 {
+        if !pair.asks() || norm[q] == 0.0 {
             continue;
         }
         for &x in &docs[q] {
@@ -347,7 +365,7 @@ pub fn retrieved_replies(
     Ok(replies)
 }
 
-/// What [`write_derived`] wrote.
+/// What [`derive`] wrote.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeriveSummary {
     pub source: String,
@@ -359,12 +377,6 @@ pub struct DeriveSummary {
     pub retrieval: RetrievalOptions,
     pub system: Option<String>,
     pub files: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct Message<'a> {
-    role: &'a str,
-    content: &'a str,
 }
 
 #[derive(Serialize)]
@@ -380,21 +392,15 @@ struct Meta<'a> {
 
 #[derive(Serialize)]
 struct Line<'a> {
-    messages: Vec<Message<'a>>,
+    messages: Vec<ChatMessage>,
     meta: Meta<'a>,
 }
 
-fn conversation<'a>(system: Option<&'a str>, turns: &[&'a str], meta: Meta<'a>) -> Line<'a> {
-    let mut messages: Vec<Message> = system
-        .map(|content| Message {
-            role: "system",
-            content,
-        })
-        .into_iter()
-        .collect();
-    messages.extend(turns.iter().enumerate().map(|(i, content)| Message {
-        role: if i % 2 == 0 { "user" } else { "assistant" },
-        content,
+/// `turns` as user, assistant, user, … after the system prompt, if any.
+fn conversation<'a>(system: Option<&str>, turns: &[&str], meta: Meta<'a>) -> Line<'a> {
+    let mut messages: Vec<ChatMessage> = system.map(ChatMessage::system).into_iter().collect();
+    messages.extend(turns.iter().enumerate().map(|(i, content)| {
+        ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, *content)
     }));
     Line { messages, meta }
 }
@@ -435,13 +441,6 @@ pub fn derive(
     );
     let mut files = Vec::new();
     for language in ["ja", "en"] {
-        let text = |p: &'_ SentencePair| -> String {
-            if language == "ja" {
-                p.ja.clone()
-            } else {
-                p.en.clone()
-            }
-        };
         let written: Vec<Line> = exchanges
             .iter()
             .map(|e| {
@@ -462,15 +461,11 @@ pub fn derive(
         write_jsonl(&out.join(&name), &written)?;
         files.push(name);
 
-        let texts: Vec<(String, String)> = replies
-            .iter()
-            .map(|r| (text(&pairs[r.question]), text(&pairs[r.answer])))
-            .collect();
         let retrieved: Vec<Line> = replies
             .iter()
-            .zip(&texts)
-            .map(|(r, (q, a))| {
-                let (lq, la) = (pairs[r.question].line, pairs[r.answer].line);
+            .map(|r| {
+                let (q, a) = (&pairs[r.question], &pairs[r.answer]);
+                let (lq, la) = (q.line, a.line);
                 let meta = Meta {
                     id: format!("reply-{language}-{lq}-{la}"),
                     source: &tag,
@@ -479,7 +474,7 @@ pub fn derive(
                     lines: vec![lq, la],
                     score: Some((r.score * 1e4).round() / 1e4),
                 };
-                conversation(system, &[q.as_str(), a.as_str()], meta)
+                conversation(system, &[q.text(language), a.text(language)], meta)
             })
             .collect();
         let name = format!("replies_{language}.jsonl");
@@ -492,10 +487,7 @@ pub fn derive(
         skipped_lines,
         written_exchanges: exchanges.len(),
         retrieved_replies: replies.len(),
-        questions: pairs
-            .iter()
-            .filter(|p| p.is_question() && !p.is_quoted())
-            .count(),
+        questions: pairs.iter().filter(|p| p.asks()).count(),
         retrieval: options.clone(),
         system: system.map(str::to_string),
         files,

@@ -581,18 +581,17 @@ pub fn evaluate(
         });
     }
     let exchanges = first_exchanges(&data.examples, PROMPT_GAIN_EXCHANGES);
-    let pairs: Vec<(&[ChatMessage], &[ChatMessage])> = (0..exchanges.len())
-        .map(|i| {
-            let other = exchanges[(i + exchanges.len() - 1) % exchanges.len()];
-            (exchanges[i], other)
-        })
-        .collect();
+    // Each exchange with the prompt of the one before it (none to compare with alone).
+    let n = exchanges.len();
+    let pairs: Vec<(&[ChatMessage], &[ChatMessage])> = if n < 2 {
+        Vec::new()
+    } else {
+        (0..n)
+            .map(|i| (exchanges[i], exchanges[(i + n - 1) % n]))
+            .collect()
+    };
     let gains = parallel_map(
-        if exchanges.len() >= 2 {
-            &pairs[..]
-        } else {
-            &[]
-        },
+        &pairs,
         threads,
         || Ok(TractLogits::new(decoder)?),
         |source: &mut TractLogits, &(own, other)| -> Result<_, EvalError> {
