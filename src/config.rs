@@ -122,9 +122,10 @@ impl Settings {
             max_new_tokens: parse(&get, "MAX_NEW_TOKENS", 200)?,
             seed: parse(&get, "SEED", 0)?,
             stop: Vec::new(),
+            guidance_scale: parse(&get, "GUIDANCE_SCALE", defaults.guidance_scale)?,
         };
-        generation.sampling.validate().map_err(|e| SettingsError {
-            name: "TEMPERATURE/TOP_P/REPETITION_PENALTY",
+        generation.validate().map_err(|e| SettingsError {
+            name: "TEMPERATURE/TOP_P/REPETITION_PENALTY/GUIDANCE_SCALE",
             reason: e.to_string(),
         })?;
         let mut admins = HashSet::new();
@@ -243,6 +244,12 @@ mod tests {
         assert_eq!(e.name, "ADMIN_IDS");
         let e = Settings::from_lookup(lookup(&[("TOP_P", "2")])).unwrap_err();
         assert!(e.to_string().contains("top_p"), "{e}");
+        let e = Settings::from_lookup(lookup(&[("GUIDANCE_SCALE", "-1")])).unwrap_err();
+        assert!(e.to_string().contains("guidance_scale"), "{e}");
+        let s = Settings::from_lookup(lookup(&[("GUIDANCE_SCALE", "1.5")])).unwrap();
+        assert_eq!(s.generation.guidance_scale, 1.5);
+        let s = Settings::from_lookup(lookup(&[])).unwrap();
+        assert_eq!(s.generation.guidance_scale, 1.0);
         let s = Settings::from_lookup(lookup(&[("ADMIN_IDS", "telegram:1, discord:2")])).unwrap();
         assert!(s.is_admin(Platform::Telegram, "1") && s.is_admin(Platform::Discord, "2"));
         assert!(!s.is_admin(Platform::Telegram, "2"));

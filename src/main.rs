@@ -187,6 +187,10 @@ enum Command {
         /// Suite reply length limit [default: the suite file's].
         #[arg(long)]
         max_new_tokens: Option<usize>,
+        /// Suite classifier-free guidance, 1 for none [default: the suite file's, else the
+        /// model's].
+        #[arg(long)]
+        guidance_scale: Option<f32>,
         /// Score only the first N held-out examples.
         #[arg(long)]
         max_examples: Option<usize>,
@@ -530,6 +534,9 @@ struct SamplingArgs {
     repetition_penalty: Option<f32>,
     #[arg(long)]
     max_new_tokens: Option<usize>,
+    /// Classifier-free guidance towards the last user message; 1 is none.
+    #[arg(long)]
+    guidance_scale: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop before this text (repeatable).
@@ -651,12 +658,13 @@ impl SamplingArgs {
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
             max_new_tokens: self.max_new_tokens,
+            guidance_scale: self.guidance_scale,
             ..Default::default()
         };
         let mut o = generator.default_options().overridden_by(&overrides);
         o.seed = self.seed;
         o.stop = self.stop.clone();
-        o.sampling.validate()?;
+        o.validate()?;
         Ok(o)
     }
 }
@@ -939,6 +947,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             temperature,
             max_new_tokens,
+            guidance_scale,
             max_examples,
             report,
             baseline,
@@ -966,6 +975,7 @@ fn run(cli: Cli) -> Result<()> {
                     seed,
                     temperature,
                     max_new_tokens,
+                    guidance_scale,
                 },
                 max_examples,
                 report_dir: report,

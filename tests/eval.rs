@@ -623,6 +623,41 @@ fn an_eval_run_writes_both_reports_with_every_suite_answer() {
     );
     assert!(out.status.success());
     assert_eq!(report_json(&again)["suite"], json["suite"]);
+    assert_eq!(files[0]["sampling"]["guidance_scale"], 1.0);
+    assert!(!md.contains("guidance scale"));
+
+    // Classifier-free guidance from the command line reaches every suite and the report; a
+    // negative scale is refused.
+    let guided = dir.path().join("guided");
+    let suite_only = |extra: &[&str], report: &Path| {
+        let mut args = vec!["--max-new-tokens", "24"];
+        args.extend_from_slice(extra);
+        kaiwa_eval(
+            &args,
+            &[
+                ("--model", &m.uniform),
+                (
+                    "--suite",
+                    &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("evals"),
+                ),
+                ("--report", report),
+            ],
+        )
+    };
+    let out = suite_only(&["--guidance-scale", "2"], &guided);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in report_json(&guided)["suite"]["files"].as_array().unwrap() {
+        assert_eq!(file["sampling"]["guidance_scale"], 2.0);
+    }
+    let md = std::fs::read_to_string(guided.join("report.md")).unwrap();
+    assert!(md.contains("guidance scale 2,"), "{md}");
+    let out = suite_only(&["--guidance-scale=-1"], &dir.path().join("bad"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("guidance_scale must be 0 or more"));
 }
 
 #[test]

@@ -29,6 +29,7 @@ fn sampled(seed: u64) -> GenerateOptions {
         max_new_tokens: 24,
         seed,
         stop: vec![],
+        guidance_scale: 1.0,
     }
 }
 
@@ -171,6 +172,115 @@ fn generation_is_reproducible_and_streams_whole_characters() {
         .unwrap();
     assert_eq!(g1.text, g2.text, "greedy ignores the seed");
     assert!(matches!(g1.stop, StopReason::Eos | StopReason::Length));
+}
+
+/// Greedy decoding with classifier-free guidance, done by hand: one session on the prompt, one
+/// on the unconditional prompt, log-softmaxes combined as `u + scale (c - u)` in f64, padding
+/// rows and UTF-8-breaking tokens ruled out as the generator does.
+fn guided_by_hand(
+    generator: &Generator,
+    cond: &[u32],
+    uncond: &[u32],
+    scale: f64,
+    n: usize,
+) -> Vec<u32> {
+    let log_softmax = |x: &[f32]| -> Vec<f64> {
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+        x.iter().map(|&v| v as f64 - max - sum.ln()).collect()
+    };
+    let guard = kaiwa::model::utf8::Utf8Guard::new(generator.tokenizer());
+    let text_vocab = generator.tokenizer().vocab_size();
+    let mut a = generator.decoder().session().unwrap();
+    let mut b = generator.decoder().session().unwrap();
+    let (mut la, mut lb) = (a.forward(cond).unwrap(), b.forward(uncond).unwrap());
+    let (mut out, mut owed) = (Vec::new(), 0);
+    for _ in 0..n {
+        let (c, u) = (log_softmax(&la), log_softmax(&lb));
+        let mut mixed: Vec<f32> = c
+            .iter()
+            .zip(&u)
+            .enumerate()
+            .map(|(i, (&c, &u))| {
+                if i < text_vocab {
+                    (u + scale * (c - u)) as f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        guard.mask(owed, &mut mixed);
+        let token = kaiwa::model::sampler::argmax(&mixed);
+        owed = guard.advance(owed, token);
+        out.push(token);
+        la = a.forward(&[token]).unwrap();
+        lb = b.forward(&[token]).unwrap();
+    }
+    out
+}
+
+#[test]
+fn guidance_contrasts_the_conversation_with_its_last_user_message_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    // Weights 25× the usual scale, so that a random model's next token depends on the prompt
+    // (at 0.02 every position predicts about the same).
+    let config = LlamaConfig {
+        initializer_range: Some(0.5),
+        ..LlamaConfig::preset(Preset::Tiny)
+    };
+    init_model_dir(config, 7, dir.path()).unwrap();
+    let generator = Generator::load(dir.path()).unwrap();
+    let messages = vec![
+        ChatMessage::system("Be brief."),
+        ChatMessage::user("hello"),
+        ChatMessage::assistant("hi!"),
+        ChatMessage::user("今日の天気はどうですか？"),
+    ];
+    let options = |guidance_scale| GenerateOptions {
+        sampling: SamplingParams::greedy(),
+        max_new_tokens: 16,
+        guidance_scale,
+        ..Default::default()
+    };
+    let run = |messages: &[ChatMessage], scale| {
+        generator
+            .generate(messages, &options(scale), &mut |_| true)
+            .unwrap()
+    };
+    let mut emptied = messages.clone();
+    emptied[3].content.clear();
+    let (cond, _) = generator.prompt_tokens(&messages, 16).unwrap();
+    let (uncond, _) = generator.prompt_tokens(&emptied, 16).unwrap();
+
+    let plain = run(&messages, 1.0);
+    let guided = run(&messages, 3.0);
+    let expected = guided_by_hand(&generator, &cond, &uncond, 3.0, 16);
+    assert_eq!(guided.tokens[..], expected[..guided.tokens.len()]);
+    assert!(guided.tokens.len() == 16 || guided.stop == StopReason::Eos);
+    assert_eq!(
+        guided.prompt_tokens,
+        cond.len(),
+        "the reply follows the real prompt"
+    );
+    assert_ne!(
+        guided.tokens, plain.tokens,
+        "guidance changes this model's greedy reply"
+    );
+
+    // Contrasting with another prompt (the last user turn dropped) would decode differently.
+    let dropped = &messages[..3];
+    let (other, _) = generator.prompt_tokens(dropped, 16).unwrap();
+    assert_ne!(guided_by_hand(&generator, &cond, &other, 3.0, 16), expected);
+
+    // Scale 1 is no guidance, and a conversation without a user message has nothing to
+    // contrast, so both give the plain reply.
+    let system_only = [ChatMessage::system("Say something.")];
+    assert_eq!(run(&system_only, 3.0).tokens, run(&system_only, 1.0).tokens);
+    let bad = GenerateOptions {
+        guidance_scale: f32::NAN,
+        ..options(1.0)
+    };
+    assert!(generator.generate(&messages, &bad, &mut |_| true).is_err());
 }
 
 #[test]

@@ -469,7 +469,7 @@ fn suite_markdown(md: &mut String, s: &SuiteReport) {
         let _ = writeln!(
             md,
             "### {} ({}/{} passed)\n\n`{}`: seed {}, temperature {}, top-k {}, top-p {}, \
-             repetition penalty {}, at most {} new tokens.\n",
+             repetition penalty {}{}, at most {} new tokens.\n",
             f.name,
             passed,
             f.cases.len(),
@@ -479,6 +479,11 @@ fn suite_markdown(md: &mut String, s: &SuiteReport) {
             p.top_k,
             p.top_p,
             p.repetition_penalty,
+            if p.guidance_scale == 1.0 {
+                String::new()
+            } else {
+                format!(", guidance scale {}", p.guidance_scale)
+            },
             p.max_new_tokens
         );
         let _ = writeln!(md, "| case | language | result | failed checks |");

@@ -12,6 +12,7 @@
 //!   top_p: 0.9
 //!   repetition_penalty: 1.1
 //!   max_new_tokens: 96
+//!   guidance_scale: 1.5     # classifier-free guidance (GenerateOptions::guidance_scale)
 //! system: …                 # optional system prompt for every case
 //! checks:                   # defaults for every case (these are kaiwa's own defaults)
 //!   min_chars: 1
@@ -76,6 +77,7 @@ pub struct SuiteSampling {
     pub top_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub max_new_tokens: Option<usize>,
+    pub guidance_scale: Option<f32>,
 }
 
 /// Settings given on the command line, over every suite file's.
@@ -84,6 +86,7 @@ pub struct SamplingOverrides {
     pub seed: Option<u64>,
     pub temperature: Option<f32>,
     pub max_new_tokens: Option<usize>,
+    pub guidance_scale: Option<f32>,
 }
 
 /// One prompt and what its reply must satisfy.
@@ -335,6 +338,7 @@ pub fn parse_suite(text: &str, path: &Path) -> Result<Suite, EvalError> {
                 "top_p",
                 "repetition_penalty",
                 "max_new_tokens",
+                "guidance_scale",
             ])
             .map_err(&err)?;
             SuiteSampling {
@@ -349,6 +353,7 @@ pub fn parse_suite(text: &str, path: &Path) -> Result<Suite, EvalError> {
                     .integer("max_new_tokens")
                     .map_err(&err)?
                     .map(|v| v as usize),
+                guidance_scale: s.number("guidance_scale").map_err(&err)?.map(|v| v as f32),
             }
         }
     };
@@ -618,6 +623,13 @@ pub struct UsedSampling {
     pub top_p: f32,
     pub repetition_penalty: f32,
     pub max_new_tokens: usize,
+    /// Classifier-free guidance; 1 is none (reports written before it existed read as 1).
+    #[serde(default = "no_guidance")]
+    pub guidance_scale: f32,
+}
+
+fn no_guidance() -> f32 {
+    1.0
 }
 
 /// One prompt, its reply, and the checks.
@@ -658,7 +670,11 @@ pub fn options_for(
         .unwrap_or(o.max_new_tokens);
     o.seed = overrides.seed.unwrap_or(suite.seed);
     o.stop = Vec::new();
-    o.sampling.validate().map_err(|e| EvalError::Suite {
+    o.guidance_scale = overrides
+        .guidance_scale
+        .or(s.guidance_scale)
+        .unwrap_or(o.guidance_scale);
+    o.validate().map_err(|e| EvalError::Suite {
         path: suite.path.clone(),
         reason: e.to_string(),
     })?;
@@ -712,6 +728,7 @@ pub fn run_suites(
                 top_p: s.top_p,
                 repetition_penalty: s.repetition_penalty,
                 max_new_tokens: options.max_new_tokens,
+                guidance_scale: options.guidance_scale,
             },
             cases,
         });
@@ -746,7 +763,7 @@ mod tests {
     #[test]
     fn a_full_suite_file_parses_with_defaults_and_overrides() {
         let suite = parse(
-            "seed: 7\nsampling: {temperature: 0.5, max_new_tokens: 32}\n\
+            "seed: 7\nsampling: {temperature: 0.5, max_new_tokens: 32, guidance_scale: 1.5}\n\
              checks: {max_chars: 100}\n\
              cases:\n\
              \x20 - id: weather-ja\n    prompt: 今日の天気はどうですか？\n    keywords_any: [天気, 晴れ]\n\
@@ -758,6 +775,7 @@ mod tests {
         assert_eq!(suite.sampling.temperature, Some(0.5));
         assert_eq!(suite.sampling.max_new_tokens, Some(32));
         assert_eq!(suite.sampling.top_k, None);
+        assert_eq!(suite.sampling.guidance_scale, Some(1.5));
         let [ja, en] = &suite.cases[..] else { panic!() };
         assert_eq!(ja.language, "ja");
         assert_eq!(ja.checks.max_chars, 100);

@@ -201,4 +201,7 @@ pub struct GenerationConfig {
     pub repetition_penalty: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_new_tokens: Option<usize>,
+    /// Classifier-free guidance (Hugging Face's name): 1 or unset is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f32>,
 }

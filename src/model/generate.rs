@@ -31,6 +31,12 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Generation stops before any of these strings; the string itself is not returned.
     pub stop: Vec<String>,
+    /// Classifier-free guidance ("Stay on topic with Classifier-Free Guidance", Sanchez et
+    /// al. 2023; Hugging Face's `guidance_scale`): each step's log-probabilities are taken as
+    /// `u + scale × (c − u)`, where `c` are the model's with the conversation and `u` its
+    /// log-probabilities with the last user message emptied, so what that message adds is
+    /// amplified. 1 is none; above 1 costs a second decoder pass per token.
+    pub guidance_scale: f32,
 }
 
 impl Default for GenerateOptions {
@@ -40,11 +46,24 @@ impl Default for GenerateOptions {
             max_new_tokens: 256,
             seed: 0,
             stop: Vec::new(),
+            guidance_scale: 1.0,
         }
     }
 }
 
 impl GenerateOptions {
+    /// Checks the sampling settings and the guidance scale.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        self.sampling.validate()?;
+        let g = self.guidance_scale;
+        if !g.is_finite() || g < 0.0 {
+            return Err(ModelError::Invalid(format!(
+                "guidance_scale must be 0 or more, got {g}"
+            )));
+        }
+        Ok(())
+    }
+
     /// The defaults of a model's `generation_config.json`, over kaiwa's own.
     pub fn from_generation_config(g: &GenerationConfig) -> Self {
         GenerateOptions::default().overridden_by(g)
@@ -61,6 +80,7 @@ impl GenerateOptions {
         s.top_p = g.top_p.unwrap_or(s.top_p);
         s.repetition_penalty = g.repetition_penalty.unwrap_or(s.repetition_penalty);
         self.max_new_tokens = g.max_new_tokens.unwrap_or(self.max_new_tokens);
+        self.guidance_scale = g.guidance_scale.unwrap_or(self.guidance_scale);
         self
     }
 }
@@ -265,7 +285,7 @@ impl Generator {
         options: &GenerateOptions,
         on_delta: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, ModelError> {
-        options.sampling.validate()?;
+        options.validate()?;
         self.decoder
             .parallel(|| self.generate_here(messages, options, on_delta))
     }
@@ -284,6 +304,15 @@ impl Generator {
         let started = Instant::now();
         let mut session = self.decoder.session()?;
         let mut logits = session.forward(&prompt)?;
+        // With guidance, a second session follows the same reply after the unconditional prompt.
+        let mut guide = match self.unconditional(messages, options)? {
+            Some(tokens) => {
+                let mut unconditional = self.decoder.session()?;
+                let logits = unconditional.forward(&tokens)?;
+                Some((unconditional, logits))
+            }
+            None => None,
+        };
         let prefill = started.elapsed();
         let decode_started = Instant::now();
 
@@ -295,6 +324,9 @@ impl Generator {
         let mut stop = StopReason::Length;
         let mut owed = 0;
         while new_tokens < max_new {
+            if let Some((_, unconditional)) = &guide {
+                guided(&mut logits, unconditional, options.guidance_scale);
+            }
             // Rows past the tokenizer's vocabulary are padding: never pick them.
             for l in logits.iter_mut().skip(text_vocab) {
                 *l = f32::NEG_INFINITY;
@@ -326,6 +358,9 @@ impl Generator {
             }
             if new_tokens < max_new {
                 logits = session.forward(&[token])?;
+                if let Some((unconditional, logits)) = &mut guide {
+                    *logits = unconditional.forward(&[token])?;
+                }
             }
         }
         if stop != StopReason::StopString && stop != StopReason::Cancelled {
@@ -352,6 +387,44 @@ impl Generator {
             decode: decode_started.elapsed(),
         })
     }
+}
+
+impl Generator {
+    /// The prompt that guidance contrasts with: the same conversation with the last user
+    /// message's content emptied (its turn kept, so the template renders as usual). `None`
+    /// without guidance or without a user message.
+    fn unconditional(
+        &self,
+        messages: &[ChatMessage],
+        options: &GenerateOptions,
+    ) -> Result<Option<Vec<u32>>, ModelError> {
+        if options.guidance_scale == 1.0 {
+            return Ok(None);
+        }
+        let Some(last) = messages.iter().rposition(|m| m.role == "user") else {
+            return Ok(None);
+        };
+        let mut kept = messages.to_vec();
+        kept[last].content.clear();
+        let (ids, _) = self.prompt_tokens(&kept, options.max_new_tokens)?;
+        Ok(Some(ids))
+    }
+}
+
+/// Classifier-free guidance on one step's logits, in log-probability space:
+/// `u + scale * (c - u)` for conditional `c` and unconditional `u` log-softmaxes.
+fn guided(logits: &mut [f32], unconditional: &[f32], scale: f32) {
+    let c = log_sum_exp(logits);
+    let u = log_sum_exp(unconditional);
+    for (l, &v) in logits.iter_mut().zip(unconditional) {
+        let (lc, lu) = (*l - c, v - u);
+        *l = lu + scale * (lc - lu);
+    }
+}
+
+fn log_sum_exp(x: &[f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + x.iter().map(|&v| (v - max).exp()).sum::<f32>().ln()
 }
 
 fn optional_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, ModelError> {
@@ -441,6 +514,61 @@ fn partial_suffix(text: &str, stop: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn softmax(x: &[f32]) -> Vec<f32> {
+        let l = log_sum_exp(x);
+        x.iter().map(|&v| (v - l).exp()).collect()
+    }
+
+    #[test]
+    fn guidance_mixes_log_probabilities() {
+        let cond = [2.0, 1.0, 0.0];
+        let uncond = [0.0, 3.0, 0.0];
+        let mixed = |scale| {
+            let mut l = cond;
+            guided(&mut l, &uncond, scale);
+            softmax(&l)
+        };
+        // Scale 1 keeps the conditional distribution, 0 gives the unconditional one.
+        for (a, b) in mixed(1.0).iter().zip(softmax(&cond)) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        for (a, b) in mixed(0.0).iter().zip(softmax(&uncond)) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        // Above 1, what the prompt adds is amplified: token 0 (favoured by the prompt) gains,
+        // token 1 (likely without it) loses, and the log-probabilities stay those of
+        // u + s(c - u), whatever constant the logits carry.
+        let (p1, p2) = (mixed(1.0), mixed(2.0));
+        assert!(p2[0] > p1[0] && p2[1] < p1[1]);
+        let mut shifted = [102.0, 101.0, 100.0];
+        guided(&mut shifted, &uncond, 2.0);
+        for (a, b) in softmax(&shifted).iter().zip(&p2) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn guidance_scale_is_checked() {
+        let with = |guidance_scale| GenerateOptions {
+            guidance_scale,
+            ..GenerateOptions::default()
+        };
+        assert!(with(1.0).validate().is_ok());
+        assert!(with(0.0).validate().is_ok());
+        for bad in [-0.5, f32::NAN, f32::INFINITY] {
+            assert!(with(bad).validate().is_err(), "{bad}");
+        }
+        let g = GenerationConfig {
+            guidance_scale: Some(1.5),
+            ..GenerationConfig::default()
+        };
+        assert_eq!(
+            GenerateOptions::from_generation_config(&g).guidance_scale,
+            1.5
+        );
+        assert_eq!(GenerateOptions::default().guidance_scale, 1.0);
+    }
 
     #[test]
     fn stop_string_split_across_deltas_is_never_shown() {

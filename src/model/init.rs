@@ -112,5 +112,6 @@ pub fn default_generation_config(bos: u32, eos: u32) -> GenerationConfig {
         top_p: Some(0.9),
         repetition_penalty: Some(1.1),
         max_new_tokens: Some(256),
+        guidance_scale: None,
     }
 }
