@@ -446,6 +446,20 @@ fn the_gate_passes_a_model_against_itself_and_fails_worse_figures() {
         compare(&hotter, &base, &rules),
         Err(EvalError::NotComparable(_))
     ));
+    // So is a suite sampled with guidance against one without; the message shows both settings.
+    let mut guided = base.clone();
+    guided.suite.as_mut().unwrap().files[0]
+        .sampling
+        .guidance_scale = 2.0;
+    let Err(EvalError::NotComparable(why)) = compare(&guided, &base, &rules) else {
+        panic!("guidance on one side only must not be compared")
+    };
+    assert!(
+        why.contains("guidance_scale: 2.0")
+            && why.contains("guidance_scale: 1.0")
+            && !why.contains("  "),
+        "{why}"
+    );
     let mut no_suite = base.clone();
     no_suite.suite = None;
     assert!(matches!(

@@ -173,7 +173,8 @@ pub fn compare(
             for (cf, bf) in c.files.iter().zip(&b.files) {
                 if cf.sampling != bf.sampling {
                     return Err(EvalError::NotComparable(format!(
-                        "suite {} was sampled with other settings for the candidate                          ({:?}) than for the baseline ({:?}); fix them in the suite file",
+                        "suite {} was sampled with other settings for the candidate ({:?}) \
+                         than for the baseline ({:?}); fix them in the suite file",
                         cf.name, cf.sampling, bf.sampling
                     )));
                 }
