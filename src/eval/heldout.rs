@@ -474,9 +474,7 @@ pub fn negative_log_likelihood(logits: &[f32], token: u32) -> Result<f64, ModelE
             logits.len()
         )));
     };
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    Ok(max + sum.ln() - target as f64)
+    Ok(crate::model::sampler::log_sum_exp(logits) - target as f64)
 }
 
 /// The figures of one example.

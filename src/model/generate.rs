@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::chat_template::{ChatMessage, ChatTemplate, TokenizerConfig};
 use super::config::{GenerationConfig, LlamaConfig};
 use super::runtime::OnnxDecoder;
-use super::sampler::{Sampler, SamplingParams};
+use super::sampler::{log_sum_exp, Sampler, SamplingParams};
 use super::threads::default_threads;
 use super::tokenizer::{StreamDecoder, TextTokenizer};
 use super::utf8::Utf8Guard;
@@ -387,9 +387,7 @@ impl Generator {
             decode: decode_started.elapsed(),
         })
     }
-}
 
-impl Generator {
     /// The prompt that guidance contrasts with: the same conversation with the last user
     /// message's content emptied (its turn kept, so the template renders as usual). `None`
     /// without guidance or without a user message.
@@ -414,17 +412,12 @@ impl Generator {
 /// Classifier-free guidance on one step's logits, in log-probability space:
 /// `u + scale * (c - u)` for conditional `c` and unconditional `u` log-softmaxes.
 fn guided(logits: &mut [f32], unconditional: &[f32], scale: f32) {
-    let c = log_sum_exp(logits);
-    let u = log_sum_exp(unconditional);
+    let c = log_sum_exp(logits) as f32;
+    let u = log_sum_exp(unconditional) as f32;
     for (l, &v) in logits.iter_mut().zip(unconditional) {
         let (lc, lu) = (*l - c, v - u);
         *l = lu + scale * (lc - lu);
     }
-}
-
-fn log_sum_exp(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + x.iter().map(|&v| (v - max).exp()).sum::<f32>().ln()
 }
 
 fn optional_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, ModelError> {
@@ -516,7 +509,7 @@ mod tests {
     use super::*;
 
     fn softmax(x: &[f32]) -> Vec<f32> {
-        let l = log_sum_exp(x);
+        let l = log_sum_exp(x) as f32;
         x.iter().map(|&v| (v - l).exp()).collect()
     }
 

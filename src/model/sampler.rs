@@ -148,6 +148,16 @@ impl Sampler {
     }
 }
 
+/// `log Σ exp(logits)`, accumulated in f64 with the maximum taken out first.
+pub fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
 /// The index of the largest logit (the first one on ties; NaN never wins).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
