@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::bot::event::Platform;
-use crate::model::{GenerateOptions, SamplingParams};
+use crate::model::{GenerateOptions, GenerationConfig};
 
 /// A secret (a bot token). Its `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq)]
@@ -68,7 +68,11 @@ pub struct Settings {
     pub context_messages: usize,
     /// …and none older than this.
     pub context_max_age: Duration,
-    pub generation: GenerateOptions,
+    /// The sampling settings the environment gives (`TEMPERATURE`, …); unset ones come from
+    /// the model's `generation_config.json`, then kaiwa's defaults ([`Settings::reply_options`]).
+    pub generation: GenerationConfig,
+    /// The base of every reply's seed (`SEED`).
+    pub seed: u64,
     /// Generations running at once (each on its own thread).
     pub workers: usize,
     /// Threads one generation's matrix products are split over (`model::threads`).
@@ -88,6 +92,15 @@ pub struct SettingsError {
 }
 
 impl Settings {
+    /// The options of a reply: the model's own defaults (`model`, from its
+    /// `generation_config.json`) with the environment's settings over them, and `SEED`.
+    pub fn reply_options(&self, model: GenerateOptions) -> GenerateOptions {
+        GenerateOptions {
+            seed: self.seed,
+            ..model.overridden_by(&self.generation)
+        }
+    }
+
     /// Reads `.env` (if present, without overriding the environment), then the environment.
     pub fn from_env() -> Result<Self, SettingsError> {
         let _ = dotenvy::dotenv();
@@ -107,27 +120,23 @@ impl Settings {
                 api_url: get(url),
             })
         };
-        let defaults = GenerateOptions::default();
-        let generation = GenerateOptions {
-            sampling: SamplingParams {
-                temperature: parse(&get, "TEMPERATURE", defaults.sampling.temperature)?,
-                top_k: parse(&get, "TOP_K", defaults.sampling.top_k)?,
-                top_p: parse(&get, "TOP_P", defaults.sampling.top_p)?,
-                repetition_penalty: parse(
-                    &get,
-                    "REPETITION_PENALTY",
-                    defaults.sampling.repetition_penalty,
-                )?,
-            },
-            max_new_tokens: parse(&get, "MAX_NEW_TOKENS", 200)?,
-            seed: parse(&get, "SEED", 0)?,
-            stop: Vec::new(),
-            guidance_scale: parse(&get, "GUIDANCE_SCALE", defaults.guidance_scale)?,
+        let generation = GenerationConfig {
+            temperature: parse_some(&get, "TEMPERATURE")?,
+            top_k: parse_some(&get, "TOP_K")?,
+            top_p: parse_some(&get, "TOP_P")?,
+            repetition_penalty: parse_some(&get, "REPETITION_PENALTY")?,
+            max_new_tokens: parse_some(&get, "MAX_NEW_TOKENS")?,
+            guidance_scale: parse_some(&get, "GUIDANCE_SCALE")?,
+            ..GenerationConfig::default()
         };
-        generation.validate().map_err(|e| SettingsError {
-            name: "TEMPERATURE/TOP_P/REPETITION_PENALTY/GUIDANCE_SCALE",
-            reason: e.to_string(),
-        })?;
+        // Out-of-range values stop the daemon at start, not at its first reply.
+        GenerateOptions::default()
+            .overridden_by(&generation)
+            .validate()
+            .map_err(|e| SettingsError {
+                name: "TEMPERATURE/TOP_P/REPETITION_PENALTY/GUIDANCE_SCALE",
+                reason: e.to_string(),
+            })?;
         let mut admins = HashSet::new();
         for item in get("ADMIN_IDS")
             .unwrap_or_default()
@@ -170,6 +179,7 @@ impl Settings {
                 60 * parse::<u64>(&get, "CONTEXT_MAX_AGE_MINUTES", 24 * 60)?,
             ),
             generation,
+            seed: parse(&get, "SEED", 0)?,
             workers: parse(&get, "WORKERS", 1)?,
             threads: parse(&get, "THREADS", crate::model::threads::default_threads())?,
             queue_capacity: parse(&get, "QUEUE_CAPACITY", 32)?,
@@ -199,13 +209,25 @@ fn parse<T: std::str::FromStr>(
 where
     T::Err: fmt::Display,
 {
-    match get(name) {
-        None => Ok(default),
-        Some(v) => v.parse().map_err(|e: T::Err| SettingsError {
-            name,
-            reason: format!("{v:?}: {e}"),
-        }),
-    }
+    Ok(parse_some(get, name)?.unwrap_or(default))
+}
+
+/// The setting `name` if it is set.
+fn parse_some<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<T>, SettingsError>
+where
+    T::Err: fmt::Display,
+{
+    get(name)
+        .map(|v| {
+            v.parse().map_err(|e: T::Err| SettingsError {
+                name,
+                reason: format!("{v:?}: {e}"),
+            })
+        })
+        .transpose()
 }
 
 #[cfg(test)]
@@ -230,6 +252,43 @@ mod tests {
     }
 
     #[test]
+    fn replies_use_the_model_defaults_under_the_environment() {
+        let model = GenerateOptions {
+            sampling: crate::model::SamplingParams {
+                temperature: 0.3,
+                top_k: 20,
+                ..Default::default()
+            },
+            max_new_tokens: 50,
+            seed: 99,
+            stop: Vec::new(),
+            guidance_scale: 1.5,
+        };
+        // Nothing set: the model's own settings, seed 0.
+        let s = Settings::from_lookup(lookup(&[])).unwrap();
+        let o = s.reply_options(model.clone());
+        assert_eq!(
+            o,
+            GenerateOptions {
+                seed: 0,
+                ..model.clone()
+            }
+        );
+        // What the environment sets wins; the rest stays the model's.
+        let s = Settings::from_lookup(lookup(&[
+            ("TEMPERATURE", "0.9"),
+            ("GUIDANCE_SCALE", "1"),
+            ("MAX_NEW_TOKENS", "12"),
+            ("SEED", "7"),
+        ]))
+        .unwrap();
+        let o = s.reply_options(model);
+        assert_eq!(o.sampling.temperature, 0.9);
+        assert_eq!(o.sampling.top_k, 20);
+        assert_eq!((o.max_new_tokens, o.seed, o.guidance_scale), (12, 7, 1.0));
+    }
+
+    #[test]
     fn bad_values_name_the_setting() {
         let e = Settings::from_lookup(lookup(&[("WORKERS", "many")])).unwrap_err();
         assert_eq!(e.name, "WORKERS");
@@ -246,10 +305,8 @@ mod tests {
         assert!(e.to_string().contains("top_p"), "{e}");
         let e = Settings::from_lookup(lookup(&[("GUIDANCE_SCALE", "-1")])).unwrap_err();
         assert!(e.to_string().contains("guidance_scale"), "{e}");
-        let s = Settings::from_lookup(lookup(&[("GUIDANCE_SCALE", "1.5")])).unwrap();
-        assert_eq!(s.generation.guidance_scale, 1.5);
-        let s = Settings::from_lookup(lookup(&[])).unwrap();
-        assert_eq!(s.generation.guidance_scale, 1.0);
+        let e = Settings::from_lookup(lookup(&[("MAX_NEW_TOKENS", "-3")])).unwrap_err();
+        assert_eq!(e.name, "MAX_NEW_TOKENS");
         let s = Settings::from_lookup(lookup(&[("ADMIN_IDS", "telegram:1, discord:2")])).unwrap();
         assert!(s.is_admin(Platform::Telegram, "1") && s.is_admin(Platform::Discord, "2"));
         assert!(!s.is_admin(Platform::Telegram, "2"));

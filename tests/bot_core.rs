@@ -70,9 +70,12 @@ struct Harness {
 }
 
 async fn harness(extra: &[(&str, &str)]) -> Harness {
+    harness_on(extra, &support::daemon::tiny_model_dir()).await
+}
+
+async fn harness_on(extra: &[(&str, &str)], model: &std::path::Path) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("kaiwa.db").display());
-    let model = support::daemon::tiny_model_dir();
     let mut env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), db.clone()),
         ("USER_COOLDOWN_MS".into(), "0".into()),
@@ -88,7 +91,7 @@ async fn harness(extra: &[(&str, &str)]) -> Harness {
     })
     .unwrap();
     let store = Store::open(&db).await.unwrap();
-    let generator = Arc::new(Generator::load(&model).unwrap());
+    let generator = Arc::new(Generator::load(model).unwrap());
     let bot = Bot::new(settings, store.clone(), generator);
     Harness {
         _dir: dir,
@@ -144,6 +147,75 @@ async fn a_direct_message_is_stored_then_answered_and_redelivery_adds_nothing() 
     );
     assert_eq!(rows[1].reply_to.as_deref(), Some("10"));
     assert_eq!(rows[0].chat_kind, "direct");
+}
+
+/// The generation settings recorded with the bot's sent replies.
+async fn reply_settings(h: &Harness) -> Vec<String> {
+    let url = format!("sqlite://{}", h._dir.path().join("kaiwa.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    for _ in 0..200 {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT settings FROM replies WHERE state = 'sent'")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        if !rows.is_empty() {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no sent reply recorded")
+}
+
+#[tokio::test]
+async fn replies_take_the_model_settings_unless_the_environment_sets_them() {
+    // A model whose generation_config.json differs from kaiwa's defaults.
+    let model = tempfile::tempdir().unwrap();
+    // The weights and settings only: the graph is exported again on load (another test may be
+    // exporting the shared one right now).
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        let from = support::daemon::tiny_model_dir().join(file);
+        std::fs::copy(from, model.path().join(file)).unwrap();
+    }
+    let config = model.path().join("generation_config.json");
+    let mut g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    g["max_new_tokens"] = 5.into();
+    g["temperature"] = 0.4.into();
+    std::fs::write(&config, g.to_string()).unwrap();
+
+    // MAX_NEW_TOKENS unset: the model's 5 applies, and its temperature; GUIDANCE_SCALE comes
+    // from the environment.
+    let h = harness_on(
+        &[("MAX_NEW_TOKENS", ""), ("GUIDANCE_SCALE", "1.5")],
+        model.path(),
+    )
+    .await;
+    h.send(message("1", ChatKind::Direct, "10", "u1", "hello"))
+        .await;
+    h.outbox.wait_for(1).await;
+    let settings = reply_settings(&h).await;
+    assert!(settings[0].contains("temperature=0.4 "), "{settings:?}");
+    assert!(
+        settings[0].contains("max_new_tokens=5 guidance_scale=1.5 "),
+        "{settings:?}"
+    );
+
+    let h = harness(&[]).await;
+    h.send(message("1", ChatKind::Direct, "10", "u1", "hello"))
+        .await;
+    h.outbox.wait_for(1).await;
+    let settings = reply_settings(&h).await;
+    assert!(
+        settings[0].contains("max_new_tokens=8 guidance_scale=1 "),
+        "{settings:?}"
+    );
 }
 
 #[tokio::test]

@@ -346,17 +346,19 @@ impl Bot {
             speakers,
         );
         let generator = self.model();
-        let mut options = self.settings.generation.clone();
+        let mut options = self.settings.reply_options(generator.default_options());
         options.seed ^= seed_for(&m.channel, &m.message_id);
         let cancel = Arc::clone(&self.cancel);
         let started = Instant::now();
         let settings = format!(
-            "temperature={} top_k={} top_p={} repetition_penalty={} max_new_tokens={} seed={}",
+            "temperature={} top_k={} top_p={} repetition_penalty={} max_new_tokens={} \
+             guidance_scale={} seed={}",
             options.sampling.temperature,
             options.sampling.top_k,
             options.sampling.top_p,
             options.sampling.repetition_penalty,
             options.max_new_tokens,
+            options.guidance_scale,
             options.seed
         );
         let model_name = generator.dir().display().to_string();
