@@ -34,9 +34,8 @@ def chat_tokens(tok, messages):
         ids += ctx
         learn += [False] * len(ctx)
         content = tok.encode(full[s:e], add_special_tokens=False).ids
-        for i, t in enumerate(content):
-            learn.append(len(ids) > 0)
-            ids.append(t)
+        learn += [len(ids) + i > 0 for i in range(len(content))]
+        ids += content
         ends.append(len(ids))
         at = e
     for after in ends:

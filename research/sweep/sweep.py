@@ -221,11 +221,8 @@ def suite(model, cases, tok, samples, seed=42):
         )
     replies = []
     for row in out[:, width:].tolist():
-        cut = [t for t in row]
-        for stop in (EOS, BOS):
-            if stop in cut:
-                cut = cut[: cut.index(stop)]
-        replies.append(tok.decode(cut, skip_special_tokens=True))
+        end = next((i for i, t in enumerate(row) if t in (EOS, BOS)), len(row))
+        replies.append(tok.decode(row[:end], skip_special_tokens=True))
     by_case = [replies[i * samples:(i + 1) * samples] for i in range(len(cases))]
     own, other, other_n, language, n = 0, 0, 0, 0, 0
     for i, c in enumerate(cases):
