@@ -23,6 +23,9 @@ pub async fn run(settings: Settings, mut shutdown: Shutdown) -> anyhow::Result<(
     let generator = crate::bot::load_model(&settings)
         .await
         .with_context(|| format!("loading the model in {}", settings.model_dir.display()))?;
+    crate::engine::corpora::ensure_corpora(&store, &settings.model_dir)
+        .await
+        .context("adding the model's retrieval data to the store")?;
     tracing::info!(model = %settings.model_dir.display(), database = %settings.database_url, "kaiwa starting");
     let bot = Bot::new(settings.clone(), store.clone(), Arc::new(generator));
 

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::bot::event::Platform;
+use crate::engine::{EngineSettings, Weights};
 use crate::model::{GenerateOptions, GenerationConfig};
+use crate::store::SharePolicy;
 
 /// A secret (a bot token). Its `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq)]
@@ -81,6 +83,8 @@ pub struct Settings {
     pub queue_capacity: usize,
     /// Minimum time between two answered messages of one user.
     pub user_cooldown: Duration,
+    /// How replies are chosen (`REPLY_ENGINE`, the ranker's knobs, what may be retrieved).
+    pub engine: EngineSettings,
 }
 
 /// A setting that could not be read.
@@ -164,7 +168,9 @@ impl Settings {
                 })
             }
         };
+        let engine = engine_settings(&get)?;
         let settings = Settings {
+            engine,
             discord: platform("DISCORD_TOKEN", "DISCORD_API_URL"),
             telegram: platform("TELEGRAM_TOKEN", "TELEGRAM_API_URL"),
             database_url: get("DATABASE_URL").unwrap_or_else(|| "sqlite://kaiwa.db".into()),
@@ -210,6 +216,43 @@ where
     T::Err: fmt::Display,
 {
     Ok(parse_some(get, name)?.unwrap_or(default))
+}
+
+/// The reply engine's settings: `REPLY_ENGINE`, what it may retrieve from and its ranker's
+/// weights (each `RANK_*` over [`Weights::default`]).
+pub fn engine_settings(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<EngineSettings, SettingsError> {
+    let d = EngineSettings::default();
+    let w = d.weights;
+    let engine = EngineSettings {
+        mode: parse(get, "REPLY_ENGINE", d.mode)?,
+        pairs: parse(get, "RETRIEVE_PAIRS", d.pairs)?,
+        sentences: parse(get, "RETRIEVE_SENTENCES", d.sentences)?,
+        generated: parse(get, "GENERATED_CANDIDATES", d.generated)?,
+        generated_max_tokens: parse(get, "GENERATED_MAX_TOKENS", d.generated_max_tokens)?,
+        scored: parse(get, "SCORED_CANDIDATES", d.scored)?,
+        max_df_fraction: parse(get, "RETRIEVE_MAX_DF", d.max_df_fraction)?,
+        weights: Weights {
+            similarity: parse(get, "RANK_SIMILARITY", w.similarity)?,
+            topic: parse(get, "RANK_TOPIC", w.topic)?,
+            mmi: parse(get, "RANK_MMI", w.mmi)?,
+            lambda: parse(get, "RANK_MMI_LAMBDA", w.lambda)?,
+            likelihood: parse(get, "RANK_LIKELIHOOD", w.likelihood)?,
+            feedback: parse(get, "RANK_FEEDBACK", w.feedback)?,
+            length: parse(get, "RANK_LENGTH", w.length)?,
+            min_score: parse(get, "RANK_MIN_SCORE", w.min_score)?,
+        },
+        share: SharePolicy {
+            groups: parse(get, "SHARE_GROUPS", false)?,
+            direct: parse(get, "RETRIEVE_DIRECT", false)?,
+        },
+    };
+    engine.validate().map_err(|e| SettingsError {
+        name: "REPLY_ENGINE/RETRIEVE_*/RANK_*",
+        reason: e.to_string(),
+    })?;
+    Ok(engine)
 }
 
 /// The setting `name` if it is set.

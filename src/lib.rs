@@ -25,12 +25,14 @@ pub mod chat;
 pub mod config;
 pub mod conversation;
 pub mod corpus;
+pub mod engine;
 pub mod eval;
 mod kernels;
 pub mod model;
 pub mod platform;
 pub mod shutdown;
 pub mod store;
+pub mod text;
 pub mod train;
 
 /// The model directory used when none is given: `$MODEL_DIR`, else `models/kaiwa`.

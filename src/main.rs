@@ -1,6 +1,6 @@
 //! The `kaiwa` command line: parses arguments, calls the library, reports errors.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -129,7 +129,9 @@ enum Command {
         #[arg(long)]
         decomposed_attention: bool,
     },
-    /// Talk to a model in the terminal.
+    /// Talk to the reply engine in the terminal; with a pipe as input, one reply a line for
+    /// each line read. Retrieves from the store DATABASE_URL names (default kaiwa.db), which
+    /// gets the model's retrieval data on first use.
     Chat {
         #[command(flatten)]
         model: ModelArg,
@@ -139,6 +141,8 @@ enum Command {
         system: Option<String>,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        engine: EngineArg,
     },
     /// Reply once to a prompt and print only the reply.
     Generate {
@@ -213,6 +217,12 @@ enum Command {
         /// Worker threads [default: one per core].
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        #[command(flatten)]
+        engine: EngineArg,
+        /// The store the engine retrieves from [default: a scratch store with the model's
+        /// retrieval data, so the figures do not depend on what a local store collected].
+        #[arg(long)]
+        store: Option<String>,
     },
     /// Benchmarks.
     Bench {
@@ -253,6 +263,29 @@ enum BenchCommand {
     Corpus {
         #[arg(long, default_value_t = 1_000_000)]
         messages: u64,
+        /// Scratch directory [default: a temporary one, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// The reply engine as the store grows: pairs indexed per second, then retrieval and
+    /// whole-reply latency (p50/p99) over the everyday suites' prompts, and memory, at each
+    /// size.
+    Reply {
+        #[command(flatten)]
+        model: ModelArg,
+        #[command(flatten)]
+        threads: ThreadsArg,
+        #[command(flatten)]
+        engine: EngineArg,
+        /// Store sizes in pairs, cumulative (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [10_000u64, 100_000, 1_000_000])]
+        pairs: Vec<u64>,
+        /// Sentence pairs the synthetic dialogue is drawn from.
+        #[arg(long, default_value = "data/starter/tanaka_ja_en.tsv.gz")]
+        sentences: PathBuf,
+        /// Suite files or directories whose prompts are asked.
+        #[arg(long, default_value = "evals")]
+        suite: Vec<PathBuf>,
         /// Scratch directory [default: a temporary one, removed afterwards].
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -518,6 +551,32 @@ impl ModelArg {
                 )
             }
         })
+    }
+}
+
+#[derive(Args)]
+struct EngineArg {
+    /// hybrid (retrieve, generate and rank) or generate (the model alone) [default:
+    /// REPLY_ENGINE, else hybrid]. The ranker's knobs are read from the environment
+    /// (.env.example).
+    #[arg(long)]
+    engine: Option<kaiwa::engine::EngineMode>,
+}
+
+impl EngineArg {
+    /// The engine settings of the environment (and `.env`), with `--engine` over them.
+    fn settings(&self) -> Result<kaiwa::engine::EngineSettings> {
+        let _ = dotenvy::dotenv();
+        let mut settings = kaiwa::config::engine_settings(&|k: &str| {
+            std::env::var(k)
+                .ok()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        })?;
+        if let Some(mode) = self.engine {
+            settings.mode = mode;
+        }
+        Ok(settings)
     }
 }
 
@@ -893,18 +952,35 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             system,
             sampling,
+            engine,
         } => {
+            let engine = kaiwa::engine::ReplyEngine::new(engine.settings()?);
             let generator = model.load(&threads)?;
             let options = sampling.options(&generator)?;
+            let (rt, store) = open_store()?;
+            if engine.settings().mode == kaiwa::engine::EngineMode::Hybrid {
+                rt.block_on(kaiwa::engine::corpora::ensure_corpora(
+                    &store,
+                    generator.dir(),
+                ))
+                .context("adding the model's retrieval data to the store")?;
+            }
             let stdin = std::io::stdin();
-            kaiwa::chat::run_chat(
-                &generator,
-                system.as_deref(),
-                &options,
-                &mut stdin.lock(),
-                // Not a lock: replies are generated, and printed, on the model's threads.
-                &mut std::io::stdout(),
-            )?;
+            let style = if stdin.is_terminal() {
+                kaiwa::chat::ChatStyle::Terminal
+            } else {
+                kaiwa::chat::ChatStyle::Lines
+            };
+            kaiwa::chat::Chat {
+                generator: &generator,
+                engine: &engine,
+                retrieve: &mut |text| rt.block_on(engine.retrieve(&store, text)),
+                system: system.as_deref(),
+                options: &options,
+                style,
+            }
+            .run(&mut stdin.lock(), &mut std::io::stdout().lock())?;
+            rt.block_on(store.close());
         }
         Command::Generate {
             model,
@@ -955,6 +1031,8 @@ fn run(cli: Cli) -> Result<()> {
             bpb_tolerance,
             case_tolerance,
             threads,
+            engine,
+            store,
         } => {
             let suites = match (no_suite, suite.is_empty()) {
                 (true, _) => Vec::new(),
@@ -985,6 +1063,8 @@ fn run(cli: Cli) -> Result<()> {
                     case_tolerance,
                 },
                 threads,
+                engine: engine.settings()?,
+                store,
                 ..kaiwa::eval::EvalOptions::new(model.dir())
             };
             let outcome = kaiwa::eval::run(&options)
@@ -1026,6 +1106,53 @@ fn run(cli: Cli) -> Result<()> {
                     "export --mode {:?}: {:.0} messages/s, {} examples, RSS {:.0} MiB before, \
                      peak {:.0} MiB",
                     e.mode, e.messages_per_s, e.examples, e.rss_before_mib, e.peak_rss_mib
+                );
+            }
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Reply {
+                    model,
+                    threads,
+                    engine,
+                    pairs,
+                    sentences,
+                    suite,
+                    dir,
+                },
+        } => {
+            let engine = kaiwa::engine::ReplyEngine::new(engine.settings()?);
+            let generator = model.load(&threads)?;
+            let prompts: Vec<String> = kaiwa::eval::suite::load_suites(&suite)?
+                .iter()
+                .flat_map(|s| s.cases.iter().map(|c| c.prompt.clone()))
+                .collect();
+            let scratch = tempfile_dir(dir)?;
+            let steps = runtime()?
+                .block_on(kaiwa::bench::reply::bench_reply(
+                    scratch.path(),
+                    &generator,
+                    &engine,
+                    &sentences,
+                    &prompts,
+                    &pairs,
+                ))
+                .context("running the reply benchmark")?;
+            println!("{}", serde_json::to_string_pretty(&steps)?);
+            println!("| pairs | indexed/s | retrieve p50 / p99 ms | reply p50 / p99 ms | RSS MiB (peak) | store MiB |");
+            println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+            for s in &steps {
+                println!(
+                    "| {} | {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} ({:.0}) | {:.0} |",
+                    s.pairs,
+                    s.index_pairs_per_s,
+                    s.retrieve_p50_ms,
+                    s.retrieve_p99_ms,
+                    s.reply_p50_ms,
+                    s.reply_p99_ms,
+                    s.rss_mib,
+                    s.peak_rss_mib,
+                    s.store_mib
                 );
             }
         }
@@ -1147,7 +1274,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// The store `DATABASE_URL` names (default `kaiwa.db`), with a runtime to use it on.
 /// A scratch directory: the one given (kept), or a temporary one (removed when dropped).
 enum Scratch {
     Kept(PathBuf),
@@ -1173,6 +1299,7 @@ fn tempfile_dir(dir: Option<PathBuf>) -> Result<Scratch> {
     })
 }
 
+/// The store `DATABASE_URL` names (default `kaiwa.db`), with a runtime to use it on.
 fn open_store() -> Result<(tokio::runtime::Runtime, kaiwa::store::Store)> {
     let _ = dotenvy::dotenv();
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://kaiwa.db".into());

@@ -6,6 +6,8 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
+use kaiwa::chat::{Chat, ChatStyle};
+use kaiwa::engine::{EngineError, EngineMode, EngineSettings, ReplyEngine, Retrieval};
 use kaiwa::model::init::init_model_dir;
 use kaiwa::model::onnx_export::{build_model, ExportOptions};
 use kaiwa::model::{
@@ -489,13 +491,21 @@ fn chat_command_keeps_memory_resets_and_exits() {
         max_new_tokens: 8,
         ..sampled(2)
     };
-    let history = kaiwa::chat::run_chat(
-        &generator,
-        Some("be brief"),
-        &options,
-        &mut input,
-        &mut output,
-    )
+    // The model's reply alone: the engine in generate mode, with nothing to retrieve.
+    let engine = ReplyEngine::new(EngineSettings {
+        mode: EngineMode::Generate,
+        ..EngineSettings::default()
+    });
+    let mut nothing = |_: &str| -> Result<Retrieval, EngineError> { Ok(Retrieval::default()) };
+    let history = Chat {
+        generator: &generator,
+        engine: &engine,
+        retrieve: &mut nothing,
+        system: Some("be brief"),
+        options: &options,
+        style: ChatStyle::Terminal,
+    }
+    .run(&mut input, &mut output)
     .unwrap();
     let out = String::from_utf8(output).unwrap();
     assert!(out.contains("(conversation cleared)"), "{out}");
@@ -510,8 +520,16 @@ fn chat_command_keeps_memory_resets_and_exits() {
 
     // Without /reset, every turn stays in memory until end of input.
     let mut input = "hello\nhow are you?\n".as_bytes();
-    let history =
-        kaiwa::chat::run_chat(&generator, None, &options, &mut input, &mut Vec::new()).unwrap();
+    let history = Chat {
+        generator: &generator,
+        engine: &engine,
+        retrieve: &mut nothing,
+        system: None,
+        options: &options,
+        style: ChatStyle::Terminal,
+    }
+    .run(&mut input, &mut Vec::new())
+    .unwrap();
     let roles: Vec<&str> = history.iter().map(|m| m.role.as_str()).collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
 }

@@ -1,10 +1,12 @@
 //! `kaiwa bench`: the speed goals of kaiwa, measured on the machine at hand (never asserted in
 //! tests). `infer` times prefill and decoding through tract (with ONNX Runtime beside it);
 //! `train` times training steps (with PyTorch beside it); `corpus` times importing a large chat
-//! export and exporting a million stored messages.
+//! export and exporting a million stored messages; `reply` times the reply engine as its store
+//! grows to a million pairs.
 
 pub mod corpus;
 mod infer;
+pub mod reply;
 pub mod train;
 
 pub use infer::{bench_infer, bench_prompt, InferReport};

@@ -1,9 +1,9 @@
 //! The bot's chat commands: `/help`, `/reset`, `/optout`, `/optin`, `/forgetme`, and for admins
-//! `/stats`, `/model`, `/reload`, `/answerall on|off`.
+//! `/stats`, `/model`, `/reload`, `/answerall on|off`, `/share on|off`.
 
 use std::sync::Arc;
 
-use super::event::{IncomingMessage, Outbox};
+use super::event::{ChatKind, IncomingMessage, Outbox};
 use super::Bot;
 use crate::store::{now_ms, StoreError};
 
@@ -12,7 +12,7 @@ pub const HELP: &str = "I'm kaiwa, a chat bot. I remember this channel's recent 
 /optout — stop storing (and answering) your messages\n\
 /optin — resume\n\
 /forgetme — delete everything stored of you\n\
-Admins: /stats, /model, /reload, /answerall on|off";
+Admins: /stats, /model, /reload, /answerall on|off, /share on|off (whether this channel's conversation may be used to answer people elsewhere)";
 pub const OPTED_IN: &str = "Welcome back: your messages are stored again.";
 pub const BUSY: &str = "I'm busy right now; please try again in a moment.";
 
@@ -69,14 +69,15 @@ impl Bot {
                 let n = store.forget_user(platform, &m.author_id).await?;
                 format!("Deleted {n} stored messages of yours.")
             }
-            "stats" | "model" | "reload" | "answerall" if !admin => {
+            "stats" | "model" | "reload" | "answerall" | "share" if !admin => {
                 "That command is for admins.".into()
             }
             "stats" => {
                 let s = store.stats().await?;
                 format!(
-                    "messages {} ({} deleted, {} mine), channels {}, users {}, replies sent {}, failed {}, opted out {}",
-                    s.messages, s.deleted, s.bot_messages, s.channels, s.users, s.replies_sent, s.replies_failed, s.opted_out_users
+                    "messages {} ({} deleted, {} mine), channels {}, users {}, replies sent {}, failed {}, opted out {}; replies retrieved {}, generated {}, fallback {}; retrievable pairs {}, sentences {}",
+                    s.messages, s.deleted, s.bot_messages, s.channels, s.users, s.replies_sent, s.replies_failed, s.opted_out_users,
+                    s.replies_retrieved, s.replies_generated, s.replies_fallback, s.retrieval_pairs, s.retrieval_sentences
                 )
             }
             "model" => {
@@ -105,6 +106,30 @@ impl Bot {
                     "I'll answer here only when mentioned.".into()
                 }
             }
+            "share" => match c.args.as_str() {
+                "on" | "off" => {
+                    let on = c.args == "on";
+                    store.set_shared(&m.channel, on).await?;
+                    if on {
+                        "This channel's conversation may now be used to answer people elsewhere."
+                            .into()
+                    } else {
+                        "This channel's conversation is no longer used to answer anyone elsewhere."
+                            .into()
+                    }
+                }
+                _ => {
+                    let shared = match store.shared(&m.channel).await? {
+                        Some(true) => "shared (/share on)",
+                        Some(false) => "not shared (/share off)",
+                        None if self.settings.engine.share.groups && m.kind != ChatKind::Direct => {
+                            "shared (SHARE_GROUPS)"
+                        }
+                        None => "not shared",
+                    };
+                    format!("This channel is {shared}. /share on|off changes it.")
+                }
+            },
             _ => format!("Unknown command /{}. {HELP}", c.name),
         };
         self.say(outbox, m, &reply).await;

@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::config::{ReplyPolicy, Settings};
 use crate::conversation::{self, Speakers};
-use crate::model::{Generator, StopReason};
+use crate::engine::{ReplyEngine, Request};
+use crate::model::Generator;
 use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance, Store};
 use event::{ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform};
 
@@ -27,6 +28,8 @@ use event::{ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform};
 const MAX_TEXT_CHARS: usize = 32_000;
 /// How long shutdown waits for queued replies before cancelling them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// The bot's latest replies in a channel that the engine will not say again.
+const RECENT_REPLIES: usize = 8;
 /// The name the bot's own messages are stored under.
 pub const SELF_NAME: &str = "kaiwa";
 
@@ -41,6 +44,7 @@ pub struct Bot {
     settings: Settings,
     store: Store,
     model: RwLock<Arc<Generator>>,
+    engine: Arc<ReplyEngine>,
     queues: Mutex<HashMap<ChannelRef, mpsc::UnboundedSender<Job>>>,
     generation_slots: Arc<Semaphore>,
     /// Replies queued or in progress.
@@ -65,6 +69,7 @@ impl Bot {
     pub fn new(settings: Settings, store: Store, model: Arc<Generator>) -> Arc<Self> {
         Arc::new(Bot {
             generation_slots: Arc::new(Semaphore::new(settings.workers)),
+            engine: Arc::new(ReplyEngine::new(settings.engine.clone())),
             settings,
             store,
             model: RwLock::new(model),
@@ -91,8 +96,14 @@ impl Bot {
     }
 
     /// Loads the model directory again and swaps it in; replies in progress finish on the old one.
+    /// Retrieval data the directory ships that the store lacks is added first.
     pub async fn reload_model(&self) -> Result<Arc<Generator>, crate::model::ModelError> {
         let loaded = Arc::new(load_model(&self.settings).await?);
+        if let Err(e) =
+            crate::engine::corpora::ensure_corpora(&self.store, &self.settings.model_dir).await
+        {
+            tracing::error!(error = %e, "could not add the model's retrieval data");
+        }
         *self.model.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&loaded);
         Ok(loaded)
     }
@@ -324,7 +335,8 @@ impl Bot {
         Ok(provenance)
     }
 
-    /// Builds the channel's context from the store and runs the model on a blocking thread.
+    /// Builds the channel's context from the store and asks the reply engine: retrieval here,
+    /// generation and ranking on a blocking thread.
     async fn generate_reply(
         &self,
         m: &IncomingMessage,
@@ -345,14 +357,30 @@ impl Bot {
             &conversation::turns(&history),
             speakers,
         );
+        let recent: Vec<String> = history
+            .iter()
+            .filter(|h| h.from_self && !h.is_notice)
+            .filter_map(|h| h.text.clone())
+            .rev()
+            .take(RECENT_REPLIES)
+            .collect();
+        let started = Instant::now();
+        let retrieval = self
+            .engine
+            .retrieve(&self.store, &m.text)
+            .await
+            .map_err(|e| e.to_string())?;
         let generator = self.model();
         let mut options = self.settings.reply_options(generator.default_options());
         options.seed ^= seed_for(&m.channel, &m.message_id);
         let cancel = Arc::clone(&self.cancel);
-        let started = Instant::now();
         let settings = format!(
-            "temperature={} top_k={} top_p={} repetition_penalty={} max_new_tokens={} \
+            "engine={} temperature={} top_k={} top_p={} repetition_penalty={} max_new_tokens={} \
              guidance_scale={} seed={}",
+            serde_json::to_value(self.engine.settings().mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
             options.sampling.temperature,
             options.sampling.top_k,
             options.sampling.top_p,
@@ -362,29 +390,38 @@ impl Bot {
             options.seed
         );
         let model_name = generator.dir().display().to_string();
-        let generation = tokio::task::spawn_blocking(move || {
-            generator.generate(&messages, &options, &mut |_| !cancel.load(Ordering::SeqCst))
+        let user_text = m.text.clone();
+        let engine = Arc::clone(&self.engine);
+        let reply = tokio::task::spawn_blocking(move || {
+            let request = Request {
+                messages: &messages,
+                user_text: &user_text,
+                recent_replies: &recent,
+                options: &options,
+            };
+            engine.reply(&generator, &request, retrieval, &|| {
+                !cancel.load(Ordering::SeqCst)
+            })
         })
         .await
-        .map_err(|e| format!("generation panicked: {e}"))?
+        .map_err(|e| format!("the reply engine panicked: {e}"))?
         .map_err(|e| e.to_string())?;
-        if generation.stop == StopReason::Cancelled {
+        if reply.cancelled {
             return Err("cancelled by shutdown".into());
         }
-        let text = generation.text.trim();
-        let text = if text.is_empty() {
-            "…".to_string()
-        } else {
-            text.to_string()
-        };
+        let scores = serde_json::json!({ "source": reply.source, "scores": reply.scores });
         Ok((
-            text,
+            reply.text,
             ReplyProvenance {
                 model: model_name,
                 settings,
-                prompt_tokens: generation.prompt_tokens as i64,
-                new_tokens: generation.new_tokens as i64,
+                prompt_tokens: reply.prompt_tokens as i64,
+                new_tokens: reply.new_tokens as i64,
                 latency_ms: started.elapsed().as_millis() as i64,
+                engine_source: reply.source.provenance().to_string(),
+                source_doc: reply.doc,
+                source_message: reply.message,
+                scores: Some(scores.to_string()),
             },
         ))
     }

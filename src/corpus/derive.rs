@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::model::ChatMessage;
+use crate::text;
 
 /// Errors deriving dialogue.
 #[derive(Debug, thiserror::Error)]
@@ -210,44 +211,11 @@ pub struct Reply {
     pub score: f64,
 }
 
-/// English words that say nothing about a topic.
-/// Words are split at apostrophes, so `won't` is `won` and `t`.
-const STOP_WORDS: &[&str] = &[
-    "about", "again", "all", "also", "and", "any", "are", "aren", "been", "being", "but", "can",
-    "could", "couldn", "did", "didn", "does", "doesn", "don", "down", "for", "from", "get", "got",
-    "had", "hasn", "has", "have", "haven", "her", "here", "him", "his", "how", "into", "isn",
-    "its", "just", "let", "like", "many", "may", "might", "more", "most", "much", "must", "not",
-    "off", "only", "other", "our", "out", "over", "own", "same", "shall", "she", "should",
-    "shouldn", "some", "such", "than", "that", "the", "their", "them", "then", "there", "these",
-    "they", "this", "those", "too", "very", "was", "wasn", "were", "weren", "what", "when",
-    "where", "which", "who", "whom", "whose", "why", "will", "with", "won", "would", "wouldn",
-    "yes", "you", "your",
-];
-
-/// Kanji (with the iteration mark) and katakana: the characters that carry a Japanese
-/// sentence's topic; kana runs between them are mostly grammar.
-fn is_content_char(c: char) -> bool {
-    matches!(c, '\u{4E00}'..='\u{9FFF}' | '\u{3400}'..='\u{4DBF}' | '々' | '\u{30A1}'..='\u{30FA}' | 'ー')
-}
-
 /// A pair's topic features: its English content words (lower case, three letters or more, no
 /// stop words) and the bigrams of its Japanese kanji/katakana runs (a lone character as itself).
 fn features(pair: &SentencePair) -> Vec<String> {
-    let mut out = Vec::new();
-    let lower = pair.en.to_lowercase();
-    for word in lower.split(|c: char| !c.is_ascii_lowercase()) {
-        if word.len() >= 3 && !STOP_WORDS.contains(&word) {
-            out.push(word.to_string());
-        }
-    }
-    let chars: Vec<char> = pair.ja.chars().collect();
-    for run in chars.split(|&c| !is_content_char(c)) {
-        match run.len() {
-            0 => {}
-            1 => out.push(run[0].to_string()),
-            _ => out.extend(run.windows(2).map(|w| w.iter().collect::<String>())),
-        }
-    }
+    let mut out: Vec<String> = text::english_words(&pair.en, 3).collect();
+    text::japanese_content_bigrams(&pair.ja, &mut out);
     out.sort();
     out.dedup();
     out

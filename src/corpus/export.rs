@@ -187,6 +187,10 @@ pub struct Meta {
     pub up: Vec<u32>,
     pub down: Vec<u32>,
     pub reactions: Vec<String>,
+    /// How each of the bot's messages was made (`generated`, `retrieved` — a copy of text a
+    /// person wrote elsewhere, which a trainer may want to leave out — or `fallback`); empty
+    /// for people's messages and for replies from before the reply engine.
+    pub made_by: Vec<String>,
 }
 
 /// One training example.
@@ -423,6 +427,7 @@ impl Exporter<'_> {
             up: vec![0; messages.len()],
             down: vec![0; messages.len()],
             reactions: vec![String::new(); messages.len()],
+            made_by: vec![String::new(); messages.len()],
         };
         // The turns with the row each came from; in `all` mode other bots (kaiwa included)
         // are left out: that mode is about human dialogue.
@@ -659,14 +664,13 @@ fn transcript(messages: &[ChatMessage]) -> String {
 /// Adds the reactions on `row` to message `i` of an example: thumbs up and down (in the forms
 /// Discord and Telegram send them, skin tones and variation selectors ignored) and the emoji.
 fn add_feedback(meta: &mut Meta, i: usize, row: &CorpusRow) {
-    let base = |e: &str| {
-        e.trim_end_matches(|c: char| ('\u{1f3fb}'..='\u{1f3ff}').contains(&c) || c == '\u{fe0f}')
-            .to_string()
-    };
+    if let Some(made_by) = row.engine_source() {
+        meta.made_by[i] = made_by.to_string();
+    }
     for e in row.reactions() {
-        match base(e).as_str() {
-            "👍" | "❤" | "🥰" | "😍" | "🔥" | "👏" | "🙏" | "💯" => meta.up[i] += 1,
-            "👎" | "😡" | "💩" | "🤮" | "🤬" => meta.down[i] += 1,
+        match crate::text::reaction_sign(e) {
+            1 => meta.up[i] += 1,
+            -1 => meta.down[i] += 1,
             _ => {}
         }
         if !meta.reactions[i].is_empty() {

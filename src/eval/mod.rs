@@ -30,6 +30,9 @@ pub use ngram::ByteNgram;
 pub use report::{compare, GateReport, GateRules, Report, EXIT_GATE_FAILED};
 pub use suite::{SamplingOverrides, Suite, SuiteReport};
 
+use crate::engine::{EngineMode, EngineSettings, ReplyEngine};
+use crate::store::Store;
+
 /// Everything that can go wrong in an evaluation.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -49,6 +52,10 @@ pub enum EvalError {
     Suite { path: PathBuf, reason: String },
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("the reply engine's store: {0}")]
+    Store(String),
     #[error("cannot compare with the baseline: {0}")]
     NotComparable(String),
     #[error("{0}")]
@@ -97,6 +104,12 @@ pub struct EvalOptions {
     pub rules: GateRules,
     /// Worker threads; 0 uses every core.
     pub threads: usize,
+    /// The reply engine the suite's replies come from.
+    pub engine: EngineSettings,
+    /// The store the engine retrieves from; by default a fresh one in a temporary directory
+    /// holding the model's retrieval data (`engine::corpora`), so the figures do not depend on
+    /// what a local store collected.
+    pub store: Option<String>,
 }
 
 impl EvalOptions {
@@ -115,6 +128,8 @@ impl EvalOptions {
             baseline: None,
             rules: GateRules::default(),
             threads: 0,
+            engine: EngineSettings::default(),
+            store: None,
         }
     }
 
@@ -134,6 +149,8 @@ pub struct Inputs {
     pub suites: Vec<Suite>,
     pub overrides: SamplingOverrides,
     pub threads: usize,
+    pub engine: EngineSettings,
+    pub store: Option<String>,
 }
 
 impl Inputs {
@@ -195,6 +212,8 @@ impl Inputs {
             suites,
             overrides: options.overrides.clone(),
             threads: options.threads,
+            engine: options.engine.clone(),
+            store: options.store.clone(),
         })
     }
 }
@@ -227,12 +246,7 @@ pub fn evaluate(dir: &Path, inputs: &Inputs) -> Result<Report, EvalError> {
     let suite = if inputs.suites.is_empty() {
         None
     } else {
-        Some(suite::run_suites(
-            &generator,
-            &inputs.suites,
-            &inputs.overrides,
-            inputs.threads,
-        )?)
+        Some(run_engine_suites(dir, &generator, inputs)?)
     };
     Ok(Report {
         kaiwa_version: env!("CARGO_PKG_VERSION").into(),
@@ -241,6 +255,65 @@ pub fn evaluate(dir: &Path, inputs: &Inputs) -> Result<Report, EvalError> {
         suite,
         gate: None,
     })
+}
+
+/// Runs the suites through the reply engine, retrieving from the store of `inputs` (by
+/// default a scratch store with the model's retrieval data).
+fn run_engine_suites(
+    dir: &Path,
+    generator: &Generator,
+    inputs: &Inputs,
+) -> Result<suite::SuiteReport, EvalError> {
+    inputs.engine.validate()?;
+    let engine = ReplyEngine::new(inputs.engine.clone());
+    if inputs.engine.mode == EngineMode::Generate {
+        let none = |_: &str| Ok(crate::engine::Retrieval::default());
+        return suite::run_suites(
+            generator,
+            &engine,
+            &none,
+            &inputs.suites,
+            &inputs.overrides,
+            inputs.threads,
+        );
+    }
+    let store_err = |e: String| EvalError::Store(e);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| store_err(e.to_string()))?;
+    let scratch;
+    let url = match &inputs.store {
+        Some(url) => url.clone(),
+        None => {
+            scratch = tempfile::tempdir().map_err(|e| store_err(e.to_string()))?;
+            scratch.path().join("retrieval.db").display().to_string()
+        }
+    };
+    let store = rt
+        .block_on(Store::open(&url))
+        .map_err(|e| store_err(e.to_string()))?;
+    let started = std::time::Instant::now();
+    rt.block_on(crate::engine::corpora::ensure_corpora(&store, dir))
+        .map_err(|e| store_err(e.to_string()))?;
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f32(),
+        store = url,
+        "retrieval data ready"
+    );
+    let handle = rt.handle().clone();
+    let retrieve = |text: &str| handle.block_on(engine.retrieve(&store, text));
+    let report = suite::run_suites(
+        generator,
+        &engine,
+        &retrieve,
+        &inputs.suites,
+        &inputs.overrides,
+        inputs.threads,
+    );
+    rt.block_on(store.close());
+    report
 }
 
 /// What [`run`] did.

@@ -277,6 +277,23 @@ impl Report {
         }
         if let Some(s) = &self.suite {
             let _ = writeln!(out, "suite: {}/{} cases passed", s.passed, s.cases);
+            for f in &s.figures {
+                let _ = writeln!(
+                    out,
+                    "  {} {}: on topic {}/{} ({:.0} %, by chance {:.1} %), right language {}, \
+                     echoes {}, loops {}, fallbacks {}",
+                    f.language,
+                    f.split,
+                    f.on_topic,
+                    f.cases,
+                    100.0 * f.on_topic_share(),
+                    100.0 * f.chance,
+                    f.right_language,
+                    f.echoes,
+                    f.loops,
+                    f.fallbacks
+                );
+            }
         }
         if let Some(g) = &self.gate {
             let _ = writeln!(
@@ -459,6 +476,39 @@ fn suite_markdown(md: &mut String, s: &SuiteReport) {
         "## Conversation suite: {}/{} cases passed\n",
         s.passed, s.cases
     );
+    if let Some(engine) = s.engine {
+        let _ = writeln!(md, "Replies from the reply engine in {engine:?} mode.\n");
+    }
+    if !s.figures.is_empty() {
+        let _ = writeln!(
+            md,
+            "On topic: the reply has one of its case's keywords; by chance: how often a reply \
+             has one of another case's (same language).\n\n\
+             | language | split | cases | on topic | by chance | right language | echoes | loops | \
+             repeated | fallbacks | sources |\n\
+             | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        );
+        for f in &s.figures {
+            let sources: Vec<String> = f.sources.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} ({:.0} %) | {:.1} % | {} | {} | {} | {} | {} | {} |",
+                f.language,
+                f.split,
+                f.cases,
+                f.on_topic,
+                100.0 * f.on_topic_share(),
+                100.0 * f.chance,
+                f.right_language,
+                f.echoes,
+                f.loops,
+                f.repeated,
+                f.fallbacks,
+                sources.join(", ")
+            );
+        }
+        md.push('\n');
+    }
     let _ = writeln!(
         md,
         "Repetition is the share of repeated character {REPETITION_NGRAM}-grams and the most \

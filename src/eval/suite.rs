@@ -54,10 +54,12 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 use super::{parallel_map, EvalError};
 use crate::corpus::lang;
-use crate::model::{ChatMessage, GenerateOptions, Generator, StopReason};
+use crate::engine::{
+    rank::is_echo, EngineError, EngineMode, Ranked, ReplyEngine, ReplySource, Request, Retrieval,
+};
+use crate::model::{ChatMessage, GenerateOptions, Generator};
 
-/// The character n-gram the repetition check counts.
-pub const REPETITION_NGRAM: usize = 4;
+pub use crate::text::{repetition, Repetition, REPETITION_NGRAM};
 
 /// One suite file, parsed and checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +99,9 @@ pub struct Case {
     pub system: Option<String>,
     /// ISO 639-1 code of the expected reply language.
     pub language: String,
+    /// `dev` (what the engine's defaults are tuned on) or `test` (held out); none for cases
+    /// outside that split.
+    pub split: Option<String>,
     pub checks: Checks,
 }
 
@@ -130,50 +135,6 @@ pub struct CheckOutcome {
     pub name: String,
     pub passed: bool,
     pub detail: String,
-}
-
-/// How repetitive a reply is.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Repetition {
-    /// `1 − distinct / total` over character 4-grams; 0 for replies shorter than one.
-    pub repeated_ngram_ratio: f64,
-    /// How often the most frequent non-empty line appears.
-    pub max_line_repeats: usize,
-}
-
-/// Measures the repetition of `text` (see the module docs).
-pub fn repetition(text: &str) -> Repetition {
-    let mut chars: Vec<char> = Vec::new();
-    let mut last_space = true;
-    for c in text.chars() {
-        if c.is_whitespace() {
-            if !last_space {
-                chars.push(' ');
-            }
-            last_space = true;
-        } else {
-            chars.push(c);
-            last_space = false;
-        }
-    }
-    if chars.last() == Some(&' ') {
-        chars.pop();
-    }
-    let repeated_ngram_ratio = if chars.len() < REPETITION_NGRAM {
-        0.0
-    } else {
-        let grams: Vec<&[char]> = chars.windows(REPETITION_NGRAM).collect();
-        let distinct: BTreeSet<&[char]> = grams.iter().copied().collect();
-        1.0 - distinct.len() as f64 / grams.len() as f64
-    };
-    let mut lines: HashMap<&str, usize> = HashMap::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        *lines.entry(line).or_default() += 1;
-    }
-    Repetition {
-        repeated_ngram_ratio,
-        max_line_repeats: lines.values().copied().max().unwrap_or(0),
-    }
 }
 
 /// Runs every check of `case` on `answer`.
@@ -378,7 +339,7 @@ pub fn parse_suite(text: &str, path: &Path) -> Result<Suite, EvalError> {
     for (i, node) in list.iter().enumerate() {
         let where_ = format!("case {}", i + 1);
         let f = Fields::new(node, &where_).map_err(&err)?;
-        let mut keys = vec!["id", "prompt", "system", "language"];
+        let mut keys = vec!["id", "prompt", "system", "language", "split"];
         keys.extend_from_slice(CHECK_KEYS);
         f.only(&keys).map_err(&err)?;
         let id = f
@@ -413,7 +374,14 @@ pub fn parse_suite(text: &str, path: &Path) -> Result<Suite, EvalError> {
                 detected.to_string()
             }
         };
+        let split = f.string("split").map_err(&err)?;
+        if let Some(sp) = split.as_deref().filter(|s| !["dev", "test"].contains(s)) {
+            return Err(err(format!(
+                "case {id:?}: split must be dev or test, not {sp:?}"
+            )));
+        }
         cases.push(Case {
+            split,
             id,
             prompt,
             system: f.string("system").map_err(&err)?.or_else(|| system.clone()),
@@ -580,6 +548,12 @@ pub struct SuiteReport {
     pub files: Vec<SuiteFileReport>,
     pub cases: u64,
     pub passed: u64,
+    /// The reply engine that answered (reports from before it: none, the model alone).
+    #[serde(default)]
+    pub engine: Option<EngineMode>,
+    /// On-topic figures per language and split.
+    #[serde(default)]
+    pub figures: Vec<TopicFigures>,
 }
 
 impl SuiteReport {
@@ -639,11 +613,22 @@ pub struct CaseReport {
     pub prompt: String,
     pub language: String,
     pub answer: String,
-    /// Why generation ended: `eos`, `length`, …
+    /// Where the reply came from (`pair`, `sentence`, `generated`, `fallback`); in reports from
+    /// before the reply engine, why generation ended (`eos`, `length`, …).
     pub stop: String,
     pub new_tokens: usize,
     pub checks: Vec<CheckOutcome>,
     pub passed: bool,
+    /// `dev` or `test` (see [`Case::split`]).
+    #[serde(default)]
+    pub split: Option<String>,
+    /// Where the reply came from (reports from before the reply engine: none).
+    #[serde(default)]
+    pub source: Option<ReplySource>,
+    /// Every candidate the engine considered, with its scores: what the ranker's weights are
+    /// tuned on.
+    #[serde(default)]
+    pub candidates: Vec<Ranked>,
 }
 
 /// The generation options of `suite` for `generator`: the model's defaults, then the suite's
@@ -681,11 +666,17 @@ pub fn options_for(
     Ok(o)
 }
 
-/// Generates a reply to every case of `suites` and checks it, on `threads` threads. Each case
-/// is generated on its own with the suite's seed, so replies do not depend on the order or on
-/// the number of threads.
+/// Looks up retrieval candidates for a message (in `kaiwa eval`: the model's retrieval data in
+/// a store of its own).
+pub type Retrieve<'a> = dyn Fn(&str) -> Result<Retrieval, EngineError> + Sync + 'a;
+
+/// Asks the reply engine to answer every case of `suites` and checks the reply, on `threads`
+/// threads. Each case is answered on its own with the suite's seed, so replies do not depend
+/// on the order or on the number of threads.
 pub fn run_suites(
     generator: &Generator,
+    engine: &ReplyEngine,
+    retrieve: &Retrieve<'_>,
     suites: &[Suite],
     overrides: &SamplingOverrides,
     threads: usize,
@@ -703,17 +694,26 @@ pub fn run_suites(
                     messages.push(ChatMessage::system(system.clone()));
                 }
                 messages.push(ChatMessage::user(case.prompt.clone()));
-                let generation = generator.generate(&messages, &options, &mut |_| true)?;
-                let checks = check_answer(case, &generation.text);
+                let request = Request {
+                    messages: &messages,
+                    user_text: &case.prompt,
+                    recent_replies: &[],
+                    options: &options,
+                };
+                let reply = engine.reply(generator, &request, retrieve(&case.prompt)?, &|| true)?;
+                let checks = check_answer(case, &reply.text);
                 Ok(CaseReport {
                     id: case.id.clone(),
                     prompt: case.prompt.clone(),
                     language: case.language.clone(),
                     passed: checks.iter().all(|c| c.passed),
-                    answer: generation.text,
-                    stop: stop_name(generation.stop).into(),
-                    new_tokens: generation.new_tokens,
+                    answer: reply.text,
+                    stop: reply.source.as_str().into(),
+                    new_tokens: reply.new_tokens,
                     checks,
+                    split: case.split.clone(),
+                    source: Some(reply.source),
+                    candidates: reply.ranked,
                 })
             },
         )?;
@@ -733,6 +733,7 @@ pub fn run_suites(
             cases,
         });
     }
+    let figures = topic_figures(suites, &files);
     let all = files.iter().flat_map(|f| &f.cases);
     let cases = all.clone().count() as u64;
     let passed = all.filter(|c| c.passed).count() as u64;
@@ -740,16 +741,113 @@ pub fn run_suites(
         files,
         cases,
         passed,
+        engine: Some(engine.settings().mode),
+        figures,
     })
 }
 
-fn stop_name(stop: StopReason) -> &'static str {
-    match stop {
-        StopReason::Eos => "eos",
-        StopReason::StopString => "stop_string",
-        StopReason::Length => "length",
-        StopReason::Cancelled => "cancelled",
+/// What the engine's replies did in one language and split (see [`topic_figures`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopicFigures {
+    pub language: String,
+    /// `dev`, `test`, or `all` (every case with keywords, whatever its split).
+    pub split: String,
+    /// Cases with keywords.
+    pub cases: u64,
+    /// Replies that contain one of their case's keywords.
+    pub on_topic: u64,
+    /// The share of (reply, other case) pairs where the reply contains one of the other case's
+    /// keywords: how often a reply is "on topic" by chance.
+    pub chance: f64,
+    pub right_language: u64,
+    /// Replies that repeat the prompt.
+    pub echoes: u64,
+    /// Replies that fail the repetition check (loops).
+    pub loops: u64,
+    /// Replies given to more than one case.
+    pub repeated: u64,
+    pub fallbacks: u64,
+    /// Cases won by each source.
+    pub sources: std::collections::BTreeMap<String, u64>,
+}
+
+impl TopicFigures {
+    pub fn on_topic_share(&self) -> f64 {
+        self.on_topic as f64 / self.cases.max(1) as f64
     }
+}
+
+/// On topic, on topic by chance, right language, echoes, loops, repeated replies, fallbacks
+/// and winning sources, per language and split, over the cases that have keywords.
+pub fn topic_figures(suites: &[Suite], files: &[SuiteFileReport]) -> Vec<TopicFigures> {
+    let mut rows: Vec<(&Case, &CaseReport)> = Vec::new();
+    for (suite, file) in suites.iter().zip(files) {
+        rows.extend(
+            suite
+                .cases
+                .iter()
+                .zip(&file.cases)
+                .filter(|(c, _)| !c.checks.keywords_any.is_empty()),
+        );
+    }
+    let mut keys: BTreeSet<(String, String)> = BTreeSet::new();
+    for (c, _) in &rows {
+        keys.insert((c.language.clone(), "all".into()));
+        if let Some(split) = &c.split {
+            keys.insert((c.language.clone(), split.clone()));
+        }
+    }
+    let mut answers: HashMap<String, usize> = HashMap::new();
+    for (_, r) in &rows {
+        *answers.entry(normalize(&r.answer)).or_default() += 1;
+    }
+    keys.into_iter()
+        .map(|(language, split)| {
+            let mine: Vec<&(&Case, &CaseReport)> = rows
+                .iter()
+                .filter(|(c, _)| {
+                    c.language == language && (split == "all" || c.split.as_deref() == Some(&split))
+                })
+                .collect();
+            let others: Vec<&Case> = rows
+                .iter()
+                .map(|(c, _)| *c)
+                .filter(|c| c.language == language)
+                .collect();
+            let mut f = TopicFigures {
+                language: language.clone(),
+                split: split.clone(),
+                cases: mine.len() as u64,
+                ..TopicFigures::default()
+            };
+            let (mut chance_hits, mut chance_pairs) = (0u64, 0u64);
+            for (case, r) in &mine {
+                let passed = |name: &str| r.checks.iter().any(|k| k.name == name && k.passed);
+                f.on_topic += u64::from(passed("keywords"));
+                f.right_language += u64::from(passed("language"));
+                f.loops += u64::from(!passed("repetition"));
+                f.echoes += u64::from(is_echo(&r.answer, &r.prompt));
+                f.repeated +=
+                    u64::from(answers.get(&normalize(&r.answer)).copied().unwrap_or(0) > 1);
+                f.fallbacks += u64::from(r.source == Some(ReplySource::Fallback));
+                let source = r.source.map_or("generated", ReplySource::as_str);
+                *f.sources.entry(source.to_string()).or_default() += 1;
+                let haystack = normalize(&r.answer);
+                for other in others.iter().filter(|o| o.id != case.id) {
+                    chance_pairs += 1;
+                    chance_hits += u64::from(
+                        other
+                            .checks
+                            .keywords_any
+                            .iter()
+                            .any(|k| contains_keyword(&haystack, &normalize(k))),
+                    );
+                }
+            }
+            f.chance = chance_hits as f64 / chance_pairs.max(1) as f64;
+            f
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -124,6 +124,8 @@ pub struct Generator {
     context_len: usize,
     defaults: GenerateOptions,
     utf8: Utf8Guard,
+    /// The token that ends a turn in the chat template (`<|im_end|>`), when the model names one.
+    end_of_turn: Option<u32>,
 }
 
 impl Generator {
@@ -181,7 +183,12 @@ impl Generator {
             .map(|c| c.max_position_embeddings)
             .or(tokenizer_config.model_max_length())
             .unwrap_or(DEFAULT_CONTEXT);
+        let end_of_turn = tokenizer_config
+            .eos_token()
+            .and_then(|t| tokenizer.token_to_id(t))
+            .or_else(|| eos_ids.first().copied());
         Ok(Generator {
+            end_of_turn,
             dir: dir.to_path_buf(),
             decoder,
             utf8: Utf8Guard::new(&tokenizer),
@@ -388,6 +395,48 @@ impl Generator {
         })
     }
 
+    /// How likely the model finds each of `replies` as its next message after `messages`: per
+    /// reply, the sum of the log-probabilities of its tokens and of the end of its turn, and how
+    /// many tokens that is. The prompt is fed once and each reply continues from its cache.
+    /// Replies are cut to what fits the context.
+    pub fn score_replies(
+        &self,
+        messages: &[ChatMessage],
+        replies: &[&str],
+    ) -> Result<Vec<ReplyLikelihood>, ModelError> {
+        let end = self.end_of_turn.ok_or_else(|| {
+            ModelError::Invalid("the model names no end-of-turn token to score replies by".into())
+        })?;
+        let reserve = self.context_len / 4;
+        let (prompt, _) = self.prompt_tokens(messages, reserve)?;
+        self.decoder.parallel(|| {
+            let mut session = self.decoder.session()?;
+            let first = session.forward(&prompt)?;
+            let room = self.context_len.saturating_sub(prompt.len()).max(1);
+            replies
+                .iter()
+                .map(|reply| {
+                    let mut ids = self.tokenizer.encode(reply, false)?;
+                    ids.truncate(room - 1);
+                    let mut log_prob = log_prob_of(&first, ids.first().copied().unwrap_or(end));
+                    if !ids.is_empty() {
+                        let rows = session.fork()?.forward_all(&ids)?;
+                        let next = ids[1..].iter().copied().chain([end]);
+                        log_prob += rows
+                            .iter()
+                            .zip(next)
+                            .map(|(l, t)| log_prob_of(l, t))
+                            .sum::<f64>();
+                    }
+                    Ok(ReplyLikelihood {
+                        log_prob,
+                        tokens: ids.len() + 1,
+                    })
+                })
+                .collect()
+        })
+    }
+
     /// The prompt that guidance contrasts with: the same conversation with the last user
     /// message's content emptied (its turn kept, so the template renders as usual). `None`
     /// without guidance or without a user message.
@@ -406,6 +455,29 @@ impl Generator {
         kept[last].content.clear();
         let (ids, _) = self.prompt_tokens(&kept, options.max_new_tokens)?;
         Ok(Some(ids))
+    }
+}
+
+/// The log-probability of `token` under one step's logits.
+fn log_prob_of(logits: &[f32], token: u32) -> f64 {
+    logits
+        .get(token as usize)
+        .map_or(f64::NEG_INFINITY, |&l| f64::from(l) - log_sum_exp(logits))
+}
+
+/// How likely a reply is after a conversation ([`Generator::score_replies`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplyLikelihood {
+    /// Natural log.
+    pub log_prob: f64,
+    /// The reply's tokens and the end of its turn.
+    pub tokens: usize,
+}
+
+impl ReplyLikelihood {
+    /// Log-probability per token.
+    pub fn mean(&self) -> f64 {
+        self.log_prob / self.tokens.max(1) as f64
     }
 }
 

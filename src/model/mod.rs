@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{GenerationConfig, LlamaConfig, Preset};
-pub use generate::{GenerateOptions, Generation, Generator, StopReason};
+pub use generate::{GenerateOptions, Generation, Generator, ReplyLikelihood, StopReason};
 pub use runtime::{DecoderSession, OnnxDecoder};
 pub use sampler::{Sampler, SamplingParams};
 pub use tokenizer::TextTokenizer;

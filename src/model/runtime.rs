@@ -297,6 +297,15 @@ impl DecoderSession {
         self.past_len
     }
 
+    /// A new session that starts from this one's cache, so a prompt fed once can be continued
+    /// several ways.
+    pub fn fork(&self) -> Result<DecoderSession, ModelError> {
+        let mut s = self.decoder.session()?;
+        s.past = self.past.clone();
+        s.past_len = self.past_len;
+        Ok(s)
+    }
+
     /// Feeds `tokens` after the cached ones and returns the logits of the last one.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         // Only the last row is copied out: a prefill's other rows are never looked at.

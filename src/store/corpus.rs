@@ -131,7 +131,10 @@ impl ImportTx {
             source: &self.source,
         };
         Ok(match insert_row(&mut *self.tx, &row).await? {
-            Insert::Stored(_) => ImportInsert::Stored,
+            Insert::Stored(id) => {
+                super::retrieval::index_reply(&mut self.tx, id, &row).await?;
+                ImportInsert::Stored
+            }
             Insert::Duplicate => ImportInsert::Duplicate,
         })
     }
@@ -176,6 +179,8 @@ pub struct CorpusRow {
     /// The emoji of every reaction on the message (one entry per user and emoji), from users
     /// who have not opted out; separated by U+001F.
     reactions: Option<String>,
+    /// For the bot's replies, how the reply engine made it (`replies.engine_source`).
+    engine_source: Option<String>,
 }
 
 impl CorpusRow {
@@ -186,6 +191,12 @@ impl CorpusRow {
             .unwrap_or("")
             .split('\u{1f}')
             .filter(|s| !s.is_empty())
+    }
+
+    /// How the reply engine made this message of the bot's (`generated`, `retrieved`,
+    /// `fallback`), when it is one.
+    pub fn engine_source(&self) -> Option<&str> {
+        self.engine_source.as_deref()
     }
 }
 
@@ -218,7 +229,11 @@ impl Store {
                        AND r.message_id = m.message_id
                        AND NOT EXISTS (SELECT 1 FROM opt_outs o
                                        WHERE o.platform = r.platform AND o.user_id = r.user_id)
-                    ) AS reactions
+                    ) AS reactions,
+                    (SELECT rp.engine_source FROM replies rp
+                     WHERE m.from_self = 1 AND rp.platform = m.platform
+                       AND rp.chat_id = m.chat_id AND rp.message_id = m.reply_to
+                    ) AS engine_source
              FROM messages m",
         ));
         push_corpus_where(&mut q, filter);

@@ -25,7 +25,9 @@ macro_rules! message_columns {
 }
 
 mod corpus;
+mod retrieval;
 pub use corpus::{CorpusFilter, CorpusRow, ImportInsert, ImportRecord, ImportTx, ImportedRow};
+pub use retrieval::{DocKind, Feedback, Retrieved, SharePolicy};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,13 @@ pub struct ReplyProvenance {
     pub prompt_tokens: i64,
     pub new_tokens: i64,
     pub latency_ms: i64,
+    /// `generated`, `retrieved` or `fallback` (the reply engine's `ReplySource`).
+    pub engine_source: String,
+    /// The retrieval doc a retrieved reply came from, and its row in `messages` for a pair.
+    pub source_doc: Option<i64>,
+    pub source_message: Option<i64>,
+    /// The ranker's scores of the reply, as JSON.
+    pub scores: Option<String>,
 }
 
 /// Figures for `/stats` and `kaiwa stats`.
@@ -110,6 +119,13 @@ pub struct Stats {
     pub replies_sent: i64,
     pub replies_failed: i64,
     pub opted_out_users: i64,
+    /// Sent replies by how the engine made them.
+    pub replies_retrieved: i64,
+    pub replies_generated: i64,
+    pub replies_fallback: i64,
+    /// Retrieval docs indexed.
+    pub retrieval_pairs: i64,
+    pub retrieval_sentences: i64,
     pub per_platform: Vec<(String, i64)>,
 }
 
@@ -222,27 +238,32 @@ impl Store {
 
     /// Stores a message unless the same platform message is already there.
     pub async fn insert_message(&self, m: &NewMessage) -> Result<Insert, StoreError> {
-        insert_row(
-            &self.pool,
-            &NewRow {
-                platform: m.channel.platform.as_str(),
-                chat_id: &m.channel.chat_id,
-                thread_id: &m.channel.thread_id,
-                direct: m.kind == ChatKind::Direct,
-                message_id: &m.message_id,
-                author_id: &m.author_id,
-                author_name: &m.author_name,
-                author_is_bot: m.author_is_bot,
-                from_self: m.from_self,
-                is_notice: m.is_notice,
-                is_system: false,
-                text: &m.text,
-                reply_to: m.reply_to.as_deref(),
-                sent_at_ms: m.sent_at_ms,
-                source: &m.source,
-            },
-        )
-        .await
+        let row = NewRow {
+            platform: m.channel.platform.as_str(),
+            chat_id: &m.channel.chat_id,
+            thread_id: &m.channel.thread_id,
+            direct: m.kind == ChatKind::Direct,
+            message_id: &m.message_id,
+            author_id: &m.author_id,
+            author_name: &m.author_name,
+            author_is_bot: m.author_is_bot,
+            from_self: m.from_self,
+            is_notice: m.is_notice,
+            is_system: false,
+            text: &m.text,
+            reply_to: m.reply_to.as_deref(),
+            sent_at_ms: m.sent_at_ms,
+            source: &m.source,
+        };
+        // The message and its place in the retrieval index commit together: it is retrievable
+        // as soon as it is stored.
+        let mut tx = self.pool.begin().await?;
+        let inserted = insert_row(&mut *tx, &row).await?;
+        if let Insert::Stored(id) = inserted {
+            retrieval::index_reply(&mut tx, id, &row).await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
     }
 
     /// Replaces the text of a stored message (an edit). Returns whether a row changed.
@@ -253,18 +274,24 @@ impl Store {
         text: &str,
         at_ms: i64,
     ) -> Result<bool, StoreError> {
-        let r = sqlx::query(
+        let mut tx = self.pool.begin().await?;
+        let id: Option<i64> = sqlx::query_scalar(
             "UPDATE messages SET text = ?, edited_at_ms = ?
-             WHERE platform = ? AND chat_id = ? AND message_id = ? AND text IS NOT NULL",
+             WHERE platform = ? AND chat_id = ? AND message_id = ? AND text IS NOT NULL
+             RETURNING id",
         )
         .bind(text)
         .bind(at_ms)
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(message_id)
-        .execute(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(r.rows_affected() > 0)
+        if let Some(id) = id {
+            retrieval::reindex_context(&mut tx, id, text).await?;
+        }
+        tx.commit().await?;
+        Ok(id.is_some())
     }
 
     /// Removes the text of a deleted message; the row stays as a tombstone so a late
@@ -316,7 +343,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE replies SET state = 'sent', finished_at_ms = ?, model = ?, settings = ?,
-                prompt_tokens = ?, new_tokens = ?, latency_ms = ?
+                prompt_tokens = ?, new_tokens = ?, latency_ms = ?, engine_source = ?,
+                source_doc = ?, source_message = ?, scores = ?
              WHERE platform = ? AND chat_id = ? AND message_id = ?",
         )
         .bind(now_ms())
@@ -325,6 +353,10 @@ impl Store {
         .bind(p.prompt_tokens)
         .bind(p.new_tokens)
         .bind(p.latency_ms)
+        .bind(&p.engine_source)
+        .bind(p.source_doc)
+        .bind(p.source_message)
+        .bind(&p.scores)
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(message_id)
@@ -522,6 +554,11 @@ impl Store {
             replies_sent: count("SELECT COUNT(*) FROM replies WHERE state = 'sent'").await?,
             replies_failed: count("SELECT COUNT(*) FROM replies WHERE state = 'failed'").await?,
             opted_out_users: count("SELECT COUNT(*) FROM opt_outs").await?,
+            replies_retrieved: count("SELECT COUNT(*) FROM replies WHERE state = 'sent' AND engine_source = 'retrieved'").await?,
+            replies_generated: count("SELECT COUNT(*) FROM replies WHERE state = 'sent' AND engine_source = 'generated'").await?,
+            replies_fallback: count("SELECT COUNT(*) FROM replies WHERE state = 'sent' AND engine_source = 'fallback'").await?,
+            retrieval_pairs: count("SELECT COUNT(*) FROM retrieval_docs WHERE kind = 'pair'").await?,
+            retrieval_sentences: count("SELECT COUNT(*) FROM retrieval_docs WHERE kind = 'sentence'").await?,
             per_platform,
         })
     }
