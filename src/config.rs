@@ -236,6 +236,7 @@ pub fn engine_settings(
         weights: Weights {
             similarity: parse(get, "RANK_SIMILARITY", w.similarity)?,
             topic: parse(get, "RANK_TOPIC", w.topic)?,
+            coverage: parse(get, "RANK_COVERAGE", w.coverage)?,
             mmi: parse(get, "RANK_MMI", w.mmi)?,
             lambda: parse(get, "RANK_MMI_LAMBDA", w.lambda)?,
             likelihood: parse(get, "RANK_LIKELIHOOD", w.likelihood)?,

@@ -103,6 +103,13 @@ pub fn retrieval_terms(text: &str) -> Vec<String> {
     out
 }
 
+/// Whether a retrieval term is a hiragana bigram: mostly particles and endings ("です", "ます",
+/// "ので"), which say little about the topic. Retrieval searches for them only when the message
+/// has nothing else, and weighs them less when comparing texts.
+pub fn is_function_term(term: &str) -> bool {
+    term.chars().all(is_hiragana)
+}
+
 /// What a reaction says about the message it is on: `1` for a thumbs up (or another sign of
 /// approval), `-1` for a thumbs down (or disapproval), `0` otherwise. Skin tones and variation
 /// selectors are ignored, and the names Discord and Telegram use for the thumbs count too.

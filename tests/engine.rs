@@ -109,7 +109,7 @@ async fn retrieval_finds_paired_replies_in_japanese_and_english() {
     assert_eq!(sentence.text, "猫はかわいい動物です。");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ranker_prefers_the_on_topic_reply_to_a_generic_one() {
     let (dir, store) = store().await;
     // Both replies answer the same message, so retrieval cannot tell them apart.
@@ -166,7 +166,7 @@ async fn the_ranker_prefers_the_on_topic_reply_to_a_generic_one() {
         .all(|r| r.rejected.is_some()));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echoes_and_the_bots_own_recent_replies_are_never_chosen() {
     let (dir, store) = store().await;
     import_pairs(
@@ -206,7 +206,7 @@ async fn echoes_and_the_bots_own_recent_replies_are_never_chosen() {
         .unwrap()
     };
     let reply = ask(Vec::new(), engine.retrieve(&store, user).await.unwrap());
-    assert_eq!(reply.text, "Autumn, for the colours.");
+    assert_eq!(reply.text, "Autumn, for the colours.", "{:?}", reply.ranked);
     // Said already in this conversation: not again; nothing else is good, so the engine says
     // so in the user's language.
     let reply = ask(

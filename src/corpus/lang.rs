@@ -59,9 +59,12 @@ fn looks_english(text: &str) -> bool {
         "i", "you", "the", "a", "is", "are", "it", "to", "and", "of", "in", "that", "what", "do",
         "how", "hi", "hello", "hey", "yes", "no", "ok", "okay", "thanks", "thank", "my", "me",
         "we", "good", "see", "bye", "nice", "sure", "so", "not", "have", "was", "for", "this",
-        "can", "like", "too", "morning", "night", "lol", "cool", "great", "well",
+        "can", "like", "too", "morning", "night", "lol", "cool", "great", "well", "be", "been",
+        "any", "with", "your", "just", "but", "at", "on", "or", "an", "if", "from", "all", "there",
+        "ve", "ll", "re", "don", "t", "m",
     ];
-    text.split(|c: char| !c.is_ascii_alphabetic() && c != '\'')
+    // Contractions split at the apostrophe: "I've" is "i" and "ve".
+    text.split(|c: char| !c.is_ascii_alphabetic())
         .filter(|w| !w.is_empty())
         .any(|w| COMMON.contains(&w.to_ascii_lowercase().as_str()))
 }
@@ -104,6 +107,11 @@ mod tests {
         assert_eq!(detect("ラーメン食べたい！ Let's go"), "ja");
         assert_eq!(detect("What did you have for dinner last night?"), "en");
         assert_eq!(detect("ok see you!"), "en");
+        // No common word but in a contraction.
+        assert_eq!(
+            detect("I've been having trouble falling asleep lately. Any advice?"),
+            "en"
+        );
         assert_eq!(detect("我们明天去北京旅游"), "zh");
         assert_eq!(detect("안녕하세요 반갑습니다"), "ko");
         assert_eq!(

@@ -24,11 +24,14 @@ use std::sync::Mutex;
 use crate::corpus::lang;
 use crate::model::{ChatMessage, GenerateOptions, Generator, ModelError, StopReason};
 use crate::store::{DocKind, Feedback, SharePolicy, Store, StoreError};
-use crate::text::retrieval_terms;
+use crate::text::{is_function_term, retrieval_terms};
 pub use rank::{Rejection, Scores, Weights};
 
 /// Query terms at most, the rarest first.
 const MAX_QUERY_TERMS: usize = 16;
+/// Terms in at most this many docs are always searched for, however large the share of the
+/// index (a small index is cheap to search whole).
+const ALWAYS_SEARCHED_DF: i64 = 1_000;
 /// Unconditional likelihoods remembered (they depend on the candidate alone).
 const UNCONDITIONAL_CACHE: usize = 50_000;
 
@@ -188,6 +191,10 @@ pub struct Retrieval {
     docs: i64,
 }
 
+/// How much a hiragana bigram ([`is_function_term`]) counts beside a content term of the same
+/// document frequency when texts are compared.
+const FUNCTION_TERM_WEIGHT: f64 = 0.3;
+
 impl Retrieval {
     /// The inverse document frequency of a term: `ln(1 + N / (df + 1))`.
     pub fn idf(&self, term: &str) -> f64 {
@@ -195,6 +202,17 @@ impl Retrieval {
             .get(term)
             .copied()
             .unwrap_or_else(|| (1.0 + self.docs as f64).ln())
+    }
+
+    /// A term's weight when texts are compared: its [`Retrieval::idf`], less for hiragana
+    /// bigrams.
+    pub fn weight(&self, term: &str) -> f64 {
+        let w = self.idf(term);
+        if is_function_term(term) {
+            w * FUNCTION_TERM_WEIGHT
+        } else {
+            w
+        }
     }
 }
 
@@ -271,12 +289,14 @@ impl ReplyEngine {
         let (df, docs) = store.term_frequencies(&query).await?;
         // Search for the rarest terms; common ones ("です", "today") match half the index and
         // add nothing but time. They still count in the similarity.
+        let content = query.iter().any(|t| !is_function_term(t) && df.contains_key(t));
         let mut searched: Vec<(&String, i64)> = query
             .iter()
+            .filter(|t| !(content && is_function_term(t)))
             .filter_map(|t| df.get(t).map(|&n| (t, n)))
             .collect();
         searched.sort_by_key(|&(t, n)| (n, t.clone()));
-        let common = (s.max_df_fraction * docs as f64).max(1.0) as i64;
+        let common = ((s.max_df_fraction * docs as f64) as i64).max(ALWAYS_SEARCHED_DF);
         let rare: Vec<String> = searched
             .iter()
             .filter(|&&(_, n)| n <= common)

@@ -4,9 +4,12 @@
 //!
 //! - `similarity`: how well what retrieval matched (the message a pair's reply answered, or
 //!   the sentence) fits the user's message: cosine of their retrieval terms weighted by inverse
-//!   document frequency (0 for generated text);
+//!   document frequency, hiragana bigrams (particles, endings) less (0 for generated text);
 //! - `topic`: the same cosine between the user's message and the candidate itself, for every
 //!   source, so generated text on the topic counts too;
+//! - `coverage`: how much of the user's message the candidate covers: the weight of the terms
+//!   they share over the weight of the message's terms (the cosine also counts what the
+//!   candidate says besides);
 //! - `mmi`: the model's mean log-probability per token of the candidate after the conversation,
 //!   minus `lambda` times that after an empty message (Li et al. 2016): replies the
 //!   conversation makes likely, not replies likely anywhere ("I don't know");
@@ -54,6 +57,7 @@ pub enum Rejection {
 pub struct Weights {
     pub similarity: f64,
     pub topic: f64,
+    pub coverage: f64,
     pub mmi: f64,
     /// MMI's λ: how much the likelihood after an empty message is taken off.
     pub lambda: f64,
@@ -65,16 +69,19 @@ pub struct Weights {
 }
 
 impl Default for Weights {
+    /// Chosen on the development half of the everyday suites (`research/ranker/tune.py`; see
+    /// `research/README.md`, "The reply engine").
     fn default() -> Self {
         Weights {
-            similarity: 1.0,
-            topic: 1.0,
+            similarity: 0.5,
+            topic: 2.0,
+            coverage: 1.0,
             mmi: 0.2,
-            lambda: 0.5,
+            lambda: 1.0,
             likelihood: 0.0,
             feedback: 0.3,
             length: 0.3,
-            min_score: -1.5,
+            min_score: -0.25,
         }
     }
 }
@@ -84,6 +91,7 @@ impl Weights {
         let all = [
             ("similarity", self.similarity),
             ("topic", self.topic),
+            ("coverage", self.coverage),
             ("mmi", self.mmi),
             ("lambda", self.lambda),
             ("likelihood", self.likelihood),
@@ -105,6 +113,7 @@ impl Weights {
     pub fn total(&self, s: &Scores) -> f64 {
         self.similarity * s.similarity
             + self.topic * s.topic
+            + self.coverage * s.coverage
             + self.mmi * s.mmi
             + self.likelihood * s.likelihood
             + self.feedback * s.feedback
@@ -118,6 +127,8 @@ impl Weights {
 pub struct Scores {
     pub similarity: f64,
     pub topic: f64,
+    #[serde(default)]
+    pub coverage: f64,
     pub likelihood: f64,
     /// The mean log-probability after an empty message.
     pub unconditional: f64,
@@ -158,7 +169,9 @@ pub(super) fn screen_and_score(
             let text = c.text.trim();
             let key = normalize(text);
             let chars = text.chars().count();
-            let topic = cosine(&query, &retrieval_terms(text), retrieval);
+            let terms = retrieval_terms(text);
+            let topic = cosine(&query, &terms, retrieval);
+            let coverage = coverage(&query, &terms, retrieval);
             let similarity = match (&c.matched, c.source) {
                 (Some(m), ReplySource::Pair) => cosine(&query, &retrieval_terms(m), retrieval),
                 (_, ReplySource::Sentence) => topic,
@@ -168,6 +181,7 @@ pub(super) fn screen_and_score(
             let scores = Scores {
                 similarity,
                 topic,
+                coverage,
                 feedback: (net / 2.0).tanh(),
                 length: length_score(chars),
                 ..Scores::default()
@@ -215,10 +229,10 @@ pub fn is_echo(reply: &str, user: &str) -> bool {
     normalize(reply) == normalize(user) || dice(&bigrams(reply), &bigrams(user)) >= ECHO_DICE
 }
 
-/// IDF-weighted cosine of two term sets.
+/// Cosine of two term sets, each term weighted by [`Retrieval::weight`].
 fn cosine(query: &HashSet<&str>, terms: &[String], r: &Retrieval) -> f64 {
     let norm =
-        |ts: &mut dyn Iterator<Item = &str>| ts.map(|t| r.idf(t).powi(2)).sum::<f64>().sqrt();
+        |ts: &mut dyn Iterator<Item = &str>| ts.map(|t| r.weight(t).powi(2)).sum::<f64>().sqrt();
     let (q, d) = (
         norm(&mut query.iter().copied()),
         norm(&mut terms.iter().map(String::as_str)),
@@ -229,9 +243,23 @@ fn cosine(query: &HashSet<&str>, terms: &[String], r: &Retrieval) -> f64 {
     let shared: f64 = terms
         .iter()
         .filter(|t| query.contains(t.as_str()))
-        .map(|t| r.idf(t).powi(2))
+        .map(|t| r.weight(t).powi(2))
         .sum();
     shared / (q * d)
+}
+
+/// The weight of the query terms that `terms` has, over the weight of all the query's terms.
+fn coverage(query: &HashSet<&str>, terms: &[String], r: &Retrieval) -> f64 {
+    let all: f64 = query.iter().map(|t| r.weight(t).powi(2)).sum();
+    if all == 0.0 {
+        return 0.0;
+    }
+    let shared: f64 = terms
+        .iter()
+        .filter(|t| query.contains(t.as_str()))
+        .map(|t| r.weight(t).powi(2))
+        .sum();
+    shared / all
 }
 
 fn length_score(chars: usize) -> f64 {

@@ -77,7 +77,7 @@ pub struct Feedback {
 
 /// Indexes the message just stored as `id` (`row`) as the reply to the message before it in
 /// its channel, when both are conversation between two different people (or a person answering
-/// the bot). The bot's own text, other bots', notices, system prompts and commands are never
+/// the bot). The daemon's own text, other bots', notices, system prompts and commands are never
 /// replies to retrieve.
 pub(super) async fn index_reply(
     conn: &mut SqliteConnection,
@@ -85,7 +85,10 @@ pub(super) async fn index_reply(
     row: &NewRow<'_>,
 ) -> Result<(), StoreError> {
     let text = row.text.trim();
-    if row.from_self
+    let live = row.source == "live";
+    // An imported conversation's assistant side is a reply written for it (and what the
+    // corpus is for); the daemon's own replies are not.
+    if (live && row.from_self)
         || row.author_is_bot
         || row.is_notice
         || row.is_system
@@ -113,7 +116,6 @@ pub(super) async fn index_reply(
     let Some((context_id, context_author, context_text, context_at, _)) = previous else {
         return Ok(());
     };
-    let live = row.source == "live";
     if context_author == row.author_id
         || context_text.trim().starts_with('/')
         || (live && row.sent_at_ms - context_at > LIVE_PAIR_GAP_MS)
