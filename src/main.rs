@@ -223,6 +223,10 @@ enum Command {
         /// retrieval data, so the figures do not depend on what a local store collected].
         #[arg(long)]
         store: Option<String>,
+        /// Candidates kept per suite case in report.json, best first (0: every one, for
+        /// research/ranker/tune.py).
+        #[arg(long, default_value_t = kaiwa::eval::REPORT_CANDIDATES)]
+        candidates: usize,
     },
     /// Benchmarks.
     Bench {
@@ -1033,6 +1037,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             engine,
             store,
+            candidates,
         } => {
             let suites = match (no_suite, suite.is_empty()) {
                 (true, _) => Vec::new(),
@@ -1065,6 +1070,7 @@ fn run(cli: Cli) -> Result<()> {
                 threads,
                 engine: engine.settings()?,
                 store,
+                candidates,
                 ..kaiwa::eval::EvalOptions::new(model.dir())
             };
             let outcome = kaiwa::eval::run(&options)

@@ -2,7 +2,7 @@
 """Chooses the reply engine's ranker weights on the development half of the everyday suites.
 
 Input: a `kaiwa eval` report.json made with every candidate scored by the model
-(`SCORED_CANDIDATES=64 kaiwa eval --report DIR`), so the choice among candidates can be
+(`SCORED_CANDIDATES=64 kaiwa eval --candidates 0 --report DIR`), so the choice among candidates can be
 replayed for any weights without running the model again: the engine keeps the best `scored`
 candidates by the cheap scores (similarity, topic, feedback, length), ranks those by the full
 weighted sum, and falls back when the best is below `min_score`.

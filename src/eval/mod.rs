@@ -110,7 +110,14 @@ pub struct EvalOptions {
     /// holding the model's retrieval data (`engine::corpora`), so the figures do not depend on
     /// what a local store collected.
     pub store: Option<String>,
+    /// Candidates kept per suite case in the report, best first (0: all of them, which is
+    /// what `research/ranker/tune.py` replays).
+    pub candidates: usize,
 }
+
+/// Candidates kept per case in a report by default: what competed, without making the report
+/// megabytes long.
+pub const REPORT_CANDIDATES: usize = 5;
 
 impl EvalOptions {
     /// Options that evaluate `model` on nothing yet; fill in data and suites.
@@ -130,6 +137,7 @@ impl EvalOptions {
             threads: 0,
             engine: EngineSettings::default(),
             store: None,
+            candidates: REPORT_CANDIDATES,
         }
     }
 
@@ -151,6 +159,7 @@ pub struct Inputs {
     pub threads: usize,
     pub engine: EngineSettings,
     pub store: Option<String>,
+    pub candidates: usize,
 }
 
 impl Inputs {
@@ -214,6 +223,7 @@ impl Inputs {
             threads: options.threads,
             engine: options.engine.clone(),
             store: options.store.clone(),
+            candidates: options.candidates,
         })
     }
 }
@@ -313,7 +323,13 @@ fn run_engine_suites(
         inputs.threads,
     );
     rt.block_on(store.close());
-    report
+    let mut report = report?;
+    if inputs.candidates > 0 {
+        for case in report.files.iter_mut().flat_map(|f| f.cases.iter_mut()) {
+            case.candidates.truncate(inputs.candidates);
+        }
+    }
+    Ok(report)
 }
 
 /// What [`run`] did.
