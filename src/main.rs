@@ -1149,9 +1149,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
             for s in &steps {
                 println!(
-                    "| {} | {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} ({:.0}) | {:.0} |",
+                    "| {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} ({:.0}) | {:.0} |",
                     s.pairs,
-                    s.index_pairs_per_s,
+                    s.index_pairs_per_s
+                        .map_or("(kept)".to_string(), |r| format!("{r:.0}")),
                     s.retrieve_p50_ms,
                     s.retrieve_p99_ms,
                     s.reply_p50_ms,

@@ -380,7 +380,27 @@ fn the_gate_passes_a_model_against_itself_and_fails_worse_figures() {
     let rules = GateRules::default();
     let same = compare(&base, &base, &rules).unwrap();
     assert!(same.passed, "{}", same.verdict());
-    assert_eq!(same.comparisons.len(), 2);
+    // Held-out data, suite cases passed, and on topic per language (en, ja).
+    assert_eq!(same.comparisons.len(), 4, "{:?}", same.comparisons);
+
+    // On topic: a baseline with one more Japanese reply on topic is better.
+    let mut on_topic = base.clone();
+    let ja = on_topic
+        .suite
+        .as_mut()
+        .unwrap()
+        .figures
+        .iter_mut()
+        .find(|f| f.language == "ja" && f.split == "all")
+        .expect("Japanese figures");
+    ja.on_topic += 1;
+    let gate = compare(&base, &on_topic, &rules).unwrap();
+    assert!(!gate.passed);
+    assert!(
+        gate.verdict().contains("on topic, ja"),
+        "{}",
+        gate.verdict()
+    );
 
     // Held-out bits per byte: within the tolerance passes, beyond it fails.
     let mut cand = base.clone();

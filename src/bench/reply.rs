@@ -33,9 +33,10 @@ pub enum ReplyBenchError {
 /// The figures at one store size.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplyStep {
+    /// Pairs in the store (more than asked for when a kept store was larger).
     pub pairs: u64,
-    /// Pairs indexed per second while growing to this size.
-    pub index_pairs_per_s: f64,
+    /// Pairs indexed per second while growing to this size (none when the store had them).
+    pub index_pairs_per_s: Option<f64>,
     pub retrieve_p50_ms: f64,
     pub retrieve_p99_ms: f64,
     pub reply_p50_ms: f64,
@@ -58,46 +59,55 @@ pub async fn bench_reply(
     let db = dir.join("bench-reply.db");
     let store = Store::open(&db.display().to_string()).await?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let mut have = 0u64;
+    // A store kept from an earlier run (`--dir`) is grown, not refilled.
+    let mut have = store
+        .retrieval_counts()
+        .await?
+        .get(&crate::store::DocKind::Pair)
+        .copied()
+        .unwrap_or(0) as u64;
     let mut steps = Vec::new();
     for &size in sizes {
         let started = Instant::now();
-        let mut tx = store.begin_import("bench:reply").await?;
+        let grown = size > have;
         let added = size.saturating_sub(have);
-        for i in have..size {
-            let pick = |rng: &mut rand_chacha::ChaCha8Rng| {
-                sentences.choose(rng).cloned().unwrap_or_default()
-            };
-            for (j, text) in [pick(&mut rng), pick(&mut rng)].into_iter().enumerate() {
-                tx.insert(&ImportedRow {
-                    platform: "import".into(),
-                    chat_id: format!("bench-{i}"),
-                    direct: false,
-                    message_id: j.to_string(),
-                    author_id: format!("speaker-{j}"),
-                    author_name: format!("speaker-{j}"),
-                    author_is_bot: false,
-                    from_self: j == 1,
-                    is_system: false,
-                    text,
-                    reply_to: None,
-                    sent_at_ms: 1_000 * j as i64,
-                })
-                .await?;
+        if grown {
+            let mut tx = store.begin_import("bench:reply").await?;
+            for i in have..size {
+                let pick = |rng: &mut rand_chacha::ChaCha8Rng| {
+                    sentences.choose(rng).cloned().unwrap_or_default()
+                };
+                for (j, text) in [pick(&mut rng), pick(&mut rng)].into_iter().enumerate() {
+                    tx.insert(&ImportedRow {
+                        platform: "import".into(),
+                        chat_id: format!("bench-{i}"),
+                        direct: false,
+                        message_id: j.to_string(),
+                        author_id: format!("speaker-{j}"),
+                        author_name: format!("speaker-{j}"),
+                        author_is_bot: false,
+                        from_self: j == 1,
+                        is_system: false,
+                        text,
+                        reply_to: None,
+                        sent_at_ms: 1_000 * j as i64,
+                    })
+                    .await?;
+                }
             }
+            tx.commit(&ImportRecord {
+                source: "bench:reply".into(),
+                format: "bench".into(),
+                path: String::new(),
+                conversations: added,
+                messages: 2 * added,
+                duplicates: 0,
+                skipped: 0,
+            })
+            .await?;
         }
-        tx.commit(&ImportRecord {
-            source: "bench:reply".into(),
-            format: "bench".into(),
-            path: String::new(),
-            conversations: added,
-            messages: 2 * added,
-            duplicates: 0,
-            skipped: 0,
-        })
-        .await?;
         let index_seconds = started.elapsed().as_secs_f64();
-        have = size;
+        have = have.max(size);
         let (mut retrieve_ms, mut reply_ms) = (Vec::new(), Vec::new());
         let options = generator.default_options();
         for prompt in prompts {
@@ -116,8 +126,8 @@ pub async fn bench_reply(
         }
         let store_mib = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
         let step = ReplyStep {
-            pairs: size,
-            index_pairs_per_s: added as f64 / index_seconds.max(1e-9),
+            pairs: have,
+            index_pairs_per_s: grown.then(|| added as f64 / index_seconds.max(1e-9)),
             retrieve_p50_ms: percentile(&mut retrieve_ms, 0.50),
             retrieve_p99_ms: percentile(&mut retrieve_ms, 0.99),
             reply_p50_ms: percentile(&mut reply_ms, 0.50),

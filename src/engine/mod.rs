@@ -29,9 +29,14 @@ pub use rank::{Rejection, Scores, Weights};
 
 /// Query terms at most, the rarest first.
 const MAX_QUERY_TERMS: usize = 16;
+/// Postings (docs per term, summed over the terms searched for) one search reads at most; the
+/// rarest term is searched for even when it alone has more.
+const MAX_POSTINGS: i64 = 40_000;
 /// Terms in at most this many docs are always searched for, however large the share of the
 /// index (a small index is cheap to search whole).
 const ALWAYS_SEARCHED_DF: i64 = 1_000;
+/// Document frequencies remembered.
+const FREQUENCY_CACHE: usize = 200_000;
 /// Unconditional likelihoods remembered (they depend on the candidate alone).
 const UNCONDITIONAL_CACHE: usize = 50_000;
 
@@ -54,6 +59,15 @@ pub enum EngineMode {
     Hybrid,
     /// The model's sampled reply alone, as kaiwa did before the engine.
     Generate,
+}
+
+impl EngineMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineMode::Hybrid => "hybrid",
+            EngineMode::Generate => "generate",
+        }
+    }
 }
 
 impl FromStr for EngineMode {
@@ -263,6 +277,15 @@ pub struct ReplyEngine {
     /// The model's mean log-probability of a candidate after an empty message, by model
     /// directory and text.
     unconditional: Mutex<HashMap<(String, String), f64>>,
+    frequencies: Mutex<Frequencies>,
+}
+
+/// Cached document frequencies (see [`ReplyEngine::frequencies`]).
+#[derive(Debug, Default)]
+struct Frequencies {
+    /// Docs in the index when the cache was filled.
+    docs: i64,
+    terms: HashMap<String, i64>,
 }
 
 impl ReplyEngine {
@@ -272,6 +295,7 @@ impl ReplyEngine {
         ReplyEngine {
             settings,
             unconditional: Mutex::new(HashMap::new()),
+            frequencies: Mutex::new(Frequencies::default()),
         }
     }
 
@@ -286,10 +310,12 @@ impl ReplyEngine {
             return Ok(Retrieval::default());
         }
         let query = retrieval_terms(user_text);
-        let (df, docs) = store.term_frequencies(&query).await?;
+        let (df, docs) = self.frequencies(store, &query).await?;
         // Search for the rarest terms; common ones ("です", "today") match half the index and
         // add nothing but time. They still count in the similarity.
-        let content = query.iter().any(|t| !is_function_term(t) && df.contains_key(t));
+        let content = query
+            .iter()
+            .any(|t| !is_function_term(t) && df.contains_key(t));
         let mut searched: Vec<(&String, i64)> = query
             .iter()
             .filter(|t| !(content && is_function_term(t)))
@@ -297,9 +323,16 @@ impl ReplyEngine {
             .collect();
         searched.sort_by_key(|&(t, n)| (n, t.clone()));
         let common = ((s.max_df_fraction * docs as f64) as i64).max(ALWAYS_SEARCHED_DF);
+        // Rarest first, within a budget of postings: the cost of a search follows the postings
+        // read, so it stays bounded however large the index grows.
+        let mut postings = 0;
         let rare: Vec<String> = searched
             .iter()
             .filter(|&&(_, n)| n <= common)
+            .take_while(|&&(_, n)| {
+                postings += n;
+                postings <= MAX_POSTINGS || postings == n
+            })
             .map(|(t, _)| (*t).clone())
             .take(MAX_QUERY_TERMS)
             .collect();
@@ -327,7 +360,7 @@ impl ReplyEngine {
         }
         all_terms.sort();
         all_terms.dedup();
-        let (df, docs) = store.term_frequencies(&all_terms).await?;
+        let (df, docs) = self.frequencies(store, &all_terms).await?;
         let idf = all_terms
             .into_iter()
             .map(|t| {
@@ -353,6 +386,54 @@ impl ReplyEngine {
             idf,
             docs,
         })
+    }
+
+    /// Document frequencies of `terms` and the docs in the index, from the cache where it can:
+    /// counting a common term's docs reads its whole posting list, and frequencies move slowly,
+    /// so the cache is dropped only when the index has grown or shrunk by 1 %.
+    async fn frequencies(
+        &self,
+        store: &Store,
+        terms: &[String],
+    ) -> Result<(HashMap<String, i64>, i64), EngineError> {
+        let missing: Vec<String> = {
+            let cache = self.frequencies.lock().unwrap_or_else(|e| e.into_inner());
+            terms
+                .iter()
+                .filter(|t| !cache.terms.contains_key(*t))
+                .cloned()
+                .collect()
+        };
+        let (mut fresh, docs) = store.term_frequencies(&missing).await?;
+        let stale = {
+            let cache = self.frequencies.lock().unwrap_or_else(|e| e.into_inner());
+            (docs - cache.docs).abs() * 100 > cache.docs || cache.terms.len() > FREQUENCY_CACHE
+        };
+        let counted = if stale && missing.len() < terms.len() {
+            // The cached counts are out of date: count every term afresh.
+            fresh = store.term_frequencies(terms).await?.0;
+            terms
+        } else {
+            &missing[..]
+        };
+        let mut cache = self.frequencies.lock().unwrap_or_else(|e| e.into_inner());
+        if stale {
+            cache.terms.clear();
+            cache.docs = docs;
+        }
+        for t in counted {
+            cache
+                .terms
+                .insert(t.clone(), fresh.get(t).copied().unwrap_or(0));
+        }
+        let df = terms
+            .iter()
+            .filter_map(|t| {
+                let n = cache.terms.get(t).copied().unwrap_or(0);
+                (n > 0).then(|| (t.clone(), n))
+            })
+            .collect();
+        Ok((df, docs))
     }
 
     /// Generates candidates, ranks them with what `retrieval` found and returns the best (a

@@ -117,7 +117,7 @@ pub struct EvalOptions {
 
 /// Candidates kept per case in a report by default: what competed, without making the report
 /// megabytes long.
-pub const REPORT_CANDIDATES: usize = 5;
+pub const REPORT_CANDIDATES: usize = 3;
 
 impl EvalOptions {
     /// Options that evaluate `model` on nothing yet; fill in data and suites.

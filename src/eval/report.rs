@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::heldout::HeldoutReport;
 use super::suite::{SuiteReport, REPETITION_NGRAM};
 use super::EvalError;
+use crate::engine::EngineMode;
 
 /// The exit status of `kaiwa eval --gate` when the candidate is worse than the baseline
 /// (1 is any other error, 2 a usage error).
@@ -195,6 +196,33 @@ pub fn compare(
                 ),
                 worse: c.passed + rules.case_tolerance < b.passed,
             });
+            // On topic per language, where both reports measured it: this is where engines
+            // (or a model with and without the engine) differ most.
+            let engine = |r: &SuiteReport| r.engine.map_or("model alone", EngineMode::as_str);
+            for cf in c.figures.iter().filter(|f| f.split == "all") {
+                let Some(bf) = b
+                    .figures
+                    .iter()
+                    .find(|f| f.split == "all" && f.language == cf.language)
+                else {
+                    continue;
+                };
+                comparisons.push(Comparison {
+                    figure: format!(
+                        "on topic, {} ({} against {})",
+                        cf.language,
+                        engine(c),
+                        engine(b)
+                    ),
+                    candidate: cf.on_topic as f64,
+                    baseline: bf.on_topic as f64,
+                    rule: format!(
+                        "worse if fewer than the baseline's − {} (of {})",
+                        rules.case_tolerance, cf.cases
+                    ),
+                    worse: cf.on_topic + rules.case_tolerance < bf.on_topic,
+                });
+            }
         }
         (None, None) => {}
         (c, _) => {

@@ -263,17 +263,22 @@ impl Store {
         let mut df = HashMap::new();
         if !terms.is_empty() {
             for vocab in ["retrieval_pair_vocab", "retrieval_sentence_vocab"] {
-                let mut q = QueryBuilder::<Sqlite>::new(format!(
-                    "SELECT term, doc FROM {vocab} WHERE term IN ("
-                ));
-                let mut list = q.separated(", ");
-                for t in terms {
-                    list.push_bind(t.clone());
-                }
-                q.push(")");
-                let rows: Vec<(String, i64)> = q.build_query_as().fetch_all(&self.pool).await?;
-                for (term, n) in rows {
-                    *df.entry(term).or_insert(0) += n;
+                // One equality per term: fts5vocab looks a term up only for `term = ?` (with
+                // `IN` it reads the whole vocabulary, which grows with the store).
+                // (SQLite allows 500 terms in a compound SELECT.)
+                for chunk in terms.chunks(400) {
+                    let mut q = QueryBuilder::<Sqlite>::new("");
+                    for (i, t) in chunk.iter().enumerate() {
+                        if i > 0 {
+                            q.push(" UNION ALL ");
+                        }
+                        q.push(format!("SELECT term, doc FROM {vocab} WHERE term = "));
+                        q.push_bind(t.clone());
+                    }
+                    let rows: Vec<(String, i64)> = q.build_query_as().fetch_all(&self.pool).await?;
+                    for (term, n) in rows {
+                        *df.entry(term).or_insert(0) += n;
+                    }
                 }
             }
         }
