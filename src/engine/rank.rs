@@ -73,9 +73,9 @@ impl Default for Weights {
     /// `research/README.md`, "The reply engine").
     fn default() -> Self {
         Weights {
-            similarity: 0.5,
-            topic: 2.0,
-            coverage: 1.0,
+            similarity: 0.25,
+            topic: 4.0,
+            coverage: 2.0,
             mmi: 0.2,
             lambda: 1.0,
             likelihood: 0.0,
