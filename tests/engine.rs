@@ -411,6 +411,55 @@ async fn a_shared_conversation_answers_elsewhere_at_once_and_its_provenance_is_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_take_effect_in_the_index_at_once() {
+    let d = daemon(&[("SHARE_GROUPS", "true")]).await;
+    let share = SharePolicy {
+        groups: true,
+        direct: false,
+    };
+    d.send(message(
+        "grp",
+        ChatKind::Group,
+        "30",
+        "erin",
+        "Do you like kayaking?",
+    ))
+    .await;
+    d.send(message(
+        "grp",
+        ChatKind::Group,
+        "31",
+        "frank",
+        "Yes, on the lake every summer.",
+    ))
+    .await;
+    assert_eq!(
+        d.retrievable("kayaking", share).await,
+        ["Yes, on the lake every summer."]
+    );
+    let edit = |id: &str, text: &str| Incoming::Edited {
+        channel: ChannelRef::new(Platform::Telegram, "grp"),
+        message_id: id.into(),
+        text: text.into(),
+        edited_at_ms: kaiwa::store::now_ms(),
+    };
+    // The message answered is found by its new words, not its old ones.
+    d.bot
+        .handle(edit("30", "Do you like canoeing?"), d.outbox.clone())
+        .await;
+    assert!(d.retrievable("kayaking", share).await.is_empty());
+    assert_eq!(d.retrievable("canoeing", share).await.len(), 1);
+    // An edited reply is retrieved as it reads now.
+    d.bot
+        .handle(edit("31", "Only on the river."), d.outbox.clone())
+        .await;
+    assert_eq!(
+        d.retrievable("canoeing", share).await,
+        ["Only on the river."]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_deleted_and_forgotten_messages_never_come_back_as_replies() {
     // Groups are shared by default here; direct messages never are.
     let d = daemon(&[("SHARE_GROUPS", "true")]).await;
