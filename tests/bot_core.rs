@@ -3,127 +3,10 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kaiwa::bot::event::{
-    BoxFuture, ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError,
-    SentMessage,
-};
-use kaiwa::bot::Bot;
-use kaiwa::config::Settings;
-use kaiwa::model::Generator;
-use kaiwa::store::Store;
-
-#[derive(Default)]
-struct RecordingOutbox {
-    sent: Mutex<Vec<(ChannelRef, String, Option<String>)>>,
-}
-
-impl Outbox for RecordingOutbox {
-    fn send<'a>(
-        &'a self,
-        channel: &'a ChannelRef,
-        text: &'a str,
-        reply_to: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<SentMessage, SendError>> {
-        Box::pin(async move {
-            let mut sent = self.sent.lock().unwrap();
-            sent.push((
-                channel.clone(),
-                text.to_string(),
-                reply_to.map(str::to_string),
-            ));
-            Ok(SentMessage {
-                message_id: format!("bot-{}", sent.len()),
-                sent_at_ms: kaiwa::store::now_ms(),
-            })
-        })
-    }
-
-    fn typing<'a>(&'a self, _channel: &'a ChannelRef) -> BoxFuture<'a, Result<(), SendError>> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
-impl RecordingOutbox {
-    fn sent(&self) -> Vec<(ChannelRef, String, Option<String>)> {
-        self.sent.lock().unwrap().clone()
-    }
-
-    async fn wait_for(&self, n: usize) -> Vec<(ChannelRef, String, Option<String>)> {
-        for _ in 0..400 {
-            if self.sent.lock().unwrap().len() >= n {
-                return self.sent();
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("expected {n} sent messages, got {:?}", self.sent());
-    }
-}
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    bot: Arc<Bot>,
-    store: Store,
-    outbox: Arc<RecordingOutbox>,
-}
-
-async fn harness(extra: &[(&str, &str)]) -> Harness {
-    harness_on(extra, &support::daemon::tiny_model_dir()).await
-}
-
-async fn harness_on(extra: &[(&str, &str)], model: &std::path::Path) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("kaiwa.db").display());
-    let mut env: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), db.clone()),
-        ("USER_COOLDOWN_MS".into(), "0".into()),
-        ("MAX_NEW_TOKENS".into(), "8".into()),
-        ("ADMIN_IDS".into(), "telegram:admin".into()),
-    ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let settings = Settings::from_lookup(move |k| {
-        env.iter()
-            .rev()
-            .find(|(a, _)| a == k)
-            .map(|(_, v)| v.clone())
-    })
-    .unwrap();
-    let store = Store::open(&db).await.unwrap();
-    let generator = Arc::new(Generator::load(model).unwrap());
-    let bot = Bot::new(settings, store.clone(), generator);
-    Harness {
-        _dir: dir,
-        bot,
-        store,
-        outbox: Arc::new(RecordingOutbox::default()),
-    }
-}
-
-fn message(chat: &str, kind: ChatKind, id: &str, author: &str, text: &str) -> IncomingMessage {
-    IncomingMessage {
-        channel: ChannelRef::new(Platform::Telegram, chat),
-        kind,
-        message_id: id.into(),
-        author_id: author.into(),
-        author_name: format!("name-{author}"),
-        author_is_bot: false,
-        text: text.into(),
-        reply_to: None,
-        replies_to_bot: false,
-        mentions_bot: false,
-        sent_at_ms: kaiwa::store::now_ms(),
-    }
-}
-
-impl Harness {
-    async fn send(&self, m: IncomingMessage) {
-        self.bot
-            .handle(Incoming::Message(m), self.outbox.clone() as Arc<dyn Outbox>)
-            .await;
-    }
-}
+use kaiwa::bot::event::{ChannelRef, ChatKind, Incoming, Platform};
+use support::core::{harness, harness_on, message, Harness};
 
 #[tokio::test]
 async fn a_direct_message_is_stored_then_answered_and_redelivery_adds_nothing() {
@@ -151,7 +34,7 @@ async fn a_direct_message_is_stored_then_answered_and_redelivery_adds_nothing() 
 
 /// The generation settings recorded with the bot's sent replies.
 async fn reply_settings(h: &Harness) -> Vec<String> {
-    let url = format!("sqlite://{}", h._dir.path().join("kaiwa.db").display());
+    let url = format!("sqlite://{}", h.dir.path().join("kaiwa.db").display());
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     for _ in 0..200 {
         let rows: Vec<String> =

@@ -5,20 +5,14 @@
 mod support;
 
 use std::io::Write;
-use std::sync::Arc;
-use std::time::Duration;
 
-use kaiwa::bot::event::{
-    BoxFuture, ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError,
-    SentMessage,
-};
-use kaiwa::bot::Bot;
-use kaiwa::config::Settings;
+use kaiwa::bot::event::{ChannelRef, ChatKind, Incoming, Platform};
 use kaiwa::corpus::import::Format;
 use kaiwa::corpus::ingest::{import_file, ImportOptions};
 use kaiwa::engine::{EngineSettings, ReplyEngine, ReplySource, Request};
 use kaiwa::model::{ChatMessage, GenerateOptions, Generator};
 use kaiwa::store::{DocKind, SharePolicy, Store};
+use support::core::{harness, message, Harness};
 
 /// A fresh store in a temp dir.
 async fn store() -> (tempfile::TempDir, Store) {
@@ -217,105 +211,7 @@ async fn echoes_and_the_bots_own_recent_replies_are_never_chosen() {
     assert_eq!(reply.text, kaiwa::engine::fallback_text("en"));
 }
 
-#[derive(Default)]
-struct RecordingOutbox {
-    sent: std::sync::Mutex<Vec<(ChannelRef, String)>>,
-}
-
-impl Outbox for RecordingOutbox {
-    fn send<'a>(
-        &'a self,
-        channel: &'a ChannelRef,
-        text: &'a str,
-        _reply_to: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<SentMessage, SendError>> {
-        Box::pin(async move {
-            let mut sent = self.sent.lock().unwrap();
-            sent.push((channel.clone(), text.to_string()));
-            Ok(SentMessage {
-                message_id: format!("bot-{}", sent.len()),
-                sent_at_ms: kaiwa::store::now_ms(),
-            })
-        })
-    }
-
-    fn typing<'a>(&'a self, _channel: &'a ChannelRef) -> BoxFuture<'a, Result<(), SendError>> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
-impl RecordingOutbox {
-    async fn wait_for(&self, n: usize) -> Vec<(ChannelRef, String)> {
-        for _ in 0..400 {
-            if self.sent.lock().unwrap().len() >= n {
-                return self.sent.lock().unwrap().clone();
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!(
-            "expected {n} sent messages, got {:?}",
-            self.sent.lock().unwrap()
-        );
-    }
-}
-
-struct Daemon {
-    dir: tempfile::TempDir,
-    bot: Arc<Bot>,
-    store: Store,
-    outbox: Arc<RecordingOutbox>,
-}
-
-async fn daemon(extra: &[(&str, &str)]) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("kaiwa.db").display());
-    let mut env: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), db.clone()),
-        ("USER_COOLDOWN_MS".into(), "0".into()),
-        ("MAX_NEW_TOKENS".into(), "6".into()),
-        ("ADMIN_IDS".into(), "telegram:admin".into()),
-    ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let settings = Settings::from_lookup(move |k| {
-        env.iter()
-            .rev()
-            .find(|(a, _)| a == k)
-            .map(|(_, v)| v.clone())
-    })
-    .unwrap();
-    let store = Store::open(&db).await.unwrap();
-    let generator = Arc::new(Generator::load(&support::daemon::tiny_model_dir()).unwrap());
-    Daemon {
-        bot: Bot::new(settings, store.clone(), generator),
-        store,
-        outbox: Arc::new(RecordingOutbox::default()),
-        dir,
-    }
-}
-
-fn message(chat: &str, kind: ChatKind, id: &str, author: &str, text: &str) -> IncomingMessage {
-    IncomingMessage {
-        channel: ChannelRef::new(Platform::Telegram, chat),
-        kind,
-        message_id: id.into(),
-        author_id: author.into(),
-        author_name: format!("name-{author}"),
-        author_is_bot: false,
-        text: text.into(),
-        reply_to: None,
-        replies_to_bot: false,
-        mentions_bot: false,
-        sent_at_ms: kaiwa::store::now_ms(),
-    }
-}
-
-impl Daemon {
-    async fn send(&self, m: IncomingMessage) {
-        self.bot
-            .handle(Incoming::Message(m), self.outbox.clone() as Arc<dyn Outbox>)
-            .await;
-    }
-
+impl Harness {
     /// What retrieval would offer for `text` under the daemon's sharing settings.
     async fn retrievable(&self, text: &str, share: SharePolicy) -> Vec<String> {
         let terms = kaiwa::text::retrieval_terms(text);
@@ -343,7 +239,7 @@ impl Daemon {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_conversation_answers_elsewhere_at_once_and_its_provenance_is_recorded() {
-    let d = daemon(&[]).await;
+    let d = harness(&[]).await;
     // Two people talk in a group that an admin shared.
     d.send(message("g", ChatKind::Group, "1", "admin", "/share on"))
         .await;
@@ -412,7 +308,7 @@ async fn a_shared_conversation_answers_elsewhere_at_once_and_its_provenance_is_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_take_effect_in_the_index_at_once() {
-    let d = daemon(&[("SHARE_GROUPS", "true")]).await;
+    let d = harness(&[("SHARE_GROUPS", "true")]).await;
     let share = SharePolicy {
         groups: true,
         direct: false,
@@ -462,7 +358,7 @@ async fn edits_take_effect_in_the_index_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_deleted_and_forgotten_messages_never_come_back_as_replies() {
     // Groups are shared by default here; direct messages never are.
-    let d = daemon(&[("SHARE_GROUPS", "true")]).await;
+    let d = harness(&[("SHARE_GROUPS", "true")]).await;
     let share = SharePolicy {
         groups: true,
         direct: false,

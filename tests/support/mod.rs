@@ -51,6 +51,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+pub mod core;
 pub mod daemon;
 
 /// The `meta` of every example `export-corpus --mode bot` writes from `store` (where the
