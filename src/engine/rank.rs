@@ -155,7 +155,7 @@ pub(super) fn screen_and_score(
     language: &str,
     weights: &Weights,
 ) -> Vec<Ranked> {
-    let query: HashSet<&str> = retrieval.query.iter().map(String::as_str).collect();
+    let query = Query::new(retrieval);
     let user = bigrams(request.user_text);
     let recent: HashSet<String> = request
         .recent_replies
@@ -170,10 +170,9 @@ pub(super) fn screen_and_score(
             let key = normalize(text);
             let chars = text.chars().count();
             let terms = retrieval_terms(text);
-            let topic = cosine(&query, &terms, retrieval);
-            let coverage = coverage(&query, &terms, retrieval);
+            let (topic, coverage) = query.overlap(&terms, retrieval);
             let similarity = match (&c.matched, c.source) {
-                (Some(m), ReplySource::Pair) => cosine(&query, &retrieval_terms(m), retrieval),
+                (Some(m), ReplySource::Pair) => query.overlap(&retrieval_terms(m), retrieval).0,
                 (_, ReplySource::Sentence) => topic,
                 _ => 0.0,
             };
@@ -229,37 +228,36 @@ pub fn is_echo(reply: &str, user: &str) -> bool {
     normalize(reply) == normalize(user) || dice(&bigrams(reply), &bigrams(user)) >= ECHO_DICE
 }
 
-/// Cosine of two term sets, each term weighted by [`Retrieval::weight`].
-fn cosine(query: &HashSet<&str>, terms: &[String], r: &Retrieval) -> f64 {
-    let norm =
-        |ts: &mut dyn Iterator<Item = &str>| ts.map(|t| r.weight(t).powi(2)).sum::<f64>().sqrt();
-    let (q, d) = (
-        norm(&mut query.iter().copied()),
-        norm(&mut terms.iter().map(String::as_str)),
-    );
-    if q == 0.0 || d == 0.0 {
-        return 0.0;
-    }
-    let shared: f64 = terms
-        .iter()
-        .filter(|t| query.contains(t.as_str()))
-        .map(|t| r.weight(t).powi(2))
-        .sum();
-    shared / (q * d)
+/// The user's message as weighted terms (each [`Retrieval::weight`], squared and summed).
+struct Query<'a> {
+    terms: HashSet<&'a str>,
+    squared: f64,
 }
 
-/// The weight of the query terms that `terms` has, over the weight of all the query's terms.
-fn coverage(query: &HashSet<&str>, terms: &[String], r: &Retrieval) -> f64 {
-    let all: f64 = query.iter().map(|t| r.weight(t).powi(2)).sum();
-    if all == 0.0 {
-        return 0.0;
+impl<'a> Query<'a> {
+    fn new(r: &'a Retrieval) -> Self {
+        let terms: HashSet<&str> = r.query.iter().map(String::as_str).collect();
+        let squared = terms.iter().map(|t| r.weight(t).powi(2)).sum();
+        Query { terms, squared }
     }
-    let shared: f64 = terms
-        .iter()
-        .filter(|t| query.contains(t.as_str()))
-        .map(|t| r.weight(t).powi(2))
-        .sum();
-    shared / all
+
+    /// How `terms` (without repeats) overlap the message: the cosine of the two weighted term
+    /// sets, and the coverage (the weight of the message's terms that `terms` has, over all of
+    /// the message's).
+    fn overlap(&self, terms: &[String], r: &Retrieval) -> (f64, f64) {
+        let (mut shared, mut all) = (0.0, 0.0);
+        for t in terms {
+            let w = r.weight(t).powi(2);
+            all += w;
+            if self.terms.contains(t.as_str()) {
+                shared += w;
+            }
+        }
+        if self.squared == 0.0 || all == 0.0 {
+            return (0.0, 0.0);
+        }
+        (shared / (self.squared * all).sqrt(), shared / self.squared)
+    }
 }
 
 fn length_score(chars: usize) -> f64 {
