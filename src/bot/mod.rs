@@ -377,10 +377,7 @@ impl Bot {
         let settings = format!(
             "engine={} temperature={} top_k={} top_p={} repetition_penalty={} max_new_tokens={} \
              guidance_scale={} seed={}",
-            serde_json::to_value(self.engine.settings().mode)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            self.engine.settings().mode.as_str(),
             options.sampling.temperature,
             options.sampling.top_k,
             options.sampling.top_p,

@@ -545,6 +545,7 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
+        let docs = self.retrieval_counts().await?;
         Ok(Stats {
             messages: count("SELECT COUNT(*) FROM messages").await?,
             deleted: count("SELECT COUNT(*) FROM messages WHERE text IS NULL").await?,
@@ -557,8 +558,8 @@ impl Store {
             replies_retrieved: count("SELECT COUNT(*) FROM replies WHERE state = 'sent' AND engine_source = 'retrieved'").await?,
             replies_generated: count("SELECT COUNT(*) FROM replies WHERE state = 'sent' AND engine_source = 'generated'").await?,
             replies_fallback: count("SELECT COUNT(*) FROM replies WHERE state = 'sent' AND engine_source = 'fallback'").await?,
-            retrieval_pairs: count("SELECT COUNT(*) FROM retrieval_docs WHERE kind = 'pair'").await?,
-            retrieval_sentences: count("SELECT COUNT(*) FROM retrieval_docs WHERE kind = 'sentence'").await?,
+            retrieval_pairs: docs.get(&DocKind::Pair).copied().unwrap_or(0),
+            retrieval_sentences: docs.get(&DocKind::Sentence).copied().unwrap_or(0),
             per_platform,
         })
     }
