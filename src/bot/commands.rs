@@ -106,6 +106,15 @@ impl Bot {
                     "I'll answer here only when mentioned.".into()
                 }
             }
+            "share" if m.kind == ChatKind::Direct => {
+                if self.settings.engine.share.direct {
+                    "Direct messages are shared by the operator's setting (RETRIEVE_DIRECT); \
+                     /share does not change that."
+                        .into()
+                } else {
+                    "Direct messages are never used to answer anyone else.".into()
+                }
+            }
             "share" => match c.args.as_str() {
                 "on" | "off" => {
                     let on = c.args == "on";
@@ -119,15 +128,13 @@ impl Bot {
                     }
                 }
                 _ => {
-                    let shared = match store.shared(&m.channel).await? {
-                        Some(true) => "shared (/share on)",
-                        Some(false) => "not shared (/share off)",
-                        None if self.settings.engine.share.groups && m.kind != ChatKind::Direct => {
-                            "shared (SHARE_GROUPS)"
-                        }
-                        None => "not shared",
+                    let set = store.shared(&m.channel).await?;
+                    let how = match (self.settings.engine.share.shares(false, set), set) {
+                        (true, Some(_)) => "shared (/share on)",
+                        (true, None) => "shared (SHARE_GROUPS)",
+                        (false, _) => "not shared",
                     };
-                    format!("This channel is {shared}. /share on|off changes it.")
+                    format!("This channel is {how}. /share on|off changes it.")
                 }
             },
             _ => format!("Unknown command /{}. {HELP}", c.name),

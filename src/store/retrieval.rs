@@ -51,6 +51,20 @@ pub struct SharePolicy {
     pub direct: bool,
 }
 
+impl SharePolicy {
+    /// Whether a live channel's messages may be retrieved elsewhere, given its `/share`
+    /// setting (`None`: never said): a direct message only when the operator shares them
+    /// (`/share` does not apply), a group by its `/share` or else the daemon's setting. The
+    /// retrieval query applies the same rule.
+    pub fn shares(&self, direct: bool, channel: Option<bool>) -> bool {
+        if direct {
+            self.direct
+        } else {
+            channel.unwrap_or(self.groups)
+        }
+    }
+}
+
 /// One retrieved candidate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Retrieved {
@@ -419,5 +433,25 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SharePolicy;
+
+    #[test]
+    fn direct_messages_follow_the_operator_and_groups_their_share_setting() {
+        let default = SharePolicy::default();
+        assert!(!default.shares(true, Some(true)), "/share cannot open a DM");
+        assert!(default.shares(false, Some(true)));
+        assert!(!default.shares(false, None));
+        let open = SharePolicy {
+            groups: true,
+            direct: true,
+        };
+        assert!(open.shares(true, None));
+        assert!(open.shares(false, None));
+        assert!(!open.shares(false, Some(false)));
     }
 }
