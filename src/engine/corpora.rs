@@ -14,7 +14,7 @@
 //! retrievable pairs), or `sentences`: text or TSV whose every field is a sentence, indexed as
 //! unpaired candidates only (they are not conversations and never reach a training export).
 
-use std::io::{BufRead, Read};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -131,31 +131,16 @@ pub async fn ensure_corpora(
 
 /// `model:<file name>:<the first 12 hex digits of its SHA-256>`.
 fn source_tag(file: &Path) -> Result<String, CorporaError> {
-    let read_err = |source| CorporaError::Read {
+    let bytes = std::fs::read(file).map_err(|source| CorporaError::Read {
         path: file.to_path_buf(),
         source,
-    };
-    let mut f = std::fs::File::open(file).map_err(read_err)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).map_err(read_err)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let hex: String = hasher
-        .finalize()
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    })?;
+    let hex = format!("{:x}", Sha256::digest(&bytes));
     let name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok(format!("model:{name}:{hex}"))
+    Ok(format!("model:{name}:{}", &hex[..12]))
 }
 
 /// Every tab-separated field of every line (`.gz` read compressed) as a sentence, without

@@ -189,8 +189,10 @@ pub struct Candidate {
     /// The retrieval doc, and its reply's row in `messages` for a pair.
     pub doc: Option<i64>,
     pub message: Option<i64>,
-    /// What retrieval matched: the message a pair's reply answered, or the sentence.
-    pub matched: Option<String>,
+    /// The candidate's retrieval terms.
+    pub terms: Vec<String>,
+    /// The retrieval terms of the message a pair's reply answered (empty for other sources).
+    pub matched_terms: Vec<String>,
     pub feedback: Feedback,
 }
 
@@ -353,10 +355,28 @@ impl ReplyEngine {
         let feedback = store
             .doc_feedback(&found.iter().map(|r| r.doc).collect::<Vec<_>>())
             .await?;
+        let candidates: Vec<Candidate> = found
+            .into_iter()
+            .map(|r| {
+                let source = ReplySource::from(r.kind);
+                let matched_terms = match source {
+                    ReplySource::Pair => retrieval_terms(&r.matched),
+                    _ => Vec::new(),
+                };
+                Candidate {
+                    feedback: feedback.get(&r.doc).copied().unwrap_or_default(),
+                    source,
+                    doc: Some(r.doc),
+                    message: r.message,
+                    terms: retrieval_terms(&r.text),
+                    matched_terms,
+                    text: r.text,
+                }
+            })
+            .collect();
         let mut all_terms: Vec<String> = query.clone();
-        for r in &found {
-            all_terms.extend(retrieval_terms(&r.text));
-            all_terms.extend(retrieval_terms(&r.matched));
+        for c in &candidates {
+            all_terms.extend(c.terms.iter().chain(&c.matched_terms).cloned());
         }
         all_terms.sort();
         all_terms.dedup();
@@ -367,17 +387,6 @@ impl ReplyEngine {
                 let n = df.get(&t).copied().unwrap_or(0);
                 let w = (1.0 + docs as f64 / (n as f64 + 1.0)).ln();
                 (t, w)
-            })
-            .collect();
-        let candidates = found
-            .into_iter()
-            .map(|r| Candidate {
-                feedback: feedback.get(&r.doc).copied().unwrap_or_default(),
-                source: r.kind.into(),
-                doc: Some(r.doc),
-                message: r.message,
-                matched: Some(r.matched),
-                text: r.text,
             })
             .collect();
         Ok(Retrieval {
@@ -465,12 +474,14 @@ impl ReplyEngine {
             if g.stop == StopReason::Cancelled {
                 return Ok(Reply::cancelled());
             }
+            let text = g.text.trim().to_string();
             candidates.push(Candidate {
-                text: g.text.trim().to_string(),
+                terms: retrieval_terms(&text),
+                text,
                 source: ReplySource::Generated,
                 doc: None,
                 message: None,
-                matched: None,
+                matched_terms: Vec::new(),
                 feedback: Feedback::default(),
             });
         }

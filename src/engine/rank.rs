@@ -26,7 +26,7 @@ use unicode_normalization::UnicodeNormalization;
 
 use super::{Candidate, Ranked, ReplySource, Request, Retrieval};
 use crate::corpus::lang;
-use crate::text::{repetition, retrieval_terms};
+use crate::text::repetition;
 
 /// A candidate longer than this many characters is not sent.
 const MAX_CHARS: usize = 400;
@@ -169,12 +169,11 @@ pub(super) fn screen_and_score(
             let text = c.text.trim();
             let key = normalize(text);
             let chars = text.chars().count();
-            let terms = retrieval_terms(text);
-            let (topic, coverage) = query.overlap(&terms, retrieval);
-            let similarity = match (&c.matched, c.source) {
-                (Some(m), ReplySource::Pair) => query.overlap(&retrieval_terms(m), retrieval).0,
-                (_, ReplySource::Sentence) => topic,
-                _ => 0.0,
+            let (topic, coverage) = query.overlap(&c.terms, retrieval);
+            let similarity = match c.source {
+                ReplySource::Pair => query.overlap(&c.matched_terms, retrieval).0,
+                ReplySource::Sentence => topic,
+                ReplySource::Generated | ReplySource::Fallback => 0.0,
             };
             let net = (c.feedback.up - c.feedback.down) as f64;
             let scores = Scores {
