@@ -113,11 +113,7 @@ impl Settings {
 
     /// Reads settings through `get`, so tests can supply their own values.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
-        let get = |k: &str| {
-            get(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let get = non_empty(get);
         let platform = |token: &'static str, url: &'static str| {
             get(token).map(|t| PlatformSettings {
                 token: Secret::new(t),
@@ -216,6 +212,22 @@ where
     T::Err: fmt::Display,
 {
     Ok(parse_some(get, name)?.unwrap_or(default))
+}
+
+/// A lookup that trims values and treats empty ones as unset (`KEY=` in `.env`).
+fn non_empty(get: impl Fn(&str) -> Option<String>) -> impl Fn(&str) -> Option<String> {
+    move |k| {
+        get(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// The reply engine's settings from the environment and `.env` (what `kaiwa chat`, `eval` and
+/// `bench reply` use; the daemon reads them with the rest of [`Settings`]).
+pub fn engine_settings_from_env() -> Result<EngineSettings, SettingsError> {
+    let _ = dotenvy::dotenv();
+    engine_settings(&non_empty(|k| std::env::var(k).ok()))
 }
 
 /// The reply engine's settings: `REPLY_ENGINE`, what it may retrieve from and its ranker's

@@ -570,13 +570,7 @@ struct EngineArg {
 impl EngineArg {
     /// The engine settings of the environment (and `.env`), with `--engine` over them.
     fn settings(&self) -> Result<kaiwa::engine::EngineSettings> {
-        let _ = dotenvy::dotenv();
-        let mut settings = kaiwa::config::engine_settings(&|k: &str| {
-            std::env::var(k)
-                .ok()
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        })?;
+        let mut settings = kaiwa::config::engine_settings_from_env()?;
         if let Some(mode) = self.engine {
             settings.mode = mode;
         }
