@@ -103,11 +103,77 @@ pub fn retrieval_terms(text: &str) -> Vec<String> {
     out
 }
 
-/// Whether a retrieval term is a hiragana bigram: mostly particles and endings ("です", "ます",
-/// "ので"), which say little about the topic. Retrieval searches for them only when the message
-/// has nothing else, and weighs them less when comparing texts.
-pub fn is_function_term(term: &str) -> bool {
-    term.chars().all(is_hiragana)
+/// Retrieval terms that place a message in time, stress it or ask ("tomorrow", "lately",
+/// "really", 毎晩, 最近, 何) but seldom say what it is about: a reply that shares only these with
+/// a message is rarely on its topic. English ones are stems, as [`retrieval_terms`] makes them;
+/// English question words are stop words already.
+const WEAK_TERMS: &[&str] = &[
+    "today",
+    "tonight",
+    "tomorrow",
+    "yesterday",
+    "weekend",
+    "week",
+    "month",
+    "year",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+    "late",
+    "recent",
+    "still",
+    "always",
+    "never",
+    "ever",
+    "already",
+    "soon",
+    "often",
+    "now",
+    "ago",
+    "real",
+    "anything",
+    "something",
+    "everything",
+    "nothing",
+    "lot",
+    "thing",
+    "今日",
+    "明日",
+    "昨日",
+    "毎日",
+    "毎朝",
+    "毎晩",
+    "毎月",
+    "毎年",
+    "今朝",
+    "今夜",
+    "今晩",
+    "今週",
+    "来週",
+    "先週",
+    "週末",
+    "今月",
+    "来月",
+    "先月",
+    "今年",
+    "来年",
+    "去年",
+    "最近",
+    "日前",
+    "何",
+    "誰",
+];
+
+/// Whether a retrieval term says little about a message's topic: a hiragana bigram (mostly
+/// particles and endings: "です", "ます", "ので") or one of the words of time and emphasis in
+/// [`WEAK_TERMS`]. Retrieval searches for them only when the message has nothing else, and
+/// weighs them less when comparing texts.
+pub fn is_weak_term(term: &str) -> bool {
+    term.chars().all(is_hiragana) || WEAK_TERMS.contains(&term)
 }
 
 /// What a reaction says about the message it is on: `1` for a thumbs up (or another sign of
@@ -198,5 +264,20 @@ mod tests {
         assert_eq!(stem("dogs"), "dog");
         // Full-width letters are normalised first.
         assert_eq!(retrieval_terms("ＰＩＺＺＡ"), ["pizza"]);
+    }
+
+    #[test]
+    fn words_of_time_and_particles_are_weak_and_topics_are_not() {
+        // The terms as retrieval makes them: "lately" and "months" are stemmed first.
+        let terms = retrieval_terms("My laptop has been slow lately, for months. 毎晩ゲームです");
+        let weak: Vec<&str> = terms
+            .iter()
+            .filter(|t| is_weak_term(t))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(weak, ["late", "month", "です", "毎晩"]);
+        for strong in ["laptop", "slow", "ゲー"] {
+            assert!(terms.iter().any(|t| t == strong) && !is_weak_term(strong));
+        }
     }
 }

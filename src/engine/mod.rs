@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use crate::corpus::lang;
 use crate::model::{ChatMessage, GenerateOptions, Generator, ModelError, StopReason};
 use crate::store::{DocKind, Feedback, SharePolicy, Store, StoreError};
-use crate::text::{is_function_term, retrieval_terms};
+use crate::text::{is_weak_term, retrieval_terms};
 pub use rank::{Rejection, Scores, Weights};
 
 /// Query terms at most, the rarest first.
@@ -207,9 +207,9 @@ pub struct Retrieval {
     docs: i64,
 }
 
-/// How much a hiragana bigram ([`is_function_term`]) counts beside a content term of the same
-/// document frequency when texts are compared.
-const FUNCTION_TERM_WEIGHT: f64 = 0.3;
+/// How much a weak term ([`is_weak_term`]: a hiragana bigram, a word of time) counts beside a
+/// content term of the same document frequency when texts are compared.
+const WEAK_TERM_WEIGHT: f64 = 0.5;
 
 impl Retrieval {
     /// The inverse document frequency of a term: `ln(1 + N / (df + 1))`.
@@ -220,12 +220,11 @@ impl Retrieval {
             .unwrap_or_else(|| (1.0 + self.docs as f64).ln())
     }
 
-    /// A term's weight when texts are compared: its [`Retrieval::idf`], less for hiragana
-    /// bigrams.
+    /// A term's weight when texts are compared: its [`Retrieval::idf`], less for weak terms.
     pub fn weight(&self, term: &str) -> f64 {
         let w = self.idf(term);
-        if is_function_term(term) {
-            w * FUNCTION_TERM_WEIGHT
+        if is_weak_term(term) {
+            w * WEAK_TERM_WEIGHT
         } else {
             w
         }
@@ -313,14 +312,13 @@ impl ReplyEngine {
         }
         let query = retrieval_terms(user_text);
         let (df, docs) = self.frequencies(store, &query).await?;
-        // Search for the rarest terms; common ones ("です", "today") match half the index and
-        // add nothing but time. They still count in the similarity.
-        let content = query
-            .iter()
-            .any(|t| !is_function_term(t) && df.contains_key(t));
+        // Search for the rarest terms that say what the message is about; weak ones ("です",
+        // "tomorrow") are searched only when there is nothing else. They still count in the
+        // similarity.
+        let content = query.iter().any(|t| !is_weak_term(t) && df.contains_key(t));
         let mut searched: Vec<(&String, i64)> = query
             .iter()
-            .filter(|t| !(content && is_function_term(t)))
+            .filter(|t| !(content && is_weak_term(t)))
             .filter_map(|t| df.get(t).map(|&n| (t, n)))
             .collect();
         searched.sort_by_key(|&(t, n)| (n, t.clone()));
