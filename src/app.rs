@@ -1,9 +1,11 @@
-//! Starting the daemon: open the store, load the model, start the bot and each configured
-//! platform, and run until shutdown. Tests start the whole daemon through [`run`] too.
+//! Starting the daemon: listen on the web server's address, open the store, load the model,
+//! start the bot and each configured platform, and run until shutdown. Tests start the whole
+//! daemon through [`run`] and [`serve_on`] too.
 
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::bot::Bot;
@@ -11,14 +13,69 @@ use crate::config::Settings;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 
-/// Runs the daemon until `shutdown` fires (or every platform connection has ended).
-pub async fn run(settings: Settings, mut shutdown: Shutdown) -> anyhow::Result<()> {
-    if settings.discord.is_none() && settings.telegram.is_none() {
+/// Runs the daemon until `shutdown` fires (or every platform connection has ended): the bots
+/// configured, and the web server too when `HTTP_ADDR` is set.
+pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
+    let web = match settings.web.addr {
+        Some(addr) => Some(bind(&settings, addr).await?),
+        None => None,
+    };
+    if settings.discord.is_none() && settings.telegram.is_none() && web.is_none() {
         bail!(
-            "neither DISCORD_TOKEN nor TELEGRAM_TOKEN is set: there is nothing to connect to \
-             (set one in the environment or in .env; see .env.example)"
+            "neither DISCORD_TOKEN nor TELEGRAM_TOKEN nor HTTP_ADDR is set: there is nothing to \
+             connect to (set one in the environment or in .env; see .env.example)"
         );
     }
+    daemon(settings, shutdown, true, web).await
+}
+
+/// Runs the web server alone (`kaiwa serve`) on `HTTP_ADDR`, or on 127.0.0.1:8080.
+pub async fn serve(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
+    let listener = bind(&settings, crate::web::listen_addr(&settings.web)).await?;
+    serve_on(settings, listener, shutdown).await
+}
+
+/// [`serve`] on a listener already bound (tests bind port 0).
+pub async fn serve_on(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    daemon(settings, shutdown, false, Some(listener)).await
+}
+
+/// Binds the web server's address, after checking it is safe to listen there.
+async fn bind(settings: &Settings, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    settings.web.check_addr(addr)?;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (HTTP_ADDR)"))
+}
+
+/// The daemon: the web server first (it answers `/health` with 503 while the model loads), then
+/// the store, the model and the bots.
+async fn daemon(
+    settings: Settings,
+    mut shutdown: Shutdown,
+    bots: bool,
+    listener: Option<TcpListener>,
+) -> anyhow::Result<()> {
+    let mut platforms = JoinSet::new();
+    let web = match listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let web = crate::web::Web::new(settings.clone());
+            let server = crate::web::serve(Arc::clone(&web), listener, shutdown.clone());
+            platforms.spawn(named("web", async move {
+                server.await.context("the web server stopped")
+            }));
+            tracing::info!(%addr, "web server listening");
+            // A line for the person who started it, whatever the log level.
+            eprintln!("kaiwa: chat page and OpenAI-compatible API at http://{addr}/ (API: http://{addr}/v1)");
+            Some(web)
+        }
+        None => None,
+    };
     let store = Store::open(&settings.database_url).await?;
     let generator = crate::bot::load_model(&settings)
         .await
@@ -28,15 +85,16 @@ pub async fn run(settings: Settings, mut shutdown: Shutdown) -> anyhow::Result<(
         .context("adding the model's retrieval data to the store")?;
     tracing::info!(model = %settings.model_dir.display(), database = %settings.database_url, "kaiwa starting");
     let bot = Bot::new(settings.clone(), store.clone(), Arc::new(generator));
-
-    let mut platforms = JoinSet::new();
-    if let Some(p) = settings.telegram.clone() {
+    if let Some(web) = &web {
+        web.set_bot(Arc::clone(&bot));
+    }
+    if let Some(p) = settings.telegram.clone().filter(|_| bots) {
         platforms.spawn(named(
             "telegram",
             crate::platform::telegram::run(Arc::clone(&bot), p, shutdown.clone()),
         ));
     }
-    if let Some(p) = settings.discord.clone() {
+    if let Some(p) = settings.discord.clone().filter(|_| bots) {
         platforms.spawn(named(
             "discord",
             crate::platform::discord::run(Arc::clone(&bot), p, shutdown.clone()),

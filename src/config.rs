@@ -85,6 +85,74 @@ pub struct Settings {
     pub user_cooldown: Duration,
     /// How replies are chosen (`REPLY_ENGINE`, the ranker's knobs, what may be retrieved).
     pub engine: EngineSettings,
+    /// The web server (`kaiwa serve`, and `kaiwa run` when `HTTP_ADDR` is set).
+    pub web: WebSettings,
+}
+
+/// Settings of the web server: where it listens and who may use it.
+#[derive(Debug, Clone)]
+pub struct WebSettings {
+    /// `HTTP_ADDR`; `kaiwa serve` listens on [`DEFAULT_HTTP_ADDR`] when it is unset, `kaiwa run`
+    /// not at all.
+    pub addr: Option<std::net::SocketAddr>,
+    /// `API_KEYS`, comma-separated: clients send one as `Authorization: Bearer KEY`. None: no
+    /// key is asked for (allowed on a loopback address only, unless `allow_no_keys`).
+    pub api_keys: Vec<Secret>,
+    /// `HTTP_ALLOW_NO_KEYS=true`: listen on a public address without keys.
+    pub allow_no_keys: bool,
+    /// `CORS_ORIGINS`, comma-separated (`*` for any); none by default.
+    pub cors_origins: Vec<String>,
+    /// `API_KEY_CONCURRENCY`: requests one key (or, without keys, everyone) may have running.
+    pub key_concurrency: usize,
+    /// `API_KEY_RATE_PER_MINUTE`: requests one key may start a minute (0: no limit).
+    pub key_rate_per_minute: u32,
+}
+
+/// Where `kaiwa serve` listens when `HTTP_ADDR` is not set: this machine only.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+
+impl WebSettings {
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
+        let list = |name: &str| -> Vec<String> {
+            get(name)
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        let web = WebSettings {
+            addr: parse_some(get, "HTTP_ADDR")?,
+            api_keys: list("API_KEYS").into_iter().map(Secret::new).collect(),
+            allow_no_keys: parse(get, "HTTP_ALLOW_NO_KEYS", false)?,
+            cors_origins: list("CORS_ORIGINS"),
+            key_concurrency: parse(get, "API_KEY_CONCURRENCY", 4)?,
+            key_rate_per_minute: parse(get, "API_KEY_RATE_PER_MINUTE", 120)?,
+        };
+        if web.key_concurrency == 0 {
+            return Err(SettingsError {
+                name: "API_KEY_CONCURRENCY",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(web)
+    }
+
+    /// Checks that listening on `addr` is safe: a public address needs keys (or
+    /// `HTTP_ALLOW_NO_KEYS=true`).
+    pub fn check_addr(&self, addr: std::net::SocketAddr) -> Result<(), SettingsError> {
+        if addr.ip().is_loopback() || !self.api_keys.is_empty() || self.allow_no_keys {
+            return Ok(());
+        }
+        Err(SettingsError {
+            name: "HTTP_ADDR",
+            reason: format!(
+                "{addr} is reachable from other machines and API_KEYS is empty: set API_KEYS, \
+                 listen on 127.0.0.1, or set HTTP_ALLOW_NO_KEYS=true to serve everyone"
+            ),
+        })
+    }
 }
 
 /// A setting that could not be read.
@@ -150,7 +218,7 @@ impl Settings {
             })?;
             let p = Platform::parse(p).ok_or_else(|| SettingsError {
                 name: "ADMIN_IDS",
-                reason: format!("unknown platform {p:?} (discord or telegram)"),
+                reason: format!("unknown platform {p:?} (discord, telegram or web)"),
             })?;
             admins.insert((p, id.to_string()));
         }
@@ -167,6 +235,7 @@ impl Settings {
         let engine = engine_settings(&get)?;
         let settings = Settings {
             engine,
+            web: WebSettings::from_lookup(&get)?,
             discord: platform("DISCORD_TOKEN", "DISCORD_API_URL"),
             telegram: platform("TELEGRAM_TOKEN", "TELEGRAM_API_URL"),
             database_url: get("DATABASE_URL").unwrap_or_else(|| "sqlite://kaiwa.db".into()),

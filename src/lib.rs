@@ -12,7 +12,8 @@
 //! 4. **Test**: held-out loss, bits per byte against an n-gram baseline and a conversation
 //!    suite gate a model ([`eval`]).
 //! 5. **Deploy**: the model is exported to ONNX and replies are generated through tract with a
-//!    KV cache ([`model`]).
+//!    KV cache ([`model`]); the [`engine`] retrieves, generates and ranks replies for the bots
+//!    and for the [`web`] server (an OpenAI-compatible API and a chat page).
 //!
 //! A model is a directory in the Hugging Face layout (see [`model`]), so what kaiwa trains is
 //! readable by the wider ecosystem, and ONNX causal LMs exported by Hugging Face Optimum run in
@@ -34,6 +35,7 @@ pub mod shutdown;
 pub mod store;
 pub mod text;
 pub mod train;
+pub mod web;
 
 /// The model directory used when none is given: `$MODEL_DIR`, else `models/kaiwa`.
 pub fn default_model_dir() -> std::path::PathBuf {

@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -24,8 +25,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the bot daemon (Discord and/or Telegram, as configured in the environment or .env).
+    /// Run the bot daemon (Discord and/or Telegram, as configured in the environment or .env;
+    /// with HTTP_ADDR set, the web server too).
     Run,
+    /// Serve the chat page and the OpenAI-compatible API (http://127.0.0.1:8080/ unless
+    /// HTTP_ADDR or --addr says otherwise), with the same reply engine and store as the bots.
+    Serve {
+        /// Where to listen [default: HTTP_ADDR, else 127.0.0.1:8080]; an address other machines
+        /// can reach needs API_KEYS (or HTTP_ALLOW_NO_KEYS=true).
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+    },
     /// Write the stored conversations as training files (OpenAI `messages` JSONL for TRL and
     /// axolotl, ShareGPT, or plain transcripts) with a train/validation split and a data card.
     ExportCorpus(ExportArgs),
@@ -293,6 +303,23 @@ enum BenchCommand {
         /// Scratch directory [default: a temporary one, removed afterwards].
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Streamed chat completions over HTTP (`kaiwa serve` in-process on 127.0.0.1) at several
+    /// numbers of concurrent clients: requests a second, time to the first piece and to the
+    /// end (p50/p99), failures; beside the same prompts made in-process through the bots' path.
+    /// The store is DATABASE_URL's (the model's retrieval data is added on first use).
+    Serve {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Concurrent clients (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32])]
+        clients: Vec<usize>,
+        /// Requests each client makes in turn.
+        #[arg(long, default_value_t = 4)]
+        per_client: usize,
+        /// Suite files or directories whose prompts are asked.
+        #[arg(long, default_value = "evals")]
+        suite: Vec<PathBuf>,
     },
 }
 
@@ -772,6 +799,21 @@ fn run(cli: Cli) -> Result<()> {
                 kaiwa::app::run(settings, shutdown).await
             })?;
         }
+        Command::Serve { addr } => {
+            let mut settings = kaiwa::config::Settings::from_env()?;
+            if addr.is_some() {
+                settings.web.addr = addr;
+            }
+            let (trigger, shutdown) = kaiwa::shutdown::shutdown_channel();
+            runtime()?.block_on(async move {
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("signal received: shutting down");
+                    trigger.trigger();
+                });
+                kaiwa::app::serve(settings, shutdown).await
+            })?;
+        }
         Command::ExportCorpus(args) => {
             let options = args.options()?;
             let (rt, store) = open_store()?;
@@ -865,8 +907,9 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Forget { platform, user } => {
-            let p = kaiwa::bot::event::Platform::parse(&platform)
-                .with_context(|| format!("unknown platform {platform:?} (discord or telegram)"))?;
+            let p = kaiwa::bot::event::Platform::parse(&platform).with_context(|| {
+                format!("unknown platform {platform:?} (discord, telegram or web)")
+            })?;
             let (rt, store) = open_store()?;
             let n = rt.block_on(store.forget_user(p, &user))?;
             eprintln!("deleted {n} messages of {platform} user {user}");
@@ -1154,6 +1197,55 @@ fn run(cli: Cli) -> Result<()> {
                     s.rss_mib,
                     s.peak_rss_mib,
                     s.store_mib
+                );
+            }
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Serve {
+                    model,
+                    clients,
+                    per_client,
+                    suite,
+                },
+        } => {
+            let mut settings = kaiwa::config::Settings::from_env()?;
+            settings.model_dir = model.dir();
+            let prompts: Vec<String> = kaiwa::eval::suite::load_suites(&suite)?
+                .iter()
+                .flat_map(|s| s.cases.iter().map(|c| c.prompt.clone()))
+                .collect();
+            anyhow::ensure!(!prompts.is_empty(), "the suites have no prompts");
+            let steps = runtime()?.block_on(async {
+                let generator = Arc::new(
+                    kaiwa::bot::load_model(&settings)
+                        .await
+                        .with_context(|| format!("loading {}", settings.model_dir.display()))?,
+                );
+                kaiwa::bench::serve::bench_serve(
+                    settings, generator, &prompts, &clients, per_client,
+                )
+                .await
+                .context("running the serving benchmark")
+            })?;
+            println!("{}", serde_json::to_string_pretty(&steps)?);
+            println!("| clients | requests (failed) | HTTP req/s | first piece p50 / p99 ms | whole reply p50 / p99 ms | in-process req/s | in-process p50 / p99 ms | peak RSS MiB |");
+            println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+            for s in &steps {
+                println!(
+                    "| {} | {} ({}) | {:.1} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {:.0} / {:.0} | {:.0} |",
+                    s.clients,
+                    s.requests,
+                    s.failed,
+                    s.http_rps,
+                    s.http_first_p50_ms,
+                    s.http_first_p99_ms,
+                    s.http_total_p50_ms,
+                    s.http_total_p99_ms,
+                    s.direct_rps,
+                    s.direct_p50_ms,
+                    s.direct_p99_ms,
+                    s.peak_rss_mib
                 );
             }
         }

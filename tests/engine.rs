@@ -441,47 +441,9 @@ async fn direct_deleted_and_forgotten_messages_never_come_back_as_replies() {
     );
 }
 
-/// A copy of the tiny model whose `retrieval.json` ships a small dialogue corpus and sentences.
-fn model_with_retrieval_data() -> tempfile::TempDir {
-    let model = tempfile::tempdir().unwrap();
-    for file in [
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        let from = support::daemon::tiny_model_dir().join(file);
-        std::fs::copy(from, model.path().join(file)).unwrap();
-    }
-    let mut corpus = std::fs::File::create(model.path().join("corpus.jsonl")).unwrap();
-    for (user, assistant) in [
-        ("Do you like pizza?", "I love pizza with mushrooms."),
-        ("今日の天気は？", "晴れていて暖かいですよ。"),
-    ] {
-        let line = serde_json::json!({"messages": [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": assistant},
-        ]});
-        writeln!(corpus, "{line}").unwrap();
-    }
-    std::fs::write(
-        model.path().join("sentences.tsv"),
-        "犬と散歩するのが好きです。\tI like walking the dog.\n",
-    )
-    .unwrap();
-    std::fs::write(
-        model.path().join("retrieval.json"),
-        r#"{"corpora": [{"path": "corpus.jsonl", "format": "openai"},
-                        {"path": "sentences.tsv", "format": "sentences"}]}"#,
-    )
-    .unwrap();
-    model
-}
-
 #[test]
 fn chat_answers_a_pipe_one_line_each_from_the_models_retrieval_data() {
-    let model = model_with_retrieval_data();
+    let model = support::daemon::tiny_model_with_retrieval_data();
     let work = tempfile::tempdir().unwrap();
     let db = work.path().join("kaiwa.db");
     let chat = |input: &str| {

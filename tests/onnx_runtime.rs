@@ -249,20 +249,10 @@ fn decoding_with_the_cache_equals_recomputing_the_whole_sequence() {
 /// same file (prefill, every decode step, and a left-padded batch of two).
 #[test]
 fn onnxruntime_agrees_with_tract() {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = std::process::Command::new(&python)
-        .args(["-c", "import onnxruntime"])
-        .output();
-    if !probe.map(|o| o.status.success()).unwrap_or(false) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "onnxruntime is not installed for {python}; .ci/run installs it"
-        );
-        eprintln!(
-            "skipping: python3 with onnxruntime not available (pip install 'onnxruntime>=1.23' numpy)"
-        );
+    let Some(python) = support::python_with("onnxruntime", "pip install 'onnxruntime>=1.23' numpy")
+    else {
         return;
-    }
+    };
     for (name, config, options) in [
         ("gqa-tied", tiny_config(), ExportOptions::default()),
         (

@@ -2,11 +2,13 @@
 //! tests). `infer` times prefill and decoding through tract (with ONNX Runtime beside it);
 //! `train` times training steps (with PyTorch beside it); `corpus` times importing a large chat
 //! export and exporting a million stored messages; `reply` times the reply engine as its store
-//! grows to a million pairs.
+//! grows to a million pairs; `serve` times streamed replies over HTTP beside the same replies
+//! made in-process.
 
 pub mod corpus;
 mod infer;
 pub mod reply;
+pub mod serve;
 pub mod train;
 
 pub use infer::{bench_infer, bench_prompt, InferReport};
@@ -38,4 +40,27 @@ fn proc_status_kib(field: &str) -> f64 {
 /// (Linux; elsewhere the peak stays the process's).
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The value below which `q` of the samples fall (nearest rank).
+pub fn percentile(samples: &mut [f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_by(f64::total_cmp);
+    let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+    samples[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 0.5), 50.0);
+        assert_eq!(percentile(&mut v, 0.99), 99.0);
+        assert_eq!(percentile(&mut [3.0], 0.99), 3.0);
+    }
 }

@@ -14,7 +14,7 @@ use rand::seq::IndexedRandom;
 use rand::SeedableRng;
 use serde::Serialize;
 
-use super::{peak_rss_mib, rss_mib};
+use super::{peak_rss_mib, percentile, rss_mib};
 use crate::engine::{EngineError, ReplyEngine, Request};
 use crate::model::{ChatMessage, Generator};
 use crate::store::{ImportRecord, ImportedRow, Store, StoreError};
@@ -143,16 +143,6 @@ pub async fn bench_reply(
     Ok(steps)
 }
 
-/// The value below which `q` of the samples fall (nearest rank).
-fn percentile(samples: &mut [f64], q: f64) -> f64 {
-    if samples.is_empty() {
-        return 0.0;
-    }
-    samples.sort_by(f64::total_cmp);
-    let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-    samples[rank - 1]
-}
-
 /// Both sides of every sentence pair of a `japanese<TAB>english` file.
 fn read_sentences(path: &Path) -> Result<Vec<String>, ReplyBenchError> {
     let err = |reason: String| ReplyBenchError::Read {
@@ -164,17 +154,4 @@ fn read_sentences(path: &Path) -> Result<Vec<String>, ReplyBenchError> {
         return Err(err("no sentence pairs".into()));
     }
     Ok(pairs.into_iter().flat_map(|p| [p.ja, p.en]).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&mut v, 0.5), 50.0);
-        assert_eq!(percentile(&mut v, 0.99), 99.0);
-        assert_eq!(percentile(&mut [3.0], 0.99), 3.0);
-    }
 }

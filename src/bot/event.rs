@@ -12,6 +12,8 @@ use std::pin::Pin;
 pub enum Platform {
     Discord,
     Telegram,
+    /// The web server's API and chat page (`kaiwa serve`).
+    Web,
 }
 
 impl Platform {
@@ -19,6 +21,7 @@ impl Platform {
         match self {
             Platform::Discord => "discord",
             Platform::Telegram => "telegram",
+            Platform::Web => "web",
         }
     }
 
@@ -26,6 +29,7 @@ impl Platform {
         match s {
             "discord" => Some(Platform::Discord),
             "telegram" => Some(Platform::Telegram),
+            "web" => Some(Platform::Web),
             _ => None,
         }
     }
@@ -35,6 +39,8 @@ impl Platform {
         match self {
             Platform::Discord => 2000,
             Platform::Telegram => 4096,
+            // The web takes a reply whole.
+            Platform::Web => usize::MAX,
         }
     }
 }

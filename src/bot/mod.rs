@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::config::{ReplyPolicy, Settings};
 use crate::conversation::{self, Speakers};
-use crate::engine::{ReplyEngine, Request};
-use crate::model::Generator;
+use crate::engine::{Reply, ReplyEngine, Request};
+use crate::model::{ChatMessage, GenerateOptions, Generator};
 use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance, Store};
 use event::{ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform};
 
@@ -29,9 +29,35 @@ const MAX_TEXT_CHARS: usize = 32_000;
 /// How long shutdown waits for queued replies before cancelling them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The bot's latest replies in a channel that the engine will not say again.
-const RECENT_REPLIES: usize = 8;
+pub const RECENT_REPLIES: usize = 8;
 /// The name the bot's own messages are stored under.
 pub const SELF_NAME: &str = "kaiwa";
+
+/// What a reply is made from, whichever front end asks ([`Bot::compose`]).
+pub struct Compose {
+    /// The conversation as the model sees it, ending with the user's turn.
+    pub messages: Vec<ChatMessage>,
+    /// The message being answered, as its author wrote it.
+    pub user_text: String,
+    /// The bot's latest replies in this conversation, never said again.
+    pub recent_replies: Vec<String>,
+    pub options: GenerateOptions,
+}
+
+/// The engine's reply and the provenance row to record with it.
+pub struct Composed {
+    pub reply: Reply,
+    pub provenance: ReplyProvenance,
+}
+
+/// A place in the reply queue ([`Bot::reserve`]), given back on drop.
+pub struct Reservation(Arc<Bot>);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.0.release_pending();
+    }
+}
 
 /// A reply waiting for its turn in its channel's queue.
 struct Job {
@@ -286,20 +312,14 @@ impl Bot {
             if let Err(e) = recorded {
                 tracing::error!(error = %e, "could not record a reply");
             }
-            if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
-                self.idle.notify_waiters();
-            }
+            self.release_pending();
         }
     }
 
     /// Generates and sends the reply to one message.
     async fn answer(&self, job: &Job) -> Result<ReplyProvenance, String> {
         let m = &job.message;
-        let _slot = self
-            .generation_slots
-            .acquire()
-            .await
-            .map_err(|e| e.to_string())?;
+        let _slot = self.generation_slot().await?;
         if self.cancel.load(Ordering::SeqCst) {
             return Err("shutting down".into());
         }
@@ -335,8 +355,7 @@ impl Bot {
         Ok(provenance)
     }
 
-    /// Builds the channel's context from the store and asks the reply engine: retrieval here,
-    /// generation and ranking on a blocking thread.
+    /// Builds the channel's context from the store and asks the reply engine.
     async fn generate_reply(
         &self,
         m: &IncomingMessage,
@@ -364,16 +383,48 @@ impl Bot {
             .rev()
             .take(RECENT_REPLIES)
             .collect();
+        let mut options = self.reply_options();
+        options.seed ^= seed_for(&m.channel, &m.message_id);
+        let composed = self
+            .compose(
+                Compose {
+                    messages,
+                    user_text: m.text.clone(),
+                    recent_replies: recent,
+                    options,
+                },
+                Box::new(|_| true),
+            )
+            .await?;
+        if composed.reply.cancelled {
+            return Err("cancelled by shutdown".into());
+        }
+        Ok((composed.reply.text, composed.provenance))
+    }
+
+    /// The sampling settings of a reply before any per-message seed: the model's defaults under
+    /// the environment's.
+    pub fn reply_options(&self) -> GenerateOptions {
+        self.settings.reply_options(self.model().default_options())
+    }
+
+    /// Asks the reply engine for a reply: retrieval here, generation and ranking on a blocking
+    /// thread. `on_delta` sees the text as it is made (see [`ReplyEngine::reply_streaming`]) and
+    /// may stop it; shutdown stops it too. The caller holds a generation slot
+    /// ([`Bot::generation_slot`]).
+    pub async fn compose(
+        &self,
+        c: Compose,
+        mut on_delta: Box<dyn FnMut(&str) -> bool + Send>,
+    ) -> Result<Composed, String> {
         let started = Instant::now();
         let retrieval = self
             .engine
-            .retrieve(&self.store, &m.text)
+            .retrieve(&self.store, &c.user_text)
             .await
             .map_err(|e| e.to_string())?;
         let generator = self.model();
-        let mut options = self.settings.reply_options(generator.default_options());
-        options.seed ^= seed_for(&m.channel, &m.message_id);
-        let cancel = Arc::clone(&self.cancel);
+        let options = c.options;
         let settings = format!(
             "engine={} temperature={} top_k={} top_p={} repetition_penalty={} max_new_tokens={} \
              guidance_scale={} seed={}",
@@ -387,40 +438,70 @@ impl Bot {
             options.seed
         );
         let model_name = generator.dir().display().to_string();
-        let user_text = m.text.clone();
+        let cancel = Arc::clone(&self.cancel);
         let engine = Arc::clone(&self.engine);
         let reply = tokio::task::spawn_blocking(move || {
             let request = Request {
-                messages: &messages,
-                user_text: &user_text,
-                recent_replies: &recent,
+                messages: &c.messages,
+                user_text: &c.user_text,
+                recent_replies: &c.recent_replies,
                 options: &options,
             };
-            engine.reply(&generator, &request, retrieval, &|| {
-                !cancel.load(Ordering::SeqCst)
+            engine.reply_streaming(&generator, &request, retrieval, &mut |delta| {
+                !cancel.load(Ordering::SeqCst) && on_delta(delta)
             })
         })
         .await
         .map_err(|e| format!("the reply engine panicked: {e}"))?
         .map_err(|e| e.to_string())?;
-        if reply.cancelled {
-            return Err("cancelled by shutdown".into());
-        }
         let scores = serde_json::json!({ "source": reply.source, "scores": reply.scores });
-        Ok((
-            reply.text,
-            ReplyProvenance {
-                model: model_name,
-                settings,
-                prompt_tokens: reply.prompt_tokens as i64,
-                new_tokens: reply.new_tokens as i64,
-                latency_ms: started.elapsed().as_millis() as i64,
-                engine_source: reply.source.provenance().to_string(),
-                source_doc: reply.doc,
-                source_message: reply.message,
-                scores: Some(scores.to_string()),
-            },
-        ))
+        let provenance = ReplyProvenance {
+            model: model_name,
+            settings,
+            prompt_tokens: reply.prompt_tokens as i64,
+            new_tokens: reply.new_tokens as i64,
+            latency_ms: started.elapsed().as_millis() as i64,
+            engine_source: reply.source.provenance().to_string(),
+            source_doc: reply.doc,
+            source_message: reply.message,
+            scores: Some(scores.to_string()),
+        };
+        Ok(Composed { reply, provenance })
+    }
+
+    /// Takes a place in the reply queue for a reply made outside the channel queues (the web),
+    /// or `None` when the queue is full or the bot is shutting down. The place is given back
+    /// when the returned value is dropped.
+    pub fn reserve(self: &Arc<Self>) -> Option<Reservation> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return None;
+        }
+        let capacity = self.settings.queue_capacity;
+        self.pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < capacity).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Reservation(Arc::clone(self)))
+    }
+
+    /// Replies queued or being made, on every platform.
+    pub fn queue_depth(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// Waits for one of the `WORKERS` generation slots that the bots and the web share.
+    pub async fn generation_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, String> {
+        self.generation_slots
+            .acquire()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn release_pending(&self) {
+        if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
     }
 
     /// Sends a short message from the bot (command answers, notices) and stores it as a notice;

@@ -453,6 +453,20 @@ impl ReplyEngine {
         retrieval: Retrieval,
         keep_going: &(dyn Fn() -> bool + Sync),
     ) -> Result<Reply, EngineError> {
+        self.reply_streaming(generator, request, retrieval, &mut |_| keep_going())
+    }
+
+    /// [`ReplyEngine::reply`], calling `on_delta` as text is made: in generate mode with each
+    /// piece of the reply as the model writes it (the reply is its text); in hybrid mode with
+    /// `""` only (a candidate is not the reply until it is ranked), as a chance to stop.
+    /// `on_delta` returns `false` to stop; the reply then comes back with `cancelled` set.
+    pub fn reply_streaming(
+        &self,
+        generator: &Generator,
+        request: &Request<'_>,
+        retrieval: Retrieval,
+        on_delta: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Reply, EngineError> {
         let s = &self.settings;
         let mut candidates = retrieval.candidates.clone();
         let (mut prompt_tokens, mut new_tokens) = (0, 0);
@@ -466,7 +480,10 @@ impl ReplyEngine {
             if s.mode == EngineMode::Hybrid {
                 options.max_new_tokens = options.max_new_tokens.min(s.generated_max_tokens);
             }
-            let g = generator.generate(request.messages, &options, &mut |_| keep_going())?;
+            let streams = s.mode == EngineMode::Generate;
+            let g = generator.generate(request.messages, &options, &mut |delta| {
+                on_delta(if streams { delta } else { "" })
+            })?;
             prompt_tokens = g.prompt_tokens;
             new_tokens += g.new_tokens;
             if g.stop == StopReason::Cancelled {

@@ -194,7 +194,7 @@ impl CorpusRow {
     }
 
     /// How the reply engine made this message of the bot's (`generated`, `retrieved`,
-    /// `fallback`), when it is one.
+    /// `fallback`; with `+cut` when a web client left before it was complete), when it is one.
     pub fn engine_source(&self) -> Option<&str> {
         self.engine_source.as_deref()
     }
@@ -230,7 +230,8 @@ impl Store {
                        AND NOT EXISTS (SELECT 1 FROM opt_outs o
                                        WHERE o.platform = r.platform AND o.user_id = r.user_id)
                     ) AS reactions,
-                    (SELECT rp.engine_source FROM replies rp
+                    (SELECT rp.engine_source || CASE WHEN rp.cut = 1 THEN '+cut' ELSE '' END
+                     FROM replies rp
                      WHERE m.from_self = 1 AND rp.platform = m.platform
                        AND rp.chat_id = m.chat_id AND rp.message_id = m.reply_to
                     ) AS engine_source

@@ -365,6 +365,64 @@ impl Store {
         Ok(())
     }
 
+    /// Records that the reply to `message_id` was sent only in part (the client went away):
+    /// as [`Store::finish_reply`], marked cut, with the reason.
+    pub async fn cut_reply(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+        p: &ReplyProvenance,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.finish_reply(channel, message_id, p).await?;
+        sqlx::query(
+            "UPDATE replies SET cut = 1, error = ?
+             WHERE platform = ? AND chat_id = ? AND message_id = ?",
+        )
+        .bind(reason)
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Whether `message_id` is one of kaiwa's own replies in `channel` (not deleted).
+    pub async fn is_own_reply(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM messages WHERE platform = ? AND chat_id = ? AND message_id = ?
+               AND from_self = 1 AND is_notice = 0 AND text IS NOT NULL",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    /// The reactions `user_id` has on the messages of `channel`: `(message id, emoji)`.
+    pub async fn reactions_by(
+        &self,
+        channel: &ChannelRef,
+        user_id: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT message_id, emoji FROM reactions
+             WHERE platform = ? AND chat_id = ? AND user_id = ?",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Records that answering `message_id` failed.
     pub async fn fail_reply(
         &self,

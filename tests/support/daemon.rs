@@ -59,6 +59,44 @@ pub fn tiny_model_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// A copy of the tiny model whose `retrieval.json` ships a small dialogue corpus and sentences.
+pub fn tiny_model_with_retrieval_data() -> tempfile::TempDir {
+    let model = tempfile::tempdir().unwrap();
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        let from = tiny_model_dir().join(file);
+        std::fs::copy(from, model.path().join(file)).unwrap();
+    }
+    let mut corpus = std::fs::File::create(model.path().join("corpus.jsonl")).unwrap();
+    for (user, assistant) in [
+        ("Do you like pizza?", "I love pizza with mushrooms."),
+        ("今日の天気は？", "晴れていて暖かいですよ。"),
+    ] {
+        let line = serde_json::json!({"messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": assistant},
+        ]});
+        writeln!(corpus, "{line}").unwrap();
+    }
+    std::fs::write(
+        model.path().join("sentences.tsv"),
+        "犬と散歩するのが好きです。\tI like walking the dog.\n",
+    )
+    .unwrap();
+    std::fs::write(
+        model.path().join("retrieval.json"),
+        r#"{"corpora": [{"path": "corpus.jsonl", "format": "openai"},
+                        {"path": "sentences.tsv", "format": "sentences"}]}"#,
+    )
+    .unwrap();
+    model
+}
+
 /// A running daemon.
 pub struct TestDaemon {
     dir: Arc<tempfile::TempDir>,

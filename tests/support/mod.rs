@@ -86,3 +86,21 @@ pub async fn wait_for_feedback(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// The Python interpreter (`$PYTHON`, else `python3`) if it can import `module`. Where it cannot,
+/// the test is skipped with a line saying so, except in CI (`CI` set), where that fails.
+pub fn python_with(module: &str, install: &str) -> Option<String> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = std::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output();
+    if probe.map(|o| o.status.success()).unwrap_or(false) {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{module} is not installed for {python}; .ci/run installs it"
+    );
+    eprintln!("skipping: {python} cannot import {module} ({install})");
+    None
+}
