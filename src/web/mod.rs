@@ -12,7 +12,7 @@ mod openai;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -573,8 +573,8 @@ pub fn listen_addr(settings: &WebSettings) -> SocketAddr {
     })
 }
 
-/// Serves `web` on `listener` until `shutdown` fires; requests in progress finish first (for at
-/// most a few seconds).
+/// Serves `web` on `listener` until `shutdown` fires and the requests in progress have ended
+/// (the daemon stops waiting for them after a few seconds).
 pub async fn serve(
     web: Arc<Web>,
     listener: TcpListener,
@@ -585,6 +585,3 @@ pub async fn serve(
     let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
     server.await
 }
-
-/// How long a stopped server waits for streams in progress.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
