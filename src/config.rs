@@ -368,6 +368,24 @@ mod tests {
     }
 
     #[test]
+    fn a_public_address_needs_api_keys() {
+        let web = |pairs: &[(&str, &str)]| Settings::from_lookup(lookup(pairs)).unwrap().web;
+        let public: std::net::SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let local: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert!(web(&[]).check_addr(local).is_ok());
+        let refused = web(&[]).check_addr(public).unwrap_err();
+        assert!(refused.reason.contains("API_KEYS"), "{refused}");
+        assert!(web(&[("API_KEYS", "a, b")]).check_addr(public).is_ok());
+        assert_eq!(web(&[("API_KEYS", "a, b")]).api_keys.len(), 2);
+        assert!(web(&[("HTTP_ALLOW_NO_KEYS", "true")])
+            .check_addr(public)
+            .is_ok());
+        // Keys never show in debug output either.
+        let shown = format!("{:?}", web(&[("API_KEYS", "sk-secret")]));
+        assert!(!shown.contains("sk-secret"), "{shown}");
+    }
+
+    #[test]
     fn tokens_never_show_in_debug_output() {
         let s = Settings::from_lookup(lookup(&[("TELEGRAM_TOKEN", "123:SECRET-TOKEN")])).unwrap();
         let shown = format!("{s:?}");

@@ -317,6 +317,10 @@ enum BenchCommand {
         /// Requests each client makes in turn.
         #[arg(long, default_value_t = 4)]
         per_client: usize,
+        /// Store every exchange, as in use (by default the HTTP requests say "store": false,
+        /// so both paths do the same work).
+        #[arg(long)]
+        stored: bool,
         /// Suite files or directories whose prompts are asked.
         #[arg(long, default_value = "evals")]
         suite: Vec<PathBuf>,
@@ -1206,6 +1210,7 @@ fn run(cli: Cli) -> Result<()> {
                     model,
                     clients,
                     per_client,
+                    stored,
                     suite,
                 },
         } => {
@@ -1223,7 +1228,7 @@ fn run(cli: Cli) -> Result<()> {
                         .with_context(|| format!("loading {}", settings.model_dir.display()))?,
                 );
                 kaiwa::bench::serve::bench_serve(
-                    settings, generator, &prompts, &clients, per_client,
+                    settings, generator, &prompts, &clients, per_client, stored,
                 )
                 .await
                 .context("running the serving benchmark")

@@ -53,13 +53,16 @@ struct Timing {
 }
 
 /// Runs the benchmark: a server on 127.0.0.1 (an ephemeral port) with `settings`, and each
-/// entry of `clients` asking `per_client` prompts each.
+/// entry of `clients` asking `per_client` prompts each. With `store` false the requests say
+/// `"store": false`, so HTTP and in-process do the same work (the in-process path stores
+/// nothing); with `store` true each exchange is also written to the store, as in use.
 pub async fn bench_serve(
     mut settings: Settings,
     generator: Arc<Generator>,
     prompts: &[String],
     clients: &[usize],
     per_client: usize,
+    store: bool,
 ) -> Result<Vec<ServeStep>, ServeBenchError> {
     let most = clients.iter().copied().max().unwrap_or(1);
     // The load is the benchmark's own: no per-key limits, and room in the queue for everyone.
@@ -71,12 +74,12 @@ pub async fn bench_serve(
     let (trigger, shutdown) = crate::shutdown::shutdown_channel();
     let server = tokio::spawn(crate::app::serve_on(settings.clone(), listener, shutdown));
     wait_healthy(&addr).await?;
-    let store = Store::open(&settings.database_url).await?;
-    let bot = Bot::new(settings, store.clone(), generator);
+    let db = Store::open(&settings.database_url).await?;
+    let bot = Bot::new(settings, db.clone(), generator);
     let mut steps = Vec::new();
     for &c in clients {
         super::reset_peak_rss();
-        let (http_rps, timings) = http_round(&addr, prompts, c, per_client).await;
+        let (http_rps, timings) = http_round(&addr, prompts, c, per_client, store).await;
         let failed = timings.iter().filter(|t| t.is_none()).count();
         let ok: Vec<&Timing> = timings.iter().flatten().collect();
         let mut first: Vec<f64> = ok.iter().map(|t| t.first_ms).collect();
@@ -101,7 +104,7 @@ pub async fn bench_serve(
     }
     trigger.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
-    store.close().await;
+    db.close().await;
     Ok(steps)
 }
 
@@ -130,6 +133,7 @@ async fn http_round(
     prompts: &[String],
     clients: usize,
     per_client: usize,
+    store: bool,
 ) -> (f64, Vec<Option<Timing>>) {
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
@@ -142,7 +146,12 @@ async fn http_round(
                 let mut out = Vec::new();
                 for (i, prompt) in mine.iter().enumerate() {
                     let session = format!("bench-{client}-{i}");
-                    out.push(stream_once(&addr, &session, prompt).await.ok().flatten());
+                    out.push(
+                        stream_once(&addr, &session, prompt, store)
+                            .await
+                            .ok()
+                            .flatten(),
+                    );
                 }
                 out
             })
@@ -157,10 +166,16 @@ async fn http_round(
 }
 
 /// One streamed completion (HTTP/1.0, so the body is the stream itself, ended by the close).
-async fn stream_once(addr: &str, session: &str, prompt: &str) -> std::io::Result<Option<Timing>> {
+async fn stream_once(
+    addr: &str,
+    session: &str,
+    prompt: &str,
+    store: bool,
+) -> std::io::Result<Option<Timing>> {
     let body = serde_json::json!({
         "model": "kaiwa",
         "stream": true,
+        "store": store,
         "messages": [{"role": "user", "content": prompt}],
     })
     .to_string();
@@ -181,7 +196,7 @@ async fn stream_once(addr: &str, session: &str, prompt: &str) -> std::io::Result
             break;
         }
         seen.extend_from_slice(&buf[..n]);
-        if first.is_none() && contains(&seen, b"\"delta\":{\"content\":\"") {
+        if first.is_none() && has_text(&seen) {
             first = Some(started.elapsed());
         }
     }
@@ -198,6 +213,14 @@ async fn stream_once(addr: &str, session: &str, prompt: &str) -> std::io::Result
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether a stream has sent a piece of text yet (the first chunk's `"content":""` is not one).
+fn has_text(stream: &[u8]) -> bool {
+    const CONTENT: &[u8] = b"\"content\":\"";
+    stream
+        .windows(CONTENT.len() + 1)
+        .any(|w| &w[..CONTENT.len()] == CONTENT && w[CONTENT.len()] != b'"')
 }
 
 /// The same load in-process: each of `clients` tasks takes a place in the queue and a
