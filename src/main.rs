@@ -789,34 +789,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs a daemon made by `daemon` until it ends; SIGINT or SIGTERM triggers its shutdown.
+fn until_signal<F>(daemon: impl FnOnce(kaiwa::shutdown::Shutdown) -> F) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    let (trigger, shutdown) = kaiwa::shutdown::shutdown_channel();
+    runtime()?.block_on(async move {
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received: shutting down");
+            trigger.trigger();
+        });
+        daemon(shutdown).await
+    })
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run => {
             let settings = kaiwa::config::Settings::from_env()?;
-            let (trigger, shutdown) = kaiwa::shutdown::shutdown_channel();
-            runtime()?.block_on(async move {
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    tracing::info!("signal received: shutting down");
-                    trigger.trigger();
-                });
-                kaiwa::app::run(settings, shutdown).await
-            })?;
+            until_signal(|shutdown| kaiwa::app::run(settings, shutdown))?;
         }
         Command::Serve { addr } => {
             let mut settings = kaiwa::config::Settings::from_env()?;
             if addr.is_some() {
                 settings.web.addr = addr;
             }
-            let (trigger, shutdown) = kaiwa::shutdown::shutdown_channel();
-            runtime()?.block_on(async move {
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    tracing::info!("signal received: shutting down");
-                    trigger.trigger();
-                });
-                kaiwa::app::serve(settings, shutdown).await
-            })?;
+            until_signal(|shutdown| kaiwa::app::serve(settings, shutdown))?;
         }
         Command::ExportCorpus(args) => {
             let options = args.options()?;

@@ -421,18 +421,26 @@ async fn whole_response(
     Err(ApiError::internal("the reply ended without an answer"))
 }
 
+/// A stream event with one choice's `delta`.
 fn chunk(id: &str, created: i64, model: &str, delta: Value, finish: Option<&str>) -> Event {
-    Event::default().data(
-        json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": null,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        })
-        .to_string(),
-    )
+    let choices = json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]);
+    chunk_with(id, created, model, choices, None)
+}
+
+/// A `chat.completion.chunk` event: `choices` (empty in the usage chunk) and `usage`.
+fn chunk_with(id: &str, created: i64, model: &str, choices: Value, usage: Option<Usage>) -> Event {
+    let mut body = json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": null,
+        "choices": choices,
+    });
+    if let Some(u) = usage {
+        body["usage"] = json!(u);
+    }
+    Event::default().data(body.to_string())
 }
 
 /// The SSE stream: the role first, then the pieces, the finish, the usage if asked, `[DONE]`.
@@ -479,20 +487,7 @@ fn stream_response(
                             let mut out =
                                 vec![chunk(&id, created, &model, json!({}), Some(finish))];
                             if include_usage {
-                                out.push(
-                                    Event::default().data(
-                                        json!({
-                                            "id": id,
-                                            "object": "chat.completion.chunk",
-                                            "created": created,
-                                            "model": model,
-                                            "system_fingerprint": null,
-                                            "choices": [],
-                                            "usage": usage,
-                                        })
-                                        .to_string(),
-                                    ),
-                                );
+                                out.push(chunk_with(&id, created, &model, json!([]), Some(usage)));
                             }
                             out.push(Event::default().data("[DONE]"));
                             out
