@@ -317,6 +317,45 @@ async fn malformed_and_oversized_updates_do_not_stop_the_bot() {
     daemon.stop().await.unwrap();
 }
 
+/// A getUpdates answer that is not valid JSON as a whole (a lone surrogate escape in one text)
+/// is salvaged update by update: the bad text is stored with U+FFFD in place of the surrogate,
+/// and the messages behind it are stored and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_update_does_not_stall_the_messages_behind_it() {
+    let (fake, daemon) = start().await;
+    let ann = user(91, "Ann");
+    let chat = private_chat(&ann);
+    let poison = fake.message(
+        &chat,
+        &ann,
+        &format!("bad {} text", fake_telegram::LONE_SURROGATE),
+    );
+    let after: Vec<Value> = (0..3)
+        .map(|i| fake.message(&chat, &ann, &format!("message {i} behind it")))
+        .collect();
+    let mut batch = vec![fake.message_update(&poison)];
+    batch.extend(after.iter().map(|m| fake.message_update(m)));
+    fake.push_updates(batch);
+    fake.wait_until(WAIT, "replies to the messages behind the poison", |f| {
+        after.iter().all(|m| {
+            f.sent()
+                .iter()
+                .any(|s| s.reply_to_message_id == Some(id_of(m)))
+        })
+    })
+    .await;
+    let rows = wait_for_rows(&daemon, &channel(91), "the poisoned message", |rows| {
+        has_message(rows, id_of(&poison))
+    })
+    .await;
+    let stored = rows
+        .iter()
+        .find(|r| r.message_id == id_of(&poison).to_string())
+        .unwrap();
+    assert_eq!(stored.text.as_deref(), Some("bad \u{fffd} text"));
+    daemon.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_confirms_handled_updates() {
     let (fake, daemon) = start().await;

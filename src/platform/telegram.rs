@@ -215,7 +215,14 @@ fn clamp_offset(offset: i64) -> i32 {
 /// bad update neither stops the loop nor hides the good ones around it. `None` when nothing
 /// usable is in the answer (not JSON, not a list, no update ids).
 fn salvage_updates(raw: &str) -> Option<Vec<Update>> {
-    let answer: serde_json::Value = serde_json::from_str(raw).ok()?;
+    // A lone UTF-16 surrogate escape ("\ud800") makes the whole answer invalid JSON.
+    let repaired = repair_lone_surrogates(raw);
+    let answer: serde_json::Value = match serde_json::from_str(&repaired) {
+        Ok(answer) => answer,
+        // Still unreadable as a whole: keep at least the update ids, so the offset passes them
+        // instead of asking for the same answer forever.
+        Err(_) => return update_ids_of(raw),
+    };
     let items = answer.get("result")?.as_array()?;
     let mut updates = Vec::new();
     for item in items {
@@ -247,6 +254,66 @@ fn salvage_updates(raw: &str) -> Option<Vec<Update>> {
         return None;
     }
     Some(updates)
+}
+
+/// `raw` with every `\uXXXX` escape of a lone UTF-16 surrogate (one not in a high–low pair)
+/// replaced by `\ufffd`, the replacement character; other text unchanged.
+fn repair_lone_surrogates(raw: &str) -> std::borrow::Cow<'_, str> {
+    fn escape_at(b: &[u8], i: usize) -> Option<u16> {
+        let hex = b.get(i..i + 6)?;
+        if hex[0] != b'\\' || hex[1] != b'u' {
+            return None;
+        }
+        u16::from_str_radix(std::str::from_utf8(&hex[2..]).ok()?, 16).ok()
+    }
+    let b = raw.as_bytes();
+    if !raw.contains("\\u") {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    let mut out = String::with_capacity(raw.len());
+    let (mut i, mut copied) = (0, 0);
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        let Some(unit) = escape_at(b, i) else {
+            // Another escape (`\\`, `\"`, …): skip its two characters.
+            i += 2;
+            continue;
+        };
+        let paired = (0xD800..0xDC00).contains(&unit)
+            && escape_at(b, i + 6).is_some_and(|low| (0xDC00..0xE000).contains(&low));
+        if paired {
+            i += 12;
+        } else if (0xD800..0xE000).contains(&unit) {
+            out.push_str(&raw[copied..i]);
+            out.push_str("\\ufffd");
+            i += 6;
+            copied = i;
+        } else {
+            i += 6;
+        }
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    out.push_str(&raw[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// The `update_id`s an unparseable answer mentions, as unreadable updates (logged and passed).
+fn update_ids_of(raw: &str) -> Option<Vec<Update>> {
+    let pattern = regex::Regex::new(r#""update_id"\s*:\s*(\d{1,10})"#).expect("a valid pattern");
+    let updates: Vec<Update> = pattern
+        .captures_iter(raw)
+        .filter_map(|c| c[1].parse::<u32>().ok())
+        .map(|id| Update {
+            id: UpdateId(id),
+            kind: UpdateKind::Error(serde_json::Value::Null),
+        })
+        .collect();
+    (!updates.is_empty()).then_some(updates)
 }
 
 /// Who we are on Telegram, to tell which messages address the bot.
@@ -885,6 +952,32 @@ mod tests {
             salvage_updates(r#"{"ok":true,"result":[{"no_id":1}]}"#),
             None
         );
+    }
+
+    #[test]
+    fn a_lone_surrogate_spoils_one_text_not_the_batch() {
+        let good = json!({"update_id": 9, "message": {"message_id": 2, "date": 1,
+            "chat": private_chat(42), "from": user(42, "Ann"), "text": "still there?"}});
+        let raw = format!(
+            r#"{{"ok":true,"result":[{{"update_id":8,"message":{{"message_id":1,"date":1,"chat":{},"from":{},"text":"bad \ud800 and pair \ud83d\ude00"}}}},{good}]}}"#,
+            private_chat(42),
+            user(42, "Ann")
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&raw).is_err());
+        let updates = salvage_updates(&raw).unwrap();
+        assert_eq!(updates.len(), 2);
+        let UpdateKind::Message(m) = &updates[0].kind else {
+            panic!("{:?}", updates[0].kind)
+        };
+        assert_eq!(m.text(), Some("bad \u{fffd} and pair 😀"));
+        assert!(matches!(updates[1].kind, UpdateKind::Message(_)));
+        // Escaped backslashes are not escapes.
+        assert_eq!(repair_lone_surrogates(r#""a\\ud800""#), r#""a\\ud800""#);
+        // Past repair: the ids still come out, so the offset moves on.
+        let ids =
+            salvage_updates(r#"{"ok":true,"result":[{"update_id":12,"message":{"text":"#).unwrap();
+        assert_eq!(ids.len(), 1);
+        assert_eq!(ids[0].id, UpdateId(12));
     }
 
     #[test]

@@ -32,6 +32,10 @@ const MAX_TEXT_CHARS: usize = 4096;
 pub const BOT_ID: i64 = 7_000_000_001;
 pub const BOT_USERNAME: &str = "kaiwa_test_bot";
 
+/// Put in a message's text, it reaches the bot as a lone UTF-16 surrogate escape (`\ud800`),
+/// which no JSON parser accepts: the poison a real Bot API answer once carried.
+pub const LONE_SURROGATE: &str = "\u{E000}lone-surrogate\u{E000}";
+
 /// One `sendMessage` call the fake accepted.
 #[derive(Debug, Clone)]
 pub struct SentMessage {
@@ -473,7 +477,15 @@ async fn get_updates(shared: &Shared, params: &Value) -> Response {
                 inner
                     .updates
                     .retain(|u| u.get("update_id").and_then(Value::as_i64).is_some());
-                return ok(Value::Array(batch));
+                let body = json!({"ok": true, "result": batch})
+                    .to_string()
+                    .replace(LONE_SURROGATE, "\\ud800");
+                return (
+                    StatusCode::OK,
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+                    .into_response();
             }
         }
         if tokio::time::timeout_at(deadline, news).await.is_err() {
