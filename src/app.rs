@@ -86,6 +86,8 @@ async fn daemon(
     tracing::info!(model = %settings.model_dir.display(), database = %settings.database_url, "kaiwa starting");
     let bot = Bot::new(settings.clone(), store.clone(), Arc::new(generator));
     if let Some(web) = &web {
+        // Web requests in flight died with the last process; their clients are gone.
+        bot.recover(crate::bot::event::Platform::Web, None).await;
         web.set_bot(Arc::clone(&bot));
     }
     if let Some(p) = settings.telegram.clone().filter(|_| bots) {

@@ -83,6 +83,9 @@ pub struct Settings {
     pub queue_capacity: usize,
     /// Minimum time between two answered messages of one user.
     pub user_cooldown: Duration,
+    /// At start-up, replies a crash left unsent are made for messages younger than this
+    /// (`RECOVER_MAX_AGE_MINUTES`); older ones are marked failed.
+    pub recover_max_age: Duration,
     /// How replies are chosen (`REPLY_ENGINE`, the ranker's knobs, what may be retrieved).
     pub engine: EngineSettings,
     /// The web server (`kaiwa serve`, and `kaiwa run` when `HTTP_ADDR` is set).
@@ -255,6 +258,9 @@ impl Settings {
             threads: parse(&get, "THREADS", crate::model::threads::default_threads())?,
             queue_capacity: parse(&get, "QUEUE_CAPACITY", 32)?,
             user_cooldown: Duration::from_millis(parse(&get, "USER_COOLDOWN_MS", 1500)?),
+            recover_max_age: Duration::from_secs(
+                60 * parse::<u64>(&get, "RECOVER_MAX_AGE_MINUTES", 10)?,
+            ),
         };
         for (name, value) in [("WORKERS", settings.workers), ("THREADS", settings.threads)] {
             if value == 0 {

@@ -356,6 +356,89 @@ async fn a_poison_update_does_not_stall_the_messages_behind_it() {
     daemon.stop().await.unwrap();
 }
 
+/// What a crash leaves: messages stored and claimed, never answered. At the next start the
+/// recent one is answered, one whose answer went out (but was not recorded) is not sent again,
+/// and an old one and a command are marked failed with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_a_crash_left_pending_are_made_at_the_next_start() {
+    let (fake, daemon) = start().await;
+    let ann = user(97, "Ann");
+    let chat = private_chat(&ann);
+    let first = fake.message(&chat, &ann, "hello");
+    fake.push_message(&first);
+    fake.wait_for_sent(1, WAIT).await;
+    let store = daemon.store();
+    let now = kaiwa::store::now_ms();
+    let left = |id: &str, text: &str, sent_at_ms: i64| kaiwa::store::NewMessage {
+        channel: channel(97),
+        kind: kaiwa::bot::event::ChatKind::Direct,
+        message_id: id.into(),
+        author_id: "97".into(),
+        author_name: "Ann".into(),
+        author_is_bot: false,
+        from_self: false,
+        is_notice: false,
+        text: text.into(),
+        reply_to: None,
+        sent_at_ms,
+        source: "live".into(),
+    };
+    for (id, text, at) in [
+        ("9001", "are you still there?", now),
+        ("9002", "an old question", now - 2 * 3_600_000),
+        ("9003", "/stats", now),
+        ("9004", "answered, not recorded", now),
+    ] {
+        store.insert_message(&left(id, text, at)).await.unwrap();
+        assert!(store.claim_reply(&channel(97), id).await.unwrap());
+    }
+    let mut answer = left("b-9004", "the answer that went out", now);
+    answer.from_self = true;
+    answer.author_id = "kaiwa".into();
+    answer.reply_to = Some("9004".into());
+    store.insert_message(&answer).await.unwrap();
+
+    let daemon = daemon.restart().await;
+    fake.wait_until(WAIT, "the reply a crash left unsent", |f| {
+        f.sent().iter().any(|s| s.reply_to_message_id == Some(9001))
+    })
+    .await;
+    let pool = sqlx::SqlitePool::connect(&daemon.database_url())
+        .await
+        .unwrap();
+    let mut states: Vec<(String, String, Option<String>)> = Vec::new();
+    for _ in 0..100 {
+        states = sqlx::query_as(
+            "SELECT message_id, state, error FROM replies WHERE chat_id = '97' \
+             AND message_id LIKE '900%' ORDER BY message_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        if states.iter().all(|(_, s, _)| s != "pending") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = |id: &str| states.iter().find(|s| s.0 == id).cloned().unwrap();
+    assert_eq!(state("9001").1, "sent", "{states:?}");
+    assert_eq!(state("9002").1, "failed");
+    assert!(state("9002").2.unwrap().contains("RECOVER_MAX_AGE_MINUTES"));
+    assert_eq!(state("9003").1, "failed");
+    assert_eq!(state("9004").1, "sent");
+    let sent_to = |id: i64| {
+        fake.sent()
+            .iter()
+            .filter(|s| s.reply_to_message_id == Some(id))
+            .count()
+    };
+    assert_eq!(
+        (sent_to(9001), sent_to(9002), sent_to(9003), sent_to(9004)),
+        (1, 0, 0, 0)
+    );
+    daemon.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_confirms_handled_updates() {
     let (fake, daemon) = start().await;

@@ -50,6 +50,14 @@ pub struct Composed {
     pub provenance: ReplyProvenance,
 }
 
+/// What [`Bot::recover`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Recovered {
+    resumed: usize,
+    already_sent: usize,
+    failed: usize,
+}
+
 /// A place in the reply queue ([`Bot::reserve`]), given back on drop.
 pub struct Reservation(Arc<Bot>);
 
@@ -173,6 +181,86 @@ impl Bot {
         }
     }
 
+    /// Answers what a crash left unanswered on `platform` (claimed, never sent), in order per
+    /// channel: each message younger than `RECOVER_MAX_AGE_MINUTES` is queued again; an answer
+    /// that was sent but not recorded is recorded; older messages, deleted ones and commands are
+    /// marked failed with the reason (`/stats` counts them). Without an outbox (the web, whose
+    /// clients left with the old process) every one is marked failed. Errors are logged.
+    pub async fn recover(self: &Arc<Self>, platform: Platform, outbox: Option<Arc<dyn Outbox>>) {
+        match self.recover_pending(platform, outbox).await {
+            Ok(r) if r == Recovered::default() => {}
+            Ok(r) => tracing::info!(
+                %platform,
+                resumed = r.resumed,
+                already_sent = r.already_sent,
+                failed = r.failed,
+                "replies left by the last run"
+            ),
+            Err(e) => tracing::error!(%platform, error = %e, "could not recover pending replies"),
+        }
+    }
+
+    async fn recover_pending(
+        self: &Arc<Self>,
+        platform: Platform,
+        outbox: Option<Arc<dyn Outbox>>,
+    ) -> Result<Recovered, crate::store::StoreError> {
+        let oldest = now_ms() - self.settings.recover_max_age.as_millis() as i64;
+        let mut r = Recovered::default();
+        for row in self.store.pending_replies(platform).await? {
+            let channel = ChannelRef::new(platform, &row.chat_id).with_thread(&row.thread_id);
+            let id = row.message_id.as_str();
+            if self.store.has_own_answer(&channel, id).await? {
+                self.store
+                    .mark_reply_sent(&channel, id, "sent before a restart")
+                    .await?;
+                r.already_sent += 1;
+                continue;
+            }
+            let why = match (&row.text, &outbox) {
+                (_, None) => Some("the client left with the last run".to_string()),
+                (None, _) => Some("deleted before it was answered".to_string()),
+                (Some(t), _) if conversation::is_bot_command(t) => {
+                    Some("a command left by a restart is not run again".to_string())
+                }
+                _ if row.sent_at_ms < oldest => Some(format!(
+                    "not answered before a restart, and older than {} minutes \
+                     (RECOVER_MAX_AGE_MINUTES)",
+                    self.settings.recover_max_age.as_secs() / 60
+                )),
+                _ => None,
+            };
+            if let Some(why) = why {
+                self.store.fail_reply(&channel, id, &why).await?;
+                r.failed += 1;
+                continue;
+            }
+            let (Some(text), Some(outbox)) = (row.text.clone(), outbox.clone()) else {
+                continue;
+            };
+            let message = IncomingMessage {
+                channel,
+                kind: if row.chat_kind == "direct" {
+                    ChatKind::Direct
+                } else {
+                    ChatKind::Group
+                },
+                message_id: row.message_id.clone(),
+                author_id: row.author_id.clone(),
+                author_name: row.author_name.clone(),
+                author_is_bot: row.author_is_bot,
+                text,
+                reply_to: row.reply_to.clone(),
+                replies_to_bot: false,
+                mentions_bot: false,
+                sent_at_ms: row.sent_at_ms,
+            };
+            self.enqueue(Job { message, outbox });
+            r.resumed += 1;
+        }
+        Ok(r)
+    }
+
     /// Records reactions, unless their author opted out.
     async fn on_reaction(
         &self,
@@ -230,6 +318,9 @@ impl Bot {
             }
             if self.store.claim_reply(&m.channel, &m.message_id).await? {
                 self.run_command(c, &m, &outbox).await?;
+                self.store
+                    .mark_reply_sent(&m.channel, &m.message_id, "command")
+                    .await?;
             }
             return Ok(());
         }

@@ -76,6 +76,9 @@ pub async fn run(
     else {
         return Ok(()); // shut down while still connecting
     };
+    // What the last run claimed and never sent is answered before anything new.
+    let recovery: Arc<dyn Outbox> = outbox.clone();
+    bot.recover(Platform::Discord, Some(recovery)).await;
     let handler = DiscordHandler {
         bot,
         outbox,

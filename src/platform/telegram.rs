@@ -71,6 +71,9 @@ pub async fn run(
     info!("telegram connected as @{}", identity.username);
 
     let outbox: Arc<dyn Outbox> = Arc::new(outbox);
+    // What the last run claimed and never sent is answered before anything new.
+    bot.recover(Platform::Telegram, Some(Arc::clone(&outbox)))
+        .await;
     // The first update we have not handled yet; 0 asks for the oldest unconfirmed one.
     let mut offset: i64 = 0;
     let mut backoff = Backoff::default();

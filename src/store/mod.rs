@@ -423,6 +423,65 @@ impl Store {
         .await?)
     }
 
+    /// The messages whose reply was claimed but never sent nor failed on `platform` (a crash
+    /// left them), oldest first.
+    pub async fn pending_replies(
+        &self,
+        platform: Platform,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM replies r JOIN messages m
+                ON m.platform = r.platform AND m.chat_id = r.chat_id AND m.message_id = r.message_id
+              WHERE r.platform = ? AND r.state = 'pending'
+              ORDER BY m.sent_at_ms, m.id"
+        ))
+        .bind(platform.as_str())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Whether kaiwa stored a message of its own in answer to `message_id`.
+    pub async fn has_own_answer(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM messages WHERE platform = ? AND chat_id = ? AND reply_to = ?
+               AND from_self = 1 LIMIT 1",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    /// Records that a claimed answer went out (a command's, or one a crash left unrecorded),
+    /// with a note.
+    pub async fn mark_reply_sent(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+        note: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE replies SET state = 'sent', finished_at_ms = ?, error = ?
+             WHERE platform = ? AND chat_id = ? AND message_id = ? AND state = 'pending'",
+        )
+        .bind(now_ms())
+        .bind(note)
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Records that answering `message_id` failed.
     pub async fn fail_reply(
         &self,
