@@ -79,8 +79,11 @@ pub struct Settings {
     pub workers: usize,
     /// Threads one generation's matrix products are split over (`model::threads`).
     pub threads: usize,
-    /// Replies waiting for a worker before new ones are refused.
+    /// The most replies queued or in progress (a bound on memory); see also `max_reply_wait`.
     pub queue_capacity: usize,
+    /// A message is answered "busy" when its reply would come later than this
+    /// (`MAX_REPLY_WAIT_SECS`): the replies ahead of it × the measured reply time ÷ `WORKERS`.
+    pub max_reply_wait: Duration,
     /// Minimum time between two answered messages of one user.
     pub user_cooldown: Duration,
     /// At start-up, replies a crash left unsent are made for messages younger than this
@@ -256,7 +259,8 @@ impl Settings {
             seed: parse(&get, "SEED", 0)?,
             workers: parse(&get, "WORKERS", 1)?,
             threads: parse(&get, "THREADS", crate::model::threads::default_threads())?,
-            queue_capacity: parse(&get, "QUEUE_CAPACITY", 32)?,
+            queue_capacity: parse(&get, "QUEUE_CAPACITY", 256)?,
+            max_reply_wait: Duration::from_secs(parse(&get, "MAX_REPLY_WAIT_SECS", 60)?),
             user_cooldown: Duration::from_millis(parse(&get, "USER_COOLDOWN_MS", 1500)?),
             recover_max_age: Duration::from_secs(
                 60 * parse::<u64>(&get, "RECOVER_MAX_AGE_MINUTES", 10)?,

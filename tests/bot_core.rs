@@ -295,6 +295,54 @@ async fn a_full_queue_says_so_instead_of_piling_up() {
     );
 }
 
+/// Forty people writing at once are all answered: admission follows the expected wait, not a
+/// fixed count, and this burst takes seconds.
+#[tokio::test]
+async fn a_burst_is_answered_not_turned_away() {
+    let h = harness(&[]).await;
+    for i in 0..40 {
+        h.send(message(
+            &format!("chat{i}"),
+            ChatKind::Direct,
+            "1",
+            &format!("u{i}"),
+            "hello there",
+        ))
+        .await;
+    }
+    let sent = h.outbox.wait_for(40).await;
+    assert!(
+        sent.iter().all(|(_, t, _)| t != kaiwa::bot::commands::BUSY),
+        "{sent:?}"
+    );
+}
+
+/// When a reply would come too late, the person is told so, in their language.
+#[tokio::test]
+async fn busy_is_said_in_the_language_of_the_message() {
+    let h = harness(&[("MAX_REPLY_WAIT_SECS", "0")]).await;
+    h.send(message(
+        "a",
+        ChatKind::Direct,
+        "1",
+        "u1",
+        "今日はとても忙しいですか？",
+    ))
+    .await;
+    h.send(message("b", ChatKind::Direct, "1", "u2", "Are you there?"))
+        .await;
+    let sent = h.outbox.wait_for(2).await;
+    let texts: Vec<&str> = sent.iter().map(|(_, t, _)| t.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            kaiwa::bot::commands::busy("今日はとても忙しいですか？"),
+            kaiwa::bot::commands::BUSY
+        ]
+    );
+    assert!(texts[0].contains("混み合って"));
+}
+
 #[tokio::test]
 async fn the_corpus_export_writes_valid_alternating_chat_examples_without_opted_out_users() {
     let h = harness(&[]).await;

@@ -16,6 +16,14 @@ Admins: /stats, /model, /reload, /answerall on|off, /share on|off (whether this 
 pub const OPTED_IN: &str = "Welcome back: your messages are stored again.";
 pub const BUSY: &str = "I'm busy right now; please try again in a moment.";
 
+/// [`BUSY`] in the language of the message it answers.
+pub fn busy(text: &str) -> &'static str {
+    match crate::corpus::lang::detect(text) {
+        "ja" => "いま混み合っています。少し待ってからもう一度送ってください。",
+        _ => BUSY,
+    }
+}
+
 /// A command in a message: `/name[@addressee] args`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {

@@ -88,6 +88,8 @@ pub struct Bot {
     accepting: AtomicBool,
     /// Set when shutdown gives up waiting: running generations stop early.
     cancel: Arc<AtomicBool>,
+    /// The moving average of a reply's time once it has a worker, in seconds.
+    reply_seconds: Mutex<Option<f64>>,
 }
 
 /// Loads the model directory of `settings` (`MODEL_DIR`, on `THREADS` threads), off the async
@@ -113,6 +115,7 @@ impl Bot {
             last_answered: Mutex::new(HashMap::new()),
             accepting: AtomicBool::new(true),
             cancel: Arc::new(AtomicBool::new(false)),
+            reply_seconds: Mutex::new(None),
         })
     }
 
@@ -327,13 +330,18 @@ impl Bot {
         if !self.should_answer(&m).await? || !self.cooled_down(&m) {
             return Ok(());
         }
-        if self.pending.load(Ordering::SeqCst) >= self.settings.queue_capacity {
-            tracing::warn!(channel = %m.channel, "reply queue full; message not answered");
+        if !self.admits(self.pending.load(Ordering::SeqCst)) {
+            let wait = self.expected_wait(self.pending.load(Ordering::SeqCst) + 1);
+            tracing::warn!(channel = %m.channel, expected_wait_s = wait.as_secs_f64(), "reply would be too late (MAX_REPLY_WAIT_SECS, QUEUE_CAPACITY); told busy");
             if self.store.claim_reply(&m.channel, &m.message_id).await? {
                 self.store
-                    .fail_reply(&m.channel, &m.message_id, "queue full")
+                    .fail_reply(
+                        &m.channel,
+                        &m.message_id,
+                        "busy: the reply would be too late",
+                    )
                     .await?;
-                self.say(&outbox, &m, commands::BUSY).await;
+                self.say(&outbox, &m, commands::busy(&m.text)).await;
             }
             return Ok(());
         }
@@ -411,6 +419,7 @@ impl Bot {
     async fn answer(&self, job: &Job) -> Result<ReplyProvenance, String> {
         let m = &job.message;
         let _slot = self.generation_slot().await?;
+        let started = Instant::now();
         if self.cancel.load(Ordering::SeqCst) {
             return Err("shutting down".into());
         }
@@ -443,6 +452,7 @@ impl Bot {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        self.observe_reply_time(started.elapsed());
         Ok(provenance)
     }
 
@@ -567,13 +577,37 @@ impl Bot {
         if !self.accepting.load(Ordering::SeqCst) {
             return None;
         }
-        let capacity = self.settings.queue_capacity;
         self.pending
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < capacity).then_some(n + 1)
+                self.admits(n).then_some(n + 1)
             })
             .ok()?;
         Some(Reservation(Arc::clone(self)))
+    }
+
+    /// Whether one more reply may join `pending` others: under `QUEUE_CAPACITY`, and expected
+    /// within `MAX_REPLY_WAIT_SECS`.
+    fn admits(&self, pending: usize) -> bool {
+        pending < self.settings.queue_capacity
+            && self.expected_wait(pending + 1) <= self.settings.max_reply_wait
+    }
+
+    /// How long the last of `replies` replies would wait for its end: `replies` × the measured
+    /// reply time (1 s before any was measured) ÷ `WORKERS`.
+    pub fn expected_wait(&self, replies: usize) -> Duration {
+        let each = self
+            .reply_seconds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(1.0);
+        Duration::from_secs_f64(replies as f64 * each / self.settings.workers as f64)
+    }
+
+    /// Records how long one reply took once it had a worker (a moving average).
+    pub fn observe_reply_time(&self, took: Duration) {
+        let mut avg = self.reply_seconds.lock().unwrap_or_else(|e| e.into_inner());
+        let t = took.as_secs_f64();
+        *avg = Some(avg.map_or(t, |a| 0.8 * a + 0.2 * t));
     }
 
     /// Replies queued or being made, on every platform.

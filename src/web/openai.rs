@@ -353,7 +353,7 @@ pub(super) async fn chat_completions(
     let reservation = bot.reserve().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the reply queue is full; try again shortly",
+            "the server is busy: this reply would be too late; try again shortly",
             "server_error",
             Some("queue_full"),
         )
@@ -670,6 +670,7 @@ impl Job {
                 tx.send(Piece::Text(delta.to_string())).is_ok()
             })
         };
+        let composing = Instant::now();
         let composed = self
             .bot
             .compose(
@@ -682,6 +683,7 @@ impl Job {
                 on_delta,
             )
             .await;
+        self.bot.observe_reply_time(composing.elapsed());
         let streamed = std::mem::take(&mut *streamed.lock().unwrap_or_else(|e| e.into_inner()));
         let composed = match composed {
             Ok(c) => c,
