@@ -84,7 +84,13 @@ async fn daemon(
         .await
         .context("adding the model's retrieval data to the store")?;
     tracing::info!(model = %settings.model_dir.display(), database = %settings.database_url, "kaiwa starting");
-    let bot = Bot::new(settings.clone(), store.clone(), Arc::new(generator));
+    let metrics = web.as_ref().map(|w| w.metrics()).unwrap_or_default();
+    let bot = Bot::with_metrics(
+        settings.clone(),
+        store.clone(),
+        Arc::new(generator),
+        metrics,
+    );
     if let Some(web) = &web {
         // Web requests in flight died with the last process; their clients are gone.
         bot.recover(crate::bot::event::Platform::Web, None).await;

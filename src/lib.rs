@@ -29,6 +29,7 @@ pub mod corpus;
 pub mod engine;
 pub mod eval;
 mod kernels;
+pub mod metrics;
 pub mod model;
 pub mod platform;
 pub mod shutdown;

@@ -439,6 +439,60 @@ async fn replies_a_crash_left_pending_are_made_at_the_next_start() {
     daemon.stop().await.unwrap();
 }
 
+/// With `HTTP_ADDR` set, `kaiwa run` serves `/health` and `/metrics` beside the bots, and the
+/// metrics count what the bots do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_reports_its_health_and_metrics() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeTelegram::start(TOKEN).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = spawn_daemon(&[
+        ("TELEGRAM_TOKEN", TOKEN),
+        ("TELEGRAM_API_URL", &fake.url()),
+        ("HTTP_ADDR", &addr),
+    ])
+    .await;
+    let ann = user(99, "Ann");
+    fake.push_message(&fake.message(&private_chat(&ann), &ann, "hello"));
+    fake.wait_for_sent(1, WAIT).await;
+    let get = |path: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    };
+    assert!(get("/health").await.starts_with("HTTP/1.0 200"));
+    let wants = [
+        "kaiwa_messages_received_total{platform=\"telegram\"} 1",
+        "kaiwa_replies_total{platform=\"telegram\",outcome=\"sent\"} 1",
+        "kaiwa_bot_reply_duration_seconds_count 1",
+        "kaiwa_queue_depth 0",
+    ];
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = get("/metrics").await;
+        if wants.iter().all(|w| metrics.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for want in wants {
+        assert!(metrics.contains(want), "{want} in\n{metrics}");
+    }
+    daemon.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_confirms_handled_updates() {
     let (fake, daemon) = start().await;

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use crate::config::{ReplyPolicy, Settings};
 use crate::conversation::{self, Speakers};
 use crate::engine::{Reply, ReplyEngine, Request};
+use crate::metrics::Metrics;
 use crate::model::{ChatMessage, GenerateOptions, Generator};
 use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance, Store};
 use event::{ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform};
@@ -90,6 +91,7 @@ pub struct Bot {
     cancel: Arc<AtomicBool>,
     /// The moving average of a reply's time once it has a worker, in seconds.
     reply_seconds: Mutex<Option<f64>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Loads the model directory of `settings` (`MODEL_DIR`, on `THREADS` threads), off the async
@@ -103,7 +105,18 @@ pub async fn load_model(settings: &Settings) -> Result<Generator, crate::model::
 
 impl Bot {
     pub fn new(settings: Settings, store: Store, model: Arc<Generator>) -> Arc<Self> {
+        Self::with_metrics(settings, store, model, Arc::new(Metrics::default()))
+    }
+
+    /// [`Bot::new`], counting into `metrics` (the web server's, so `/metrics` shows both).
+    pub fn with_metrics(
+        settings: Settings,
+        store: Store,
+        model: Arc<Generator>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Bot {
+            metrics,
             generation_slots: Arc::new(Semaphore::new(settings.workers)),
             engine: Arc::new(ReplyEngine::new(settings.engine.clone())),
             settings,
@@ -192,13 +205,18 @@ impl Bot {
     pub async fn recover(self: &Arc<Self>, platform: Platform, outbox: Option<Arc<dyn Outbox>>) {
         match self.recover_pending(platform, outbox).await {
             Ok(r) if r == Recovered::default() => {}
-            Ok(r) => tracing::info!(
+            Ok(r) => {
+                self.metrics.recovered("resumed", r.resumed);
+                self.metrics.recovered("already_sent", r.already_sent);
+                self.metrics.recovered("failed", r.failed);
+                tracing::info!(
                 %platform,
                 resumed = r.resumed,
                 already_sent = r.already_sent,
                 failed = r.failed,
                 "replies left by the last run"
-            ),
+                )
+            }
             Err(e) => tracing::error!(%platform, error = %e, "could not recover pending replies"),
         }
     }
@@ -311,6 +329,7 @@ impl Bot {
             tracing::debug!(channel = %m.channel, message = %m.message_id, "redelivered message ignored");
             return Ok(());
         }
+        self.metrics.message_in(platform.as_str());
         if m.author_is_bot || !self.accepting.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -341,6 +360,7 @@ impl Bot {
                         "busy: the reply would be too late",
                     )
                     .await?;
+                self.metrics.reply(platform.as_str(), "busy");
                 self.say(&outbox, &m, commands::busy(&m.text)).await;
             }
             return Ok(());
@@ -401,6 +421,9 @@ impl Bot {
             let channel = job.message.channel.clone();
             let id = job.message.message_id.clone();
             let outcome = self.answer(&job).await;
+            let platform = channel.platform.as_str();
+            self.metrics
+                .reply(platform, if outcome.is_ok() { "sent" } else { "failed" });
             let recorded = match outcome {
                 Ok(p) => self.store.finish_reply(&channel, &id, &p).await,
                 Err(e) => {
@@ -445,7 +468,10 @@ impl Bot {
                 .outbox
                 .send(&m.channel, part, reply_to)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| {
+                    self.metrics.platform_error(m.channel.platform.as_str());
+                    e.to_string()
+                })?;
             let own = own_message(m, sent, part, false);
             self.store
                 .insert_message(&own)
@@ -453,6 +479,7 @@ impl Bot {
                 .map_err(|e| e.to_string())?;
         }
         self.observe_reply_time(started.elapsed());
+        self.metrics.bot_reply_time(started.elapsed().as_secs_f64());
         Ok(provenance)
     }
 

@@ -6,7 +6,6 @@
 //! slots and queue, so the bots and the web never run more generations at once than `WORKERS`.
 //! The server listens before the model is loaded: `/health` answers 503 until it is.
 
-pub mod metrics;
 mod openai;
 
 use std::collections::HashMap;
@@ -27,9 +26,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::bot::event::{ChannelRef, Platform};
 use crate::bot::Bot;
 use crate::config::{Settings, WebSettings};
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::now_ms;
-use metrics::Metrics;
 
 /// The largest request body; bigger ones get 413.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -57,7 +56,7 @@ const PAGE: &str = include_str!("page.html");
 pub struct Web {
     settings: Settings,
     bot: OnceLock<Arc<Bot>>,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     limits: KeyLimits,
     /// The model id `/v1/models` lists: the model directory's name.
     model_id: String,
@@ -84,11 +83,16 @@ impl Web {
             limits: KeyLimits::new(&settings.web),
             settings,
             bot: OnceLock::new(),
-            metrics: Metrics::default(),
+            metrics: Arc::new(Metrics::default()),
             model_id,
             started: now_ms() / 1000,
             key_digests,
         })
+    }
+
+    /// The metrics `/metrics` shows; give them to the [`Bot`] so its figures show there too.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Starts answering: the model is loaded.

@@ -1,5 +1,8 @@
-//! What `GET /metrics` shows, in the Prometheus exposition format (OpenMetrics text): requests
-//! by route and status, tokens, latency histograms, the reply queue's depth and errors by kind.
+//! What `GET /metrics` shows, in the Prometheus exposition format (OpenMetrics text): for the
+//! bots, messages in, replies by outcome and their time, platform errors and replies recovered
+//! after a crash; for the web, requests by route and status, tokens, latency histograms and
+//! errors by kind; and the reply queue's depth. One set per daemon, shared by the bot and the web
+//! server.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -27,6 +30,11 @@ pub struct Metrics {
     reply_seconds: Histogram,
     queue_depth: Gauge,
     cut_replies: Counter,
+    messages_in: Family<Labels, Counter>,
+    replies: Family<Labels, Counter>,
+    bot_reply_seconds: Histogram,
+    platform_errors: Family<Labels, Counter>,
+    recovered: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -88,8 +96,43 @@ impl Default for Metrics {
             "Streamed replies whose client went away before the end",
             cut_replies.clone(),
         );
+        let messages_in = Family::<Labels, Counter>::default();
+        registry.register(
+            "messages_received",
+            "Messages the bots received and stored (redeliveries not counted), by platform",
+            messages_in.clone(),
+        );
+        let replies = Family::<Labels, Counter>::default();
+        registry.register(
+            "replies",
+            "Replies of the bots by platform and outcome (sent, failed, busy)",
+            replies.clone(),
+        );
+        let bot_reply_seconds = seconds_histogram();
+        registry.register(
+            "bot_reply_duration_seconds",
+            "A bot reply's time once it had a worker: context, engine, sending",
+            bot_reply_seconds.clone(),
+        );
+        let platform_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "platform_errors",
+            "Sends a platform refused or that failed, by platform",
+            platform_errors.clone(),
+        );
+        let recovered = Family::<Labels, Counter>::default();
+        registry.register(
+            "recovered_replies",
+            "Replies a crash left claimed, by what the next start did (resumed, already_sent, failed)",
+            recovered.clone(),
+        );
         Metrics {
             registry,
+            messages_in,
+            replies,
+            bot_reply_seconds,
+            platform_errors,
+            recovered,
             requests,
             request_seconds,
             errors,
@@ -138,6 +181,39 @@ impl Metrics {
 
     pub fn cut(&self) {
         self.cut_replies.inc();
+    }
+
+    pub fn message_in(&self, platform: &str) {
+        self.messages_in
+            .get_or_create(&vec![("platform", platform.to_string())])
+            .inc();
+    }
+
+    /// A bot reply's outcome: `sent`, `failed` or `busy`.
+    pub fn reply(&self, platform: &str, outcome: &str) {
+        self.replies
+            .get_or_create(&vec![
+                ("platform", platform.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    }
+
+    pub fn bot_reply_time(&self, seconds: f64) {
+        self.bot_reply_seconds.observe(seconds);
+    }
+
+    pub fn platform_error(&self, platform: &str) {
+        self.platform_errors
+            .get_or_create(&vec![("platform", platform.to_string())])
+            .inc();
+    }
+
+    /// Replies a crash left, by what was done: `resumed`, `already_sent`, `failed`.
+    pub fn recovered(&self, outcome: &str, n: usize) {
+        self.recovered
+            .get_or_create(&vec![("outcome", outcome.to_string())])
+            .inc_by(n as u64);
     }
 
     /// The exposition text, with the queue depth as it is now.
