@@ -983,6 +983,73 @@ mod tests {
         assert_eq!(ids[0].id, UpdateId(12));
     }
 
+    /// A valid batch, then cut and overwritten at random (the escapes make surrogates and
+    /// broken escapes likely).
+    fn spoiled_batch() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let batch = json!({"ok": true, "result": [
+            {"update_id": 8, "message": {"message_id": 1, "date": 1, "chat": private_chat(42),
+                "from": user(42, "Ann"), "text": "hi \u{1F600} 今日は"}},
+            {"update_id": 9, "edited_message": {"message_id": 1, "date": 1, "edit_date": 2,
+                "chat": private_chat(42), "from": user(42, "Ann"), "text": "hey"}},
+        ]})
+        .to_string()
+        .replace("\u{1F600}", "\\ud83d\\ude00");
+        let pieces = prop::collection::vec(
+            (
+                any::<usize>(),
+                prop_oneof![
+                    Just("\\ud800"),
+                    Just("\\"),
+                    Just("\""),
+                    Just("}"),
+                    Just("\\u12")
+                ],
+            ),
+            0..4,
+        );
+        (any::<Option<usize>>(), pieces).prop_map(move |(cut, pieces)| {
+            let mut text = batch.clone();
+            for (at, piece) in pieces {
+                let mut at = at % (text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                text.insert_str(at, piece);
+            }
+            if let Some(c) = cut {
+                let mut c = (c % (text.len() + 1)).max(text.len() / 2);
+                while !text.is_char_boundary(c) {
+                    c -= 1;
+                }
+                text.truncate(c);
+            }
+            text
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        #[test]
+        fn any_get_updates_answer_is_salvaged_or_refused(raw in "\\PC{0,200}") {
+            if let Some(updates) = salvage_updates(&raw) {
+                for u in updates {
+                    let _ = translate(&u, &me());
+                }
+            }
+        }
+
+        #[test]
+        fn spoiled_batches_keep_what_can_be_read(raw in spoiled_batch()) {
+            if let Some(updates) = salvage_updates(&raw) {
+                for u in updates {
+                    let _ = translate(&u, &me());
+                }
+            }
+        }
+    }
+
     #[test]
     fn scrubber_hides_the_token_and_its_secret_half() {
         let s = Scrubber::new("12345:ABCDEFGHIJKL");

@@ -934,6 +934,40 @@ mod tests {
         assert!(e.message.contains("not valid JSON"), "{}", e.message);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 3000, ..Default::default() })]
+
+        /// Any body, valid JSON or not, is a checked request or a 400 naming what is wrong.
+        #[test]
+        fn any_body_is_checked_or_refused_with_a_reason(
+            cut in proptest::prelude::any::<usize>(),
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..6),
+        ) {
+            let mut body = json!({
+                "model": "kaiwa", "stream": true, "max_tokens": 8, "stop": ["。", "\n"],
+                "stream_options": {"include_usage": true}, "temperature": 0.5, "seed": -3,
+                "messages": [{"role": "system", "content": "s"}, {"role": "user",
+                  "content": [{"type": "text", "text": "今日は"}]}],
+            })
+            .to_string()
+            .into_bytes();
+            body.truncate(body.len() / 2 + cut % (body.len() / 2 + 1));
+            for (at, byte) in edits {
+                let at = at % body.len().max(1);
+                if at < body.len() {
+                    body[at] = byte;
+                }
+            }
+            match parse_json::<ChatRequest>(&body).and_then(|r| check(r, None, 40)) {
+                Ok(c) => proptest::prop_assert!(!c.user_text.is_empty()),
+                Err(e) => proptest::prop_assert!(
+                    e.status == StatusCode::BAD_REQUEST && !e.message.is_empty()
+                ),
+            }
+        }
+    }
+
     #[test]
     fn pieces_never_split_a_character() {
         let text = "今日はいい天気ですね、散歩に行きましょう。Sounds good!";
