@@ -282,6 +282,34 @@ impl Bot {
         Ok(r)
     }
 
+    /// A message missed while kaiwa was down (found by a platform's catch-up): stored, and
+    /// answered like any other if it is younger than `RECOVER_MAX_AGE_MINUTES`; older ones are
+    /// only stored (a late answer to an old message helps nobody).
+    pub async fn catch_up(self: &Arc<Self>, m: IncomingMessage, outbox: Arc<dyn Outbox>) {
+        let oldest = now_ms() - self.settings.recover_max_age.as_millis() as i64;
+        if m.sent_at_ms >= oldest {
+            return self.handle(Incoming::Message(m), outbox).await;
+        }
+        let stored = async {
+            if self
+                .store
+                .is_opted_out(m.channel.platform, &m.author_id)
+                .await?
+            {
+                return Ok(());
+            }
+            let mut row = received_message(&m);
+            row.text = cap_text(row.text);
+            if let Insert::Stored(_) = self.store.insert_message(&row).await? {
+                self.metrics.message_in(m.channel.platform.as_str());
+            }
+            Ok::<(), crate::store::StoreError>(())
+        };
+        if let Err(e) = stored.await {
+            tracing::error!(error = %e, "could not store a missed message");
+        }
+    }
+
     /// Records reactions, unless their author opted out.
     async fn on_reaction(
         &self,

@@ -76,9 +76,11 @@ pub async fn run(
     else {
         return Ok(()); // shut down while still connecting
     };
-    // What the last run claimed and never sent is answered before anything new.
+    // What the last run claimed and never sent is answered before anything new, then what was
+    // written while kaiwa was down (a new gateway session does not replay it).
     let recovery: Arc<dyn Outbox> = outbox.clone();
     bot.recover(Platform::Discord, Some(recovery)).await;
+    catch_up(&bot, &outbox, me).await;
     let handler = DiscordHandler {
         bot,
         outbox,
@@ -385,6 +387,73 @@ fn mentions(msg: &Message, me: UserId) -> bool {
 }
 
 /// A MESSAGE_CREATE in the bot's terms.
+/// Pages of 100 messages read per channel when catching up.
+const CATCH_UP_PAGES: usize = 10;
+
+/// Reads, through REST, what was written in the channels kaiwa talked in lately (within
+/// `CONTEXT_MAX_AGE_MINUTES`) after the last message it stored there, oldest first, and hands
+/// it to the bot ([`Bot::catch_up`]: stored; answered if recent and addressed to it). Errors are
+/// logged; the gateway starts either way.
+async fn catch_up(bot: &Arc<Bot>, outbox: &Arc<DiscordOutbox>, me: UserId) {
+    let since = crate::store::now_ms() - bot.settings().context_max_age.as_millis() as i64;
+    let channels = match bot.store().recent_channels(Platform::Discord, since).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "Discord: cannot list the channels to catch up on");
+            return;
+        }
+    };
+    let mut found = 0;
+    for (chat_id, kind, last_id) in &channels {
+        let (Ok(channel), Ok(mut after)) = (chat_id.parse::<u64>(), last_id.parse::<u64>()) else {
+            continue;
+        };
+        let (Some(channel), Some(_)) = (NonZeroU64::new(channel), NonZeroU64::new(after)) else {
+            continue;
+        };
+        let channel = ChannelId::from(channel);
+        for _ in 0..CATCH_UP_PAGES {
+            let target = serenity::http::MessagePagination::After(MessageId::new(after));
+            let mut page = match outbox
+                .http
+                .get_messages(channel, Some(target), Some(100))
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    warn!(channel = %channel, "Discord: cannot read missed messages: {}", scrub(&describe(&e), &outbox.token));
+                    break;
+                }
+            };
+            let full = page.len() == 100;
+            page.sort_by_key(|m| m.id);
+            if let Some(last) = page.last() {
+                after = last.id.get();
+            }
+            for msg in page {
+                if msg.author.id == me || !is_conversation(msg.kind) || msg.content.is_empty() {
+                    continue;
+                }
+                let mut incoming = incoming_message(&msg, me);
+                // REST messages carry no guild id; the channel's kind is known from the store.
+                incoming.kind = *kind;
+                found += 1;
+                bot.catch_up(incoming, outbox.clone()).await;
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+    if found > 0 {
+        info!(
+            channels = channels.len(),
+            messages = found,
+            "Discord: caught up on messages written while kaiwa was down"
+        );
+    }
+}
+
 fn incoming_message(msg: &Message, me: UserId) -> IncomingMessage {
     // Only a reply's reference points at the message answered; a forward's points elsewhere.
     let reply_to = msg

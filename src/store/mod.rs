@@ -442,6 +442,35 @@ impl Store {
         .await?)
     }
 
+    /// The channels of `platform` with a message since `since_ms`, each with its kind and the id
+    /// of its latest stored message: where to catch up on what was missed while down.
+    pub async fn recent_channels(
+        &self,
+        platform: Platform,
+        since_ms: i64,
+    ) -> Result<Vec<(String, ChatKind, String)>, StoreError> {
+        // SQLite takes the bare columns of a max() group from the row with that maximum.
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT chat_id, chat_kind, message_id, max(sent_at_ms) FROM messages
+             WHERE platform = ? GROUP BY chat_id HAVING max(sent_at_ms) >= ?",
+        )
+        .bind(platform.as_str())
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(chat, kind, id, _)| {
+                let kind = if kind == "direct" {
+                    ChatKind::Direct
+                } else {
+                    ChatKind::Group
+                };
+                (chat, kind, id)
+            })
+            .collect())
+    }
+
     /// Whether kaiwa stored a message of its own in answer to `message_id`.
     pub async fn has_own_answer(
         &self,

@@ -49,7 +49,7 @@ pub fn snowflake() -> String {
     ((ms << 22) | (COUNTER.fetch_add(1, Ordering::Relaxed) & 0x3f_ffff)).to_string()
 }
 
-fn unix_ms() -> u64 {
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -270,6 +270,8 @@ struct FakeState {
     /// `METHOD path -> status`, for failure messages.
     requests: Vec<String>,
     guild_of_channel: HashMap<String, String>,
+    /// Every message of every channel, for `GET /channels/{id}/messages`.
+    history: Vec<Value>,
 }
 
 struct Shared {
@@ -329,7 +331,7 @@ impl FakeDiscord {
             .route("/api/v10/users/@me", get(rest_me))
             .route(
                 "/api/v10/channels/{channel_id}/messages",
-                post(rest_create_message),
+                post(rest_create_message).get(rest_channel_messages),
             )
             .route("/api/v10/channels/{channel_id}/typing", post(rest_typing))
             .route("/gateway", get(gateway))
@@ -368,7 +370,19 @@ impl FakeDiscord {
                 .guild_of_channel
                 .insert(c.into(), g.into());
         }
+        self.add_history(message.clone());
         self.dispatch("MESSAGE_CREATE", message);
+    }
+
+    /// Adds `message` to its channel's history without telling the gateway: a message written
+    /// while the bot was not connected. REST returns it (without `guild_id`, as Discord does).
+    pub fn add_history(&self, message: Value) {
+        let mut stored = message;
+        if let Some(m) = stored.as_object_mut() {
+            m.remove("guild_id");
+            m.remove("member");
+        }
+        self.shared.update(|s| s.history.push(stored));
     }
 
     /// Sends MESSAGE_UPDATE for `message` with its text changed to `content`.
@@ -678,6 +692,7 @@ async fn rest_create_message(
     shared.update(|s| {
         s.requests.push(format!("{path} -> 200"));
         s.sent.push(sent);
+        s.history.push(message.clone());
         s.log.push(Frame::Dispatch {
             t: "MESSAGE_CREATE".into(),
             d: echoed,
@@ -719,6 +734,43 @@ fn rate_limited(retry_after: f64, global: bool) -> Response {
         h.insert("x-ratelimit-global", value("true".into()));
     }
     response
+}
+
+/// `GET /channels/{id}/messages?after=ID&limit=N`: newest first, as Discord answers.
+async fn rest_channel_messages(
+    State(shared): State<Arc<Shared>>,
+    Path(channel_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("GET /api/v10/channels/{channel_id}/messages");
+    if !authorized(&shared, &headers) {
+        record(&shared, format!("{path} -> 401"));
+        return unauthorized();
+    }
+    let after: u64 = query.get("after").and_then(|a| a.parse().ok()).unwrap_or(0);
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(50)
+        .clamp(1, 100);
+    let id = |m: &Value| {
+        m["id"]
+            .as_str()
+            .and_then(|i| i.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut page: Vec<Value> = shared
+        .lock()
+        .history
+        .iter()
+        .filter(|m| m["channel_id"].as_str() == Some(channel_id.as_str()) && id(m) > after)
+        .cloned()
+        .collect();
+    page.sort_by_key(|m| std::cmp::Reverse(id(m)));
+    page.truncate(limit);
+    record(&shared, format!("{path} -> 200"));
+    Json(Value::Array(page)).into_response()
 }
 
 async fn rest_typing(
