@@ -493,6 +493,49 @@ async fn the_daemon_reports_its_health_and_metrics() {
     daemon.stop().await.unwrap();
 }
 
+/// A database that cannot be written (locked by another process past the store's 10 s busy
+/// timeout) confirms nothing to Telegram: the update stays unconfirmed, and once the lock is
+/// gone it is stored and answered, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_confirms_nothing_it_did_not_store() {
+    use sqlx::Connection;
+    let (fake, daemon) = start().await;
+    let mut lock = sqlx::SqliteConnection::connect(&daemon.database_url())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let ann = user(98, "Ann");
+    let message = fake.message(&private_chat(&ann), &ann, "are you there?");
+    let update = fake.push_message(&message);
+    let id = update["update_id"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        fake.last_offset().unwrap_or(0) <= id,
+        "an update that could not be stored was confirmed"
+    );
+    assert!(fake.sent().is_empty());
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    drop(lock);
+    fake.wait_until(WAIT, "the reply once the database is writable", |f| {
+        f.sent()
+            .iter()
+            .any(|s| s.reply_to_message_id == Some(id_of(&message)))
+    })
+    .await;
+    let rows = wait_for_rows(&daemon, &channel(98), "the message", |rows| {
+        has_message(rows, id_of(&message))
+    })
+    .await;
+    assert_eq!(rows.iter().filter(|r| !r.from_self).count(), 1);
+    assert!(daemon
+        .logs()
+        .contains("stays unconfirmed and is fetched again"));
+    daemon.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_confirms_handled_updates() {
     let (fake, daemon) = start().await;

@@ -161,7 +161,20 @@ impl Bot {
     /// Handles one event from a platform. Returns once the event is stored and any reply is
     /// queued (not sent). Errors are logged, never raised: the daemon keeps serving.
     pub async fn handle(self: &Arc<Self>, event: Incoming, outbox: Arc<dyn Outbox>) {
-        let result = match event {
+        if let Err(e) = self.handle_checked(event, outbox).await {
+            tracing::error!(error = %e, "could not store an event");
+        }
+    }
+
+    /// [`Bot::handle`], saying whether the event could be stored: an adapter that can have
+    /// the platform send it again (Telegram's offset) leaves it unconfirmed on an error, so
+    /// nothing is confirmed that was not stored.
+    pub async fn handle_checked(
+        self: &Arc<Self>,
+        event: Incoming,
+        outbox: Arc<dyn Outbox>,
+    ) -> Result<(), crate::store::StoreError> {
+        match event {
             Incoming::Message(m) => self.on_message(m, outbox).await,
             Incoming::Edited {
                 channel,
@@ -191,9 +204,6 @@ impl Bot {
                 self.on_reaction(&channel, &message_id, &user_id, &added, &removed)
                     .await
             }
-        };
-        if let Err(e) = result {
-            tracing::error!(error = %e, "could not store an event");
         }
     }
 

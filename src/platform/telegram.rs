@@ -125,6 +125,7 @@ pub async fn run(
         };
         backoff.reset();
 
+        let mut stalled = false;
         for update in updates {
             // The rest of the batch stays unconfirmed; Telegram delivers it to the next run.
             if shutdown.is_triggered() {
@@ -136,7 +137,14 @@ pub async fn run(
                 continue;
             }
             match translate(&update, &identity) {
-                Ok(event) => bot.handle(event, outbox.clone()).await,
+                Ok(event) => {
+                    if let Err(e) = bot.handle_checked(event, outbox.clone()).await {
+                        // Not stored, so not confirmed: the same batch is asked for again.
+                        warn!("telegram: could not store update {id} ({e}); it stays unconfirmed and is fetched again");
+                        stalled = true;
+                        break;
+                    }
+                }
                 Err(Skip::Unreadable(fields)) => {
                     warn!("telegram: skipping unreadable update {id} (fields: {fields})")
                 }
@@ -144,6 +152,9 @@ pub async fn run(
             }
             // Only now is the update safe to confirm: it is stored and its reply queued.
             offset = id + 1;
+        }
+        if stalled {
+            backoff.wait(&mut shutdown).await;
         }
     }
 
