@@ -304,6 +304,23 @@ enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// The bot's whole path for a message (stored, queued, context, reply engine, sent and
+    /// stored) at several numbers of channels talking at once, each person waiting for the
+    /// answer before writing again: replies a second, p50/p99 latency, memory. The platform is
+    /// an in-process outbox. The store is DATABASE_URL's.
+    Bot {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Channels talking at once (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 20, 100])]
+        channels: Vec<usize>,
+        /// Messages each person writes in turn.
+        #[arg(long, default_value_t = 3)]
+        per_channel: usize,
+        /// Suite files or directories whose prompts are written.
+        #[arg(long, default_value = "evals")]
+        suite: Vec<PathBuf>,
+    },
     /// Streamed chat completions over HTTP (`kaiwa serve` in-process on 127.0.0.1) at several
     /// numbers of concurrent clients: requests a second, time to the first piece and to the
     /// end (p50/p99), failures; beside the same prompts made in-process through the bots' path.
@@ -1201,6 +1218,59 @@ fn run(cli: Cli) -> Result<()> {
                     s.rss_mib,
                     s.peak_rss_mib,
                     s.store_mib
+                );
+            }
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Bot {
+                    model,
+                    channels,
+                    per_channel,
+                    suite,
+                },
+        } => {
+            let mut settings = kaiwa::config::Settings::from_env()?;
+            settings.model_dir = model.dir();
+            let prompts: Vec<String> = kaiwa::eval::suite::load_suites(&suite)?
+                .iter()
+                .flat_map(|s| s.cases.iter().map(|c| c.prompt.clone()))
+                .collect();
+            anyhow::ensure!(!prompts.is_empty(), "the suites have no prompts");
+            let steps = runtime()?.block_on(async {
+                let store = kaiwa::store::Store::open(&settings.database_url).await?;
+                kaiwa::engine::corpora::ensure_corpora(&store, &settings.model_dir)
+                    .await
+                    .context("adding the model's retrieval data to the store")?;
+                let generator = Arc::new(
+                    kaiwa::bot::load_model(&settings)
+                        .await
+                        .with_context(|| format!("loading {}", settings.model_dir.display()))?,
+                );
+                kaiwa::bench::bot::bench_bot(
+                    settings,
+                    store,
+                    generator,
+                    &prompts,
+                    &channels,
+                    per_channel,
+                )
+                .await
+                .context("running the bot benchmark")
+            })?;
+            println!("{}", serde_json::to_string_pretty(&steps)?);
+            println!("| channels | messages (not answered) | replies/s | latency p50 / p99 ms | peak RSS MiB |");
+            println!("| ---: | ---: | ---: | ---: | ---: |");
+            for s in &steps {
+                println!(
+                    "| {} | {} ({}) | {:.1} | {:.0} / {:.0} | {:.0} |",
+                    s.channels,
+                    s.messages,
+                    s.not_answered,
+                    s.replies_per_s,
+                    s.p50_ms,
+                    s.p99_ms,
+                    s.peak_rss_mib
                 );
             }
         }

@@ -3,8 +3,9 @@
 //! `train` times training steps (with PyTorch beside it); `corpus` times importing a large chat
 //! export and exporting a million stored messages; `reply` times the reply engine as its store
 //! grows to a million pairs; `serve` times streamed replies over HTTP beside the same replies
-//! made in-process.
+//! made in-process; `bot` times the bot's whole path for a message at many channels at once.
 
+pub mod bot;
 pub mod corpus;
 mod infer;
 pub mod reply;
