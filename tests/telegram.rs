@@ -536,6 +536,41 @@ async fn a_locked_database_confirms_nothing_it_did_not_store() {
     daemon.stop().await.unwrap();
 }
 
+/// A 429 storm (3 of every 10 sends refused, `retry_after` 1 s) still delivers every reply,
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_storm_delivers_every_reply_once() {
+    let (fake, daemon) = start().await;
+    fake.rate_limit_storm(1);
+    let messages: Vec<Value> = (0..12)
+        .map(|i| {
+            let person = user(200 + i, "Ann");
+            fake.message(&private_chat(&person), &person, "hello")
+        })
+        .collect();
+    for m in &messages {
+        fake.push_message(m);
+    }
+    fake.wait_until(Duration::from_secs(60), "a reply to every message", |f| {
+        messages.iter().all(|m| {
+            f.sent()
+                .iter()
+                .any(|s| s.reply_to_message_id == Some(id_of(m)))
+        })
+    })
+    .await;
+    let sent = fake.sent();
+    for m in &messages {
+        let n = sent
+            .iter()
+            .filter(|s| s.reply_to_message_id == Some(id_of(m)))
+            .count();
+        assert_eq!(n, 1, "{} replies to one message", n);
+    }
+    assert!(fake.send_attempts() > sent.len(), "no 429 was sent");
+    daemon.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_confirms_handled_updates() {
     let (fake, daemon) = start().await;

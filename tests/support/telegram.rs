@@ -79,6 +79,8 @@ struct Inner {
     chat_actions: Vec<ChatActionCall>,
     send_attempts: usize,
     fail_with_429: VecDeque<u32>,
+    /// A 429 storm: 3 of every 10 send attempts are refused with this `retry_after`.
+    storm: Option<u32>,
     reject_markdown: usize,
     markdown_rejections: usize,
     unauthorized_requests: usize,
@@ -264,6 +266,11 @@ impl FakeTelegram {
     /// The next `sendMessage` gets HTTP 429 with `retry_after` (flood control).
     pub fn fail_next_send_with_429(&self, retry_after_secs: u32) {
         self.shared.lock().fail_with_429.push_back(retry_after_secs);
+    }
+
+    /// From now on, 3 of every 10 `sendMessage` attempts get HTTP 429 with `retry_after`.
+    pub fn rate_limit_storm(&self, retry_after_secs: u32) {
+        self.shared.lock().storm = Some(retry_after_secs);
     }
 
     /// The next `sendMessage` that has a `parse_mode` gets 400 "can't parse entities".
@@ -551,7 +558,10 @@ fn send_message(shared: &Shared, params: &Value) -> Response {
     if text.chars().count() > MAX_TEXT_CHARS {
         return api_error(StatusCode::BAD_REQUEST, "Bad Request: message is too long");
     }
-    if let Some(retry_after) = inner.fail_with_429.pop_front() {
+    let stormed = inner
+        .storm
+        .filter(|_| matches!(inner.send_attempts % 10, 1 | 4 | 7));
+    if let Some(retry_after) = inner.fail_with_429.pop_front().or(stormed) {
         let body = json!({
             "ok": false, "error_code": 429,
             "description": format!("Too Many Requests: retry after {retry_after}"),
