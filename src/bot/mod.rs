@@ -479,7 +479,7 @@ impl Bot {
     /// Generates and sends the reply to one message.
     async fn answer(&self, job: &Job) -> Result<ReplyProvenance, String> {
         let m = &job.message;
-        let _slot = self.generation_slot().await?;
+        let slot = self.generation_slot().await?;
         let started = Instant::now();
         if self.cancel.load(Ordering::SeqCst) {
             return Err("shutting down".into());
@@ -498,6 +498,10 @@ impl Bot {
         };
         let result = self.generate_reply(m).await;
         typing.abort();
+        // The worker is free for the next reply while this one is sent (a platform that is
+        // slow or rate-limits must not hold up generation elsewhere).
+        drop(slot);
+        self.observe_reply_time(started.elapsed());
         let (text, provenance) = result?;
         let parts = split::split_message(&text, m.channel.platform.message_limit());
         for (i, part) in parts.iter().enumerate() {
@@ -516,7 +520,6 @@ impl Bot {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        self.observe_reply_time(started.elapsed());
         self.metrics.bot_reply_time(started.elapsed().as_secs_f64());
         Ok(provenance)
     }
