@@ -319,6 +319,42 @@ async fn rate_limited_reply_is_sent_after_waiting() {
     daemon.stop().await.unwrap();
 }
 
+/// Through `DISCORD_API_URL`, a 429's own `retry_after` is what is waited (not a fixed
+/// backoff), and a run of 429s still delivers every reply once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured_and_a_429_storm_delivers_every_reply_once() {
+    let (fake, daemon) = start().await;
+    fake.fail_next_send_with_429(2.5);
+    let dm = MessageBuilder::direct(DM_ALICE, &alice(), "are you there?").build();
+    fake.dispatch_message_create(dm.clone());
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    let waited = sent[0].at.duration_since(fake.rate_limited()[0]);
+    assert!(
+        waited >= Duration::from_millis(2_400),
+        "retried after {waited:?}, before retry_after"
+    );
+
+    let dms: Vec<Value> = (0..6)
+        .map(|i| MessageBuilder::direct(DM_BOB, &bob(), &format!("message {i}")).build())
+        .collect();
+    for _ in 0..4 {
+        fake.fail_next_send_with_429(0.2);
+    }
+    for dm in &dms {
+        fake.dispatch_message_create(dm.clone());
+    }
+    let sent = fake.wait_for_sent(7, WAIT).await;
+    for dm in &dms {
+        let replies = sent
+            .iter()
+            .filter(|s| s.reply_to.as_deref() == Some(id_of(dm)))
+            .count();
+        assert_eq!(replies, 1, "{sent:#?}");
+    }
+    assert_eq!(fake.rate_limited().len(), 5);
+    daemon.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_gateway_connection_is_resumed_and_the_bot_keeps_answering() {
     let (fake, daemon) = start().await;

@@ -521,7 +521,83 @@ pub struct DiscordOutbox {
     http: Arc<Http>,
     /// Only to keep it out of error texts.
     token: Secret,
+    /// With `DISCORD_API_URL`: messages are sent here, so a 429's `retry_after` is read.
+    proxy: Option<ProxyRest>,
 }
+
+/// `POST /channels/{id}/messages` on the API at `DISCORD_API_URL`, waiting out 429s for the
+/// `retry_after` Discord gives (serenity's errors drop it, and its rate limiter cannot be used
+/// with a proxy).
+struct ProxyRest {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl ProxyRest {
+    async fn create_message(
+        &self,
+        channel: ChannelId,
+        body: String,
+        token: &Secret,
+    ) -> Result<Message, SendError> {
+        let url = format!("{}/api/v10/channels/{channel}/messages", self.base);
+        let failed =
+            |e: String| SendError::Other(format!("sending a message: {}", scrub(&e, token)));
+        for attempt in 1..=RATE_LIMIT_ATTEMPTS {
+            let response = self
+                .client
+                .post(&url)
+                .header("Authorization", format!("Bot {}", token.expose()))
+                .header("Content-Type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let status = response.status();
+            let header_wait = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<f64>().ok());
+            let bytes = response.bytes().await.map_err(|e| failed(e.to_string()))?;
+            if status.is_success() {
+                return serde_json::from_slice(&bytes)
+                    .map_err(|e| failed(format!("unreadable answer: {e}")));
+            }
+            let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            if status.as_u16() == 429 && attempt < RATE_LIMIT_ATTEMPTS {
+                let wait = answer["retry_after"]
+                    .as_f64()
+                    .or(header_wait)
+                    .filter(|w| w.is_finite() && *w >= 0.0)
+                    .map(Duration::from_secs_f64)
+                    .unwrap_or(FIRST_RATE_LIMIT_WAIT);
+                if wait > MAX_PROXY_RETRY_AFTER {
+                    return Err(failed(format!(
+                        "rate limited for {:.0} s; not waiting that long",
+                        wait.as_secs_f64()
+                    )));
+                }
+                warn!(
+                    attempt,
+                    wait_ms = wait.as_millis() as u64,
+                    global = answer["global"].as_bool().unwrap_or(false),
+                    "Discord rate limit (429) on sending a message: waiting its retry_after"
+                );
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            return Err(failed(format!(
+                "Discord answered {status}: {}",
+                answer["message"].as_str().unwrap_or("(no message)")
+            )));
+        }
+        Err(failed("still rate limited".into()))
+    }
+}
+
+/// The longest `retry_after` a reply waits for through `DISCORD_API_URL`.
+const MAX_PROXY_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl DiscordOutbox {
     /// A REST client for Discord, or for the API at `settings.api_url`.
@@ -529,6 +605,10 @@ impl DiscordOutbox {
         DiscordOutbox {
             http: Arc::new(build_http(settings)),
             token: settings.token.clone(),
+            proxy: settings.api_url.as_ref().map(|url| ProxyRest {
+                client: reqwest::Client::new(),
+                base: url.trim_end_matches('/').to_string(),
+            }),
         }
     }
 
@@ -593,11 +673,19 @@ impl Outbox for DiscordOutbox {
                 reference.fail_if_not_exists = Some(false);
                 message = message.reference_message(reference);
             }
-            let sent = self
-                .with_rate_limit_retries("sending a message", || {
-                    channel_id.send_message(&self.http, message.clone())
-                })
-                .await?;
+            let sent = match &self.proxy {
+                Some(proxy) => {
+                    let body = serde_json::to_string(&message)
+                        .map_err(|e| SendError::Other(format!("sending a message: {e}")))?;
+                    proxy.create_message(channel_id, body, &self.token).await?
+                }
+                None => {
+                    self.with_rate_limit_retries("sending a message", || {
+                        channel_id.send_message(&self.http, message.clone())
+                    })
+                    .await?
+                }
+            };
             Ok(SentMessage {
                 message_id: sent.id.to_string(),
                 sent_at_ms: unix_ms(&sent.timestamp),
