@@ -590,6 +590,13 @@ impl ModelArg {
         self.model.clone().unwrap_or_else(kaiwa::default_model_dir)
     }
 
+    /// The daemon's settings (environment and `.env`) with this model directory.
+    fn settings(&self) -> Result<kaiwa::config::Settings> {
+        let mut settings = kaiwa::config::Settings::from_env()?;
+        settings.model_dir = self.dir();
+        Ok(settings)
+    }
+
     fn load(&self, threads: &ThreadsArg) -> Result<Generator> {
         let dir = self.dir();
         Generator::load_with_threads(&dir, threads.get()).with_context(|| {
@@ -1187,10 +1194,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let engine = kaiwa::engine::ReplyEngine::new(engine.settings()?);
             let generator = model.load(&threads)?;
-            let prompts: Vec<String> = kaiwa::eval::suite::load_suites(&suite)?
-                .iter()
-                .flat_map(|s| s.cases.iter().map(|c| c.prompt.clone()))
-                .collect();
+            let prompts = suite_prompts(&suite)?;
             let scratch = tempfile_dir(dir)?;
             let steps = runtime()?
                 .block_on(kaiwa::bench::reply::bench_reply(
@@ -1230,23 +1234,14 @@ fn run(cli: Cli) -> Result<()> {
                     suite,
                 },
         } => {
-            let mut settings = kaiwa::config::Settings::from_env()?;
-            settings.model_dir = model.dir();
-            let prompts: Vec<String> = kaiwa::eval::suite::load_suites(&suite)?
-                .iter()
-                .flat_map(|s| s.cases.iter().map(|c| c.prompt.clone()))
-                .collect();
-            anyhow::ensure!(!prompts.is_empty(), "the suites have no prompts");
+            let settings = model.settings()?;
+            let prompts = suite_prompts(&suite)?;
             let steps = runtime()?.block_on(async {
                 let store = kaiwa::store::Store::open(&settings.database_url).await?;
                 kaiwa::engine::corpora::ensure_corpora(&store, &settings.model_dir)
                     .await
                     .context("adding the model's retrieval data to the store")?;
-                let generator = Arc::new(
-                    kaiwa::bot::load_model(&settings)
-                        .await
-                        .with_context(|| format!("loading {}", settings.model_dir.display()))?,
-                );
+                let generator = load_bot_model(&settings).await?;
                 kaiwa::bench::bot::bench_bot(
                     settings,
                     store,
@@ -1284,19 +1279,10 @@ fn run(cli: Cli) -> Result<()> {
                     suite,
                 },
         } => {
-            let mut settings = kaiwa::config::Settings::from_env()?;
-            settings.model_dir = model.dir();
-            let prompts: Vec<String> = kaiwa::eval::suite::load_suites(&suite)?
-                .iter()
-                .flat_map(|s| s.cases.iter().map(|c| c.prompt.clone()))
-                .collect();
-            anyhow::ensure!(!prompts.is_empty(), "the suites have no prompts");
+            let settings = model.settings()?;
+            let prompts = suite_prompts(&suite)?;
             let steps = runtime()?.block_on(async {
-                let generator = Arc::new(
-                    kaiwa::bot::load_model(&settings)
-                        .await
-                        .with_context(|| format!("loading {}", settings.model_dir.display()))?,
-                );
+                let generator = load_bot_model(&settings).await?;
                 kaiwa::bench::serve::bench_serve(
                     settings, generator, &prompts, &clients, per_client, stored,
                 )
@@ -1433,6 +1419,24 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The prompts of the given suites, in order; suites without any are refused.
+fn suite_prompts(suites: &[PathBuf]) -> Result<Vec<String>> {
+    let prompts: Vec<String> = kaiwa::eval::suite::load_suites(suites)?
+        .iter()
+        .flat_map(|s| s.cases.iter().map(|c| c.prompt.clone()))
+        .collect();
+    anyhow::ensure!(!prompts.is_empty(), "the suites have no prompts");
+    Ok(prompts)
+}
+
+/// The model the bots use (with its tokenizer and settings), as `settings` names it.
+async fn load_bot_model(settings: &kaiwa::config::Settings) -> Result<Arc<Generator>> {
+    let loaded = kaiwa::bot::load_model(settings)
+        .await
+        .with_context(|| format!("loading {}", settings.model_dir.display()))?;
+    Ok(Arc::new(loaded))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
