@@ -23,6 +23,7 @@ use super::{
 };
 use crate::bot::event::ChatKind;
 use crate::bot::{Bot, Compose, Reservation, RECENT_REPLIES, SELF_NAME};
+use crate::conversation::{self, Speakers, Turn};
 use crate::engine::EngineMode;
 use crate::model::ChatMessage;
 use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance};
@@ -194,7 +195,7 @@ fn check(
         )));
     }
     let mut system: Vec<String> = Vec::new();
-    let mut turns: Vec<ChatMessage> = Vec::new();
+    let mut turns: Vec<Turn> = Vec::new();
     let mut total = 0;
     for (i, m) in req.messages.iter().enumerate() {
         let text = text_of(i, m.content.as_ref())?;
@@ -207,13 +208,11 @@ fn check(
         total += chars;
         match m.role.as_str() {
             "system" | "developer" => system.push(text),
-            "user" | "assistant" => match turns.last_mut() {
-                Some(last) if last.role == m.role => {
-                    last.content.push('\n');
-                    last.content.push_str(&text);
-                }
-                _ => turns.push(ChatMessage::new(m.role.clone(), text)),
-            },
+            "user" | "assistant" => turns.push(Turn {
+                speaker: m.role.clone(),
+                is_assistant: m.role == "assistant",
+                text,
+            }),
             "tool" | "function" => {
                 return Err(ApiError::invalid(format!(
                     "messages[{i}]: {} messages are not supported (this model has no tools)",
@@ -232,6 +231,8 @@ fn check(
             "the messages are {total} characters together; at most {MAX_TOTAL_CHARS}"
         )));
     }
+    // Consecutive messages of one role become one, as the model's chat template expects.
+    let turns = conversation::render(None, &turns, Speakers::One);
     let last = req.messages.last().expect("not empty");
     let user_text = turns
         .last()
