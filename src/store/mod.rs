@@ -497,18 +497,7 @@ impl Store {
         message_id: &str,
         note: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE replies SET state = 'sent', finished_at_ms = ?, error = ?
-             WHERE platform = ? AND chat_id = ? AND message_id = ? AND state = 'pending'",
-        )
-        .bind(now_ms())
-        .bind(note)
-        .bind(channel.platform.as_str())
-        .bind(&channel.chat_id)
-        .bind(message_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.close_reply(channel, message_id, "sent", note).await
     }
 
     /// Records that answering `message_id` failed.
@@ -518,12 +507,25 @@ impl Store {
         message_id: &str,
         error: &str,
     ) -> Result<(), StoreError> {
+        self.close_reply(channel, message_id, "failed", error).await
+    }
+
+    /// Closes a pending claim on answering `message_id` as `state`, with a note; a claim
+    /// already closed is left as it is.
+    async fn close_reply(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+        state: &str,
+        note: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE replies SET state = 'failed', finished_at_ms = ?, error = ?
-             WHERE platform = ? AND chat_id = ? AND message_id = ?",
+            "UPDATE replies SET state = ?, finished_at_ms = ?, error = ?
+             WHERE platform = ? AND chat_id = ? AND message_id = ? AND state = 'pending'",
         )
+        .bind(state)
         .bind(now_ms())
-        .bind(error)
+        .bind(note)
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(message_id)
