@@ -53,19 +53,7 @@ async fn reply_settings(h: &Harness) -> Vec<String> {
 #[tokio::test]
 async fn replies_take_the_model_settings_unless_the_environment_sets_them() {
     // A model whose generation_config.json differs from kaiwa's defaults.
-    let model = tempfile::tempdir().unwrap();
-    // The weights and settings only: the graph is exported again on load (another test may be
-    // exporting the shared one right now).
-    for file in [
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        let from = support::daemon::tiny_model_dir().join(file);
-        std::fs::copy(from, model.path().join(file)).unwrap();
-    }
+    let model = support::daemon::copy_of_tiny_model();
     let config = model.path().join("generation_config.json");
     let mut g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();

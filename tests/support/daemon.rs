@@ -42,7 +42,8 @@ fn install_log_capture() -> Arc<Mutex<Vec<u8>>> {
     .clone()
 }
 
-/// A tiny random model, made once per test binary.
+/// A tiny random model, made once per test binary, in a directory named `kaiwa` (the model id
+/// the web API answers to).
 pub fn tiny_model_dir() -> PathBuf {
     MODEL
         .get_or_init(|| {
@@ -50,17 +51,18 @@ pub fn tiny_model_dir() -> PathBuf {
             kaiwa::model::init::init_model_dir(
                 kaiwa::model::LlamaConfig::preset(kaiwa::model::Preset::Tiny),
                 7,
-                dir.path(),
+                &dir.path().join("kaiwa"),
             )
             .unwrap();
             dir
         })
         .path()
-        .to_path_buf()
+        .join("kaiwa")
 }
 
-/// A copy of the tiny model whose `retrieval.json` ships a small dialogue corpus and sentences.
-pub fn tiny_model_with_retrieval_data() -> tempfile::TempDir {
+/// A copy of the tiny model's weights and settings, to change: the graph is exported again on
+/// load (another test may be exporting the shared one right now).
+pub fn copy_of_tiny_model() -> tempfile::TempDir {
     let model = tempfile::tempdir().unwrap();
     for file in [
         "config.json",
@@ -72,6 +74,12 @@ pub fn tiny_model_with_retrieval_data() -> tempfile::TempDir {
         let from = tiny_model_dir().join(file);
         std::fs::copy(from, model.path().join(file)).unwrap();
     }
+    model
+}
+
+/// A copy of the tiny model whose `retrieval.json` ships a small dialogue corpus and sentences.
+pub fn tiny_model_with_retrieval_data() -> tempfile::TempDir {
+    let model = copy_of_tiny_model();
     let mut corpus = std::fs::File::create(model.path().join("corpus.jsonl")).unwrap();
     for (user, assistant) in [
         ("Do you like pizza?", "I love pizza with mushrooms."),
