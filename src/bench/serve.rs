@@ -75,11 +75,12 @@ pub async fn bench_serve(
     let server = tokio::spawn(crate::app::serve_on(settings.clone(), listener, shutdown));
     wait_healthy(&addr).await?;
     let db = Store::open(&settings.database_url).await?;
+    let model = crate::web::model_id(&settings.model_dir);
     let bot = Bot::new(settings, db.clone(), generator);
     let mut steps = Vec::new();
     for &c in clients {
         super::reset_peak_rss();
-        let (http_rps, timings) = http_round(&addr, prompts, c, per_client, store).await;
+        let (http_rps, timings) = http_round(&addr, &model, prompts, c, per_client, store).await;
         let failed = timings.iter().filter(|t| t.is_none()).count();
         let ok: Vec<&Timing> = timings.iter().flatten().collect();
         let mut first: Vec<f64> = ok.iter().map(|t| t.first_ms).collect();
@@ -130,6 +131,7 @@ async fn wait_healthy(addr: &str) -> Result<(), ServeBenchError> {
 /// request's times.
 async fn http_round(
     addr: &str,
+    model: &str,
     prompts: &[String],
     clients: usize,
     per_client: usize,
@@ -138,7 +140,7 @@ async fn http_round(
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|client| {
-            let addr = addr.to_string();
+            let (addr, model) = (addr.to_string(), model.to_string());
             let mine: Vec<String> = (0..per_client)
                 .map(|i| prompts[(client * per_client + i) % prompts.len()].clone())
                 .collect();
@@ -147,7 +149,7 @@ async fn http_round(
                 for (i, prompt) in mine.iter().enumerate() {
                     let session = format!("bench-{client}-{i}");
                     out.push(
-                        stream_once(&addr, &session, prompt, store)
+                        stream_once(&addr, &model, &session, prompt, store)
                             .await
                             .ok()
                             .flatten(),
@@ -168,12 +170,13 @@ async fn http_round(
 /// One streamed completion (HTTP/1.0, so the body is the stream itself, ended by the close).
 async fn stream_once(
     addr: &str,
+    model: &str,
     session: &str,
     prompt: &str,
     store: bool,
 ) -> std::io::Result<Option<Timing>> {
     let body = serde_json::json!({
-        "model": "kaiwa",
+        "model": model,
         "stream": true,
         "store": store,
         "messages": [{"role": "user", "content": prompt}],

@@ -52,6 +52,15 @@ const DEFAULT_SESSION: &str = "api";
 /// The chat page, served from the binary.
 const PAGE: &str = include_str!("page.html");
 
+/// The model id the server answers to and `/v1/models` lists: the model directory's name.
+pub fn model_id(model_dir: &std::path::Path) -> String {
+    model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "kaiwa".into())
+}
+
 /// The server's shared state.
 pub struct Web {
     settings: Settings,
@@ -60,6 +69,8 @@ pub struct Web {
     limits: KeyLimits,
     /// The model id `/v1/models` lists: the model directory's name.
     model_id: String,
+    /// The chat page, asking for `model_id`.
+    page: String,
     started: i64,
     /// The keys' SHA-256 digests (compared instead of the keys, in constant time).
     key_digests: Vec<[u8; 32]>,
@@ -67,12 +78,14 @@ pub struct Web {
 
 impl Web {
     pub fn new(settings: Settings) -> Arc<Self> {
-        let model_id = settings
-            .model_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| "kaiwa".into());
+        let model_id = model_id(&settings.model_dir);
+        // The page asks for this model; `<` is escaped so no name can end the script.
+        let page = PAGE.replace(
+            "\"__KAIWA_MODEL__\"",
+            &serde_json::to_string(&model_id)
+                .expect("a string serializes")
+                .replace('<', "\\u003c"),
+        );
         let key_digests = settings
             .web
             .api_keys
@@ -85,6 +98,7 @@ impl Web {
             bot: OnceLock::new(),
             metrics: Arc::new(Metrics::default()),
             model_id,
+            page,
             started: now_ms() / 1000,
             key_digests,
         })
@@ -427,8 +441,8 @@ async fn not_found() -> ApiError {
     )
 }
 
-async fn page() -> Response {
-    let mut r = Html(PAGE).into_response();
+async fn page(State(web): State<Arc<Web>>) -> Response {
+    let mut r = Html(web.page.clone()).into_response();
     r.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(

@@ -37,6 +37,7 @@ const CHUNK_CHARS: usize = 8;
 
 #[derive(Debug, Deserialize)]
 struct ChatRequest {
+    model: Option<String>,
     #[serde(default)]
     messages: Vec<InMessage>,
     stream: Option<bool>,
@@ -186,6 +187,11 @@ fn check(
     if req.logprobs == Some(true) {
         return Err(ApiError::invalid("logprobs are not supported"));
     }
+    if req.stream_options.is_some() && req.stream != Some(true) {
+        return Err(ApiError::invalid(
+            "stream_options is only allowed when stream is true",
+        ));
+    }
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty"));
     }
@@ -328,6 +334,26 @@ struct Usage {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// The request must name the model this server serves: OpenAI answers an unknown model with
+/// 404 `model_not_found`, and answering it with another model would be silently wrong.
+fn check_model(requested: Option<String>, served: &str) -> Result<(), ApiError> {
+    match requested.as_deref().map(str::trim) {
+        None | Some("") => Err(ApiError::invalid(format!(
+            "you must provide a model parameter (this server serves {served:?})"
+        ))),
+        Some(m) if m == served => Ok(()),
+        Some(m) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "the model {m:?} does not exist here; this server serves {served:?} \
+                 (GET /v1/models)"
+            ),
+            "invalid_request_error",
+            Some("model_not_found"),
+        )),
+    }
+}
+
 /// A completion id no other request has: time, a counter and random bits.
 fn completion_id() -> String {
     let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -343,13 +369,15 @@ pub(super) async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let caller = web.caller(&headers)?;
     let body = body_bytes(body)?;
-    let request: ChatRequest = parse_json(&body)?;
+    let mut request: ChatRequest = parse_json(&body)?;
+    let model = request.model.take();
     let checked = check(
         request,
         web.settings.system_prompt.as_deref(),
         web.settings.context_messages,
     )?;
     let bot = Arc::clone(web.bot()?);
+    check_model(model, &web.model_id)?;
     let permit = web.limits.admit(&caller.key_id)?;
     let reservation = bot.reserve().ok_or_else(|| {
         ApiError::new(
@@ -967,6 +995,36 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn only_the_served_model_is_answered() {
+        assert!(check_model(Some("kaiwa".into()), "kaiwa").is_ok());
+        let e = check_model(Some("gpt-4o".into()), "kaiwa").unwrap_err();
+        assert_eq!(
+            (e.status, e.code, e.kind),
+            (
+                StatusCode::NOT_FOUND,
+                Some("model_not_found"),
+                "invalid_request_error"
+            )
+        );
+        assert!(e.message.contains("\"gpt-4o\"") && e.message.contains("\"kaiwa\""));
+        for missing in [None, Some(" ".to_string())] {
+            let e = check_model(missing, "kaiwa").unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.contains("model"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn stream_options_need_a_stream() {
+        let e = request(json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream_options": {"include_usage": true},
+        }))
+        .unwrap_err();
+        assert!(e.message.contains("stream_options"), "{}", e.message);
     }
 
     #[test]

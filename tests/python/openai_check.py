@@ -193,10 +193,23 @@ def check_auth(t):
         check_error_body("no Authorization on " + path, st, ct, b, 401)
 
 
+def check_unknown_model(t):
+    try:
+        t.client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        raise CheckFailed("unknown model: request succeeded")
+    except openai.NotFoundError as e:
+        need(e.code == "model_not_found", "unknown model: code %r" % e.code)
+    except openai.APIStatusError as e:
+        raise CheckFailed("unknown model: HTTP %s, expected 404: %s" % (e.status_code, e.response.text))
+
+
 MSG = [{"role": "user", "content": "hi"}]
 MALFORMED = [
     ("not JSON", '{"messages": ['),
     ("messages a string", {"model": MODEL, "messages": "hi"}),
+    ("no model", {"messages": MSG}),
+    ("stream_options without stream", {"model": MODEL, "messages": MSG,
+                                       "stream_options": {"include_usage": True}}),
     ("max_tokens a string", {"model": MODEL, "messages": MSG, "max_tokens": "ten"}),
     ("temperature a string", {"model": MODEL, "messages": MSG, "temperature": "hot"}),
     ("unknown role", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}),
@@ -325,7 +338,8 @@ def main():
         wait_healthy(raw)
         t = argparse.Namespace(base=base, raw=raw, client=client, out=out)
         checks = [check_models, check_plain, check_stream_sdk, check_stream_raw,
-                  check_stream_no_usage, check_history, check_auth, check_malformed,
+                  check_stream_no_usage, check_history, check_auth, check_unknown_model,
+                  check_malformed,
                   check_huge, check_private, check_session, check_cut]
         for fn in checks:
             try:
