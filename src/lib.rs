@@ -20,6 +20,7 @@
 //! kaiwa's runtime.
 
 pub mod app;
+pub mod backoff;
 pub mod bench;
 pub mod bot;
 pub mod chat;

@@ -571,6 +571,82 @@ async fn a_rate_limit_storm_delivers_every_reply_once() {
     daemon.stop().await.unwrap();
 }
 
+/// The Bot API unavailable (a proxy in front of it answering 502 pages): a reply that cannot go
+/// out is sent again with backoff until it does, and messages written while the whole API is down
+/// are fetched, stored and answered once it is back. Nothing is lost or sent twice, and the
+/// daemon does not hammer the API while it is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_bot_api_loses_no_message_and_no_reply() {
+    let (fake, daemon) = start().await;
+    let ann = user(301, "Ann");
+    fake.fail_next_sends_with_502(1);
+    let first = fake.push_message(&fake.message(&private_chat(&ann), &ann, "hello"));
+    let first_id = first["message"]["message_id"].as_i64().unwrap();
+    fake.wait_until(Duration::from_secs(60), "the reply after a 502", |f| {
+        f.sent()
+            .iter()
+            .any(|s| s.reply_to_message_id == Some(first_id))
+    })
+    .await;
+    assert!(
+        daemon
+            .logs()
+            .contains("platform unavailable; the reply is sent again later"),
+        "{}",
+        daemon.logs()
+    );
+
+    fake.set_down(true);
+    let bob = user(302, "Bob");
+    let during: Vec<Value> = ["are you there?", "何時ですか？"]
+        .iter()
+        .map(|text| fake.message(&private_chat(&bob), &bob, text))
+        .collect();
+    for m in &during {
+        fake.push_message(m);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let while_down = fake.requests_while_down();
+    fake.set_down(false);
+    // teloxide itself waits 10 s after a 5xx; kaiwa's backoff comes on top: a handful of
+    // requests in 3 s, not a busy loop.
+    assert!(while_down <= 6, "{while_down} requests in 3 s while down");
+    fake.wait_until(
+        Duration::from_secs(90),
+        "replies to what was written while down",
+        |f| {
+            during.iter().all(|m| {
+                f.sent()
+                    .iter()
+                    .any(|s| s.reply_to_message_id == Some(id_of(m)))
+            })
+        },
+    )
+    .await;
+    let sent = fake.sent();
+    for id in during.iter().map(id_of).chain([first_id]) {
+        let n = sent
+            .iter()
+            .filter(|s| s.reply_to_message_id == Some(id))
+            .count();
+        assert_eq!(n, 1, "{n} replies to message {id}");
+    }
+    let rows = daemon
+        .store()
+        .channel_messages(&channel(302))
+        .await
+        .unwrap();
+    for m in &during {
+        assert_eq!(
+            rows.iter()
+                .filter(|r| r.message_id == id_of(m).to_string())
+                .count(),
+            1
+        );
+    }
+    daemon.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_confirms_handled_updates() {
     let (fake, daemon) = start().await;
@@ -732,7 +808,8 @@ async fn outbox_errors_never_quote_the_token() {
         api_url: Some(url),
     })
     .unwrap();
-    let Err(SendError::Other(text)) = outbox.send(&channel(5), "hi", None).await else {
+    // Unreachable is "unavailable": the bot sends it again later.
+    let Err(SendError::Unavailable(text)) = outbox.send(&channel(5), "hi", None).await else {
         panic!("expected a network error")
     };
     assert!(!text.contains(TOKEN_SECRET), "{text}");

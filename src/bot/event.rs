@@ -151,6 +151,10 @@ pub enum SendError {
     /// The platform refused the formatting; the same text as plain text may pass.
     #[error("formatting rejected: {0}")]
     Formatting(String),
+    /// The platform could not be reached or failed inside (network, 5xx): the same send may
+    /// pass later.
+    #[error("platform unavailable: {0}")]
+    Unavailable(String),
     #[error("{0}")]
     Other(String),
 }

@@ -17,13 +17,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify, Semaphore};
 
+use crate::backoff::Backoff;
 use crate::config::{ReplyPolicy, Settings};
 use crate::conversation::{self, Speakers};
 use crate::engine::{Reply, ReplyEngine, Request};
 use crate::metrics::Metrics;
 use crate::model::{ChatMessage, GenerateOptions, Generator};
 use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance, Store};
-use event::{ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform};
+use event::{
+    ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError, SentMessage,
+};
 
 /// The longest message text stored and considered; longer text is cut (with a log line).
 const MAX_TEXT_CHARS: usize = 32_000;
@@ -464,6 +467,13 @@ impl Bot {
                 .reply(platform, if outcome.is_ok() { "sent" } else { "failed" });
             let recorded = match outcome {
                 Ok(p) => self.store.finish_reply(&channel, &id, &p).await,
+                Err(e) if self.cancel.load(Ordering::SeqCst) => {
+                    // Cut short by shutdown: the claim stays pending, so the next start answers
+                    // it if it is still recent (see `recover`).
+                    tracing::info!(channel = %channel, message = %id, error = %e,
+                        "reply cut short by shutdown; left for the next start");
+                    Ok(())
+                }
                 Err(e) => {
                     tracing::warn!(channel = %channel, message = %id, error = %e, "reply failed");
                     self.store.fail_reply(&channel, &id, &e).await
@@ -506,14 +516,7 @@ impl Bot {
         let parts = split::split_message(&text, m.channel.platform.message_limit());
         for (i, part) in parts.iter().enumerate() {
             let reply_to = (i == 0).then_some(m.message_id.as_str());
-            let sent = job
-                .outbox
-                .send(&m.channel, part, reply_to)
-                .await
-                .map_err(|e| {
-                    self.metrics.platform_error(m.channel.platform.as_str());
-                    e.to_string()
-                })?;
+            let sent = self.send_part(job, part, reply_to).await?;
             let own = own_message(m, sent, part, false);
             self.store
                 .insert_message(&own)
@@ -522,6 +525,51 @@ impl Bot {
         }
         self.metrics.bot_reply_time(started.elapsed().as_secs_f64());
         Ok(provenance)
+    }
+
+    /// Sends one part of a reply. While the platform is unavailable (unreachable, 5xx) the send
+    /// is tried again with backoff, as long as the message is recent enough to be answered
+    /// (`RECOVER_MAX_AGE_MINUTES`, the rule a restart applies too) and the bot is not stopping.
+    async fn send_part(
+        &self,
+        job: &Job,
+        part: &str,
+        reply_to: Option<&str>,
+    ) -> Result<SentMessage, String> {
+        let m = &job.message;
+        let platform = m.channel.platform.as_str();
+        let deadline = m.sent_at_ms + self.settings.recover_max_age.as_millis() as i64;
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            match job.outbox.send(&m.channel, part, reply_to).await {
+                Ok(sent) => return Ok(sent),
+                Err(SendError::Unavailable(e)) => {
+                    self.metrics.platform_error(platform);
+                    let delay = backoff.next_delay();
+                    if now_ms() + delay.as_millis() as i64 > deadline {
+                        return Err(format!("{e} (gave up: the message is too old to answer)"));
+                    }
+                    tracing::warn!(
+                        channel = %m.channel,
+                        message = %m.message_id,
+                        error = %e,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "platform unavailable; the reply is sent again later"
+                    );
+                    let until = Instant::now() + delay;
+                    while Instant::now() < until {
+                        if self.cancel.load(Ordering::SeqCst) {
+                            return Err(format!("{e} (shutting down)"));
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                Err(e) => {
+                    self.metrics.platform_error(platform);
+                    return Err(e.to_string());
+                }
+            }
+        }
     }
 
     /// Builds the channel's context from the store and asks the reply engine.

@@ -25,6 +25,7 @@ use teloxide::types::{
 use teloxide::{ApiError, RequestError};
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::bot::event::{
     BoxFuture, ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError,
     SentMessage,
@@ -39,6 +40,8 @@ const POLL_TIMEOUT_SECS: u32 = 10;
 
 /// Waits between failed attempts to reach Telegram grow up to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The first wait after a failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 
 /// A reply is attempted this many times while Telegram answers 429 (flood control)…
 const RATE_LIMIT_ATTEMPTS: usize = 5;
@@ -76,7 +79,7 @@ pub async fn run(
         .await;
     // The first update we have not handled yet; 0 asks for the oldest unconfirmed one.
     let mut offset: i64 = 0;
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     while !shutdown.is_triggered() {
         let request = api
             .get_updates()
@@ -170,7 +173,7 @@ async fn identify(
     scrub: &Scrubber,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<Option<Me>> {
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     loop {
         let result = tokio::select! {
             _ = shutdown.wait() => return Ok(None),
@@ -619,6 +622,9 @@ impl TelegramOutbox {
                     warn!("telegram: rate limited in {channel}; retrying the reply in {wait}");
                     tokio::time::sleep(wait.duration()).await;
                 }
+                Err(e) if unavailable(&e) => {
+                    return Err(SendError::Unavailable(self.scrub.request_error(&e)))
+                }
                 Err(e) => return Err(SendError::Other(self.scrub.request_error(&e))),
             }
         }
@@ -651,6 +657,31 @@ impl Outbox for TelegramOutbox {
 
     fn typing<'a>(&'a self, channel: &'a ChannelRef) -> BoxFuture<'a, Result<(), SendError>> {
         Box::pin(self.send_typing(channel))
+    }
+}
+
+/// Whether a failed request may pass if made again later: the Bot API could not be reached, or
+/// something in front of it answered with what is not the API's JSON (a 502 page) or the API
+/// said it failed inside (5xx). An answer that says the message went out is never one of them:
+/// sending again would duplicate it.
+fn unavailable(e: &RequestError) -> bool {
+    match e {
+        RequestError::Network(_) | RequestError::Io(_) => true,
+        RequestError::InvalidJson { raw, .. } => {
+            !raw.trim_start().starts_with('{') || !raw.contains("\"ok\":true")
+        }
+        RequestError::Api(ApiError::Unknown(description)) => {
+            let d = description.to_ascii_lowercase();
+            [
+                "bad gateway",
+                "internal server error",
+                "service unavailable",
+                "gateway timeout",
+            ]
+            .iter()
+            .any(|s| d.contains(s))
+        }
+        _ => false,
     }
 }
 
@@ -717,24 +748,6 @@ impl Scrubber {
                 self.clean(&text)
             }
         }
-    }
-}
-
-/// Exponential backoff between retries, cut short by shutdown.
-#[derive(Debug, Default)]
-struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    async fn wait(&mut self, shutdown: &mut Shutdown) {
-        let delay = Duration::from_millis(500 * 2u64.pow(self.failures.min(6))).min(MAX_BACKOFF);
-        self.failures += 1;
-        sleep_unless_shutdown(delay, shutdown).await;
-    }
-
-    fn reset(&mut self) {
-        self.failures = 0;
     }
 }
 

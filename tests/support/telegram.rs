@@ -81,6 +81,12 @@ struct Inner {
     fail_with_429: VecDeque<u32>,
     /// A 429 storm: 3 of every 10 send attempts are refused with this `retry_after`.
     storm: Option<u32>,
+    /// The next this many `sendMessage` attempts get a 502 page.
+    fail_with_502: usize,
+    /// The whole API is down: every request gets a 502 page (what a proxy in front of an
+    /// unavailable Bot API answers).
+    down: bool,
+    requests_while_down: usize,
     reject_markdown: usize,
     markdown_rejections: usize,
     unauthorized_requests: usize,
@@ -268,6 +274,21 @@ impl FakeTelegram {
         self.shared.lock().fail_with_429.push_back(retry_after_secs);
     }
 
+    /// The next `n` `sendMessage` attempts get HTTP 502 with an HTML page.
+    pub fn fail_next_sends_with_502(&self, n: usize) {
+        self.shared.lock().fail_with_502 += n;
+    }
+
+    /// Takes the whole API down (every request gets HTTP 502 with an HTML page) or back up.
+    pub fn set_down(&self, down: bool) {
+        self.shared.lock().down = down;
+    }
+
+    /// Requests that came while the API was down.
+    pub fn requests_while_down(&self) -> usize {
+        self.shared.lock().requests_while_down
+    }
+
     /// From now on, 3 of every 10 `sendMessage` attempts get HTTP 429 with `retry_after`.
     pub fn rate_limit_storm(&self, retry_after_secs: u32) {
         self.shared.lock().storm = Some(retry_after_secs);
@@ -410,6 +431,18 @@ async fn api(
     body: Bytes,
 ) -> Response {
     *shared.lock().calls.entry(method.clone()).or_default() += 1;
+    {
+        let mut inner = shared.lock();
+        let fail_send = method.eq_ignore_ascii_case("sendmessage") && inner.fail_with_502 > 0;
+        if inner.down || fail_send {
+            if inner.down {
+                inner.requests_while_down += 1;
+            } else {
+                inner.fail_with_502 -= 1;
+            }
+            return bad_gateway();
+        }
+    }
     if bot.strip_prefix("bot") != Some(shared.token.as_str()) {
         shared.lock().unauthorized_requests += 1;
         return api_error(StatusCode::UNAUTHORIZED, "Unauthorized");
@@ -440,6 +473,18 @@ async fn api(
         "sendchataction" => send_chat_action(&shared, &params),
         _ => api_error(StatusCode::NOT_FOUND, "Not Found"),
     }
+}
+
+/// What nginx answers for an upstream that is down.
+fn bad_gateway() -> Response {
+    (
+        StatusCode::BAD_GATEWAY,
+        [("content-type", "text/html")],
+        "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n\
+         <center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n\
+         </body>\r\n</html>\r\n",
+    )
+        .into_response()
 }
 
 async fn get_updates(shared: &Shared, params: &Value) -> Response {
