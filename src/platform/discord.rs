@@ -35,6 +35,7 @@ use serenity::model::id::{ChannelId, GuildId, MessageId, UserId};
 use serenity::model::Timestamp;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::bot::event::{
     BoxFuture, ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError,
     SentMessage,
@@ -138,7 +139,7 @@ async fn introduce(
     token: &Secret,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<Option<(UserId, String)>> {
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Backoff::new(Duration::from_secs(1), MAX_CONNECT_BACKOFF);
     loop {
         let asked = async {
             Ok::<_, serenity::Error>((
@@ -167,14 +168,12 @@ async fn introduce(
             Err(e) => {
                 warn!(
                     error = %scrub(&describe(&e), token),
-                    retry_in_s = backoff.as_secs(),
-                    "Discord: cannot reach the API"
+                    failures = backoff.failures() + 1,
+                    "Discord: cannot reach the API; retrying with backoff"
                 );
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.wait() => return Ok(None),
+                if !backoff.wait(shutdown).await {
+                    return Ok(None);
                 }
-                backoff = (backoff * 2).min(MAX_CONNECT_BACKOFF);
             }
         }
     }
@@ -552,7 +551,12 @@ impl ProxyRest {
                 .body(body.clone())
                 .send()
                 .await
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| {
+                    SendError::Unavailable(format!(
+                        "sending a message: {}",
+                        scrub(&e.to_string(), token)
+                    ))
+                })?;
             let status = response.status();
             let header_wait = response
                 .headers()
@@ -587,10 +591,15 @@ impl ProxyRest {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            return Err(failed(format!(
+            let why = format!(
                 "Discord answered {status}: {}",
                 answer["message"].as_str().unwrap_or("(no message)")
-            )));
+            );
+            return Err(if status.is_server_error() {
+                SendError::Unavailable(format!("sending a message: {}", scrub(&why, token)))
+            } else {
+                failed(why)
+            });
         }
         Err(failed("still rate limited".into()))
     }
@@ -641,10 +650,12 @@ impl DiscordOutbox {
                     attempt += 1;
                 }
                 Err(e) => {
-                    return Err(SendError::Other(format!(
-                        "{what}: {}",
-                        scrub(&describe(&e), &self.token)
-                    )))
+                    let why = format!("{what}: {}", scrub(&describe(&e), &self.token));
+                    return Err(if unavailable(&e) {
+                        SendError::Unavailable(why)
+                    } else {
+                        SendError::Other(why)
+                    });
                 }
             }
         }
@@ -716,6 +727,16 @@ fn status_of(e: &serenity::Error) -> Option<StatusCode> {
     match e {
         serenity::Error::Http(h) => h.status_code(),
         _ => None,
+    }
+}
+
+/// Whether a failed request may pass if made again later: Discord could not be reached, or
+/// failed inside (5xx).
+fn unavailable(e: &serenity::Error) -> bool {
+    match e {
+        serenity::Error::Http(HttpError::Request(_)) => true,
+        serenity::Error::Http(h) => h.status_code().is_some_and(|s| s.is_server_error()),
+        _ => false,
     }
 }
 
@@ -848,6 +869,73 @@ mod tests {
         assert!(
             matches!(edited, Some(Incoming::Edited { ref text, edited_at_ms: 1_714_564_801_000, .. }) if text == "new")
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        /// Any MESSAGE_CREATE serenity accepts becomes an incoming message without a panic: its
+        /// text is the content as sent, its ids are the message's, and it mentions the bot
+        /// exactly when the bot is among the mentioned users.
+        #[test]
+        fn any_message_serenity_reads_becomes_an_incoming_message(
+            content in ".{0,300}",
+            kind in 0u8..60,
+            in_guild in proptest::prelude::any::<bool>(),
+            mentioned in proptest::collection::vec((0u64..4, proptest::prelude::any::<bool>()), 0..4),
+            author_bot in proptest::prelude::any::<bool>(),
+            nick in proptest::option::of(".{0,40}"),
+            reply_to in proptest::option::of(1u64..u64::MAX),
+            which_time in 0usize..4,
+            junk_time in "[0-9T:+.Z-]{0,30}",
+        ) {
+            let valid_times = [
+                "2024-05-01T12:00:00.250000+00:00",
+                "9999-12-31T23:59:59+00:00",
+                "1970-01-01T00:00:00Z",
+            ];
+            let timestamp = valid_times.get(which_time).map_or(junk_time, |t| t.to_string());
+            let mentions: Vec<serde_json::Value> = mentioned
+                .iter()
+                .map(|&(i, bot)| user(if i == 0 { ME } else { i }, "someone", bot))
+                .collect();
+            let mut extra = serde_json::json!({
+                "content": content, "type": kind, "mentions": mentions,
+                "author": user(42, "author", author_bot), "timestamp": timestamp,
+            });
+            if in_guild {
+                extra["guild_id"] = "1100000000000000001".into();
+                if let Some(nick) = &nick {
+                    extra["member"] = serde_json::json!({"nick": nick, "roles": [],
+                        "joined_at": "2024-01-01T00:00:00+00:00", "deaf": false, "mute": false});
+                }
+            }
+            if let Some(id) = reply_to {
+                extra["message_reference"] = serde_json::json!({"message_id": id.to_string(),
+                    "channel_id": "1200000000000000001"});
+            }
+            let mut m = serde_json::json!({
+                "id": "1300000000000000001", "channel_id": "1200000000000000001",
+                "edited_timestamp": null, "tts": false, "mention_everyone": false,
+                "mention_roles": [], "attachments": [], "embeds": [], "pinned": false,
+            });
+            m.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let parsed = serde_json::from_value::<Message>(m);
+            // Everything but a junk timestamp is a message serenity reads.
+            proptest::prop_assert!(parsed.is_ok() || which_time == 3, "{:?}", parsed.err());
+            if let Ok(msg) = parsed {
+                let me = UserId::new(ME);
+                let incoming = incoming_message(&msg, me);
+                let _ = (is_conversation(msg.kind), content_withheld(&msg, me));
+                proptest::prop_assert_eq!(&incoming.text, &content);
+                proptest::prop_assert_eq!(incoming.message_id.as_str(), "1300000000000000001");
+                proptest::prop_assert_eq!(
+                    incoming.mentions_bot,
+                    mentioned.iter().any(|&(i, _)| i == 0)
+                );
+                proptest::prop_assert_eq!(incoming.kind == ChatKind::Group, in_guild);
+            }
+        }
     }
 
     #[test]
