@@ -322,6 +322,7 @@ pub fn engine_settings(
         sentences: parse(get, "RETRIEVE_SENTENCES", d.sentences)?,
         generated: parse(get, "GENERATED_CANDIDATES", d.generated)?,
         generated_max_tokens: parse(get, "GENERATED_MAX_TOKENS", d.generated_max_tokens)?,
+        generate_below: parse(get, "GENERATE_BELOW_SCORE", d.generate_below)?,
         scored: parse(get, "SCORED_CANDIDATES", d.scored)?,
         max_df_fraction: parse(get, "RETRIEVE_MAX_DF", d.max_df_fraction)?,
         weights: Weights {

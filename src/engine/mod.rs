@@ -126,6 +126,10 @@ impl From<DocKind> for ReplySource {
     }
 }
 
+/// The default [`EngineSettings::generate_below`]: see `research/README.md`, "Generating only
+/// when retrieval has nothing good".
+pub const GENERATE_BELOW: f64 = 1.0;
+
 /// The engine's settings (`REPLY_ENGINE` and the ranker's knobs, documented in `.env.example`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineSettings {
@@ -138,6 +142,9 @@ pub struct EngineSettings {
     pub generated: usize,
     /// The longest generated candidate, in tokens (hybrid mode).
     pub generated_max_tokens: usize,
+    /// Hybrid mode generates only when no retrieved candidate reaches this score by the cheap
+    /// features (`f64::INFINITY`: always): the model writes when retrieval has nothing good.
+    pub generate_below: f64,
     /// Candidates, best by the cheap scores first, that the model scores.
     pub scored: usize,
     /// Query terms found in more than this share of the index are not searched for.
@@ -155,7 +162,8 @@ impl Default for EngineSettings {
             sentences: 24,
             generated: 1,
             generated_max_tokens: 32,
-            scored: 4,
+            generate_below: GENERATE_BELOW,
+            scored: 2,
             max_df_fraction: 0.05,
             weights: Weights::default(),
             share: SharePolicy::default(),
@@ -470,8 +478,10 @@ impl ReplyEngine {
         let s = &self.settings;
         let mut candidates = retrieval.candidates.clone();
         let (mut prompt_tokens, mut new_tokens) = (0, 0);
+        let language = lang::detect(request.user_text);
         let generations = match s.mode {
             EngineMode::Generate => 1,
+            EngineMode::Hybrid if self.retrieved_is_enough(request, &retrieval, language) => 0,
             EngineMode::Hybrid => s.generated,
         };
         for i in 0..generations {
@@ -519,7 +529,6 @@ impl ReplyEngine {
                 cancelled: false,
             });
         }
-        let language = lang::detect(request.user_text);
         let mut ranked =
             rank::screen_and_score(&candidates, request, &retrieval, language, &s.weights);
         // The model scores the best candidates by the cheap features.
@@ -584,6 +593,30 @@ impl ReplyEngine {
             new_tokens,
             cancelled: false,
         })
+    }
+
+    /// Whether a retrieved candidate passes the screens and reaches `generate_below` by the
+    /// cheap features, so the model need not write one.
+    fn retrieved_is_enough(
+        &self,
+        request: &Request<'_>,
+        retrieval: &Retrieval,
+        language: &str,
+    ) -> bool {
+        let s = &self.settings;
+        if s.generate_below == f64::INFINITY || retrieval.candidates.is_empty() {
+            return false;
+        }
+        rank::screen_and_score(
+            &retrieval.candidates,
+            request,
+            retrieval,
+            language,
+            &s.weights,
+        )
+        .iter()
+        .filter(|r| r.rejected.is_none())
+        .any(|r| s.weights.total(&r.scores) >= s.generate_below)
     }
 
     /// Mean log-probabilities of `texts` after the conversation with the last user message
