@@ -306,8 +306,9 @@ enum BenchCommand {
     },
     /// The bot's whole path for a message (stored, queued, context, reply engine, sent and
     /// stored) at several numbers of channels talking at once, each person waiting for the
-    /// answer before writing again: replies a second, p50/p99 latency, memory. The platform is
-    /// an in-process outbox. The store is DATABASE_URL's.
+    /// answer before writing again: replies a second, p50/p99 latency, memory. Messages go
+    /// through kaiwa's Telegram adapter to a loopback Bot API on 127.0.0.1 (or, with `--through
+    /// outbox`, straight to the bot). The store is DATABASE_URL's.
     Bot {
         #[command(flatten)]
         model: ModelArg,
@@ -320,6 +321,10 @@ enum BenchCommand {
         /// Suite files or directories whose prompts are written.
         #[arg(long, default_value = "evals")]
         suite: Vec<PathBuf>,
+        /// telegram (the real adapter over HTTP, against a loopback Bot API) or outbox (in
+        /// process, no HTTP).
+        #[arg(long, default_value = "telegram")]
+        through: kaiwa::bench::bot::Through,
     },
     /// Streamed chat completions over HTTP (`kaiwa serve` in-process on 127.0.0.1) at several
     /// numbers of concurrent clients: requests a second, time to the first piece and to the
@@ -1232,6 +1237,7 @@ fn run(cli: Cli) -> Result<()> {
                     channels,
                     per_channel,
                     suite,
+                    through,
                 },
         } => {
             let settings = model.settings()?;
@@ -1249,6 +1255,7 @@ fn run(cli: Cli) -> Result<()> {
                     &prompts,
                     &channels,
                     per_channel,
+                    through,
                 )
                 .await
                 .context("running the bot benchmark")

@@ -367,3 +367,52 @@ async fn the_corpus_export_writes_valid_alternating_chat_examples_without_opted_
         "an opted-out user's messages were exported"
     );
 }
+
+/// `kaiwa bench bot` through the Telegram adapter and its loopback Bot API: every message is
+/// answered over HTTP and stored, in both modes, with figures that add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bot_benchmark_answers_everything_through_telegram_and_in_process() {
+    use kaiwa::bench::bot::{bench_bot, Through};
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kaiwa.db").display());
+    let mut settings = kaiwa::config::Settings::from_lookup(|k| match k {
+        "MAX_NEW_TOKENS" => Some("8".into()),
+        _ => None,
+    })
+    .unwrap();
+    settings.database_url = db.clone();
+    let generator = std::sync::Arc::new(
+        kaiwa::model::Generator::load(&support::daemon::tiny_model_dir()).unwrap(),
+    );
+    let prompts = vec!["hello".to_string(), "今日の天気は？".to_string()];
+    for through in [Through::Telegram, Through::Outbox] {
+        let store = kaiwa::store::Store::open(&db).await.unwrap();
+        let steps = bench_bot(
+            settings.clone(),
+            store,
+            std::sync::Arc::clone(&generator),
+            &prompts,
+            &[1, 3],
+            2,
+            through,
+        )
+        .await
+        .unwrap();
+        assert_eq!(steps.len(), 2, "{through:?}");
+        for (s, n) in steps.iter().zip([1, 3]) {
+            assert_eq!(
+                (s.channels, s.messages, s.not_answered),
+                (n, n * 2, 0),
+                "{through:?}"
+            );
+            assert!(s.p50_ms > 0.0 && s.p99_ms >= s.p50_ms && s.replies_per_s > 0.0);
+        }
+    }
+    let store = kaiwa::store::Store::open(&db).await.unwrap();
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (stats.replies_sent, stats.bot_messages),
+        (16, 16),
+        "every message answered once, the reply stored"
+    );
+}

@@ -1,8 +1,8 @@
 //! `kaiwa bench bot`: the bot's whole path for a message — stored, admitted, queued per channel,
 //! context from the store, the reply engine, the reply sent and stored — at 1, 20 and 100
-//! channels talking at once, each person waiting for the answer before writing again. The
-//! platform is an in-process outbox that records when each reply is sent (the HTTP of a real
-//! platform is left out; `bench serve` measured an HTTP layer's cost as within noise).
+//! channels talking at once, each person waiting for the answer before writing again. Messages
+//! go through kaiwa's Telegram adapter against a loopback Bot API (`telegram_loop`), or, with
+//! [`Through::Outbox`], straight to the bot with an in-process outbox noting each reply.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,15 +11,19 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use super::telegram_loop::LoopbackTelegram;
 use super::{peak_rss_mib, percentile};
 use crate::bot::event::{
     BoxFuture, ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError,
     SentMessage,
 };
 use crate::bot::Bot;
-use crate::config::Settings;
+use crate::config::{PlatformSettings, Secret, Settings};
 use crate::model::Generator;
 use crate::store::{now_ms, Store, StoreError};
+
+/// How long a person waits for an answer before counting it as not answered.
+const REPLY_LIMIT: Duration = Duration::from_secs(60);
 
 /// The figures at one number of channels.
 #[derive(Debug, Clone, Serialize)]
@@ -94,6 +98,34 @@ impl TimingOutbox {
     }
 }
 
+/// How the benchmark's messages reach the bot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Through {
+    /// kaiwa's Telegram adapter (teloxide) over HTTP, against a loopback Bot API.
+    Telegram,
+    /// Handed to the bot in-process, replies noted by an in-process outbox (no HTTP).
+    Outbox,
+}
+
+impl std::str::FromStr for Through {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "telegram" => Ok(Through::Telegram),
+            "outbox" => Ok(Through::Outbox),
+            other => Err(format!("{other:?}: telegram or outbox")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BotBenchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the loopback Telegram API: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Runs the benchmark on `store` (which should hold the model's retrieval data): for each entry
 /// of `channels`, that many people each write `per_channel` of `prompts`, one after another.
 pub async fn bench_bot(
@@ -103,19 +135,40 @@ pub async fn bench_bot(
     prompts: &[String],
     channels: &[usize],
     per_channel: usize,
-) -> Result<Vec<BotStep>, StoreError> {
+    through: Through,
+) -> Result<Vec<BotStep>, BotBenchError> {
     // Each person waits for the answer before writing again; no flood control in the way.
     settings.user_cooldown = Duration::ZERO;
     let bot = Bot::new(settings, store, generator);
     let outbox = Arc::new(TimingOutbox::default());
+    let telegram = match through {
+        Through::Outbox => None,
+        Through::Telegram => {
+            let api = Arc::new(LoopbackTelegram::start().await?);
+            let (trigger, shutdown) = crate::shutdown::shutdown_channel();
+            let platform = PlatformSettings {
+                token: Secret::new("1000:bench"),
+                api_url: Some(api.url().to_string()),
+            };
+            let adapter = tokio::spawn(crate::platform::telegram::run(
+                Arc::clone(&bot),
+                platform,
+                shutdown,
+            ));
+            Some((api, trigger, adapter))
+        }
+    };
     let run = now_ms();
     let mut steps = Vec::new();
-    for &n in channels {
+    for (step, &n) in channels.iter().enumerate() {
         super::reset_peak_rss();
         let started = Instant::now();
         let tasks: Vec<_> = (0..n)
             .map(|c| {
                 let (bot, outbox) = (Arc::clone(&bot), Arc::clone(&outbox));
+                let api = telegram.as_ref().map(|(api, _, _)| Arc::clone(api));
+                // A chat no earlier run used (the store keeps what earlier runs wrote).
+                let chat_id = (run % 1_000_000_000) * 100_000 + step as i64 * 10_000 + c as i64;
                 let mine: Vec<String> = (0..per_channel)
                     .map(|i| prompts[(c * per_channel + i) % prompts.len()].clone())
                     .collect();
@@ -123,27 +176,36 @@ pub async fn bench_bot(
                     let mut times = Vec::new();
                     let mut missed = 0;
                     for (i, text) in mine.into_iter().enumerate() {
-                        let id = format!("{run}-{n}-{c}-{i}");
-                        let message = IncomingMessage {
-                            channel: ChannelRef::new(
-                                Platform::Telegram,
-                                format!("bench-{run}-{n}-{c}"),
-                            ),
-                            kind: ChatKind::Direct,
-                            message_id: id.clone(),
-                            author_id: format!("bench-{n}-{c}"),
-                            author_name: format!("person {c}"),
-                            author_is_bot: false,
-                            text,
-                            reply_to: None,
-                            replies_to_bot: false,
-                            mentions_bot: false,
-                            sent_at_ms: now_ms(),
-                        };
                         let t = Instant::now();
-                        let out: Arc<dyn Outbox> = outbox.clone();
-                        bot.handle(Incoming::Message(message), out).await;
-                        match outbox.wait_for(&id, Duration::from_secs(60)).await {
+                        let answer = match &api {
+                            Some(api) => {
+                                let id = api.write(chat_id, &text);
+                                api.reply_to(id, REPLY_LIMIT).await
+                            }
+                            None => {
+                                let id = format!("{run}-{n}-{c}-{i}");
+                                let message = IncomingMessage {
+                                    channel: ChannelRef::new(
+                                        Platform::Telegram,
+                                        format!("bench-{run}-{n}-{c}"),
+                                    ),
+                                    kind: ChatKind::Direct,
+                                    message_id: id.clone(),
+                                    author_id: format!("bench-{n}-{c}"),
+                                    author_name: format!("person {c}"),
+                                    author_is_bot: false,
+                                    text,
+                                    reply_to: None,
+                                    replies_to_bot: false,
+                                    mentions_bot: false,
+                                    sent_at_ms: now_ms(),
+                                };
+                                let out: Arc<dyn Outbox> = outbox.clone();
+                                bot.handle(Incoming::Message(message), out).await;
+                                outbox.wait_for(&id, REPLY_LIMIT).await
+                            }
+                        };
+                        match answer {
                             Some((at, reply)) if reply != crate::bot::commands::BUSY => {
                                 times.push(at.duration_since(t).as_secs_f64() * 1e3)
                             }
@@ -173,6 +235,10 @@ pub async fn bench_bot(
         };
         tracing::info!(?step, "bot benchmark step");
         steps.push(step);
+    }
+    if let Some((_api, trigger, adapter)) = telegram {
+        trigger.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(30), adapter).await;
     }
     bot.shutdown().await;
     Ok(steps)

@@ -10,6 +10,7 @@ pub mod corpus;
 mod infer;
 pub mod reply;
 pub mod serve;
+pub mod telegram_loop;
 pub mod train;
 
 pub use infer::{bench_infer, bench_prompt, InferReport};
