@@ -224,16 +224,32 @@ impl Harness {
             .collect()
     }
 
-    async fn reply_rows(&self) -> Vec<(String, Option<String>, Option<i64>, Option<String>)> {
+    /// The sent replies' rows, once the reply to `message_id` is among them: the platform gets
+    /// a reply just before the daemon records it as sent, so this waits (bounded) for that.
+    async fn sent_reply_rows(
+        &self,
+        message_id: &str,
+    ) -> Vec<(String, Option<String>, Option<i64>, Option<String>)> {
         let url = format!("sqlite://{}", self.dir.path().join("kaiwa.db").display());
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-        sqlx::query_as(
-            "SELECT message_id, engine_source, source_doc, scores FROM replies
-             WHERE state = 'sent' ORDER BY claimed_at_ms",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap()
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let rows: Vec<(String, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+                "SELECT message_id, engine_source, source_doc, scores FROM replies
+                     WHERE state = 'sent' ORDER BY claimed_at_ms",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            if rows.iter().any(|r| r.0 == message_id) {
+                return rows;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the reply to {message_id} was not recorded as sent within 20 s: {rows:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -271,7 +287,7 @@ async fn a_shared_conversation_answers_elsewhere_at_once_and_its_provenance_is_r
     .await;
     let sent = d.outbox.wait_for(2).await;
     assert_eq!(sent[1].1, "Yes! The jellyfish tank is amazing.");
-    let rows = d.reply_rows().await;
+    let rows = d.sent_reply_rows("4").await;
     let (id, source, doc, scores) = rows.iter().find(|r| r.0 == "4").unwrap();
     assert_eq!((id.as_str(), source.as_deref()), ("4", Some("retrieved")));
     assert!(doc.is_some());
