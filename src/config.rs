@@ -257,7 +257,7 @@ impl Settings {
             ),
             generation,
             seed: parse(&get, "SEED", 0)?,
-            workers: parse(&get, "WORKERS", 1)?,
+            workers: parse(&get, "WORKERS", 2)?,
             threads: parse(&get, "THREADS", crate::model::threads::default_threads())?,
             queue_capacity: parse(&get, "QUEUE_CAPACITY", 256)?,
             max_reply_wait: Duration::from_secs(parse(&get, "MAX_REPLY_WAIT_SECS", 60)?),

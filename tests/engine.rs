@@ -211,6 +211,9 @@ async fn echoes_and_the_bots_own_recent_replies_are_never_chosen() {
     assert_eq!(reply.text, kaiwa::engine::fallback_text("en"));
 }
 
+/// A sent reply's message id, engine source, source doc and scores.
+type ReplyRow = (String, Option<String>, Option<i64>, Option<String>);
+
 impl Harness {
     /// What retrieval would offer for `text` under the daemon's sharing settings.
     async fn retrievable(&self, text: &str, share: SharePolicy) -> Vec<String> {
@@ -226,15 +229,12 @@ impl Harness {
 
     /// The sent replies' rows, once the reply to `message_id` is among them: the platform gets
     /// a reply just before the daemon records it as sent, so this waits (bounded) for that.
-    async fn sent_reply_rows(
-        &self,
-        message_id: &str,
-    ) -> Vec<(String, Option<String>, Option<i64>, Option<String>)> {
+    async fn sent_reply_rows(&self, message_id: &str) -> Vec<ReplyRow> {
         let url = format!("sqlite://{}", self.dir.path().join("kaiwa.db").display());
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
-            let rows: Vec<(String, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+            let rows: Vec<ReplyRow> = sqlx::query_as(
                 "SELECT message_id, engine_source, source_doc, scores FROM replies
                      WHERE state = 'sent' ORDER BY claimed_at_ms",
             )
@@ -368,6 +368,23 @@ async fn edits_take_effect_in_the_index_at_once() {
     assert_eq!(
         d.retrievable("canoeing", share).await,
         ["Only on the river."]
+    );
+    // So is its language, which the ranker screens candidates by.
+    d.bot
+        .handle(edit("31", "川の上だけです。"), d.outbox.clone())
+        .await;
+    let terms = kaiwa::text::retrieval_terms("canoeing");
+    let found = d
+        .store
+        .retrieve(DocKind::Pair, &terms, share, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        found
+            .iter()
+            .map(|r| (r.text.as_str(), r.language.as_str()))
+            .collect::<Vec<_>>(),
+        [("川の上だけです。", "ja")]
     );
 }
 

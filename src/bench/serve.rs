@@ -248,9 +248,6 @@ async fn direct_round(
                     let Some(_place) = bot.reserve() else {
                         continue;
                     };
-                    let Ok(_slot) = bot.generation_slot().await else {
-                        continue;
-                    };
                     let compose = Compose {
                         messages: vec![ChatMessage::user(prompt.clone())],
                         user_text: prompt,

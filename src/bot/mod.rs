@@ -54,6 +54,18 @@ pub struct Composed {
     pub provenance: ReplyProvenance,
 }
 
+/// What becomes of a message once it is stored ([`Bot::on_message`]).
+enum Then {
+    /// Only stored (not for the bot, or not to be answered).
+    Store,
+    /// A command to run.
+    Command(commands::Command),
+    /// To be answered, but the reply would come too late: say so.
+    SayBusy,
+    /// To be answered.
+    Answer,
+}
+
 /// What [`Bot::recover`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Recovered {
@@ -365,35 +377,45 @@ impl Bot {
             }
             return Ok(());
         }
+        if self.store.has_message(&m.channel, &m.message_id).await? {
+            tracing::debug!(channel = %m.channel, message = %m.message_id, "redelivered message ignored");
+            return Ok(());
+        }
+        // Decided before the message is stored, so that it is stored together with its claim.
+        let then = if m.author_is_bot || !self.accepting.load(Ordering::SeqCst) {
+            Then::Store
+        } else if let Some(c) = command {
+            // A command addressed to another bot (`/help@otherbot`) is not ours.
+            if c.addressee.is_some() && !m.mentions_bot {
+                Then::Store
+            } else {
+                Then::Command(c)
+            }
+        } else if !self.should_answer(&m).await? || !self.cooled_down(&m) {
+            Then::Store
+        } else if !self.admits(self.pending.load(Ordering::SeqCst)) {
+            Then::SayBusy
+        } else {
+            Then::Answer
+        };
         let new = received_message(&m);
-        if self.store.insert_message(&new).await? == Insert::Duplicate {
+        let claim = !matches!(then, Then::Store);
+        if self.store.insert_message_and_claim(&new, claim).await? == Insert::Duplicate {
             tracing::debug!(channel = %m.channel, message = %m.message_id, "redelivered message ignored");
             return Ok(());
         }
         self.metrics.message_in(platform.as_str());
-        if m.author_is_bot || !self.accepting.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        if let Some(c) = command {
-            // A command addressed to another bot (`/help@otherbot`) is not ours.
-            if c.addressee.is_some() && !m.mentions_bot {
-                return Ok(());
-            }
-            if self.store.claim_reply(&m.channel, &m.message_id).await? {
+        match then {
+            Then::Store => {}
+            Then::Command(c) => {
                 self.run_command(c, &m, &outbox).await?;
                 self.store
                     .mark_reply_sent(&m.channel, &m.message_id, "command")
                     .await?;
             }
-            return Ok(());
-        }
-        if !self.should_answer(&m).await? || !self.cooled_down(&m) {
-            return Ok(());
-        }
-        if !self.admits(self.pending.load(Ordering::SeqCst)) {
-            let wait = self.expected_wait(self.pending.load(Ordering::SeqCst) + 1);
-            tracing::warn!(channel = %m.channel, expected_wait_s = wait.as_secs_f64(), "reply would be too late (MAX_REPLY_WAIT_SECS, QUEUE_CAPACITY); told busy");
-            if self.store.claim_reply(&m.channel, &m.message_id).await? {
+            Then::SayBusy => {
+                let wait = self.expected_wait(self.pending.load(Ordering::SeqCst) + 1);
+                tracing::warn!(channel = %m.channel, expected_wait_s = wait.as_secs_f64(), "reply would be too late (MAX_REPLY_WAIT_SECS, QUEUE_CAPACITY); told busy");
                 self.store
                     .fail_reply(
                         &m.channel,
@@ -404,12 +426,8 @@ impl Bot {
                 self.metrics.reply(platform.as_str(), "busy");
                 self.say(&outbox, &m, commands::busy(&m.text)).await;
             }
-            return Ok(());
+            Then::Answer => self.enqueue(Job { message: m, outbox }),
         }
-        if !self.store.claim_reply(&m.channel, &m.message_id).await? {
-            return Ok(());
-        }
-        self.enqueue(Job { message: m, outbox });
         Ok(())
     }
 
@@ -461,12 +479,13 @@ impl Bot {
         while let Some(job) = jobs.recv().await {
             let channel = job.message.channel.clone();
             let id = job.message.message_id.clone();
+            // A reply that went out is recorded as sent by `answer` itself.
             let outcome = self.answer(&job).await;
             let platform = channel.platform.as_str();
             self.metrics
                 .reply(platform, if outcome.is_ok() { "sent" } else { "failed" });
             let recorded = match outcome {
-                Ok(p) => self.store.finish_reply(&channel, &id, &p).await,
+                Ok(()) => Ok(()),
                 Err(e) if self.cancel.load(Ordering::SeqCst) => {
                     // Cut short by shutdown: the claim stays pending, so the next start answers
                     // it if it is still recent (see `recover`).
@@ -486,10 +505,10 @@ impl Bot {
         }
     }
 
-    /// Generates and sends the reply to one message.
-    async fn answer(&self, job: &Job) -> Result<ReplyProvenance, String> {
+    /// Generates and sends the reply to one message, storing each part the platform took; the
+    /// last one commits together with the claim's `sent` state and how the reply was made.
+    async fn answer(&self, job: &Job) -> Result<(), String> {
         let m = &job.message;
-        let slot = self.generation_slot().await?;
         let started = Instant::now();
         if self.cancel.load(Ordering::SeqCst) {
             return Err("shutting down".into());
@@ -506,25 +525,30 @@ impl Bot {
                 }
             })
         };
+        // The worker is free for the next reply while this one is sent (a platform that is
+        // slow or rate-limits must not hold up generation elsewhere): `compose` holds it.
         let result = self.generate_reply(m).await;
         typing.abort();
-        // The worker is free for the next reply while this one is sent (a platform that is
-        // slow or rate-limits must not hold up generation elsewhere).
-        drop(slot);
-        self.observe_reply_time(started.elapsed());
         let (text, provenance) = result?;
         let parts = split::split_message(&text, m.channel.platform.message_limit());
+        if parts.is_empty() {
+            return Err("the reply engine made an empty reply".into());
+        }
         for (i, part) in parts.iter().enumerate() {
             let reply_to = (i == 0).then_some(m.message_id.as_str());
             let sent = self.send_part(job, part, reply_to).await?;
             let own = own_message(m, sent, part, false);
-            self.store
-                .insert_message(&own)
-                .await
-                .map_err(|e| e.to_string())?;
+            let stored = if i + 1 == parts.len() {
+                self.store
+                    .finish_reply_with_last_part(&own, &m.message_id, &provenance)
+                    .await
+            } else {
+                self.store.insert_message(&own).await
+            };
+            stored.map_err(|e| e.to_string())?;
         }
         self.metrics.bot_reply_time(started.elapsed().as_secs_f64());
-        Ok(provenance)
+        Ok(())
     }
 
     /// Sends one part of a reply. While the platform is unavailable (unreachable, 5xx) the send
@@ -625,10 +649,11 @@ impl Bot {
         self.settings.reply_options(self.model().default_options())
     }
 
-    /// Asks the reply engine for a reply: retrieval here, generation and ranking on a blocking
-    /// thread. `on_delta` sees the text as it is made (see [`ReplyEngine::reply_streaming`]) and
-    /// may stop it; shutdown stops it too. The caller holds a generation slot
-    /// ([`Bot::generation_slot`]).
+    /// Asks the reply engine for a reply: retrieval here, then, on one of the `WORKERS`
+    /// generation slots that the bots and the web share, generation and ranking on a blocking
+    /// thread (retrieval for the next reply overlaps the model's work on this one). `on_delta`
+    /// sees the text as it is made (see [`ReplyEngine::reply_streaming`]) and may stop it, also
+    /// with `""` once the slot is taken, before any work; shutdown stops it too.
     pub async fn compose(
         &self,
         c: Compose,
@@ -640,6 +665,13 @@ impl Bot {
             .retrieve(&self.store, &c.user_text)
             .await
             .map_err(|e| e.to_string())?;
+        let retrieved = started.elapsed();
+        let slot = self
+            .generation_slots
+            .acquire()
+            .await
+            .map_err(|e| e.to_string())?;
+        let working = Instant::now();
         let generator = self.model();
         let options = c.options;
         let settings = format!(
@@ -658,6 +690,9 @@ impl Bot {
         let cancel = Arc::clone(&self.cancel);
         let engine = Arc::clone(&self.engine);
         let reply = tokio::task::spawn_blocking(move || {
+            if cancel.load(Ordering::SeqCst) || !on_delta("") {
+                return Ok(Reply::cancelled());
+            }
             let request = Request {
                 messages: &c.messages,
                 user_text: &c.user_text,
@@ -671,6 +706,15 @@ impl Bot {
         .await
         .map_err(|e| format!("the reply engine panicked: {e}"))?
         .map_err(|e| e.to_string())?;
+        drop(slot);
+        self.observe_reply_time(working.elapsed());
+        tracing::debug!(
+            retrieval_ms = retrieved.as_millis() as u64,
+            queued_ms = (working - started).saturating_sub(retrieved).as_millis() as u64,
+            engine_ms = working.elapsed().as_millis() as u64,
+            source = reply.source.provenance(),
+            "reply composed"
+        );
         let scores = serde_json::json!({ "source": reply.source, "scores": reply.scores });
         let provenance = ReplyProvenance {
             model: model_name,
@@ -720,7 +764,7 @@ impl Bot {
     }
 
     /// Records how long one reply took once it had a worker (a moving average).
-    pub fn observe_reply_time(&self, took: Duration) {
+    fn observe_reply_time(&self, took: Duration) {
         let mut avg = self.reply_seconds.lock().unwrap_or_else(|e| e.into_inner());
         let t = took.as_secs_f64();
         *avg = Some(avg.map_or(t, |a| 0.8 * a + 0.2 * t));
@@ -729,14 +773,6 @@ impl Bot {
     /// Replies queued or being made, on every platform.
     pub fn queue_depth(&self) -> usize {
         self.pending.load(Ordering::SeqCst)
-    }
-
-    /// Waits for one of the `WORKERS` generation slots that the bots and the web share.
-    pub async fn generation_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, String> {
-        self.generation_slots
-            .acquire()
-            .await
-            .map_err(|e| e.to_string())
     }
 
     fn release_pending(&self) {

@@ -202,6 +202,9 @@ pub struct Candidate {
     /// The retrieval terms of the message a pair's reply answered (empty for other sources).
     pub matched_terms: Vec<String>,
     pub feedback: Feedback,
+    /// The language the index recorded for a retrieved candidate (detected when it was indexed
+    /// and when its text was edited); `None` for the model's, which are detected when screened.
+    pub language: Option<String>,
 }
 
 /// What retrieval found for one message: the candidates, and the inverse document frequencies
@@ -350,14 +353,12 @@ impl ReplyEngine {
         } else {
             rare
         };
-        let mut found = store
-            .retrieve(DocKind::Pair, &terms, s.share, s.pairs)
-            .await?;
-        found.extend(
-            store
-                .retrieve(DocKind::Sentence, &terms, s.share, s.sentences)
-                .await?,
-        );
+        // Pairs and sentences are searched at once, on two of the store's connections.
+        let (mut found, sentences) = tokio::try_join!(
+            store.retrieve(DocKind::Pair, &terms, s.share, s.pairs),
+            store.retrieve(DocKind::Sentence, &terms, s.share, s.sentences),
+        )?;
+        found.extend(sentences);
         let feedback = store
             .doc_feedback(&found.iter().map(|r| r.doc).collect::<Vec<_>>())
             .await?;
@@ -371,6 +372,7 @@ impl ReplyEngine {
                 };
                 Candidate {
                     feedback: feedback.get(&r.doc).copied().unwrap_or_default(),
+                    language: Some(r.language),
                     source,
                     doc: Some(r.doc),
                     message: r.message,
@@ -508,6 +510,7 @@ impl ReplyEngine {
                 message: None,
                 matched_terms: Vec::new(),
                 feedback: Feedback::default(),
+                language: None,
             });
         }
         if s.mode == EngineMode::Generate {
@@ -669,7 +672,8 @@ impl ReplyEngine {
 }
 
 impl Reply {
-    fn cancelled() -> Self {
+    /// The reply of a request stopped before it was made.
+    pub fn cancelled() -> Self {
         Reply {
             text: String::new(),
             source: ReplySource::Generated,

@@ -188,7 +188,9 @@ pub(super) fn screen_and_score(
                 Some(Rejection::Empty)
             } else if chars > MAX_CHARS {
                 Some(Rejection::TooLong)
-            } else if language != lang::UNKNOWN && lang::detect(text) != language {
+            } else if language != lang::UNKNOWN
+                && c.language.as_deref().unwrap_or_else(|| lang::detect(text)) != language
+            {
                 Some(Rejection::WrongLanguage)
             } else if key == normalize(request.user_text)
                 || dice(&bigrams(text), &user) >= ECHO_DICE

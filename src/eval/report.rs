@@ -592,13 +592,17 @@ fn suite_markdown(md: &mut String, s: &SuiteReport) {
                 if c.passed { "pass" } else { "FAIL" }
             );
             let _ = writeln!(md, "Prompt:\n\n{}", fenced(&c.prompt));
-            let _ = writeln!(
-                md,
-                "Answer ({} tokens, stopped by {}):\n\n{}",
-                c.new_tokens,
-                c.stop,
-                fenced(&c.answer)
-            );
+            let how = match c.source {
+                Some(source) => {
+                    format!(
+                        "source {}, {} tokens generated",
+                        source.as_str(),
+                        c.new_tokens
+                    )
+                }
+                None => format!("{} tokens, stopped by {}", c.new_tokens, c.stop),
+            };
+            let _ = writeln!(md, "Answer ({how}):\n\n{}", fenced(&c.answer));
             for k in &c.checks {
                 let _ = writeln!(
                     md,

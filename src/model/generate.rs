@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::chat_template::{ChatMessage, ChatTemplate, TokenizerConfig};
 use super::config::{GenerationConfig, LlamaConfig};
 use super::runtime::OnnxDecoder;
-use super::sampler::{log_sum_exp, Sampler, SamplingParams};
+use super::sampler::{fast_log_sum_exp, log_sum_exp, Sampler, SamplingParams};
 use super::threads::default_threads;
 use super::tokenizer::{StreamDecoder, TextTokenizer};
 use super::utf8::Utf8Guard;
@@ -458,11 +458,12 @@ impl Generator {
     }
 }
 
-/// The log-probability of `token` under one step's logits.
+/// The log-probability of `token` under one step's logits, for ranking replies (see
+/// [`fast_log_sum_exp`]).
 fn log_prob_of(logits: &[f32], token: u32) -> f64 {
-    logits
-        .get(token as usize)
-        .map_or(f64::NEG_INFINITY, |&l| f64::from(l) - log_sum_exp(logits))
+    logits.get(token as usize).map_or(f64::NEG_INFINITY, |&l| {
+        f64::from(l) - fast_log_sum_exp(logits)
+    })
 }
 
 /// How likely a reply is after a conversation ([`Generator::score_replies`]).

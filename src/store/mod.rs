@@ -148,6 +148,89 @@ struct NewRow<'a> {
     source: &'a str,
 }
 
+/// Stores a message (and its place in the retrieval index, so it is retrievable as soon as it
+/// is stored) within `tx`, unless the same platform message is already there.
+async fn insert_message_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    m: &NewMessage,
+) -> Result<Insert, StoreError> {
+    let row = NewRow {
+        platform: m.channel.platform.as_str(),
+        chat_id: &m.channel.chat_id,
+        thread_id: &m.channel.thread_id,
+        direct: m.kind == ChatKind::Direct,
+        message_id: &m.message_id,
+        author_id: &m.author_id,
+        author_name: &m.author_name,
+        author_is_bot: m.author_is_bot,
+        from_self: m.from_self,
+        is_notice: m.is_notice,
+        is_system: false,
+        text: &m.text,
+        reply_to: m.reply_to.as_deref(),
+        sent_at_ms: m.sent_at_ms,
+        source: &m.source,
+    };
+    let inserted = insert_row(&mut **tx, &row).await?;
+    if let Insert::Stored(id) = inserted {
+        retrieval::index_reply(tx, id, &row).await?;
+    }
+    Ok(inserted)
+}
+
+/// Claims the right to answer a message (see [`Store::claim_reply`]).
+async fn claim_reply_in<'e, E>(
+    executor: E,
+    channel: &ChannelRef,
+    message_id: &str,
+) -> Result<bool, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let r = sqlx::query(
+        "INSERT INTO replies (platform, chat_id, message_id, state, claimed_at_ms)
+         VALUES (?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(channel.platform.as_str())
+    .bind(&channel.chat_id)
+    .bind(message_id)
+    .bind(now_ms())
+    .execute(executor)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Marks the reply to `message_id` sent within `tx`, with how it was made.
+async fn finish_reply_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    channel: &ChannelRef,
+    message_id: &str,
+    p: &ReplyProvenance,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE replies SET state = 'sent', finished_at_ms = ?, model = ?, settings = ?,
+            prompt_tokens = ?, new_tokens = ?, latency_ms = ?, engine_source = ?,
+            source_doc = ?, source_message = ?, scores = ?
+         WHERE platform = ? AND chat_id = ? AND message_id = ?",
+    )
+    .bind(now_ms())
+    .bind(&p.model)
+    .bind(&p.settings)
+    .bind(p.prompt_tokens)
+    .bind(p.new_tokens)
+    .bind(p.latency_ms)
+    .bind(&p.engine_source)
+    .bind(p.source_doc)
+    .bind(p.source_message)
+    .bind(&p.scores)
+    .bind(channel.platform.as_str())
+    .bind(&channel.chat_id)
+    .bind(message_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Inserts a message row unless `(platform, chat_id, message_id)` is already stored.
 async fn insert_row<'e, E>(executor: E, r: &NewRow<'_>) -> Result<Insert, StoreError>
 where
@@ -238,30 +321,8 @@ impl Store {
 
     /// Stores a message unless the same platform message is already there.
     pub async fn insert_message(&self, m: &NewMessage) -> Result<Insert, StoreError> {
-        let row = NewRow {
-            platform: m.channel.platform.as_str(),
-            chat_id: &m.channel.chat_id,
-            thread_id: &m.channel.thread_id,
-            direct: m.kind == ChatKind::Direct,
-            message_id: &m.message_id,
-            author_id: &m.author_id,
-            author_name: &m.author_name,
-            author_is_bot: m.author_is_bot,
-            from_self: m.from_self,
-            is_notice: m.is_notice,
-            is_system: false,
-            text: &m.text,
-            reply_to: m.reply_to.as_deref(),
-            sent_at_ms: m.sent_at_ms,
-            source: &m.source,
-        };
-        // The message and its place in the retrieval index commit together: it is retrievable
-        // as soon as it is stored.
         let mut tx = self.pool.begin().await?;
-        let inserted = insert_row(&mut *tx, &row).await?;
-        if let Insert::Stored(id) = inserted {
-            retrieval::index_reply(&mut tx, id, &row).await?;
-        }
+        let inserted = insert_message_in(&mut tx, m).await?;
         tx.commit().await?;
         Ok(inserted)
     }
@@ -315,23 +376,49 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
+    /// Stores a message unless the same platform message is already there and, when `claim`,
+    /// claims the right to answer it, in one transaction: a crash never leaves a message stored
+    /// that was to be answered without its claim (a redelivery would be a duplicate, and the
+    /// start-up recovery finds claims). Returns `Duplicate` without claiming for a message
+    /// already stored.
+    pub async fn insert_message_and_claim(
+        &self,
+        m: &NewMessage,
+        claim: bool,
+    ) -> Result<Insert, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = insert_message_in(&mut tx, m).await?;
+        if claim && inserted != Insert::Duplicate {
+            claim_reply_in(&mut *tx, &m.channel, &m.message_id).await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Whether the platform message is stored (its text may since have been deleted).
+    pub async fn has_message(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM messages WHERE platform = ? AND chat_id = ? AND message_id = ?",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
     /// Claims the right to answer a message. Only the first claim for a message succeeds.
     pub async fn claim_reply(
         &self,
         channel: &ChannelRef,
         message_id: &str,
     ) -> Result<bool, StoreError> {
-        let r = sqlx::query(
-            "INSERT INTO replies (platform, chat_id, message_id, state, claimed_at_ms)
-             VALUES (?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
-        )
-        .bind(channel.platform.as_str())
-        .bind(&channel.chat_id)
-        .bind(message_id)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
+        claim_reply_in(&self.pool, channel, message_id).await
     }
 
     /// Records that the reply to `message_id` was sent, and how it was made.
@@ -341,28 +428,26 @@ impl Store {
         message_id: &str,
         p: &ReplyProvenance,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE replies SET state = 'sent', finished_at_ms = ?, model = ?, settings = ?,
-                prompt_tokens = ?, new_tokens = ?, latency_ms = ?, engine_source = ?,
-                source_doc = ?, source_message = ?, scores = ?
-             WHERE platform = ? AND chat_id = ? AND message_id = ?",
-        )
-        .bind(now_ms())
-        .bind(&p.model)
-        .bind(&p.settings)
-        .bind(p.prompt_tokens)
-        .bind(p.new_tokens)
-        .bind(p.latency_ms)
-        .bind(&p.engine_source)
-        .bind(p.source_doc)
-        .bind(p.source_message)
-        .bind(&p.scores)
-        .bind(channel.platform.as_str())
-        .bind(&channel.chat_id)
-        .bind(message_id)
-        .execute(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        finish_reply_in(&mut tx, channel, message_id, p).await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// Stores the bot's message that ends a reply (its last part, as the platform took it) and
+    /// records the reply to `message_id` as sent, in one transaction: the time in which a crash
+    /// would leave a delivered reply pending (and sent again at the next start) is one commit.
+    pub async fn finish_reply_with_last_part(
+        &self,
+        last: &NewMessage,
+        message_id: &str,
+        p: &ReplyProvenance,
+    ) -> Result<Insert, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = insert_message_in(&mut tx, last).await?;
+        finish_reply_in(&mut tx, &last.channel, message_id, p).await?;
+        tx.commit().await?;
+        Ok(inserted)
     }
 
     /// Records that the reply to `message_id` was sent only in part (the client went away):

@@ -156,7 +156,8 @@ pub(super) async fn index_reply(
     Ok(())
 }
 
-/// Re-indexes the pairs whose context is the message `id`, after its text was edited.
+/// Re-indexes after the message `id` was edited: the pairs it is the context of, and the
+/// language of the pair it is the reply of.
 pub(super) async fn reindex_context(
     conn: &mut SqliteConnection,
     id: i64,
@@ -165,6 +166,12 @@ pub(super) async fn reindex_context(
     let docs: Vec<i64> = sqlx::query_scalar("SELECT id FROM retrieval_docs WHERE context_id = ?")
         .bind(id)
         .fetch_all(&mut *conn)
+        .await?;
+    // The message may be the reply of a pair: its language is the candidate's.
+    sqlx::query("UPDATE retrieval_docs SET language = ? WHERE reply_id = ?")
+        .bind(lang::detect(text))
+        .bind(id)
+        .execute(&mut *conn)
         .await?;
     let terms = retrieval_terms(text);
     for doc in docs {

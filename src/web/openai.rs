@@ -647,16 +647,6 @@ impl Job {
         &self,
         tx: &mpsc::UnboundedSender<Piece>,
     ) -> (Outcome, Option<ReplyProvenance>, String) {
-        let Ok(_slot) = self.bot.generation_slot().await else {
-            return (Outcome::Failed("shutting down".into()), None, String::new());
-        };
-        if tx.is_closed() {
-            return (
-                Outcome::Failed("the client left while queued".into()),
-                None,
-                String::new(),
-            );
-        }
         let c = &self.checked;
         let generator = self.bot.model();
         let mut options = self.bot.reply_options();
@@ -699,7 +689,6 @@ impl Job {
                 tx.send(Piece::Text(delta.to_string())).is_ok()
             })
         };
-        let composing = Instant::now();
         let composed = self
             .bot
             .compose(
@@ -712,7 +701,6 @@ impl Job {
                 on_delta,
             )
             .await;
-        self.bot.observe_reply_time(composing.elapsed());
         let streamed = std::mem::take(&mut *streamed.lock().unwrap_or_else(|e| e.into_inner()));
         let composed = match composed {
             Ok(c) => c,
