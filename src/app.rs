@@ -93,7 +93,7 @@ async fn daemon(
     );
     if let Some(web) = &web {
         // Web requests in flight died with the last process; their clients are gone.
-        bot.recover(crate::bot::event::Platform::Web, None).await;
+        bot.recover(crate::domain::Platform::Web, None).await;
         web.set_bot(Arc::clone(&bot));
     }
     if let Some(p) = settings.telegram.clone().filter(|_| bots) {

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::bot::event::Platform;
+use crate::domain::Platform;
 use crate::engine::{EngineSettings, Weights};
 use crate::model::{GenerateOptions, GenerationConfig};
 use crate::store::SharePolicy;

@@ -27,9 +27,12 @@ pub mod chat;
 pub mod config;
 pub mod conversation;
 pub mod corpus;
+pub mod domain;
 pub mod engine;
 pub mod eval;
 mod kernels;
+#[cfg(test)]
+mod layers;
 pub mod metrics;
 pub mod model;
 pub mod platform;

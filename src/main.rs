@@ -940,7 +940,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Forget { platform, user } => {
-            let p = kaiwa::bot::event::Platform::parse(&platform).with_context(|| {
+            let p = kaiwa::domain::Platform::parse(&platform).with_context(|| {
                 format!("unknown platform {platform:?} (discord, telegram or web)")
             })?;
             let (rt, store) = open_store()?;

@@ -7,6 +7,9 @@
 //! words, lightly stemmed for retrieval so "raining" finds "rain". Also: how repetitive a text
 //! is, which the suite checks replies by and the reply engine screens candidates with.
 
+pub mod hash;
+pub mod lang;
+
 use std::collections::{BTreeSet, HashMap};
 
 /// English words that say nothing about a topic.

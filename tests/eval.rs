@@ -347,12 +347,7 @@ fn the_shipped_suites_cover_everyday_japanese_and_english() {
         assert!(s.sampling.temperature.is_some() && s.sampling.max_new_tokens.is_some());
         // Every expected language agrees with the prompt's.
         for c in &s.cases {
-            assert_eq!(
-                kaiwa::corpus::lang::detect(&c.prompt),
-                c.language,
-                "{}",
-                c.id
-            );
+            assert_eq!(kaiwa::text::lang::detect(&c.prompt), c.language, "{}", c.id);
         }
     }
 }

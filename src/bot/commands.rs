@@ -18,7 +18,7 @@ pub const BUSY: &str = "I'm busy right now; please try again in a moment.";
 
 /// [`BUSY`] in the language of the message it answers.
 pub fn busy(text: &str) -> &'static str {
-    match crate::corpus::lang::detect(text) {
+    match crate::text::lang::detect(text) {
         "ja" => "いま混み合っています。少し待ってからもう一度送ってください。",
         _ => BUSY,
     }

@@ -2,96 +2,10 @@
 //! ([`Outbox`]). Platform adapters translate Discord and Telegram events into these types, so the
 //! core never knows which platform it talks to.
 
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
-/// The platforms kaiwa speaks to. Stored as text in the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Platform {
-    Discord,
-    Telegram,
-    /// The web server's API and chat page (`kaiwa serve`).
-    Web,
-}
-
-impl Platform {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Platform::Discord => "discord",
-            Platform::Telegram => "telegram",
-            Platform::Web => "web",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Platform> {
-        match s {
-            "discord" => Some(Platform::Discord),
-            "telegram" => Some(Platform::Telegram),
-            "web" => Some(Platform::Web),
-            _ => None,
-        }
-    }
-
-    /// The longest message the platform accepts, in characters.
-    pub fn message_limit(self) -> usize {
-        match self {
-            Platform::Discord => 2000,
-            Platform::Telegram => 4096,
-            // The web takes a reply whole.
-            Platform::Web => usize::MAX,
-        }
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Where a message lives: a chat (Telegram chat, Discord channel) and optionally a thread inside
-/// it (Telegram forum topic; Discord threads are channels of their own).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ChannelRef {
-    pub platform: Platform,
-    pub chat_id: String,
-    /// Empty when the chat has no threads.
-    pub thread_id: String,
-}
-
-impl ChannelRef {
-    pub fn new(platform: Platform, chat_id: impl Into<String>) -> Self {
-        ChannelRef {
-            platform,
-            chat_id: chat_id.into(),
-            thread_id: String::new(),
-        }
-    }
-
-    pub fn with_thread(mut self, thread_id: impl Into<String>) -> Self {
-        self.thread_id = thread_id.into();
-        self
-    }
-}
-
-impl fmt::Display for ChannelRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.thread_id.is_empty() {
-            write!(f, "{}:{}", self.platform, self.chat_id)
-        } else {
-            write!(f, "{}:{}/{}", self.platform, self.chat_id, self.thread_id)
-        }
-    }
-}
-
-/// Whether a chat is a one-to-one conversation with the bot or shared with others.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChatKind {
-    Direct,
-    Group,
-}
+pub use crate::domain::{ChannelRef, ChatKind, Platform};
 
 /// A message the bot saw, already parsed from the platform's payload.
 #[derive(Debug, Clone, PartialEq)]

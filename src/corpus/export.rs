@@ -24,10 +24,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::clean::{self, Dedup, Duplicate, Pseudonyms, Redactor};
-use super::lang;
 use crate::conversation::{self, Speakers, Turn};
 use crate::model::ChatMessage;
 use crate::store::{CorpusFilter, CorpusRow, Store, StoreError};
+use crate::text::hash::stable_hash;
+use crate::text::lang;
 
 /// The file formats of an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -385,7 +386,7 @@ impl Exporter<'_> {
         }
         let session = std::mem::take(&mut self.session);
         let validation = self.validation.is_some() && {
-            let h = clean::stable_hash(&[&self.options.seed.to_string(), &self.session_key]);
+            let h = stable_hash(&[&self.options.seed.to_string(), &self.session_key]);
             (h as f64 / u64::MAX as f64) < self.options.val_fraction
         };
         let mut wrote = false;
@@ -416,7 +417,7 @@ impl Exporter<'_> {
             .or_else(|| self.options.system.clone());
         let conversation_id = format!(
             "{:016x}",
-            clean::stable_hash(&[&self.session_key, &self.chunk.to_string()])
+            stable_hash(&[&self.session_key, &self.chunk.to_string()])
         );
         let new_meta = |id: String, language: &str, messages: &[ChatMessage]| Meta {
             id,
@@ -517,7 +518,7 @@ impl Exporter<'_> {
             }
             let id = match &perspective {
                 None => conversation_id.clone(),
-                Some(p) => format!("{:016x}", clean::stable_hash(&[&conversation_id, p])),
+                Some(p) => format!("{:016x}", stable_hash(&[&conversation_id, p])),
             };
             let mut meta = new_meta(id, language, &messages);
             for ((r, _), i) in rows.iter().zip(&index) {

@@ -9,9 +9,9 @@
 
 use std::path::Path;
 
-use super::clean::stable_hash;
 use super::import::{self, Conversation, Format, ImportError, RecordError, Role};
 use crate::store::{ImportInsert, ImportRecord, ImportedRow, Store, StoreError};
+use crate::text::hash::stable_hash;
 
 /// Settings of an import.
 #[derive(Debug, Clone)]

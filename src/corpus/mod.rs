@@ -8,4 +8,3 @@ pub mod derive;
 pub mod export;
 pub mod import;
 pub mod ingest;
-pub mod lang;

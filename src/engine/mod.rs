@@ -21,9 +21,9 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Mutex;
 
-use crate::corpus::lang;
 use crate::model::{ChatMessage, GenerateOptions, Generator, ModelError, StopReason};
 use crate::store::{DocKind, Feedback, SharePolicy, Store, StoreError};
+use crate::text::lang;
 use crate::text::{is_weak_term, retrieval_terms};
 pub use rank::{Rejection, Scores, Weights};
 

@@ -25,7 +25,7 @@ use std::collections::HashSet;
 use unicode_normalization::UnicodeNormalization;
 
 use super::{Candidate, Ranked, ReplySource, Request, Retrieval};
-use crate::corpus::lang;
+use crate::text::lang;
 use crate::text::repetition;
 
 /// A candidate longer than this many characters is not sent.

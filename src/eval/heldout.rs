@@ -49,11 +49,11 @@ pub use crate::model::token_bytes::TokenBytes;
 use super::data::{DataFormat, Dataset, Example, ExampleContent};
 use super::ngram::ByteNgram;
 use super::{parallel_map, EvalError};
-use crate::corpus::lang;
 use crate::model::chat_template::TokenizerConfig;
 use crate::model::{
     ChatMessage, ChatTemplate, DecoderSession, Generator, ModelError, OnnxDecoder, TextTokenizer,
 };
+use crate::text::lang;
 
 /// The figures of a model on a held-out file (written into the report).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -32,7 +32,7 @@
 //!
 //! - `non_empty`: it has a character that is not whitespace;
 //! - `length`: its number of characters (Unicode scalar values) is within `min_chars..=max_chars`;
-//! - `language`: [`crate::corpus::lang::detect`] gives the case's language (a reply too short
+//! - `language`: [`crate::text::lang::detect`] gives the case's language (a reply too short
 //!   or too mixed to tell fails);
 //! - `repetition`: not degenerate, measured two ways: the **repeated n-gram ratio**, `1 −
 //!   distinct / total` over the reply's character 4-grams (whitespace runs counted as one
@@ -53,11 +53,11 @@ use unicode_normalization::UnicodeNormalization;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use super::{parallel_map, EvalError};
-use crate::corpus::lang;
 use crate::engine::{
     rank::is_echo, EngineError, EngineMode, Ranked, ReplyEngine, ReplySource, Request, Retrieval,
 };
 use crate::model::{ChatMessage, GenerateOptions, Generator};
+use crate::text::lang;
 
 pub use crate::text::{repetition, Repetition, REPETITION_NGRAM};
 

@@ -10,7 +10,7 @@ use futures_util::TryStreamExt;
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::{insert_row, now_ms, Insert, NewRow, Store, StoreError, StoredMessage};
-use crate::bot::event::ChannelRef;
+use crate::domain::ChannelRef;
 
 /// A message of an imported conversation, ready to store.
 #[derive(Debug, Clone, PartialEq)]

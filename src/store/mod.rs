@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::ConnectOptions;
 use sqlx::{Row, SqlitePool};
 
-use crate::bot::event::{ChannelRef, ChatKind, Platform};
+use crate::domain::{ChannelRef, ChatKind, Platform};
 
 /// The columns of a [`StoredMessage`], from `messages` aliased as `m`: one list for every query
 /// that reads messages, so a new column cannot be forgotten in one of them.

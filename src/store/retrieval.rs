@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::{NewRow, Store, StoreError};
-use crate::bot::event::ChannelRef;
-use crate::corpus::lang;
+use crate::domain::ChannelRef;
+use crate::text::lang;
 use crate::text::retrieval_terms;
 
 /// The longest silence between a live message and the reply after it for the two to be a pair.

@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::text::{for_each_text, TextError};
-use crate::corpus::clean::stable_hash;
-use crate::corpus::lang;
 use crate::model::chat_template::TokenizerConfig;
 use crate::model::tokenizer::{train_bpe, TextTokenizer, JAPANESE_CHUNKS};
 use crate::model::{ModelError, TOKENIZER_FILE};
+use crate::text::hash::stable_hash;
+use crate::text::lang;
 
 /// Settings of `kaiwa train-tokenizer`.
 #[derive(Debug, Clone)]

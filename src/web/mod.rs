@@ -23,9 +23,9 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::bot::event::{ChannelRef, Platform};
 use crate::bot::Bot;
 use crate::config::{Settings, WebSettings};
+use crate::domain::{ChannelRef, Platform};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::now_ms;

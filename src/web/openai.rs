@@ -21,9 +21,9 @@ use super::{
     ApiError, Caller, Web, MAX_BODY_BYTES, MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS,
     RETRY_AFTER_SECS,
 };
-use crate::bot::event::ChatKind;
 use crate::bot::{Bot, Compose, Reservation, RECENT_REPLIES, SELF_NAME};
 use crate::conversation::{self, Speakers, Turn};
+use crate::domain::ChatKind;
 use crate::engine::EngineMode;
 use crate::model::ChatMessage;
 use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance};
@@ -784,7 +784,7 @@ impl Job {
     /// Stores the reply (as far as the client got it) and how it ended.
     async fn record(
         &self,
-        channel: &crate::bot::event::ChannelRef,
+        channel: &crate::domain::ChannelRef,
         question_id: &str,
         outcome: &Outcome,
         provenance: Option<&ReplyProvenance>,

@@ -1,5 +1,6 @@
-//! The language of a piece of text, as an ISO 639-1 code where there is one (`ja`, `en`, …),
-//! for the corpus's `--language` filter and its per-language figures.
+//! The language of a piece of text, as an ISO 639-1 code where there is one (`ja`, `en`, …):
+//! for the corpus's `--language` filter and figures, the suites' checks, the retrieval index and
+//! the ranker's screening, and the language the bot answers "busy" in.
 //!
 //! Japanese is decided by script, which is exact and works on the shortest message: any kana
 //! makes text Japanese when Japanese script (kana and kanji) is a fair share of its letters.
