@@ -30,6 +30,7 @@ pub mod corpus;
 pub mod domain;
 pub mod engine;
 pub mod eval;
+pub mod fsio;
 mod kernels;
 #[cfg(test)]
 mod layers;

@@ -2,9 +2,6 @@
 //! ([`Outbox`]). Platform adapters translate Discord and Telegram events into these types, so the
 //! core never knows which platform it talks to.
 
-use std::future::Future;
-use std::pin::Pin;
-
 pub use crate::domain::{ChannelRef, ChatKind, Platform};
 
 /// A message the bot saw, already parsed from the platform's payload.
@@ -73,7 +70,8 @@ pub enum SendError {
     Other(String),
 }
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// The future an [`Outbox`] method returns (a boxed, sendable future).
+pub use futures_util::future::BoxFuture;
 
 /// How the core sends on a platform. Each adapter implements it on its API client; rate limits
 /// (HTTP 429, `retry_after`) are waited out inside the adapter.

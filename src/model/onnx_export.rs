@@ -89,28 +89,9 @@ pub fn export_onnx(
         move_initializers_to_file(&mut model, &data_path)?;
     }
     let bytes = prost::Message::encode_to_vec(&model);
-    // Written to a file of its own beside the target and renamed, so a reader never sees half a
-    // graph, and two processes exporting the same model at once (two commands loading a model
-    // directory without `model.onnx`) each rename a whole file over the other's.
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".model.onnx.").suffix(".tmp");
-    #[cfg(unix)]
-    {
-        // A temporary file is private (0600); the graph is as readable as the weights it holds.
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o644));
-    }
-    let mut tmp = builder
-        .tempfile_in(dir)
-        .map_err(|e| ModelError::io(dir, e))?;
-    std::io::Write::write_all(&mut tmp, &bytes).map_err(|e| ModelError::io(tmp.path(), e))?;
-    tmp.persist(path)
-        .map_err(|e| ModelError::io(path, e.error))?;
-    Ok(())
+    // Never half a graph, and two processes exporting the same model at once (two commands
+    // loading a model directory without `model.onnx`) each rename a whole file over the other's.
+    crate::fsio::write_atomic(path, &bytes).map_err(|e| ModelError::io(path, e))
 }
 
 /// Builds the `ModelProto` of a Llama decoder with its weights inline.

@@ -11,9 +11,7 @@
 //! bitmap font and draws lines with Bresenham's algorithm instead. Output is deterministic:
 //! the same input always gives the same bytes.
 
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// One line on the chart: (x, y) points in drawing order, e.g. (step, loss).
 #[derive(Debug, Clone, PartialEq)]
@@ -82,26 +80,10 @@ pub fn write_png(
 ) -> Result<(), PlotError> {
     let (width, height) = DEFAULT_SIZE;
     let bytes = render_png(title, x_label, y_label, series, width, height)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let io_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| PlotError::Io { path, source }
-    };
-    write_synced(&tmp, &bytes).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(|e| {
-        // Best effort: do not leave the temporary file behind.
-        let _ = fs::remove_file(&tmp);
-        io_err(path)(e)
+    crate::fsio::write_atomic(path, &bytes).map_err(|source| PlotError::Io {
+        path: path.to_path_buf(),
+        source,
     })
-}
-
-/// Writes `bytes` to a new file at `path` and flushes it to disk.
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = fs::File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1155,11 +1137,11 @@ mod tests {
     #[test]
     fn write_png_writes_the_file_atomically() {
         let dir = std::env::temp_dir().join(format!("kaiwa-plot-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("loss.png");
         let s = series("train", vec![(0.0, 2.0), (1.0, 1.0)], RED, false);
         write_png(&path, "loss", "step", "loss", &[s]).expect("write");
-        let bytes = fs::read(&path).expect("read back");
+        let bytes = std::fs::read(&path).expect("read back");
         assert_eq!(decode(&bytes).0, 800);
         assert!(!dir.join("loss.png.tmp").exists());
 
@@ -1167,6 +1149,6 @@ mod tests {
         let err = write_png(&missing, "", "", "", &[]).expect_err("no directory");
         assert!(matches!(err, PlotError::Io { .. }));
         assert!(err.to_string().contains("loss.png.tmp"));
-        let _ = fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

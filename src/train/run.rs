@@ -883,11 +883,13 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TrainErro
     Ok(crate::model::read_json(path)?)
 }
 
-/// Writes JSON to a temporary file and renames it over `path`.
+/// Writes JSON (as [`crate::model::write_json`] does) durably over `path`.
 fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
-    let tmp = path.with_extension("json.tmp");
-    crate::model::write_json(&tmp, value)?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    let text = serde_json::to_string_pretty(value).map_err(|e| crate::model::ModelError::Json {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    crate::fsio::write_atomic(path, (text + "\n").as_bytes()).map_err(io(path))
 }
 
 /// Parses a duration such as `90s`, `20m`, `1h30m` or `45` (seconds).
