@@ -1,6 +1,6 @@
-//! Writing a file so that a reader (or a crash) never sees half of it: the bytes go to a
-//! temporary file beside the target, are flushed to disk, and the file is renamed over the
-//! target; the directory is then flushed too, so the rename itself survives a power cut.
+//! Writing a file or a directory so that a reader (or a crash) never sees half of it: the new
+//! one is written beside the target, flushed to disk, and renamed into place; the parent
+//! directory is then flushed too, so the rename itself survives a power cut.
 
 use std::io::Write;
 use std::path::Path;
@@ -41,6 +41,56 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Puts the complete directory `new` in the place of `dir`, durably: every file in `new` is
+/// flushed to disk first, the old `dir` is set aside as `dir.old` and removed only once `new`
+/// is in place. A crash in between leaves `dir.old`, which [`recover_dir`] puts back.
+pub fn replace_dir(new: &Path, dir: &Path) -> std::io::Result<()> {
+    sync_tree(new)?;
+    let old = aside(dir);
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    if dir.exists() {
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(new, dir)?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+/// Puts back the directory a [`replace_dir`] cut short set aside, if `dir` is missing.
+pub fn recover_dir(dir: &Path) -> std::io::Result<()> {
+    let old = aside(dir);
+    if !dir.exists() && old.is_dir() {
+        std::fs::rename(&old, dir)?;
+    }
+    Ok(())
+}
+
+fn aside(dir: &Path) -> std::path::PathBuf {
+    let mut old = dir.as_os_str().to_owned();
+    old.push(".old");
+    old.into()
+}
+
+/// Flushes every file below `dir`, and the directories themselves.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_tree(&entry.path())?;
+        } else {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +115,34 @@ mod tests {
         }
         // A directory that is not there is an error, not a panic.
         assert!(write_atomic(&dir.path().join("missing/x.json"), b"x").is_err());
+    }
+
+    #[test]
+    fn a_directory_is_replaced_whole_and_a_cut_swap_is_put_back() {
+        let root = tempfile::tempdir().unwrap();
+        let (dir, new) = (
+            root.path().join("checkpoint"),
+            root.path().join("checkpoint.tmp"),
+        );
+        for (d, text) in [(&dir, "old"), (&new, "new")] {
+            std::fs::create_dir_all(d.join("sub")).unwrap();
+            std::fs::write(d.join("sub/state.json"), text).unwrap();
+        }
+        replace_dir(&new, &dir).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("sub/state.json")).unwrap(),
+            "new"
+        );
+        assert!(!new.exists() && !root.path().join("checkpoint.old").exists());
+        // A crash after the old one was set aside and before the new one was in place.
+        std::fs::rename(&dir, root.path().join("checkpoint.old")).unwrap();
+        recover_dir(&dir).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("sub/state.json")).unwrap(),
+            "new"
+        );
+        // With the directory in place there is nothing to put back.
+        recover_dir(&dir).unwrap();
+        assert!(dir.is_dir());
     }
 }

@@ -366,6 +366,8 @@ pub fn resume(
     let model_dir = out.join(MODEL_DIR);
     let config = load_config(&model_dir)?;
     let checkpoint = out.join(CHECKPOINT_DIR);
+    // A run killed while swapping its checkpoint in left the previous one set aside.
+    crate::fsio::recover_dir(&checkpoint).map_err(io(&checkpoint))?;
     if !checkpoint.join(STATE_FILE).exists() {
         return Err(TrainError::Invalid(format!(
             "{} has no checkpoint to resume from",
@@ -760,15 +762,9 @@ fn save_checkpoint(
     to_weights(trainer.model(), config)?.save(&tmp.join(WEIGHTS_FILE))?;
     trainer.save_optimizer(&tmp.join(OPTIMIZER_FILE))?;
     write_json_atomic(&tmp.join(STATE_FILE), state)?;
-    // Swap it in: the old checkpoint is removed only once the new one is complete.
+    // Swap it in: the old checkpoint is removed only once the new one is complete on disk.
     let dir = out.join(CHECKPOINT_DIR);
-    let old = out.join(format!("{CHECKPOINT_DIR}.old"));
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(&dir, &old).map_err(io(&dir))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
-    let _ = std::fs::remove_dir_all(&old);
+    crate::fsio::replace_dir(&tmp, &dir).map_err(io(&dir))?;
     tracing::debug!(step = state.steps_done, "checkpoint saved");
     Ok(())
 }
