@@ -86,14 +86,83 @@ pub fn turn_of(s: &StoredMessage) -> Option<Turn> {
     })
 }
 
-/// Whether a message is a bot command: `/word` at its start.
+/// Whether a message is a bot command: `/word` at its start (see [`parse_command`]).
 pub fn is_bot_command(text: &str) -> bool {
-    text.trim_start().strip_prefix('/').is_some_and(|rest| {
-        let word = rest
-            .split(|c: char| c.is_whitespace() || c == '@')
-            .next()
-            .unwrap_or("");
-        !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    parse_command(text).is_some()
+}
+
+/// A command in a message: `/name[@addressee] args`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub name: CommandName,
+    pub addressee: Option<String>,
+    pub args: String,
+}
+
+/// The commands the bot knows (`/start`, Telegram's first message, is `/help`); any other
+/// `/word` is a command still, one the bot says it does not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandName {
+    Help,
+    Reset,
+    OptOut,
+    OptIn,
+    ForgetMe,
+    Stats,
+    Model,
+    Reload,
+    AnswerAll,
+    Share,
+    /// Lower-cased.
+    Unknown(String),
+}
+
+impl CommandName {
+    fn parse(name: &str) -> Self {
+        match name {
+            "help" | "start" => CommandName::Help,
+            "reset" => CommandName::Reset,
+            "optout" => CommandName::OptOut,
+            "optin" => CommandName::OptIn,
+            "forgetme" => CommandName::ForgetMe,
+            "stats" => CommandName::Stats,
+            "model" => CommandName::Model,
+            "reload" => CommandName::Reload,
+            "answerall" => CommandName::AnswerAll,
+            "share" => CommandName::Share,
+            other => CommandName::Unknown(other.to_string()),
+        }
+    }
+
+    /// Whether only admins (`ADMIN_IDS`) may run it.
+    pub fn is_for_admins(&self) -> bool {
+        matches!(
+            self,
+            CommandName::Stats
+                | CommandName::Model
+                | CommandName::Reload
+                | CommandName::AnswerAll
+                | CommandName::Share
+        )
+    }
+}
+
+/// Parses a message that starts with a command; `None` for ordinary text.
+pub fn parse_command(text: &str) -> Option<Command> {
+    let text = text.trim_start();
+    let rest = text.strip_prefix('/')?;
+    let (word, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    let (name, addressee) = match word.split_once('@') {
+        Some((n, a)) => (n, Some(a.to_string())),
+        None => (word, None),
+    };
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return None;
+    }
+    Some(Command {
+        name: CommandName::parse(&name.to_ascii_lowercase()),
+        addressee,
+        args: args.trim().to_string(),
     })
 }
 

@@ -24,32 +24,7 @@ pub fn busy(text: &str) -> &'static str {
     }
 }
 
-/// A command in a message: `/name[@addressee] args`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Command {
-    pub name: String,
-    pub addressee: Option<String>,
-    pub args: String,
-}
-
-/// Parses a message that starts with a command; `None` for ordinary text.
-pub fn parse(text: &str) -> Option<Command> {
-    let text = text.trim_start();
-    let rest = text.strip_prefix('/')?;
-    let (word, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-    let (name, addressee) = match word.split_once('@') {
-        Some((n, a)) => (n, Some(a.to_string())),
-        None => (word, None),
-    };
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return None;
-    }
-    Some(Command {
-        name: name.to_ascii_lowercase(),
-        addressee,
-        args: args.trim().to_string(),
-    })
-}
+pub use crate::conversation::{parse_command as parse, Command, CommandName};
 
 impl Bot {
     /// Carries out a command and answers it.
@@ -62,25 +37,23 @@ impl Bot {
         let platform = m.channel.platform;
         let admin = self.settings.is_admin(platform, &m.author_id);
         let store = &self.store;
-        let reply = match c.name.as_str() {
-            "help" | "start" => HELP.to_string(),
-            "reset" => {
+        let reply = match c.name {
+            CommandName::Help => HELP.to_string(),
+            CommandName::Reset => {
                 store.reset_channel(&m.channel, now_ms()).await?;
                 "Done: I've forgotten this channel's conversation so far.".into()
             }
-            "optout" => {
+            CommandName::OptOut => {
                 store.set_opted_out(platform, &m.author_id, true).await?;
                 "OK: I won't store or answer your messages any more. /optin to resume, /forgetme to delete what I have.".into()
             }
-            "optin" => OPTED_IN.into(),
-            "forgetme" => {
+            CommandName::OptIn => OPTED_IN.into(),
+            CommandName::ForgetMe => {
                 let n = store.forget_user(platform, &m.author_id).await?;
                 format!("Deleted {n} stored messages of yours.")
             }
-            "stats" | "model" | "reload" | "answerall" | "share" if !admin => {
-                "That command is for admins.".into()
-            }
-            "stats" => {
+            ref n if n.is_for_admins() && !admin => "That command is for admins.".into(),
+            CommandName::Stats => {
                 let s = store.stats().await?;
                 format!(
                     "messages {} ({} deleted, {} mine), channels {}, users {}, replies sent {}, failed {}, opted out {}; replies retrieved {}, generated {}, fallback {}; retrievable pairs {}, sentences {}",
@@ -88,7 +61,7 @@ impl Bot {
                     s.replies_retrieved, s.replies_generated, s.replies_fallback, s.retrieval_pairs, s.retrieval_sentences
                 )
             }
-            "model" => {
+            CommandName::Model => {
                 let g = self.model();
                 format!(
                     "model {} — {} layers, vocabulary {}, context {} tokens",
@@ -98,14 +71,14 @@ impl Bot {
                     g.context_len()
                 )
             }
-            "reload" => match self.reload_model().await {
+            CommandName::Reload => match self.reload_model().await {
                 Ok(g) => format!("Reloaded {}.", g.dir().display()),
                 Err(e) => {
                     tracing::error!(error = %e, "model reload failed");
                     format!("Reload failed, still using the previous model: {e}")
                 }
             },
-            "answerall" => {
+            CommandName::AnswerAll => {
                 let on = matches!(c.args.as_str(), "on" | "yes" | "true" | "1");
                 store.set_answers_all(&m.channel, on).await?;
                 if on {
@@ -114,7 +87,7 @@ impl Bot {
                     "I'll answer here only when mentioned.".into()
                 }
             }
-            "share" if m.kind == ChatKind::Direct => {
+            CommandName::Share if m.kind == ChatKind::Direct => {
                 if self.settings.engine.share.direct {
                     "Direct messages are shared by the operator's setting (RETRIEVE_DIRECT); \
                      /share does not change that."
@@ -123,7 +96,7 @@ impl Bot {
                     "Direct messages are never used to answer anyone else.".into()
                 }
             }
-            "share" => match c.args.as_str() {
+            CommandName::Share => match c.args.as_str() {
                 "on" | "off" => {
                     let on = c.args == "on";
                     store.set_shared(&m.channel, on).await?;
@@ -145,7 +118,7 @@ impl Bot {
                     format!("This channel is {how}. /share on|off changes it.")
                 }
             },
-            _ => format!("Unknown command /{}. {HELP}", c.name),
+            CommandName::Unknown(ref name) => format!("Unknown command /{name}. {HELP}"),
         };
         self.say(outbox, m, &reply).await;
         Ok(())
@@ -160,10 +133,15 @@ mod tests {
     fn commands_parse_with_addressee_and_args() {
         let c = parse("/answerall@kaiwa_bot on").unwrap();
         assert_eq!(
-            (c.name.as_str(), c.addressee.as_deref(), c.args.as_str()),
-            ("answerall", Some("kaiwa_bot"), "on")
+            (c.name, c.addressee.as_deref(), c.args.as_str()),
+            (CommandName::AnswerAll, Some("kaiwa_bot"), "on")
         );
-        assert_eq!(parse("/Reset").unwrap().name, "reset");
+        assert_eq!(parse("/Reset").unwrap().name, CommandName::Reset);
+        assert_eq!(parse("/start").unwrap().name, CommandName::Help);
+        assert_eq!(
+            parse("/Frobnicate x").unwrap().name,
+            CommandName::Unknown("frobnicate".into())
+        );
         assert!(parse("hello /reset").is_none());
         assert!(parse("/").is_none());
         assert!(parse("/path/to/file").is_none());

@@ -369,7 +369,7 @@ impl Bot {
         let platform = m.channel.platform;
         if self.store.is_opted_out(platform, &m.author_id).await? {
             // Opted-out users are neither stored nor answered, except to opt back in.
-            if matches!(command, Some(ref c) if c.name == "optin") {
+            if matches!(command, Some(ref c) if c.name == commands::CommandName::OptIn) {
                 self.store
                     .set_opted_out(platform, &m.author_id, false)
                     .await?;
