@@ -416,3 +416,19 @@ async fn the_bot_benchmark_answers_everything_through_telegram_and_in_process() 
         "every message answered once, the reply stored"
     );
 }
+
+/// A redelivered message (a platform replaying after a crash) does not use up its author's
+/// cooldown: their next new message is answered.
+#[tokio::test]
+async fn a_redelivery_does_not_use_up_the_cooldown() {
+    let h = harness(&[("USER_COOLDOWN_MS", "300")]).await;
+    let first = message("c", ChatKind::Direct, "1", "u1", "hello");
+    h.send(first.clone()).await;
+    h.outbox.wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    h.send(first).await;
+    h.send(message("c", ChatKind::Direct, "2", "u1", "are you there?"))
+        .await;
+    let sent = h.outbox.wait_for(2).await;
+    assert_eq!(sent[1].2.as_deref(), Some("2"), "{sent:?}");
+}

@@ -66,6 +66,12 @@ enum Then {
     Answer,
 }
 
+/// A user's cooldown taken by a message ([`Bot::cooled_down`]).
+struct CooldownTaken {
+    at: Instant,
+    previous: Option<Instant>,
+}
+
 /// What [`Bot::recover`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Recovered {
@@ -377,11 +383,8 @@ impl Bot {
             }
             return Ok(());
         }
-        if self.store.has_message(&m.channel, &m.message_id).await? {
-            tracing::debug!(channel = %m.channel, message = %m.message_id, "redelivered message ignored");
-            return Ok(());
-        }
         // Decided before the message is stored, so that it is stored together with its claim.
+        let mut cooldown = None;
         let then = if m.author_is_bot || !self.accepting.load(Ordering::SeqCst) {
             Then::Store
         } else if let Some(c) = command {
@@ -391,16 +394,25 @@ impl Bot {
             } else {
                 Then::Command(c)
             }
-        } else if !self.should_answer(&m).await? || !self.cooled_down(&m) {
+        } else if !self.should_answer(&m).await? {
             Then::Store
-        } else if !self.admits(self.pending.load(Ordering::SeqCst)) {
-            Then::SayBusy
+        } else if let Some(taken) = self.cooled_down(&m) {
+            cooldown = Some(taken);
+            if self.admits(self.pending.load(Ordering::SeqCst)) {
+                Then::Answer
+            } else {
+                Then::SayBusy
+            }
         } else {
-            Then::Answer
+            Then::Store
         };
         let new = received_message(&m);
         let claim = !matches!(then, Then::Store);
         if self.store.insert_message_and_claim(&new, claim).await? == Insert::Duplicate {
+            // A redelivery does not use up its author's cooldown.
+            if let Some(taken) = cooldown {
+                self.give_back_cooldown(&m, taken);
+            }
             tracing::debug!(channel = %m.channel, message = %m.message_id, "redelivered message ignored");
             return Ok(());
         }
@@ -441,19 +453,32 @@ impl Bot {
         self.store.answers_all(&m.channel).await
     }
 
-    /// Per-user flood protection: at most one answered message per cooldown.
-    fn cooled_down(&self, m: &IncomingMessage) -> bool {
+    /// Per-user flood protection: at most one answered message per cooldown. `None` when the
+    /// author's last answered message is too recent; otherwise the cooldown is taken.
+    fn cooled_down(&self, m: &IncomingMessage) -> Option<CooldownTaken> {
         let mut last = self.last_answered.lock().unwrap_or_else(|e| e.into_inner());
         let key = (m.channel.platform, m.author_id.clone());
-        let now = Instant::now();
-        if let Some(t) = last.get(&key) {
-            if now.duration_since(*t) < self.settings.user_cooldown {
-                tracing::info!(user = %m.author_id, "cooldown: message stored, not answered");
-                return false;
-            }
+        let at = Instant::now();
+        let previous = last.get(&key).copied();
+        if previous.is_some_and(|t| at.duration_since(t) < self.settings.user_cooldown) {
+            tracing::info!(user = %m.author_id, "cooldown: message stored, not answered");
+            return None;
         }
-        last.insert(key, now);
-        true
+        last.insert(key, at);
+        Some(CooldownTaken { at, previous })
+    }
+
+    /// Undoes [`Bot::cooled_down`] for a message that was not new after all, unless the
+    /// author's cooldown was taken again since.
+    fn give_back_cooldown(&self, m: &IncomingMessage, taken: CooldownTaken) {
+        let mut last = self.last_answered.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (m.channel.platform, m.author_id.clone());
+        if last.get(&key) == Some(&taken.at) {
+            match taken.previous {
+                Some(t) => last.insert(key, t),
+                None => last.remove(&key),
+            };
+        }
     }
 
     fn enqueue(self: &Arc<Self>, job: Job) {

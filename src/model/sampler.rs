@@ -5,7 +5,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tract_linalg::reduce::MapReduce;
 use tract_linalg::Func;
-use tract_onnx::prelude::Tensor;
 
 use super::ModelError;
 
@@ -171,10 +170,15 @@ pub fn fast_log_sum_exp(logits: &[f32]) -> f64 {
     if max.is_finite() {
         if let Some(kernel) = EXP_SUM.get_or_init(|| Func::Softmax2.map_reduce_f32().ok()) {
             // On a buffer aligned for every kernel, so the kernel sums in the same order
-            // whatever the logits' address (a seed must give the same scores, to the last bit).
-            let summed = Tensor::zero_aligned::<f32>(&[logits.len()], 64).and_then(|mut t| {
-                let mut view = t.try_as_plain_ram_mut()?;
-                let shifted = view.as_slice_mut::<f32>()?;
+            // whatever the logits' address (a seed must give the same scores, to the last bit);
+            // one buffer per thread, reused for every row.
+            thread_local! {
+                static SHIFTED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            let summed = SHIFTED.with_borrow_mut(|buf| {
+                buf.resize(logits.len() + 16, 0.0);
+                let skip = buf.as_ptr().align_offset(64).min(16);
+                let shifted = &mut buf[skip..skip + logits.len()];
                 shifted.copy_from_slice(logits);
                 kernel.run_with_params(shifted, max)
             });

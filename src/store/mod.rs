@@ -349,7 +349,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(id) = id {
-            retrieval::reindex_context(&mut tx, id, text).await?;
+            retrieval::reindex_edited(&mut tx, id, text).await?;
         }
         tx.commit().await?;
         Ok(id.is_some())
@@ -393,23 +393,6 @@ impl Store {
         }
         tx.commit().await?;
         Ok(inserted)
-    }
-
-    /// Whether the platform message is stored (its text may since have been deleted).
-    pub async fn has_message(
-        &self,
-        channel: &ChannelRef,
-        message_id: &str,
-    ) -> Result<bool, StoreError> {
-        let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM messages WHERE platform = ? AND chat_id = ? AND message_id = ?",
-        )
-        .bind(channel.platform.as_str())
-        .bind(&channel.chat_id)
-        .bind(message_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(found.is_some())
     }
 
     /// Claims the right to answer a message. Only the first claim for a message succeeds.

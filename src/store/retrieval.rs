@@ -158,7 +158,7 @@ pub(super) async fn index_reply(
 
 /// Re-indexes after the message `id` was edited: the pairs it is the context of, and the
 /// language of the pair it is the reply of.
-pub(super) async fn reindex_context(
+pub(super) async fn reindex_edited(
     conn: &mut SqliteConnection,
     id: i64,
     text: &str,
