@@ -20,7 +20,7 @@
 //! The defaults were chosen on the development half of the everyday suites
 //! (`research/README.md`, "The reply engine") and are settable (`.env.example`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use unicode_normalization::UnicodeNormalization;
 
@@ -231,13 +231,15 @@ pub fn is_echo(reply: &str, user: &str) -> bool {
 
 /// The user's message as weighted terms (each [`Retrieval::weight`], squared and summed).
 struct Query<'a> {
-    terms: HashSet<&'a str>,
+    terms: BTreeSet<&'a str>,
     squared: f64,
 }
 
 impl<'a> Query<'a> {
     fn new(r: &'a Retrieval) -> Self {
-        let terms: HashSet<&str> = r.query.iter().map(String::as_str).collect();
+        // Summed in the terms' order, not a hash set's (which changes from run to run and, with
+        // it, the last bit of every score: a seed must give the same report).
+        let terms: BTreeSet<&str> = r.query.iter().map(String::as_str).collect();
         let squared = terms.iter().map(|t| r.weight(t).powi(2)).sum();
         Query { terms, squared }
     }
