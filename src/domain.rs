@@ -1,6 +1,7 @@
 //! The words every layer shares: which platform a message belongs to, where it lives
-//! ([`ChannelRef`]) and what kind of chat that is. The store, the settings, the corpus, the bot
-//! and the platform adapters all speak in these; nothing here depends on any of them.
+//! ([`ChannelRef`]), what kind of chat that is, and a conversation's turns ([`Role`],
+//! [`ChatMessage`]). The store, the settings, the corpus, the datasets, the model, the bot and
+//! the platform adapters all speak in these; nothing here depends on any of them.
 
 use std::fmt;
 
@@ -89,4 +90,61 @@ impl fmt::Display for ChannelRef {
 pub enum ChatKind {
     Direct,
     Group,
+}
+
+/// The side of a conversation a message is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// A system prompt.
+    System,
+    /// A person.
+    User,
+    /// The bot (kaiwa's replies, or the assistant side of an imported corpus).
+    Assistant,
+}
+
+impl Role {
+    /// The chat-template name: `system`, `user` or `assistant`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One turn of a conversation. `role` is `system`, `user` or `assistant` for ChatML; other
+/// templates may accept more (e.g. `tool`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
 }

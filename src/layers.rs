@@ -20,6 +20,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("store", 1),
     ("model", 1),
     ("conversation", 2),
+    // The data files: one reader, and examples as the model sees them.
+    ("dataset", 2),
     // Data: corpora in and out, training.
     ("corpus", 3),
     ("train", 3),
@@ -36,10 +38,9 @@ const LAYERS: &[(&str, u8)] = &[
     ("bench", 9),
 ];
 
-/// Imports against the layers that are still to be undone (issue 18: one dataset reader that
-/// corpus, train and eval share, in place of `eval::data` and `train::text`).
-const STILL_TO_UNDO: &[(&str, &str)] =
-    &[("corpus", "eval"), ("corpus", "train"), ("train", "eval")];
+/// Imports against the layers that are still to be undone: none now. A move that cannot be
+/// finished in one commit may list its `(from, to)` here, and must take it off when done.
+const STILL_TO_UNDO: &[(&str, &str)] = &[];
 
 fn layer(module: &str) -> Option<u8> {
     LAYERS.iter().find(|(m, _)| *m == module).map(|&(_, l)| l)

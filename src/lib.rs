@@ -27,6 +27,7 @@ pub mod chat;
 pub mod config;
 pub mod conversation;
 pub mod corpus;
+pub mod dataset;
 pub mod domain;
 pub mod engine;
 pub mod eval;

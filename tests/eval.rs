@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use kaiwa::eval::heldout::{self, Prepared, SequenceBuilder};
+use kaiwa::dataset::sequence::{Prepared, SequenceBuilder};
+use kaiwa::eval::heldout;
 use kaiwa::eval::suite::{check_answer, load_suites, parse_suite, Case};
 use kaiwa::eval::{
     compare, ByteNgram, DataFormat, Dataset, EvalError, EvalOptions, GateRules, NgramBaseline,
@@ -694,7 +695,12 @@ fn bad_inputs_are_errors_that_name_the_file() {
     let m = models();
     let dir = tempfile::tempdir().unwrap();
     let val = dir.path().join("validation.jsonl");
-    std::fs::write(&val, "{\"messages\": []}\n{broken\n").unwrap();
+    // Line 1 is a conversation (an empty one is refused by every command: `kaiwa::dataset::chat`).
+    std::fs::write(
+        &val,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n{broken\n",
+    )
+    .unwrap();
     let out = kaiwa_eval(
         &["--no-suite"],
         &[("--model", &m.uniform), ("--data", &val)],

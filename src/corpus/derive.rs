@@ -29,7 +29,7 @@ pub enum DeriveError {
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
-        source: crate::train::text::TextError,
+        source: std::io::Error,
     },
     #[error("cannot read {path} line {line}: {source}")]
     Line {
@@ -89,7 +89,7 @@ impl SentencePair {
 /// The sentence pairs of `path` (`.gz` read compressed), and how many lines were not a pair
 /// (not exactly two non-empty tab-separated fields) and were skipped.
 pub fn read_pairs(path: &Path) -> Result<(Vec<SentencePair>, usize), DeriveError> {
-    let reader = crate::train::text::open(path).map_err(|source| DeriveError::Read {
+    let reader = crate::dataset::open(path).map_err(|source| DeriveError::Read {
         path: path.to_path_buf(),
         source,
     })?;
@@ -687,13 +687,13 @@ mod tests {
         assert_eq!(summary.questions, 4);
 
         let read = |name: &str| {
-            crate::eval::data::Dataset::read(&out.join(name), None)
+            crate::dataset::Dataset::read(&out.join(name), None)
                 .unwrap()
                 .examples
         };
         let ja = read("exchanges_ja.jsonl");
         assert_eq!(ja.len(), 1);
-        let crate::eval::data::ExampleContent::Chat(messages) = &ja[0].content else {
+        let crate::dataset::ExampleContent::Chat(messages) = &ja[0].content else {
             panic!("not chat")
         };
         let turns: Vec<(&str, &str)> = messages
@@ -711,7 +711,7 @@ mod tests {
         assert_eq!(ja[0].language.as_deref(), Some("ja"));
         let en = read("replies_en.jsonl");
         assert_eq!(en.len(), 3);
-        let crate::eval::data::ExampleContent::Chat(messages) = &en[0].content else {
+        let crate::dataset::ExampleContent::Chat(messages) = &en[0].content else {
             panic!("not chat")
         };
         assert_eq!(messages[1].content, "What's the weather like today?");

@@ -146,9 +146,9 @@ fn source_tag(file: &Path) -> Result<String, CorporaError> {
 /// Every tab-separated field of every line (`.gz` read compressed) as a sentence, without
 /// repeats, quoted speech or sentences too long to be a chat reply.
 fn read_sentences(file: &Path) -> Result<Vec<String>, CorporaError> {
-    let reader = crate::train::text::open(file).map_err(|e| CorporaError::Read {
+    let reader = crate::dataset::open(file).map_err(|source| CorporaError::Read {
         path: file.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
+        source,
     })?;
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();

@@ -12,7 +12,6 @@
 //! [`run`] is the whole command: it reads the inputs once, evaluates the candidate (and the
 //! baseline, when given as a model directory) and writes the report.
 
-pub mod data;
 pub mod heldout;
 pub mod ngram;
 pub mod report;
@@ -24,7 +23,7 @@ use std::sync::Mutex;
 
 use crate::model::{Generator, ModelError, TOKENIZER_FILE};
 
-pub use data::{DataFormat, Dataset};
+pub use crate::dataset::{DataFormat, Dataset};
 pub use heldout::{HeldoutReport, NgramBaseline};
 pub use ngram::ByteNgram;
 pub use report::{compare, GateReport, GateRules, Report, EXIT_GATE_FAILED};
@@ -48,6 +47,8 @@ pub enum EvalError {
         line: usize,
         reason: String,
     },
+    #[error(transparent)]
+    Dataset(#[from] crate::dataset::DatasetError),
     #[error("suite {}: {reason}", path.display())]
     Suite { path: PathBuf, reason: String },
     #[error(transparent)]

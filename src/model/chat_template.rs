@@ -29,34 +29,7 @@ const CHAT_TEMPLATE_JSON_FILE: &str = "chat_template.json";
 /// auto-escaping (it would HTML-escape `<|im_start|>`).
 const TEMPLATE_NAME: &str = "chat_template";
 
-/// One turn of a conversation. `role` is `system`, `user` or `assistant` for ChatML; other
-/// templates may accept more (e.g. `tool`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-
-    pub fn system(content: impl Into<String>) -> Self {
-        Self::new("system", content)
-    }
-
-    pub fn user(content: impl Into<String>) -> Self {
-        Self::new("user", content)
-    }
-
-    pub fn assistant(content: impl Into<String>) -> Self {
-        Self::new("assistant", content)
-    }
-}
+pub use crate::domain::ChatMessage;
 
 /// ChatML, the format of kaiwa's own models (and of Qwen): every message is
 /// `<|im_start|>{role}\n{content}<|im_end|>\n`, and the generation prompt opens an assistant

@@ -22,8 +22,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::eval::data::{Example, ExampleContent};
-use crate::eval::heldout::{Prepared, SequenceBuilder};
+use crate::dataset::sequence::{Prepared, SequenceBuilder};
+use crate::dataset::{Example, ExampleContent};
 use crate::model::ModelError;
 
 /// What the loss is taken on.

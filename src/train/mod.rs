@@ -18,5 +18,4 @@ pub mod plot;
 pub mod progress;
 pub mod run;
 pub mod step;
-pub mod text;
 pub mod tokenizer;

@@ -44,9 +44,8 @@ use super::model::Llama;
 use super::optim::{AdamWSettings, Schedule};
 use super::plot::{write_png, Series};
 use super::step::{batch_loss, parameter_count, retain_freed_memory, Batch, StepReport, Trainer};
-use crate::eval::data::Dataset;
-use crate::eval::heldout::SequenceBuilder;
-use crate::eval::EvalError;
+use crate::dataset::sequence::SequenceBuilder;
+use crate::dataset::{Dataset, DatasetError};
 use crate::model::chat_template::TokenizerConfig;
 use crate::model::init::{random_weights, write_model_files};
 use crate::model::onnx_export::{export_onnx, ExportOptions};
@@ -76,7 +75,7 @@ pub enum TrainError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
-    Data(#[from] EvalError),
+    Data(#[from] DatasetError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::text::{for_each_text, TextError};
+use crate::dataset::{for_each_text, DatasetError};
 use crate::model::chat_template::TokenizerConfig;
 use crate::model::tokenizer::{train_bpe, TextTokenizer, JAPANESE_CHUNKS};
 use crate::model::{ModelError, TOKENIZER_FILE};
@@ -46,7 +46,7 @@ pub struct TokenizerOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum TrainTokenizerError {
     #[error(transparent)]
-    Text(#[from] TextError),
+    Text(#[from] DatasetError),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("the corpus has no text to train on")]

@@ -3,7 +3,6 @@
 //! elements read one at a time so that one malformed element is reported instead of failing the
 //! whole file.
 
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Cursor, Read};
 use std::path::Path;
 
@@ -24,20 +23,10 @@ impl Source {
     /// Opens `path`; a name ending in `.gz` is read through a gzip decoder.
     pub fn open(path: &Path, format: Format) -> Result<Source, ImportError> {
         let shown = path.display().to_string();
-        let file = File::open(path).map_err(|source| ImportError::Io {
+        let reader = crate::dataset::open(path).map_err(|source| ImportError::Io {
             path: shown.clone(),
             source,
         })?;
-        let gzipped = path
-            .extension()
-            .is_some_and(|ext| ext.eq_ignore_ascii_case("gz"));
-        let reader: Box<dyn BufRead + Send> = if gzipped {
-            // Multi-member, as `gzip -c a b > ab.gz` and some tools write.
-            let decoder = flate2::read::MultiGzDecoder::new(BufReader::new(file));
-            Box::new(BufReader::with_capacity(64 * 1024, decoder))
-        } else {
-            Box::new(BufReader::with_capacity(64 * 1024, file))
-        };
         Ok(Source {
             path: shown,
             format,
@@ -309,53 +298,7 @@ pub(super) fn jsonl_records(
     }))
 }
 
-/// One element of a JSON array, read leniently: an element that is not a `T` becomes `Bad` with
-/// the reason (naming the field, like `author.id: invalid type: …`) instead of failing the file.
-///
-/// Each element is held as a [`serde_json::Value`] only while it is converted, so memory stays
-/// at the size of the typed data, not of the file.
-pub(super) enum Slot<T> {
-    Good(T),
-    Bad(String),
-}
-
-impl<'de, T: DeserializeOwned> Deserialize<'de> for Slot<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let value = serde_json::Value::deserialize(deserializer)?;
-        Ok(Slot::from_value(value))
-    }
-}
-
-impl<T: DeserializeOwned> Slot<T> {
-    /// Converts an already parsed JSON value (a JSONL line).
-    pub fn from_value(value: serde_json::Value) -> Self {
-        match typed(value) {
-            Ok(good) => Slot::Good(good),
-            Err(reason) => Slot::Bad(reason),
-        }
-    }
-}
-
-/// Converts a JSON value to a `T`; the reason names the field that did not fit
-/// (`author.id: invalid type: integer `5`, expected a string`).
-pub(super) fn typed<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
-    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path.is_empty() || path == "." {
-            inner.to_string()
-        } else {
-            format!("{path}: {inner}")
-        }
-    })
-}
-
-/// Parses one JSONL line into a `T`, with the reason when it is not one.
-pub(super) fn json_line<T: DeserializeOwned>(line: &str) -> Result<T, String> {
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
-    typed(value)
-}
+pub(super) use crate::dataset::chat::typed;
 
 /// A `Deserialize` that accepts anything and keeps nothing, for fields whose presence is all
 /// that matters.

@@ -57,17 +57,7 @@ impl fmt::Display for Format {
     }
 }
 
-/// The side of a conversation a message is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// A system prompt (OpenAI / ShareGPT `system`).
-    System,
-    /// A person (or the `user` role).
-    User,
-    /// The assistant side: the bot the corpus was written for. Stored like kaiwa's own replies,
-    /// so `export-corpus --mode bot` makes it the `assistant` again.
-    Assistant,
-}
+pub use crate::domain::Role;
 
 /// One message of an imported conversation.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,24 +145,39 @@ pub fn read(path: &Path, format: Format) -> Result<Records, ImportError> {
     }
 }
 
-/// The author id and name of a corpus speaker: the role's own name (`user`, `assistant`,
-/// `system`), as the corpora have no people in them.
-fn corpus_speaker(role: Role) -> (String, String) {
-    let name = match role {
-        Role::System => "system",
-        Role::User => "user",
-        Role::Assistant => "assistant",
-    };
-    (name.to_string(), name.to_string())
+/// A dialogue of a corpus read from one JSONL line by [`crate::dataset::chat`]'s rules.
+fn dialogue(line: &str, kind: crate::dataset::chat::Kind) -> Result<Conversation, String> {
+    conversation(crate::dataset::chat::parse_line(line, kind))
 }
 
-/// A message of a corpus dialogue (no ids, no times).
+/// A dialogue of a corpus: no platform chat behind it, so the store derives its id; the
+/// speakers are the roles' own names (`user`, `assistant`, `system`), as the corpora have no
+/// people in them.
+fn conversation(
+    record: Result<crate::dataset::chat::Record, String>,
+) -> Result<Conversation, String> {
+    let dialogue = match record? {
+        crate::dataset::chat::Record::Dialogue(d) => d,
+        crate::dataset::chat::Record::Text(_) => {
+            return Err("a {\"text\"} document, not a conversation".into())
+        }
+    };
+    Ok(corpus_conversation(
+        None,
+        dialogue
+            .turns
+            .into_iter()
+            .map(|t| corpus_message(t.role, t.text))
+            .collect(),
+    ))
+}
+
+/// A message of a corpus dialogue (no ids, no times), its author the role's own name.
 fn corpus_message(role: Role, text: String) -> Message {
-    let (author_id, author_name) = corpus_speaker(role);
     Message {
         id: None,
-        author_id,
-        author_name,
+        author_id: role.as_str().to_string(),
+        author_name: role.as_str().to_string(),
         author_is_bot: false,
         role,
         text,
@@ -197,6 +202,93 @@ impl RecordError {
         RecordError {
             position: position.into(),
             reason: reason.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::input::tests::read_text;
+    use super::Format;
+    use crate::dataset::{for_each_text, Dataset, DatasetError};
+
+    /// Every command reads a chat line by one set of rules: `kaiwa import` (which reports and
+    /// skips), `kaiwa train` / `kaiwa eval` ([`Dataset::read`]) and `kaiwa train-tokenizer`
+    /// ([`for_each_text`]) accept the same lines and refuse the same ones with the same reason.
+    #[test]
+    fn every_command_accepts_or_refuses_a_chat_line_alike() {
+        let valid = r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}"#;
+        let cases: &[(&str, Format, Option<&str>)] = &[
+            (valid, Format::Openai, None),
+            (
+                r#"{"conversations":[{"from":"human","value":"hi"},{"from":"chatgpt","value":"yo"}]}"#,
+                Format::Sharegpt,
+                None,
+            ),
+            (
+                r#"{"messages":[{"role":"developer","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#,
+                Format::Openai,
+                None,
+            ),
+            ("{not json", Format::Openai, Some("not JSON")),
+            (
+                r#"{"messages":[{"role":"narrator","content":"x"}]}"#,
+                Format::Openai,
+                Some("unknown role `narrator`"),
+            ),
+            (
+                r#"{"conversations":[{"from":"bot","value":"x"}]}"#,
+                Format::Sharegpt,
+                Some("unknown speaker `bot`"),
+            ),
+            (
+                r#"{"messages":[{"role":"system","content":"only a prompt"}]}"#,
+                Format::Openai,
+                Some("no user or assistant message with text"),
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":5}]}"#,
+                Format::Openai,
+                Some("messages[0].content"),
+            ),
+        ];
+        let valid_sharegpt = r#"{"conversations":[{"from":"human","value":"hi"}]}"#;
+        for &(line, format, refused) in cases {
+            // A file of the format's own kind: `import --format sharegpt` takes ShareGPT only.
+            let first = if format == Format::Sharegpt {
+                valid_sharegpt
+            } else {
+                valid
+            };
+            let contents = format!("{first}\n{line}\n");
+            let (conversations, errors) = read_text("c.jsonl", &contents, format).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.jsonl");
+            std::fs::write(&path, &contents).unwrap();
+            let dataset = Dataset::read(&path, None);
+            let mut texts = 0;
+            let tokenizer = for_each_text(&path, |_| texts += 1);
+            match refused {
+                None => {
+                    assert_eq!((conversations.len(), errors.len()), (2, 0), "{line}");
+                    assert_eq!(dataset.unwrap().examples.len(), 2, "{line}");
+                    assert!(tokenizer.is_ok() && texts >= 2, "{line}");
+                }
+                Some(reason) => {
+                    assert_eq!(conversations.len(), 1, "{line}");
+                    assert_eq!(errors[0].position, "line 2");
+                    assert!(errors[0].reason.contains(reason), "{errors:?}");
+                    for e in [dataset.unwrap_err(), tokenizer.unwrap_err()] {
+                        let DatasetError::Data {
+                            line: 2, reason: r, ..
+                        } = &e
+                        else {
+                            panic!("{line}: {e}")
+                        };
+                        assert_eq!(r, &errors[0].reason, "{line}");
+                    }
+                }
+            }
         }
     }
 }

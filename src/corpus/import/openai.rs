@@ -1,44 +1,12 @@
 //! OpenAI chat fine-tuning JSONL: one dialogue per line,
 //! `{"messages": [{"role": "system" | "user" | "assistant", "content": "…"}, …]}`.
 //!
-//! `content` is a string, or a list of parts of which the `{"type": "text", "text": "…"}` ones
-//! are kept (joined by newlines; images and audio are dropped). `developer` is the newer name of
-//! `system`. Tool traffic (`tool` / `function` messages, an assistant turn that only calls a tool
-//! and so has no text) is dropped: what remains is the dialogue the people saw. A line with no
-//! user or assistant text left is reported.
-
-use serde::Deserialize;
+//! What a line holds, and when it is refused, is [`crate::dataset::chat`]'s to say (the rules
+//! `kaiwa train` and `kaiwa eval` read the same lines by): text parts kept, tool traffic and
+//! empty messages dropped, a line with no user or assistant text left reported.
 
 use super::input::{jsonl_records, NumberedLines, Source};
-use super::{corpus_conversation, corpus_message, Conversation, ImportError, Records};
-use super::{RecordError, Role};
-
-#[derive(Deserialize)]
-struct Line {
-    messages: Vec<ChatMessage>,
-}
-
-#[derive(Deserialize)]
-struct ChatMessage {
-    role: String,
-    #[serde(default)]
-    content: Option<Content>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
-}
+use super::{Conversation, ImportError, RecordError, Records};
 
 /// Reads an OpenAI chat JSONL file.
 pub(super) fn read(source: Source) -> Result<Records, ImportError> {
@@ -55,47 +23,8 @@ pub(super) fn read(source: Source) -> Result<Records, ImportError> {
 }
 
 fn parse_line(number: usize, line: &str) -> Result<Conversation, RecordError> {
-    let position = format!("line {number}");
-    let parsed: Line =
-        super::input::json_line(line).map_err(|reason| RecordError::new(&position, reason))?;
-    let mut messages = Vec::with_capacity(parsed.messages.len());
-    for (i, message) in parsed.messages.into_iter().enumerate() {
-        let role = match message.role.as_str() {
-            "system" | "developer" => Role::System,
-            "user" => Role::User,
-            "assistant" => Role::Assistant,
-            "tool" | "function" | "ipython" => continue,
-            other => {
-                return Err(RecordError::new(
-                    position,
-                    format!(
-                        "messages[{i}].role: unknown role `{other}` \
-                         (expected system, developer, user, assistant or tool)"
-                    ),
-                ))
-            }
-        };
-        let text = match message.content {
-            None => String::new(),
-            Some(Content::Text(text)) => text,
-            Some(Content::Parts(parts)) => parts
-                .into_iter()
-                .filter(|part| part.kind == "text")
-                .filter_map(|part| part.text)
-                .collect::<Vec<_>>()
-                .join("\n"),
-        };
-        if !text.trim().is_empty() {
-            messages.push(corpus_message(role, text));
-        }
-    }
-    if !messages.iter().any(|m| m.role != Role::System) {
-        return Err(RecordError::new(
-            position,
-            "no user or assistant message with text",
-        ));
-    }
-    Ok(corpus_conversation(None, messages))
+    super::dialogue(line, crate::dataset::chat::Kind::Openai)
+        .map_err(|reason| RecordError::new(format!("line {number}"), reason))
 }
 
 #[cfg(test)]

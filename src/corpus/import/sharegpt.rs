@@ -1,31 +1,14 @@
 //! ShareGPT-style corpora: a JSON array (or JSONL) of
 //! `{"conversations": [{"from": "human", "value": "…"}, {"from": "gpt", "value": "…"}, …]}`.
 //!
-//! Speakers: `human` / `user` are the user; `gpt`, `assistant`, `chatgpt`, `bard`, `bing` and
-//! `model` the assistant; `system` a system prompt, as is an item-level `"system": "…"` field,
-//! which some datasets use instead. Tool traffic (`function_call`, `observation`, `tool`, …) is
-//! dropped, as in the OpenAI format. An item is positioned by its index in the array (`[12]`) or
-//! its line (`line 12`).
+//! What an item holds, and when it is refused, is [`crate::dataset::chat`]'s to say (the rules
+//! `kaiwa train` and `kaiwa eval` read the same lines by: one table of speakers, `chatgpt`
+//! included, an item-level `"system"` prompt, tool traffic dropped). An item is positioned by
+//! its index in the array (`[12]`) or its line (`line 12`).
 
-use serde::Deserialize;
-
-use super::input::{json_from_reader, jsonl_records, NumberedLines, Slot, Source};
-use super::{corpus_conversation, corpus_message, Conversation, ImportError, Records};
-use super::{RecordError, Role};
-
-#[derive(Deserialize)]
-struct Item {
-    conversations: Vec<Turn>,
-    #[serde(default)]
-    system: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Turn {
-    from: String,
-    #[serde(default)]
-    value: Option<String>,
-}
+use super::input::{json_from_reader, jsonl_records, NumberedLines, Source};
+use super::{Conversation, ImportError, RecordError, Records};
+use crate::dataset::chat::{self, Kind};
 
 /// Reads a ShareGPT JSON array or JSONL file.
 pub(super) fn read(source: Source) -> Result<Records, ImportError> {
@@ -38,16 +21,14 @@ pub(super) fn read(source: Source) -> Result<Records, ImportError> {
     };
     match first {
         Some((_, Some('['))) => {
-            let (items, _) = json_from_reader::<Vec<Slot<Item>>>(lines.into_reader(), &name)?;
+            let (items, _) =
+                json_from_reader::<Vec<serde_json::Value>>(lines.into_reader(), &name)?;
             let records: Vec<Result<Conversation, RecordError>> = items
                 .into_iter()
                 .enumerate()
-                .map(|(i, slot)| {
-                    let position = format!("[{i}]");
-                    match slot {
-                        Slot::Good(item) => convert(item, position),
-                        Slot::Bad(reason) => Err(RecordError::new(position, reason)),
-                    }
+                .map(|(i, item)| {
+                    super::conversation(chat::parse_value(item, Kind::Sharegpt))
+                        .map_err(|reason| RecordError::new(format!("[{i}]"), reason))
                 })
                 .collect();
             Ok(Box::new(records.into_iter()))
@@ -57,47 +38,10 @@ pub(super) fn read(source: Source) -> Result<Records, ImportError> {
              {{\"conversations\": […]}} objects, or one such object per line"
         ))),
         _ => Ok(jsonl_records(lines, |number, line| {
-            let position = format!("line {number}");
-            match super::input::json_line::<Item>(line) {
-                Ok(item) => convert(item, position),
-                Err(reason) => Err(RecordError::new(position, reason)),
-            }
+            super::dialogue(line, Kind::Sharegpt)
+                .map_err(|reason| RecordError::new(format!("line {number}"), reason))
         })),
     }
-}
-
-fn convert(item: Item, position: String) -> Result<Conversation, RecordError> {
-    let mut messages = Vec::with_capacity(item.conversations.len() + 1);
-    if let Some(system) = item.system.filter(|s| !s.trim().is_empty()) {
-        messages.push(corpus_message(Role::System, system));
-    }
-    for (i, turn) in item.conversations.into_iter().enumerate() {
-        let role = match turn.from.to_ascii_lowercase().as_str() {
-            "human" | "user" => Role::User,
-            "gpt" | "assistant" | "chatgpt" | "bard" | "bing" | "model" => Role::Assistant,
-            "system" => Role::System,
-            "tool" | "function" | "function_call" | "function_response" | "observation"
-            | "ipython" => continue,
-            _ => {
-                return Err(RecordError::new(
-                    position,
-                    format!(
-                        "conversations[{i}].from: unknown speaker `{}` \
-                         (expected human/user, gpt/assistant or system)",
-                        turn.from
-                    ),
-                ))
-            }
-        };
-        let text = turn.value.unwrap_or_default();
-        if !text.trim().is_empty() {
-            messages.push(corpus_message(role, text));
-        }
-    }
-    if !messages.iter().any(|m| m.role != Role::System) {
-        return Err(RecordError::new(position, "no human or gpt turn with text"));
-    }
-    Ok(corpus_conversation(None, messages))
 }
 
 #[cfg(test)]
