@@ -13,6 +13,9 @@ pub enum Platform {
     Telegram,
     /// The web server's API and chat page (`kaiwa serve`).
     Web,
+    /// Conversations `kaiwa import` brought in with no platform chat behind them (corpora); a
+    /// Telegram or Discord export keeps its own platform.
+    Import,
 }
 
 impl Platform {
@@ -21,6 +24,7 @@ impl Platform {
             Platform::Discord => "discord",
             Platform::Telegram => "telegram",
             Platform::Web => "web",
+            Platform::Import => "import",
         }
     }
 
@@ -29,6 +33,7 @@ impl Platform {
             "discord" => Some(Platform::Discord),
             "telegram" => Some(Platform::Telegram),
             "web" => Some(Platform::Web),
+            "import" => Some(Platform::Import),
             _ => None,
         }
     }
@@ -38,9 +43,18 @@ impl Platform {
         match self {
             Platform::Discord => 2000,
             Platform::Telegram => 4096,
-            // The web takes a reply whole.
-            Platform::Web => usize::MAX,
+            // The web takes a reply whole; nothing is sent to an import.
+            Platform::Web | Platform::Import => usize::MAX,
         }
+    }
+}
+
+/// A platform as stored (`messages.platform`): the text must be one of [`Platform::as_str`].
+impl TryFrom<String> for Platform {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Platform::parse(&s).ok_or_else(|| format!("unknown platform `{s}`"))
     }
 }
 
@@ -90,6 +104,29 @@ impl fmt::Display for ChannelRef {
 pub enum ChatKind {
     Direct,
     Group,
+}
+
+impl ChatKind {
+    /// As stored (`messages.chat_kind`): `direct` or `group`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChatKind::Direct => "direct",
+            ChatKind::Group => "group",
+        }
+    }
+}
+
+/// A chat kind as stored: `direct` or `group`.
+impl TryFrom<String> for ChatKind {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "direct" => Ok(ChatKind::Direct),
+            "group" => Ok(ChatKind::Group),
+            _ => Err(format!("unknown chat kind `{s}`")),
+        }
+    }
 }
 
 /// The side of a conversation a message is on.

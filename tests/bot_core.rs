@@ -29,7 +29,7 @@ async fn a_direct_message_is_stored_then_answered_and_redelivery_adds_nothing() 
         "the reply is stored too"
     );
     assert_eq!(rows[1].reply_to.as_deref(), Some("10"));
-    assert_eq!(rows[0].chat_kind, "direct");
+    assert_eq!(rows[0].chat_kind, ChatKind::Direct);
 }
 
 /// The generation settings recorded with the bot's sent replies.

@@ -16,6 +16,7 @@ use fake_discord::{
 };
 use kaiwa::bot::event::{ChannelRef, Outbox, Platform};
 use kaiwa::config::{PlatformSettings, Secret};
+use kaiwa::domain::ChatKind;
 use kaiwa::platform::discord::DiscordOutbox;
 use kaiwa::store::StoredMessage;
 use serde_json::{json, Value};
@@ -173,7 +174,7 @@ async fn messages_missed_while_down_are_caught_up_at_the_next_start() {
     })
     .await;
     let stored = |id: &str| rows.iter().find(|m| m.message_id == id).unwrap();
-    assert_eq!(stored(id_of(&missed)).chat_kind, "direct");
+    assert_eq!(stored(id_of(&missed)).chat_kind, ChatKind::Direct);
     assert_eq!(stored(id_of(&old)).text.as_deref(), Some("an old question"));
     assert!(!sent
         .iter()
@@ -205,7 +206,7 @@ async fn direct_message_is_stored_and_answered_in_the_same_channel() {
     assert_eq!(theirs.author_id, alice().id);
     assert_eq!(theirs.author_name, "Alice");
     assert_eq!(theirs.text.as_deref(), Some("hello there"));
-    assert_eq!(theirs.chat_kind, "direct");
+    assert_eq!(theirs.chat_kind, ChatKind::Direct);
     let ours = rows.iter().find(|m| m.from_self).unwrap();
     assert_eq!(ours.message_id, sent[0].id);
     assert_eq!(ours.reply_to.as_deref(), Some(id_of(&dm)));

@@ -15,6 +15,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use super::{peak_rss_mib, percentile, rss_mib};
+use crate::domain::Platform;
 use crate::engine::{EngineError, ReplyEngine, Request};
 use crate::model::{ChatMessage, Generator};
 use crate::store::{ImportRecord, ImportedRow, Store, StoreError};
@@ -79,7 +80,7 @@ pub async fn bench_reply(
                 };
                 for (j, text) in [pick(&mut rng), pick(&mut rng)].into_iter().enumerate() {
                     tx.insert(&ImportedRow {
-                        platform: "import".into(),
+                        platform: Platform::Import,
                         chat_id: format!("bench-{i}"),
                         direct: false,
                         message_id: j.to_string(),

@@ -292,11 +292,7 @@ impl Bot {
             };
             let message = IncomingMessage {
                 channel,
-                kind: if row.chat_kind == "direct" {
-                    ChatKind::Direct
-                } else {
-                    ChatKind::Group
-                },
+                kind: row.chat_kind,
                 message_id: row.message_id.clone(),
                 author_id: row.author_id.clone(),
                 author_name: row.author_name.clone(),

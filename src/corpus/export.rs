@@ -25,6 +25,7 @@ use serde::Serialize;
 
 use super::clean::{self, Dedup, Duplicate, Pseudonyms, Redactor};
 use crate::conversation::{self, Speakers, Turn};
+use crate::domain::ChatKind;
 use crate::model::ChatMessage;
 use crate::store::{CorpusFilter, CorpusRow, Store, StoreError};
 use crate::text::hash::stable_hash;
@@ -405,7 +406,7 @@ impl Exporter<'_> {
     /// The examples a session gives, before filters.
     fn examples(&self, session: &[CorpusRow]) -> Vec<Example> {
         let first = &session[0].message;
-        let speakers = if first.chat_kind == "direct" {
+        let speakers = if first.chat_kind == ChatKind::Direct {
             Speakers::One
         } else {
             Speakers::Many
@@ -422,7 +423,7 @@ impl Exporter<'_> {
         let new_meta = |id: String, language: &str, messages: &[ChatMessage]| Meta {
             id,
             conversation: conversation_id.clone(),
-            platform: first.platform.clone(),
+            platform: first.platform.to_string(),
             source: first.source.clone(),
             language: language.to_string(),
             up: vec![0; messages.len()],
@@ -442,7 +443,7 @@ impl Exporter<'_> {
                 }
                 if let Some(p) = &self.pseudonyms {
                     if !r.message.from_self || self.options.mode == ExportMode::All {
-                        t.speaker = p.of(&r.message.platform, &r.message.author_id);
+                        t.speaker = p.of(r.message.platform.as_str(), &r.message.author_id);
                     }
                 }
                 Some((r, t))

@@ -172,7 +172,7 @@ pub fn rows(c: &Conversation, assistant: Option<&str>, base_ms: i64) -> Vec<Impo
         .map(|(i, m)| {
             at = m.sent_at_ms.unwrap_or(at + 1000);
             ImportedRow {
-                platform: c.platform.clone(),
+                platform: c.platform,
                 chat_id: chat_id.clone(),
                 direct: c.direct,
                 message_id: m.id.clone().unwrap_or_else(|| i.to_string()),

@@ -10,12 +10,12 @@ use futures_util::TryStreamExt;
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::{insert_row, now_ms, Insert, NewRow, Store, StoreError, StoredMessage};
-use crate::domain::ChannelRef;
+use crate::domain::{ChannelRef, Platform};
 
 /// A message of an imported conversation, ready to store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImportedRow {
-    pub platform: String,
+    pub platform: Platform,
     pub chat_id: String,
     pub direct: bool,
     pub message_id: String,
@@ -108,13 +108,13 @@ impl ImportTx {
     pub async fn insert(&mut self, r: &ImportedRow) -> Result<ImportInsert, StoreError> {
         if self
             .opted_out
-            .get(&r.platform)
+            .get(r.platform.as_str())
             .is_some_and(|users| users.contains(&r.author_id))
         {
             return Ok(ImportInsert::OptedOut);
         }
         let row = NewRow {
-            platform: &r.platform,
+            platform: r.platform.as_str(),
             chat_id: &r.chat_id,
             thread_id: "",
             direct: r.direct,

@@ -62,11 +62,12 @@ pub struct NewMessage {
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredMessage {
     pub id: i64,
-    pub platform: String,
+    #[sqlx(try_from = "String")]
+    pub platform: Platform,
     pub chat_id: String,
     pub thread_id: String,
-    /// `direct` or `group`.
-    pub chat_kind: String,
+    #[sqlx(try_from = "String")]
+    pub chat_kind: ChatKind,
     pub message_id: String,
     pub author_id: String,
     pub author_name: String,
@@ -529,12 +530,12 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|(chat, kind, id, _)| {
-                let kind = if kind == "direct" {
-                    ChatKind::Direct
-                } else {
-                    ChatKind::Group
-                };
-                (chat, kind, id)
+                // A kind the store never writes reads as a group: the safer of the two.
+                (
+                    chat,
+                    ChatKind::try_from(kind).unwrap_or(ChatKind::Group),
+                    id,
+                )
             })
             .collect())
     }

@@ -334,12 +334,13 @@ impl MarkedEventReceiver for TreeBuilder {
 mod tests {
     use super::super::input::tests::{read_plain_and_gz, read_text};
     use super::super::{Format, ImportError, Role};
+    use crate::domain::Platform;
 
     #[test]
     fn food_sample_reads_as_alternating_user_and_assistant() {
         let (conversations, errors) = read_plain_and_gz("chatterbot_food.yml", Format::Chatterbot);
         let first = &conversations[0];
-        assert_eq!(first.platform, "import");
+        assert_eq!(first.platform, Platform::Import);
         assert_eq!(first.chat_id, None);
         assert!(first.direct);
         assert_eq!(first.title.as_deref(), Some("food, 食べ物"));

@@ -208,6 +208,7 @@ fn csv_reason(error: &::csv::Error) -> String {
 mod tests {
     use super::super::input::tests::{read_plain_and_gz, read_text};
     use super::super::{Format, Role};
+    use crate::domain::Platform;
 
     #[test]
     fn sample_skips_the_header_and_keeps_quoted_fields_whole() {
@@ -230,7 +231,7 @@ mod tests {
         assert_eq!(first.messages[1].role, Role::Assistant);
         assert_eq!(first.messages[1].author_id, "assistant");
         assert!(first.direct);
-        assert_eq!(first.platform, "import");
+        assert_eq!(first.platform, Platform::Import);
 
         let got: Vec<(&str, &str)> = errors
             .iter()

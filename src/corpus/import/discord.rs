@@ -15,6 +15,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::input::{typed, Source};
 use super::{Conversation, ImportError, Message, RecordError, Records, Role};
+use crate::domain::Platform;
 
 #[derive(Deserialize)]
 struct Export {
@@ -129,7 +130,7 @@ pub(super) fn read(source: Source) -> Result<Records, ImportError> {
     }
     if !messages.is_empty() {
         records.push(Ok(Conversation {
-            platform: "discord".to_string(),
+            platform: Platform::Discord,
             chat_id: Some(channel.id),
             direct,
             title,
@@ -186,13 +187,14 @@ fn convert_message(message: DceMessage, channel_id: &str) -> Result<Option<Messa
 mod tests {
     use super::super::input::tests::{read_plain_and_gz, read_text};
     use super::super::{Format, ImportError, Role};
+    use crate::domain::Platform;
 
     #[test]
     fn sample_keeps_what_people_wrote() {
         let (conversations, errors) = read_plain_and_gz("discord_export.json", Format::Discord);
         assert_eq!(conversations.len(), 1);
         let channel = &conversations[0];
-        assert_eq!(channel.platform, "discord");
+        assert_eq!(channel.platform, Platform::Discord);
         assert_eq!(channel.chat_id.as_deref(), Some("1200000000000000001"));
         assert!(!channel.direct);
         assert_eq!(channel.title.as_deref(), Some("カイワ研究所 #general"));

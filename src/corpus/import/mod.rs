@@ -57,6 +57,7 @@ impl fmt::Display for Format {
     }
 }
 
+use crate::domain::Platform;
 pub use crate::domain::Role;
 
 /// One message of an imported conversation.
@@ -82,7 +83,7 @@ pub struct Message {
 pub struct Conversation {
     /// `telegram` or `discord` for chat exports, whose ids are the platform's own (so an export
     /// of a chat the bot is in merges with what it collected live); `import` otherwise.
-    pub platform: String,
+    pub platform: Platform,
     /// The platform's chat / channel id when the source has one; otherwise `None` and the store
     /// derives a stable id from the content, so importing the same dialogue twice adds nothing.
     pub chat_id: Option<String>,
@@ -189,7 +190,7 @@ fn corpus_message(role: Role, text: String) -> Message {
 /// A dialogue of a corpus: no platform chat behind it, so the store derives its id.
 fn corpus_conversation(title: Option<String>, messages: Vec<Message>) -> Conversation {
     Conversation {
-        platform: "import".to_string(),
+        platform: Platform::Import,
         chat_id: None,
         direct: true,
         title,

@@ -31,6 +31,7 @@ fn parse_line(number: usize, line: &str) -> Result<Conversation, RecordError> {
 mod tests {
     use super::super::input::tests::{read_plain_and_gz, read_text};
     use super::super::{Format, ImportError, Role};
+    use crate::domain::Platform;
 
     #[test]
     fn sample_reads_dialogues_and_reports_the_bad_lines() {
@@ -38,7 +39,7 @@ mod tests {
         assert_eq!(conversations.len(), 3, "{conversations:?}");
 
         let first = &conversations[0];
-        assert_eq!(first.platform, "import");
+        assert_eq!(first.platform, Platform::Import);
         assert!(first.direct);
         assert_eq!(first.chat_id, None);
         let got: Vec<(Role, &str, &str)> = first

@@ -48,6 +48,7 @@ pub(super) fn read(source: Source) -> Result<Records, ImportError> {
 mod tests {
     use super::super::input::tests::{read_plain_and_gz, read_text};
     use super::super::{Format, ImportError, Role};
+    use crate::domain::Platform;
 
     #[test]
     fn array_sample_reads_items_and_reports_bad_ones() {
@@ -68,7 +69,7 @@ mod tests {
             ]
         );
         assert!(conversations[0].direct);
-        assert_eq!(conversations[0].platform, "import");
+        assert_eq!(conversations[0].platform, Platform::Import);
         // The item-level system prompt comes first; `chatgpt` is the assistant.
         let second: Vec<Role> = conversations[1].messages.iter().map(|m| m.role).collect();
         assert_eq!(second, vec![Role::System, Role::User, Role::Assistant]);

@@ -23,6 +23,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::input::{json_from_reader, typed, Present, SkipBom, Source};
 use super::{Conversation, ImportError, Message, RecordError, Records, Role};
+use crate::domain::Platform;
 
 /// The top level of `result.json`: the fields of a single-chat export and of a full export.
 #[derive(Deserialize)]
@@ -213,7 +214,7 @@ fn convert_chat(chat: Chat) -> Vec<Result<Conversation, RecordError>> {
     }
     if !messages.is_empty() {
         records.push(Ok(Conversation {
-            platform: "telegram".to_string(),
+            platform: Platform::Telegram,
             chat_id: Some(chat_id),
             direct,
             title: chat.name,
@@ -406,6 +407,7 @@ impl<R: BufRead> Read for HexEscapes<R> {
 
 #[cfg(test)]
 mod tests {
+    use crate::domain::Platform;
     use std::io::Read;
 
     use super::super::input::tests::{read_plain_and_gz, read_text};
@@ -417,7 +419,7 @@ mod tests {
         let (conversations, errors) = read_plain_and_gz("telegram_result.json", Format::Telegram);
         assert_eq!(conversations.len(), 1, "{conversations:?}");
         let chat = &conversations[0];
-        assert_eq!(chat.platform, "telegram");
+        assert_eq!(chat.platform, Platform::Telegram);
         assert_eq!(chat.chat_id.as_deref(), Some("-1001234567890"));
         assert!(!chat.direct);
         assert_eq!(chat.title.as_deref(), Some("カイワ開発"));

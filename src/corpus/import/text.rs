@@ -20,6 +20,7 @@
 
 use super::input::{NumberedLines, Source};
 use super::{Conversation, ImportError, Message, RecordError, Records, Role};
+use crate::domain::Platform;
 
 /// The longest name a speaker prefix may have, in characters.
 const MAX_NAME_CHARS: usize = 40;
@@ -120,7 +121,7 @@ impl Transcripts {
         speakers.dedup();
         let direct = speakers.len() == 2;
         Some(Conversation {
-            platform: "import".to_string(),
+            platform: Platform::Import,
             chat_id: None,
             direct,
             title: None,
@@ -163,6 +164,7 @@ mod tests {
     use super::super::input::tests::{read_plain_and_gz, read_text};
     use super::super::{Format, Role};
     use super::speaker;
+    use crate::domain::Platform;
 
     #[test]
     fn sample_reads_turns_continuations_and_separators() {
@@ -189,7 +191,7 @@ mod tests {
         assert!(first.direct);
         assert!(first.messages.iter().all(|m| m.role == Role::User));
         assert_eq!(first.messages[1].author_name, "Bot");
-        assert_eq!(first.platform, "import");
+        assert_eq!(first.platform, Platform::Import);
 
         // Ended by `---`, three speakers: not direct.
         let second = &conversations[1];
