@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::peak_rss_mib;
 use crate::model::runtime::OnnxDecoder;
 use crate::model::sampler::argmax;
-use crate::model::{find_onnx, load_config, ModelError};
+use crate::model::{ensure_onnx, load_config, ModelError};
 
 /// What one inference benchmark measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,7 +47,7 @@ pub fn bench_infer(
     repeats: usize,
     threads: usize,
 ) -> Result<InferReport, ModelError> {
-    let onnx = find_onnx(dir)?;
+    let onnx = ensure_onnx(dir)?;
     let fallback = load_config(dir).ok().map(|c| (c.kv_heads(), c.head_dim()));
     let decoder = Arc::new(OnnxDecoder::load_with_threads(&onnx, fallback, threads)?);
     if let Some(ctx) = load_config(dir).ok().map(|c| c.max_position_embeddings) {

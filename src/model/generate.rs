@@ -17,7 +17,7 @@ use super::threads::default_threads;
 use super::tokenizer::{StreamDecoder, TextTokenizer};
 use super::utf8::Utf8Guard;
 use super::{
-    find_onnx, read_json, ModelError, CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE,
+    ensure_onnx, read_json, ModelError, CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE,
 };
 
 /// Context length assumed when a model directory does not state one.
@@ -157,7 +157,7 @@ impl Generator {
             tokenizer_config.bos_token().map(str::to_string),
             tokenizer_config.eos_token().map(str::to_string),
         )?;
-        let onnx = find_onnx(dir)?;
+        let onnx = ensure_onnx(dir)?;
         let fallback = config.as_ref().map(|c| (c.kv_heads(), c.head_dim()));
         let decoder = Arc::new(OnnxDecoder::load_with_threads(&onnx, fallback, threads)?);
 

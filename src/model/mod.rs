@@ -101,47 +101,49 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), Mod
     std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
 }
 
-/// Finds the ONNX graph of a model directory: `model.onnx`, or `onnx/model.onnx` as some
-/// Hugging Face repositories lay it out.
-///
-/// A directory with `config.json` and `model.safetensors` but no graph gets its `model.onnx`
-/// exported here, once: the default model in the repository ships only its weights, since the
-/// graph would hold a second copy of them.
+/// The ONNX graph of a model directory: `model.onnx`, or `onnx/model.onnx` as some Hugging
+/// Face repositories lay it out. Only looks; [`ensure_onnx`] exports a missing one.
 pub fn find_onnx(dir: &Path) -> Result<PathBuf, ModelError> {
     let candidates = [ONNX_FILE, "onnx/model.onnx"];
-    for c in candidates {
-        let p = dir.join(c);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    if !dir.is_dir() {
-        return Err(ModelError::NotAModelDir {
-            path: dir.to_path_buf(),
-            reason: "no such directory".into(),
-        });
-    }
-    if dir.join(CONFIG_FILE).is_file() && dir.join(WEIGHTS_FILE).is_file() {
-        let config = load_config(dir)?;
-        let weights = LlamaWeights::load(&config, &dir.join(WEIGHTS_FILE))?;
-        let path = dir.join(ONNX_FILE);
-        tracing::info!(path = %path.display(), "no ONNX graph yet: exporting it from the weights");
-        onnx_export::export_onnx(
-            &config,
-            &weights,
-            &path,
-            &onnx_export::ExportOptions::default(),
-        )?;
-        return Ok(path);
+    if let Some(found) = candidates.iter().map(|c| dir.join(c)).find(|p| p.is_file()) {
+        return Ok(found);
     }
     Err(ModelError::NotAModelDir {
         path: dir.to_path_buf(),
-        reason: format!(
-            "no ONNX graph found (looked for {}); run `kaiwa export-onnx {}` first",
-            candidates.join(", "),
-            dir.display()
-        ),
+        reason: if dir.is_dir() {
+            format!(
+                "no ONNX graph found (looked for {}); run `kaiwa export-onnx {}` first",
+                candidates.join(", "),
+                dir.display()
+            )
+        } else {
+            "no such directory".into()
+        },
     })
+}
+
+/// The ONNX graph of a model directory ([`find_onnx`]), exported from the weights first when
+/// the directory has `config.json` and `model.safetensors` but no graph: the default model in
+/// the repository ships only its weights, since the graph would hold a second copy of them.
+pub fn ensure_onnx(dir: &Path) -> Result<PathBuf, ModelError> {
+    let missing = match find_onnx(dir) {
+        Ok(found) => return Ok(found),
+        Err(e) => e,
+    };
+    if !(dir.join(CONFIG_FILE).is_file() && dir.join(WEIGHTS_FILE).is_file()) {
+        return Err(missing);
+    }
+    let config = load_config(dir)?;
+    let weights = LlamaWeights::load(&config, &dir.join(WEIGHTS_FILE))?;
+    let path = dir.join(ONNX_FILE);
+    tracing::info!(path = %path.display(), "no ONNX graph yet: exporting it from the weights");
+    onnx_export::export_onnx(
+        &config,
+        &weights,
+        &path,
+        &onnx_export::ExportOptions::default(),
+    )?;
+    Ok(path)
 }
 
 /// Reads `config.json` of a model directory and checks it.
