@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::domain::Platform;
 use crate::engine::{EngineSettings, Weights};
-use crate::model::{GenerateOptions, GenerationConfig};
+use crate::model::{GenerateOptions, Sampling};
 use crate::store::SharePolicy;
 
 /// A secret (a bot token). Its `Debug` and `Display` never show the value.
@@ -72,7 +72,7 @@ pub struct Settings {
     pub context_max_age: Duration,
     /// The sampling settings the environment gives (`TEMPERATURE`, …); unset ones come from
     /// the model's `generation_config.json`, then kaiwa's defaults ([`Settings::reply_options`]).
-    pub generation: GenerationConfig,
+    pub generation: Sampling,
     /// The base of every reply's seed (`SEED`).
     pub seed: u64,
     /// Generations running at once (each on its own thread).
@@ -194,14 +194,13 @@ impl Settings {
                 api_url: get(url),
             })
         };
-        let generation = GenerationConfig {
+        let generation = Sampling {
             temperature: parse_some(&get, "TEMPERATURE")?,
             top_k: parse_some(&get, "TOP_K")?,
             top_p: parse_some(&get, "TOP_P")?,
             repetition_penalty: parse_some(&get, "REPETITION_PENALTY")?,
             max_new_tokens: parse_some(&get, "MAX_NEW_TOKENS")?,
             guidance_scale: parse_some(&get, "GUIDANCE_SCALE")?,
-            ..GenerationConfig::default()
         };
         // Out-of-range values stop the daemon at start, not at its first reply.
         GenerateOptions::default()

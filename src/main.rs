@@ -8,8 +8,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kaiwa::model::{
-    self, onnx_export::ExportOptions, ChatMessage, GenerateOptions, GenerationConfig, Generator,
-    LlamaConfig, LlamaWeights, Preset,
+    self, onnx_export::ExportOptions, ChatMessage, GenerateOptions, Generator, LlamaConfig,
+    LlamaWeights, Preset,
 };
 
 #[derive(Parser)]
@@ -769,14 +769,13 @@ fn parse_time(s: &str) -> Result<i64> {
 
 impl SamplingArgs {
     fn options(&self, generator: &Generator) -> Result<GenerateOptions> {
-        let overrides = GenerationConfig {
+        let overrides = kaiwa::model::Sampling {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
             max_new_tokens: self.max_new_tokens,
             guidance_scale: self.guidance_scale,
-            ..Default::default()
         };
         let mut o = generator.default_options().overridden_by(&overrides);
         o.seed = self.seed;
@@ -1126,9 +1125,12 @@ fn run(cli: Cli) -> Result<()> {
                 suites,
                 overrides: kaiwa::eval::SamplingOverrides {
                     seed,
-                    temperature,
-                    max_new_tokens,
-                    guidance_scale,
+                    sampling: kaiwa::model::Sampling {
+                        temperature,
+                        max_new_tokens,
+                        guidance_scale,
+                        ..Default::default()
+                    },
                 },
                 max_examples,
                 report_dir: report,

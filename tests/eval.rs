@@ -365,7 +365,7 @@ fn gate_fixture() -> Report {
     let mut options = EvalOptions::new(&m.uniform);
     options.data = Some(val);
     options.suites = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("evals")];
-    options.overrides.max_new_tokens = Some(8);
+    options.overrides.sampling.max_new_tokens = Some(8);
     options.report_dir = Some(dir.path().join("report"));
     kaiwa::eval::run(&options).unwrap().report
 }
@@ -457,7 +457,10 @@ fn the_gate_passes_a_model_against_itself_and_fails_worse_figures() {
         Err(EvalError::NotComparable(_))
     ));
     let mut hotter = base.clone();
-    hotter.suite.as_mut().unwrap().files[0].sampling.temperature += 0.5;
+    hotter.suite.as_mut().unwrap().files[0]
+        .sampling
+        .sampling
+        .temperature += 0.5;
     assert!(matches!(
         compare(&hotter, &base, &rules),
         Err(EvalError::NotComparable(_))

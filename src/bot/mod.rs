@@ -696,16 +696,9 @@ impl Bot {
         let generator = self.model();
         let options = c.options;
         let settings = format!(
-            "engine={} temperature={} top_k={} top_p={} repetition_penalty={} max_new_tokens={} \
-             guidance_scale={} seed={}",
+            "engine={} {}",
             self.engine.settings().mode.as_str(),
-            options.sampling.temperature,
-            options.sampling.top_k,
-            options.sampling.top_p,
-            options.sampling.repetition_penalty,
-            options.max_new_tokens,
-            options.guidance_scale,
-            options.seed
+            options.describe()
         );
         let model_name = generator.dir().display().to_string();
         let cancel = Arc::clone(&self.cancel);

@@ -554,10 +554,10 @@ fn suite_markdown(md: &mut String, s: &SuiteReport) {
             f.cases.len(),
             f.path,
             p.seed,
-            p.temperature,
-            p.top_k,
-            p.top_p,
-            p.repetition_penalty,
+            p.sampling.temperature,
+            p.sampling.top_k,
+            p.sampling.top_p,
+            p.sampling.repetition_penalty,
             if p.guidance_scale == 1.0 {
                 String::new()
             } else {

@@ -56,7 +56,7 @@ use super::{parallel_map, EvalError};
 use crate::engine::{
     rank::is_echo, EngineError, EngineMode, Ranked, ReplyEngine, ReplySource, Request, Retrieval,
 };
-use crate::model::{ChatMessage, GenerateOptions, Generator};
+use crate::model::{ChatMessage, GenerateOptions, Generator, Sampling, SamplingParams};
 use crate::text::lang;
 
 pub use crate::text::{repetition, Repetition, REPETITION_NGRAM};
@@ -67,28 +67,16 @@ pub struct Suite {
     pub name: String,
     pub path: PathBuf,
     pub seed: u64,
-    pub sampling: SuiteSampling,
+    /// `None`s leave the model's own defaults.
+    pub sampling: Sampling,
     pub cases: Vec<Case>,
-}
-
-/// Sampling settings of a suite; `None` leaves the model's own default.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SuiteSampling {
-    pub temperature: Option<f32>,
-    pub top_k: Option<usize>,
-    pub top_p: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub max_new_tokens: Option<usize>,
-    pub guidance_scale: Option<f32>,
 }
 
 /// Settings given on the command line, over every suite file's.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SamplingOverrides {
     pub seed: Option<u64>,
-    pub temperature: Option<f32>,
-    pub max_new_tokens: Option<usize>,
-    pub guidance_scale: Option<f32>,
+    pub sampling: Sampling,
 }
 
 /// One prompt and what its reply must satisfy.
@@ -290,7 +278,7 @@ pub fn parse_suite(text: &str, path: &Path) -> Result<Suite, EvalError> {
     let name = top.string("name").map_err(&err)?.unwrap_or(default_name);
     let seed = top.integer("seed").map_err(&err)?.unwrap_or(0);
     let sampling = match top.get("sampling") {
-        None => SuiteSampling::default(),
+        None => Sampling::default(),
         Some(node) => {
             let s = Fields::new(node, "sampling").map_err(&err)?;
             s.only(&[
@@ -302,7 +290,7 @@ pub fn parse_suite(text: &str, path: &Path) -> Result<Suite, EvalError> {
                 "guidance_scale",
             ])
             .map_err(&err)?;
-            SuiteSampling {
+            Sampling {
                 temperature: s.number("temperature").map_err(&err)?.map(|v| v as f32),
                 top_k: s.integer("top_k").map_err(&err)?.map(|v| v as usize),
                 top_p: s.number("top_p").map_err(&err)?.map(|v| v as f32),
@@ -588,14 +576,13 @@ pub struct SuiteFileReport {
     pub cases: Vec<CaseReport>,
 }
 
-/// The settings the replies were generated with, after overrides and model defaults.
+/// The settings the replies were generated with, after overrides and model defaults: the
+/// resolved [`GenerateOptions`] as a report records them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsedSampling {
     pub seed: u64,
-    pub temperature: f32,
-    pub top_k: usize,
-    pub top_p: f32,
-    pub repetition_penalty: f32,
+    #[serde(flatten)]
+    pub sampling: SamplingParams,
     pub max_new_tokens: usize,
     /// Classifier-free guidance; 1 is none (reports written before it existed read as 1).
     #[serde(default = "no_guidance")]
@@ -604,6 +591,17 @@ pub struct UsedSampling {
 
 fn no_guidance() -> f32 {
     1.0
+}
+
+impl From<&GenerateOptions> for UsedSampling {
+    fn from(o: &GenerateOptions) -> Self {
+        UsedSampling {
+            seed: o.seed,
+            sampling: o.sampling.clone(),
+            max_new_tokens: o.max_new_tokens,
+            guidance_scale: o.guidance_scale,
+        }
+    }
 }
 
 /// One prompt, its reply, and the checks.
@@ -638,27 +636,11 @@ pub fn options_for(
     suite: &Suite,
     overrides: &SamplingOverrides,
 ) -> Result<GenerateOptions, EvalError> {
-    let mut o = generator.default_options();
-    let s = &suite.sampling;
-    o.sampling.temperature = overrides
-        .temperature
-        .or(s.temperature)
-        .unwrap_or(o.sampling.temperature);
-    o.sampling.top_k = s.top_k.unwrap_or(o.sampling.top_k);
-    o.sampling.top_p = s.top_p.unwrap_or(o.sampling.top_p);
-    o.sampling.repetition_penalty = s
-        .repetition_penalty
-        .unwrap_or(o.sampling.repetition_penalty);
-    o.max_new_tokens = overrides
-        .max_new_tokens
-        .or(s.max_new_tokens)
-        .unwrap_or(o.max_new_tokens);
+    let mut o = generator
+        .default_options()
+        .overridden_by(&overrides.sampling.over(suite.sampling));
     o.seed = overrides.seed.unwrap_or(suite.seed);
     o.stop = Vec::new();
-    o.guidance_scale = overrides
-        .guidance_scale
-        .or(s.guidance_scale)
-        .unwrap_or(o.guidance_scale);
     o.validate().map_err(|e| EvalError::Suite {
         path: suite.path.clone(),
         reason: e.to_string(),
@@ -717,19 +699,10 @@ pub fn run_suites(
                 })
             },
         )?;
-        let s = &options.sampling;
         files.push(SuiteFileReport {
             name: suite.name.clone(),
             path: suite.path.display().to_string(),
-            sampling: UsedSampling {
-                seed: options.seed,
-                temperature: s.temperature,
-                top_k: s.top_k,
-                top_p: s.top_p,
-                repetition_penalty: s.repetition_penalty,
-                max_new_tokens: options.max_new_tokens,
-                guidance_scale: options.guidance_scale,
-            },
+            sampling: UsedSampling::from(&options),
             cases,
         });
     }

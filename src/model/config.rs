@@ -191,6 +191,29 @@ pub struct GenerationConfig {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub do_sample: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+impl GenerationConfig {
+    /// What the file says of sampling; `do_sample: false` is greedy decoding (temperature 0).
+    pub fn sampling(&self) -> Sampling {
+        let mut s = self.sampling;
+        if self.do_sample == Some(false) {
+            s.temperature = Some(0.0);
+        }
+        s
+    }
+}
+
+/// The six sampling settings as one layer says them, each unset unless it does. The layers are
+/// a model's `generation_config.json`, then a suite file (`kaiwa eval`), then the environment
+/// (the daemon) or the command line; [`Sampling::over`] stacks two, and
+/// `GenerateOptions::overridden_by` applies the result to resolved options. The one
+/// declaration of these settings: the file, the suites, the settings and the flags all fill it.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Sampling {
+    /// 0 is greedy decoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,4 +227,18 @@ pub struct GenerationConfig {
     /// Classifier-free guidance (Hugging Face's name): 1 or unset is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_scale: Option<f32>,
+}
+
+impl Sampling {
+    /// This layer over `under`: each setting from `self` when it gives one, else from `under`.
+    pub fn over(self, under: Sampling) -> Sampling {
+        Sampling {
+            temperature: self.temperature.or(under.temperature),
+            top_k: self.top_k.or(under.top_k),
+            top_p: self.top_p.or(under.top_p),
+            repetition_penalty: self.repetition_penalty.or(under.repetition_penalty),
+            max_new_tokens: self.max_new_tokens.or(under.max_new_tokens),
+            guidance_scale: self.guidance_scale.or(under.guidance_scale),
+        }
+    }
 }

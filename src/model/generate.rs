@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::chat_template::{ChatMessage, ChatTemplate, TokenizerConfig};
-use super::config::{GenerationConfig, LlamaConfig};
+use super::config::{GenerationConfig, LlamaConfig, Sampling};
 use super::runtime::OnnxDecoder;
 use super::sampler::{fast_log_sum_exp, log_sum_exp, Sampler, SamplingParams};
 use super::threads::default_threads;
@@ -66,16 +66,30 @@ impl GenerateOptions {
 
     /// The defaults of a model's `generation_config.json`, over kaiwa's own.
     pub fn from_generation_config(g: &GenerationConfig) -> Self {
-        GenerateOptions::default().overridden_by(g)
+        GenerateOptions::default().overridden_by(&g.sampling())
+    }
+
+    /// The settings as `key=value` pairs (`temperature=0.7 top_k=40 … seed=0`), as a reply's
+    /// provenance records them.
+    pub fn describe(&self) -> String {
+        let s = &self.sampling;
+        format!(
+            "temperature={} top_k={} top_p={} repetition_penalty={} max_new_tokens={} \
+             guidance_scale={} seed={}",
+            s.temperature,
+            s.top_k,
+            s.top_p,
+            s.repetition_penalty,
+            self.max_new_tokens,
+            self.guidance_scale,
+            self.seed
+        )
     }
 
     /// These options with every setting that `g` gives replaced.
-    pub fn overridden_by(mut self, g: &GenerationConfig) -> Self {
+    pub fn overridden_by(mut self, g: &Sampling) -> Self {
         let s = &mut self.sampling;
         s.temperature = g.temperature.unwrap_or(s.temperature);
-        if g.do_sample == Some(false) {
-            s.temperature = 0.0;
-        }
         s.top_k = g.top_k.unwrap_or(s.top_k);
         s.top_p = g.top_p.unwrap_or(s.top_p);
         s.repetition_penalty = g.repetition_penalty.unwrap_or(s.repetition_penalty);
@@ -626,7 +640,10 @@ mod tests {
             assert!(with(bad).validate().is_err(), "{bad}");
         }
         let g = GenerationConfig {
-            guidance_scale: Some(1.5),
+            sampling: Sampling {
+                guidance_scale: Some(1.5),
+                ..Sampling::default()
+            },
             ..GenerationConfig::default()
         };
         assert_eq!(

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::chat_template::TokenizerConfig;
-use super::config::{GenerationConfig, LlamaConfig, TokenIds};
+use super::config::{GenerationConfig, LlamaConfig, Sampling, TokenIds};
 use super::onnx_export::{export_onnx, ExportOptions};
 use super::tokenizer::{builtin_text, train_byte_level_bpe, TextTokenizer, BOS_TOKEN, IM_END};
 use super::weights::{tensor_specs, LlamaWeights, Param};
@@ -107,11 +107,13 @@ pub fn default_generation_config(bos: u32, eos: u32) -> GenerationConfig {
         bos_token_id: Some(bos),
         eos_token_id: Some(TokenIds::Many(vec![eos, bos])),
         do_sample: Some(true),
-        temperature: Some(0.7),
-        top_k: Some(40),
-        top_p: Some(0.9),
-        repetition_penalty: Some(1.1),
-        max_new_tokens: Some(256),
-        guidance_scale: None,
+        sampling: Sampling {
+            temperature: Some(0.7),
+            top_k: Some(40),
+            top_p: Some(0.9),
+            repetition_penalty: Some(1.1),
+            max_new_tokens: Some(256),
+            guidance_scale: None,
+        },
     }
 }

@@ -24,7 +24,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 pub use chat_template::{ChatMessage, ChatTemplate};
-pub use config::{GenerationConfig, LlamaConfig, Preset};
+pub use config::{GenerationConfig, LlamaConfig, Preset, Sampling};
 pub use generate::{GenerateOptions, Generation, Generator, ReplyLikelihood, StopReason};
 pub use runtime::{DecoderSession, OnnxDecoder};
 pub use sampler::{Sampler, SamplingParams};

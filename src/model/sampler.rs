@@ -9,7 +9,7 @@ use tract_linalg::Func;
 use super::ModelError;
 
 /// How the next token is picked. `temperature == 0` means greedy.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens; 0 keeps all.

@@ -25,7 +25,7 @@ use crate::bot::{Bot, Compose, Reservation, RECENT_REPLIES, SELF_NAME};
 use crate::conversation::{self, Speakers, Turn};
 use crate::domain::ChatKind;
 use crate::engine::EngineMode;
-use crate::model::ChatMessage;
+use crate::model::{ChatMessage, Sampling};
 use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance};
 
 /// The most tokens a request may ask for.
@@ -649,16 +649,13 @@ impl Job {
     ) -> (Outcome, Option<ReplyProvenance>, String) {
         let c = &self.checked;
         let generator = self.bot.model();
-        let mut options = self.bot.reply_options();
-        if let Some(t) = c.temperature {
-            options.sampling.temperature = t;
-        }
-        if let Some(p) = c.top_p {
-            options.sampling.top_p = p;
-        }
-        if let Some(m) = c.max_tokens {
-            options.max_new_tokens = m as usize;
-        }
+        // The request's settings are the top layer, over the daemon's.
+        let mut options = self.bot.reply_options().overridden_by(&Sampling {
+            temperature: c.temperature,
+            top_p: c.top_p,
+            max_new_tokens: c.max_tokens.map(|m| m as usize),
+            ..Sampling::default()
+        });
         options.stop = c.stops.clone();
         options.seed = match c.seed {
             Some(s) => s as u64,
