@@ -523,10 +523,10 @@ fn train(args: &TrainArgs) -> Result<()> {
             return;
         };
         rt.block_on(async {
-            wait_for_signal().await;
+            kaiwa::shutdown::wait_for_signal().await;
             eprintln!("\nstopping: saving a checkpoint (Ctrl-C again to quit at once)");
             STOP_TRAINING.store(true, Ordering::SeqCst);
-            wait_for_signal().await;
+            kaiwa::shutdown::wait_for_signal().await;
             std::process::exit(130);
         });
     });
@@ -592,13 +592,17 @@ impl ThreadsArg {
 
 impl ModelArg {
     fn dir(&self) -> PathBuf {
-        self.model.clone().unwrap_or_else(kaiwa::default_model_dir)
+        self.model
+            .clone()
+            .unwrap_or_else(kaiwa::config::model_dir_from_env)
     }
 
     /// The daemon's settings (environment and `.env`) with this model directory.
     fn settings(&self) -> Result<kaiwa::config::Settings> {
         let mut settings = kaiwa::config::Settings::from_env()?;
-        settings.model_dir = self.dir();
+        if let Some(dir) = &self.model {
+            settings.model_dir = dir.clone();
+        }
         Ok(settings)
     }
 
@@ -733,8 +737,16 @@ impl ExportArgs {
                 platforms: self.platform.clone(),
                 channels: self.channel.clone(),
                 sources: self.source.clone(),
-                since_ms: self.since.as_deref().map(parse_time).transpose()?,
-                until_ms: self.until.as_deref().map(parse_time).transpose()?,
+                since_ms: self
+                    .since
+                    .as_deref()
+                    .map(kaiwa::corpus::export::parse_time)
+                    .transpose()?,
+                until_ms: self
+                    .until
+                    .as_deref()
+                    .map(kaiwa::corpus::export::parse_time)
+                    .transpose()?,
             },
             min_turns: self.min_turns,
             min_chars: self.min_chars,
@@ -748,23 +760,6 @@ impl ExportArgs {
             progress: true,
         })
     }
-}
-
-/// A time on the command line: a date (midnight UTC), an RFC 3339 time, or milliseconds.
-fn parse_time(s: &str) -> Result<i64> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.timestamp_millis());
-    }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d
-            .and_time(chrono::NaiveTime::MIN)
-            .and_utc()
-            .timestamp_millis());
-    }
-    bail!("{s:?} is not a time: expected 2024-05-01, 2024-05-01T12:00:00Z or milliseconds")
 }
 
 impl SamplingArgs {
@@ -826,7 +821,7 @@ where
     let (trigger, shutdown) = kaiwa::shutdown::shutdown_channel();
     runtime()?.block_on(async move {
         tokio::spawn(async move {
-            wait_for_signal().await;
+            kaiwa::shutdown::wait_for_signal().await;
             tracing::info!("signal received: shutting down");
             trigger.trigger();
         });
@@ -1168,7 +1163,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             what: BenchCommand::Corpus { messages, dir },
         } => {
-            let scratch = tempfile_dir(dir)?;
+            let scratch = kaiwa::bench::Scratch::new(dir)?;
             let report = runtime()?
                 .block_on(kaiwa::bench::corpus::bench_corpus(scratch.path(), messages))
                 .context("running the corpus benchmark")?;
@@ -1199,8 +1194,8 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let engine = kaiwa::engine::ReplyEngine::new(engine.settings()?);
             let generator = model.load(&threads)?;
-            let prompts = suite_prompts(&suite)?;
-            let scratch = tempfile_dir(dir)?;
+            let prompts = kaiwa::bench::suite_prompts(&suite)?;
+            let scratch = kaiwa::bench::Scratch::new(dir)?;
             let steps = runtime()?
                 .block_on(kaiwa::bench::reply::bench_reply(
                     scratch.path(),
@@ -1241,7 +1236,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => {
             let settings = model.settings()?;
-            let prompts = suite_prompts(&suite)?;
+            let prompts = kaiwa::bench::suite_prompts(&suite)?;
             let steps = runtime()?.block_on(async {
                 let store = kaiwa::store::Store::open(&settings.database_url).await?;
                 kaiwa::engine::corpora::ensure_corpora(&store, &settings.model_dir)
@@ -1287,7 +1282,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => {
             let settings = model.settings()?;
-            let prompts = suite_prompts(&suite)?;
+            let prompts = kaiwa::bench::suite_prompts(&suite)?;
             let steps = runtime()?.block_on(async {
                 let generator = load_bot_model(&settings).await?;
                 kaiwa::bench::serve::bench_serve(
@@ -1337,7 +1332,13 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("benchmarking {}", dir.display()))?;
             print_report(&report, json)?;
             if ort {
-                let ort = run_ort_bench(&dir, prompt_tokens, new_tokens, repeats, ort_threads)?;
+                let ort = kaiwa::bench::onnxruntime_decode(
+                    &dir,
+                    prompt_tokens,
+                    new_tokens,
+                    repeats,
+                    ort_threads,
+                )?;
                 print_report(&ort, json)?;
                 let agree = ort.tokens == report.tokens;
                 println!(
@@ -1387,37 +1388,9 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
         );
     }
     if pytorch {
-        let script = std::path::Path::new("bench/pytorch_train.py");
-        let c = &config;
-        let output = std::process::Command::new("python3")
-            .arg(script)
-            .args(["--vocab", &c.vocab_size.to_string()])
-            .args(["--hidden", &c.hidden_size.to_string()])
-            .args(["--intermediate", &c.intermediate_size.to_string()])
-            .args(["--layers", &c.num_hidden_layers.to_string()])
-            .args(["--heads", &c.num_attention_heads.to_string()])
-            .args(["--kv-heads", &c.kv_heads().to_string()])
-            .args(["--tie", &c.tie_word_embeddings.to_string()])
-            .args(["--batch", &batch.to_string()])
-            .args(["--context", &context.to_string()])
-            .args(["--warmup", &warmup.to_string()])
-            .args(["--steps", &steps.to_string()])
-            .output()
-            .with_context(|| format!("running python3 {}", script.display()))?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        if !output.status.success() {
-            bail!(
-                "{} failed: {}",
-                script.display(),
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        print!("{stdout}");
-        let theirs = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("tokens_per_s "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .context("the PyTorch script printed no tokens_per_s line")?;
+        let output = kaiwa::bench::train::run_pytorch(&config, batch, context, warmup, steps)?;
+        print!("{output}");
+        let theirs = kaiwa::bench::train::pytorch_tokens_per_s(&output)?;
         println!(
             "kaiwa/pytorch: {:.2}x ({:.0} vs {:.0} tokens/s)",
             r.tokens_per_s / theirs,
@@ -1426,16 +1399,6 @@ fn bench_train(args: &TrainBenchArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The prompts of the given suites, in order; suites without any are refused.
-fn suite_prompts(suites: &[PathBuf]) -> Result<Vec<String>> {
-    let prompts: Vec<String> = kaiwa::eval::suite::load_suites(suites)?
-        .iter()
-        .flat_map(|s| s.cases.iter().map(|c| c.prompt.clone()))
-        .collect();
-    anyhow::ensure!(!prompts.is_empty(), "the suites have no prompts");
-    Ok(prompts)
 }
 
 /// The model the bots use (with its tokenizer and settings), as `settings` names it.
@@ -1453,59 +1416,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// A scratch directory: the one given (kept), or a temporary one (removed when dropped).
-enum Scratch {
-    Kept(PathBuf),
-    Temp(tempfile::TempDir),
-}
-
-impl Scratch {
-    fn path(&self) -> &std::path::Path {
-        match self {
-            Scratch::Kept(p) => p,
-            Scratch::Temp(t) => t.path(),
-        }
-    }
-}
-
-fn tempfile_dir(dir: Option<PathBuf>) -> Result<Scratch> {
-    Ok(match dir {
-        Some(d) => {
-            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-            Scratch::Kept(d)
-        }
-        None => Scratch::Temp(tempfile::tempdir().context("creating a temporary directory")?),
-    })
-}
-
 /// The store `DATABASE_URL` names (default `kaiwa.db`), with a runtime to use it on.
 fn open_store() -> Result<(tokio::runtime::Runtime, kaiwa::store::Store)> {
-    let _ = dotenvy::dotenv();
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://kaiwa.db".into());
+    let url = kaiwa::config::database_url_from_env();
     let rt = runtime()?;
     let store = rt.block_on(kaiwa::store::Store::open(&url))?;
     Ok((rt, store))
-}
-
-/// Waits for Ctrl-C (SIGINT) or SIGTERM.
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn print_report(r: &kaiwa::bench::InferReport, json: bool) -> Result<()> {
@@ -1518,40 +1434,4 @@ fn print_report(r: &kaiwa::bench::InferReport, json: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Runs the ONNX Runtime reference script on the same model and workload.
-fn run_ort_bench(
-    dir: &std::path::Path,
-    prompt_tokens: usize,
-    new_tokens: usize,
-    repeats: usize,
-    threads: usize,
-) -> Result<kaiwa::bench::InferReport> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/onnxruntime_decode.py");
-    let output = std::process::Command::new("python3")
-        .arg(&script)
-        .arg("--model")
-        .arg(dir)
-        .args(["--prompt-tokens", &prompt_tokens.to_string()])
-        .args(["--new-tokens", &new_tokens.to_string()])
-        .args(["--repeats", &repeats.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .output()
-        .with_context(|| format!("running python3 {}", script.display()))?;
-    if !output.status.success() {
-        bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout
-        .lines()
-        .last()
-        .context("the ONNX Runtime script printed nothing")?;
-    let report: kaiwa::bench::InferReport =
-        serde_json::from_str(last).context("parsing the ONNX Runtime script's report")?;
-    Ok(report)
 }
