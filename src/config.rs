@@ -1,5 +1,8 @@
-//! Settings of the bot daemon, read once at start-up from the environment and `.env`, and
-//! checked then, so the rest of the program never re-validates them.
+//! Settings from the environment and `.env`, read and checked once at start-up, so the rest of
+//! the program never re-validates them. This module is the one reader of the environment for
+//! every command: the daemon reads all of [`Settings`]; a command that needs only part of it
+//! (the store, the model directory, the reply engine) reads that part through the same lookup,
+//! so a setting has one name, one default and one error text wherever it is used.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -114,6 +117,12 @@ pub struct WebSettings {
     pub key_rate_per_minute: u32,
 }
 
+/// The store when `DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://kaiwa.db";
+
+/// The model directory when `MODEL_DIR` is not set (and a command is given no `--model`).
+pub const DEFAULT_MODEL_DIR: &str = "models/kaiwa";
+
 /// Where `kaiwa serve` listens when `HTTP_ADDR` is not set: this machine only.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
 
@@ -181,8 +190,7 @@ impl Settings {
 
     /// Reads `.env` (if present, without overriding the environment), then the environment.
     pub fn from_env() -> Result<Self, SettingsError> {
-        let _ = dotenvy::dotenv();
-        Self::from_lookup(|k| std::env::var(k).ok())
+        Self::from_lookup(env_lookup())
     }
 
     /// Reads settings through `get`, so tests can supply their own values.
@@ -243,10 +251,8 @@ impl Settings {
             web: WebSettings::from_lookup(&get)?,
             discord: platform("DISCORD_TOKEN", "DISCORD_API_URL"),
             telegram: platform("TELEGRAM_TOKEN", "TELEGRAM_API_URL"),
-            database_url: get("DATABASE_URL").unwrap_or_else(|| "sqlite://kaiwa.db".into()),
-            model_dir: get("MODEL_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(crate::default_model_dir),
+            database_url: database_url(&get),
+            model_dir: model_dir(&get),
             admins,
             reply_policy,
             system_prompt: get("SYSTEM_PROMPT"),
@@ -301,11 +307,42 @@ fn non_empty(get: impl Fn(&str) -> Option<String>) -> impl Fn(&str) -> Option<St
     }
 }
 
+/// The environment as every command reads it: `.env` first (if present, without overriding
+/// what is set), values trimmed, empty ones unset.
+fn env_lookup() -> impl Fn(&str) -> Option<String> {
+    let _ = dotenvy::dotenv();
+    non_empty(|k| std::env::var(k).ok())
+}
+
+/// The store's URL: `DATABASE_URL`, else [`DEFAULT_DATABASE_URL`].
+fn database_url(get: &impl Fn(&str) -> Option<String>) -> String {
+    get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into())
+}
+
+/// The store's URL from the environment and `.env` (what the store commands, `export-corpus`,
+/// `import`, `forget`, `stats` and `chat`, use; the daemon reads it with the rest of
+/// [`Settings`]).
+pub fn database_url_from_env() -> String {
+    database_url(&env_lookup())
+}
+
+/// The model directory: `MODEL_DIR`, else [`DEFAULT_MODEL_DIR`].
+fn model_dir(get: &impl Fn(&str) -> Option<String>) -> PathBuf {
+    get("MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR))
+}
+
+/// The model directory from the environment and `.env`: where a command given no `--model`
+/// looks.
+pub fn model_dir_from_env() -> PathBuf {
+    model_dir(&env_lookup())
+}
+
 /// The reply engine's settings from the environment and `.env` (what `kaiwa chat`, `eval` and
 /// `bench reply` use; the daemon reads them with the rest of [`Settings`]).
 pub fn engine_settings_from_env() -> Result<EngineSettings, SettingsError> {
-    let _ = dotenvy::dotenv();
-    engine_settings(&non_empty(|k| std::env::var(k).ok()))
+    engine_settings(&env_lookup())
 }
 
 /// The reply engine's settings: `REPLY_ENGINE`, what it may retrieve from and its ranker's
@@ -393,6 +430,20 @@ mod tests {
         // Keys never show in debug output either.
         let shown = format!("{:?}", web(&[("API_KEYS", "sk-secret")]));
         assert!(!shown.contains("sk-secret"), "{shown}");
+    }
+
+    #[test]
+    fn the_store_and_the_model_have_defaults() {
+        let s = Settings::from_lookup(lookup(&[("DATABASE_URL", " ")])).unwrap();
+        assert_eq!(s.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(s.model_dir, PathBuf::from(DEFAULT_MODEL_DIR));
+        let s = Settings::from_lookup(lookup(&[
+            ("DATABASE_URL", "sqlite:///tmp/k.db"),
+            ("MODEL_DIR", "m"),
+        ]))
+        .unwrap();
+        assert_eq!(s.database_url, "sqlite:///tmp/k.db");
+        assert_eq!(s.model_dir, PathBuf::from("m"));
     }
 
     #[test]

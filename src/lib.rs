@@ -43,10 +43,3 @@ pub mod store;
 pub mod text;
 pub mod train;
 pub mod web;
-
-/// The model directory used when none is given: `$MODEL_DIR`, else `models/kaiwa`.
-pub fn default_model_dir() -> std::path::PathBuf {
-    std::env::var_os("MODEL_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| std::path::PathBuf::from("models/kaiwa"))
-}

@@ -3,8 +3,9 @@
 //! The workload is fixed so that `bench/onnxruntime_decode.py` can replay it exactly in ONNX
 //! Runtime: batch 1, a prompt of `prompt_tokens` ids `(i * 7919 + 13) % vocab`, then greedy
 //! decoding of `new_tokens` tokens, one at a time with the KV cache. Both run inside
-//! [`OnnxDecoder::parallel`], as a generation does.
+//! [`OnnxDecoder::parallel`], as a generation does. [`onnxruntime_decode`] runs the script.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,6 +13,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::peak_rss_mib;
+use super::python::{run_script, ScriptError};
 use crate::model::runtime::OnnxDecoder;
 use crate::model::sampler::argmax;
 use crate::model::{ensure_onnx, load_config, ModelError};
@@ -108,4 +110,28 @@ pub fn bench_infer(
         peak_rss_mib: peak_rss_mib(),
         tokens,
     })
+}
+
+/// Runs `bench/onnxruntime_decode.py` (of kaiwa's source tree) on the same model and workload as
+/// [`bench_infer`], with `threads` intra-op threads (0: ONNX Runtime's default); its report.
+pub fn onnxruntime_decode(
+    dir: &Path,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    repeats: usize,
+    threads: usize,
+) -> Result<InferReport, ScriptError> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/onnxruntime_decode.py");
+    let mut args = vec![OsString::from("--model"), dir.as_os_str().to_owned()];
+    for (flag, value) in [
+        ("--prompt-tokens", prompt_tokens),
+        ("--new-tokens", new_tokens),
+        ("--repeats", repeats),
+        ("--threads", threads),
+    ] {
+        args.extend([flag.into(), value.to_string().into()]);
+    }
+    let stdout = run_script(&script, args)?;
+    let last = stdout.lines().last().ok_or(ScriptError::NoReport)?;
+    serde_json::from_str(last).map_err(ScriptError::Report)
 }

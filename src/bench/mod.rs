@@ -4,16 +4,87 @@
 //! export and exporting a million stored messages; `reply` times the reply engine as its store
 //! grows to a million pairs; `serve` times streamed replies over HTTP beside the same replies
 //! made in-process; `bot` times the bot's whole path for a message at many channels at once.
+//! Here too: what they share (memory figures, percentiles, a scratch directory, the suites'
+//! prompts).
+
+use std::path::{Path, PathBuf};
 
 pub mod bot;
 pub mod corpus;
 mod infer;
+mod python;
 pub mod reply;
 pub mod serve;
 pub mod telegram_loop;
 pub mod train;
 
-pub use infer::{bench_infer, bench_prompt, InferReport};
+pub use infer::{bench_infer, bench_prompt, onnxruntime_decode, InferReport};
+pub use python::ScriptError;
+
+use crate::eval::EvalError;
+
+/// A scratch directory: the one given (kept), or a temporary one (removed when dropped).
+pub enum Scratch {
+    Kept(PathBuf),
+    Temp(tempfile::TempDir),
+}
+
+/// A scratch directory that could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct ScratchError {
+    what: String,
+    #[source]
+    source: std::io::Error,
+}
+
+impl Scratch {
+    /// `dir` (created if missing, and kept), or a new temporary directory.
+    pub fn new(dir: Option<PathBuf>) -> Result<Scratch, ScratchError> {
+        Ok(match dir {
+            Some(d) => {
+                std::fs::create_dir_all(&d).map_err(|source| ScratchError {
+                    what: format!("creating {}", d.display()),
+                    source,
+                })?;
+                Scratch::Kept(d)
+            }
+            None => Scratch::Temp(tempfile::tempdir().map_err(|source| ScratchError {
+                what: "creating a temporary directory".into(),
+                source,
+            })?),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Scratch::Kept(p) => p,
+            Scratch::Temp(t) => t.path(),
+        }
+    }
+}
+
+/// Suites that give a benchmark no prompts.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptsError {
+    #[error(transparent)]
+    Suite(#[from] EvalError),
+    #[error("the suites have no prompts")]
+    Empty,
+}
+
+/// The prompts of the given suite files or directories, in order; suites without any are
+/// refused.
+pub fn suite_prompts(suites: &[PathBuf]) -> Result<Vec<String>, PromptsError> {
+    let prompts: Vec<String> = crate::eval::suite::load_suites(suites)?
+        .iter()
+        .flat_map(|s| s.cases.iter().map(|c| c.prompt.clone()))
+        .collect();
+    if prompts.is_empty() {
+        return Err(PromptsError::Empty);
+    }
+    Ok(prompts)
+}
 
 /// Peak resident set size of this process (`VmHWM`), in MiB (0 where it cannot be read).
 pub fn peak_rss_mib() -> f64 {

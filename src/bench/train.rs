@@ -7,13 +7,16 @@
 //! global-norm clipping to 1.0, AdamW with weight decay on matrices). A few warm-up steps are
 //! not timed. The peak is a large f32 matrix product through the same backend on all threads,
 //! so the fraction says how much of what this CPU can do in practice a training step uses.
+//! [`run_pytorch`] runs the PyTorch script.
 
+use std::path::Path;
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::peak_rss_mib;
+use super::python::{run_script, ScriptError};
 use crate::model::init::random_weights;
 use crate::model::LlamaConfig;
 use crate::train::model::Llama;
@@ -177,4 +180,47 @@ fn cpu_seconds() -> f64 {
     // SAFETY: sysconf only reads a system constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
+/// The script that replays [`bench_train`]'s workload in PyTorch eager, relative to the working
+/// directory.
+pub const PYTORCH_SCRIPT: &str = "bench/pytorch_train.py";
+
+/// Runs [`PYTORCH_SCRIPT`] with the shapes of `config` and the same batch, context, warm-up and
+/// steps as [`bench_train`]; what it printed (read its speed with [`pytorch_tokens_per_s`]).
+pub fn run_pytorch(
+    config: &LlamaConfig,
+    batch: usize,
+    context: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<String, ScriptError> {
+    let c = config;
+    let args = [
+        ("--vocab", c.vocab_size.to_string()),
+        ("--hidden", c.hidden_size.to_string()),
+        ("--intermediate", c.intermediate_size.to_string()),
+        ("--layers", c.num_hidden_layers.to_string()),
+        ("--heads", c.num_attention_heads.to_string()),
+        ("--kv-heads", c.kv_heads().to_string()),
+        ("--tie", c.tie_word_embeddings.to_string()),
+        ("--batch", batch.to_string()),
+        ("--context", context.to_string()),
+        ("--warmup", warmup.to_string()),
+        ("--steps", steps.to_string()),
+    ];
+    run_script(
+        Path::new(PYTORCH_SCRIPT),
+        args.iter()
+            .flat_map(|(flag, value)| [flag.to_string(), value.clone()]),
+    )
+}
+
+/// The tokens a second in what [`run_pytorch`] printed (its `tokens_per_s` line).
+pub fn pytorch_tokens_per_s(output: &str) -> Result<f64, ScriptError> {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("tokens_per_s "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or(ScriptError::NoTokensPerS)
 }

@@ -115,6 +115,29 @@ impl Default for ExportOptions {
     }
 }
 
+/// A time given to [`CorpusFilter`]'s bounds that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a time: expected 2024-05-01, 2024-05-01T12:00:00Z or milliseconds")]
+pub struct NotATime(pub String);
+
+/// A bound of [`CorpusFilter`] as people write it (`--since`, `--until`): a date (midnight
+/// UTC), an RFC 3339 time, or milliseconds since the epoch; in milliseconds.
+pub fn parse_time(s: &str) -> Result<i64, NotATime> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc()
+            .timestamp_millis());
+    }
+    Err(NotATime(s.to_string()))
+}
+
 /// Counts for one slice of the corpus (a language, a platform, a split).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Figures {
@@ -752,4 +775,24 @@ fn data_card(s: &ExportSummary, o: &ExportOptions) -> String {
     c.push_str(&table("Per source", &s.per_source));
     c.push_str(&format!("\nFiles: {}\n", s.files.join(", ")));
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn times_are_dates_rfc3339_or_milliseconds() {
+        assert_eq!(parse_time("1714564800000").unwrap(), 1_714_564_800_000);
+        assert_eq!(parse_time("2024-05-01").unwrap(), 1_714_521_600_000);
+        assert_eq!(
+            parse_time("2024-05-01T12:00:00Z").unwrap(),
+            1_714_564_800_000
+        );
+        let e = parse_time("yesterday").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "\"yesterday\" is not a time: expected 2024-05-01, 2024-05-01T12:00:00Z or milliseconds"
+        );
+    }
 }
