@@ -378,7 +378,7 @@ struct TrainBenchArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Run folder: run.json, checkpoint/, metrics.jsonl, loss.png, and the model in OUT/model.
+    /// Run folder: run.json, checkpoint/, metrics.jsonl, loss.svg, and the model in OUT/model.
     #[arg(long)]
     out: PathBuf,
     /// Continue the run in --out from its last checkpoint (every other option comes from its
