@@ -82,7 +82,7 @@ for f in config.json generation_config.json model.safetensors tokenizer.json tok
     cp "$WORK/run/model/$f" "$OUT/"
 done
 cp "$WORK/eval/report.md" "$WORK/eval/report.json" "$OUT/eval/"
-cp "$WORK/run/run.json" "$WORK/run/summary.json" "$WORK/run/metrics.jsonl" "$WORK/run/loss.png" \
+cp "$WORK/run/run.json" "$WORK/run/summary.json" "$WORK/run/metrics.jsonl" "$WORK/run/loss.svg" \
     "$OUT/training/"
 cp "$WORK/tokenizer/tokenizer_report.md" "$OUT/training/" 2>/dev/null || true
 step "done: $OUT"

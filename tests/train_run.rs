@@ -160,8 +160,12 @@ fn a_run_writes_a_model_the_runtime_loads_with_metrics_and_a_curve() {
     let vals: Vec<usize> = curve.iter().filter(|c| c.1 == "val").map(|c| c.0).collect();
     assert_eq!(vals, vec![4, 8, 12]);
 
-    let png = std::fs::read(out.join(PLOT_FILE)).unwrap();
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // The loss curve is an SVG with the training loss as a line and the validation loss.
+    assert_eq!(PLOT_FILE, "loss.svg");
+    let svg = std::fs::read_to_string(out.join(PLOT_FILE)).unwrap();
+    assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains(r##"<polyline fill="none" opacity="1" stroke="#1F77B4""##));
+    assert!(svg.contains("training loss") && svg.contains("validation loss"));
 
     // The model directory is complete: the runtime loads it and generates.
     let generator = Generator::load(&summary.model_dir).unwrap();

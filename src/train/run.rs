@@ -12,7 +12,7 @@
 //!                 step counts), state.json (steps done, tokens seen, time spent)
 //! metrics.jsonl   one line per step (loss, learning rate, gradient norm, tokens/s) and one per
 //!                 validation (validation loss)
-//! loss.png        the loss curve, redrawn at every checkpoint
+//! loss.svg        the loss curve, redrawn at every checkpoint
 //! summary.json    the figures of the finished (or stopped) run
 //! ```
 //!
@@ -42,7 +42,7 @@ use super::convert::to_weights;
 use super::data::{epoch_order, pack, Objective, PackedData};
 use super::model::Llama;
 use super::optim::{AdamWSettings, Schedule};
-use super::plot::{write_png, Series};
+use super::plot::{write_svg, Series};
 use super::step::{batch_loss, parameter_count, retain_freed_memory, Batch, StepReport, Trainer};
 use crate::dataset::sequence::SequenceBuilder;
 use crate::dataset::{Dataset, DatasetError};
@@ -60,7 +60,7 @@ pub const RUN_FILE: &str = "run.json";
 pub const MODEL_DIR: &str = "model";
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 pub const METRICS_FILE: &str = "metrics.jsonl";
-pub const PLOT_FILE: &str = "loss.png";
+pub const PLOT_FILE: &str = "loss.svg";
 pub const SUMMARY_FILE: &str = "summary.json";
 const OPTIMIZER_FILE: &str = "optimizer.bpk";
 const STATE_FILE: &str = "state.json";
@@ -824,7 +824,7 @@ impl MetricsFile {
     }
 }
 
-/// Redraws `loss.png` from the metrics so far.
+/// Redraws `loss.svg` from the metrics so far.
 fn plot(out: &Path, metrics: &MetricsFile) -> Result<(), TrainError> {
     let mut train = Vec::new();
     let mut val = Vec::new();
@@ -849,7 +849,7 @@ fn plot(out: &Path, metrics: &MetricsFile) -> Result<(), TrainError> {
         });
     }
     let path = out.join(PLOT_FILE);
-    write_png(&path, "kaiwa train", "step", "loss (nats/token)", &series)
+    write_svg(&path, "kaiwa train", "step", "loss (nats/token)", &series)
         .map_err(|e| TrainError::Invalid(format!("drawing {}: {e}", path.display())))
 }
 

@@ -455,7 +455,7 @@ impl TrainTokenizerArgs {
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Run folder: run.json, checkpoint/, metrics.jsonl, loss.png, and the model in OUT/model.
+    /// Run folder: run.json, checkpoint/, metrics.jsonl, loss.svg, and the model in OUT/model.
     #[arg(long)]
     pub out: PathBuf,
     /// Continue the run in --out from its last checkpoint (every other option comes from its
