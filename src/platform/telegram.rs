@@ -117,7 +117,7 @@ pub async fn run(
             }
             Err(RequestError::RetryAfter(wait)) => {
                 warn!("telegram: getUpdates rate limited; waiting {}", wait);
-                sleep_unless_shutdown(wait.duration(), &mut shutdown).await;
+                shutdown.sleep(wait.duration()).await;
                 continue;
             }
             Err(e) => {
@@ -189,7 +189,7 @@ async fn identify(
             }
             Err(RequestError::RetryAfter(wait)) => {
                 warn!("telegram: getMe rate limited; waiting {}", wait);
-                sleep_unless_shutdown(wait.duration(), shutdown).await;
+                shutdown.sleep(wait.duration()).await;
             }
             Err(e) => {
                 warn!(
@@ -748,13 +748,6 @@ impl Scrubber {
                 self.clean(&text)
             }
         }
-    }
-}
-
-async fn sleep_unless_shutdown(delay: Duration, shutdown: &mut Shutdown) {
-    tokio::select! {
-        _ = shutdown.wait() => {}
-        _ = tokio::time::sleep(delay) => {}
     }
 }
 
