@@ -42,6 +42,7 @@ use crate::bot::event::{
 };
 use crate::bot::Bot;
 use crate::config::{PlatformSettings, Secret};
+use crate::platform::retry::Scrubber;
 use crate::shutdown::Shutdown;
 
 /// What kaiwa listens to: messages in guilds and DMs, with their text, and reactions on them
@@ -73,8 +74,8 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let outbox = Arc::new(DiscordOutbox::new(&settings));
-    let Some((me, gateway_url)) = introduce(&outbox.http, &settings.token, &mut shutdown).await?
-    else {
+    let scrub = outbox.scrub.clone();
+    let Some((me, gateway_url)) = introduce(&outbox.http, &scrub, &mut shutdown).await? else {
         return Ok(()); // shut down while still connecting
     };
     // What the last run claimed and never sent is answered before anything new, then what was
@@ -96,7 +97,7 @@ pub async fn run(
         .map_err(|e| {
             anyhow!(
                 "could not set up the Discord client: {}",
-                scrub(&e.to_string(), &settings.token)
+                scrub.clean(&e.to_string())
             )
         })?;
     // Had that second ask failed, the client would now point at the public gateway; use the
@@ -107,7 +108,7 @@ pub async fn run(
     tokio::select! {
         result = client.start() => match result {
             Ok(()) => Ok(()),
-            Err(e) => Err(explain_gateway_error(&e, &settings.token)),
+            Err(e) => Err(explain_gateway_error(&e, &scrub)),
         },
         () = shutdown.wait() => {
             info!("Discord: closing the gateway connection");
@@ -136,7 +137,7 @@ fn build_http(settings: &PlatformSettings) -> Http {
 /// trouble is retried with backoff; `None` when shutdown fired first.
 async fn introduce(
     http: &Http,
-    token: &Secret,
+    scrub: &Scrubber,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<Option<(UserId, String)>> {
     let mut backoff = Backoff::new(Duration::from_secs(1), MAX_CONNECT_BACKOFF);
@@ -167,7 +168,7 @@ async fn introduce(
             }
             Err(e) => {
                 warn!(
-                    error = %scrub(&describe(&e), token),
+                    error = %scrub.clean(&describe(&e)),
                     failures = backoff.failures() + 1,
                     "Discord: cannot reach the API; retrying with backoff"
                 );
@@ -180,7 +181,7 @@ async fn introduce(
 }
 
 /// Turns the error that ended the gateway connection into one an operator can act on.
-fn explain_gateway_error(e: &serenity::Error, token: &Secret) -> anyhow::Error {
+fn explain_gateway_error(e: &serenity::Error, scrub: &Scrubber) -> anyhow::Error {
     match e {
         serenity::Error::Gateway(GatewayError::InvalidAuthentication) => anyhow!(
             "the Discord gateway rejected the bot token (DISCORD_TOKEN); copy it again from the \
@@ -193,7 +194,7 @@ fn explain_gateway_error(e: &serenity::Error, token: &Secret) -> anyhow::Error {
         ),
         other => anyhow!(
             "the Discord gateway connection ended: {}",
-            scrub(&other.to_string(), token)
+            scrub.clean(&other.to_string())
         ),
     }
 }
@@ -420,7 +421,7 @@ async fn catch_up(bot: &Arc<Bot>, outbox: &Arc<DiscordOutbox>, me: UserId) {
             {
                 Ok(page) => page,
                 Err(e) => {
-                    warn!(channel = %channel, "Discord: cannot read missed messages: {}", scrub(&describe(&e), &outbox.token));
+                    warn!(channel = %channel, "Discord: cannot read missed messages: {}", outbox.scrub.clean(&describe(&e)));
                     break;
                 }
             };
@@ -518,8 +519,8 @@ fn now_ms() -> i64 {
 /// How the core sends on Discord: messages and the typing indicator, over REST.
 pub struct DiscordOutbox {
     http: Arc<Http>,
-    /// Only to keep it out of error texts.
-    token: Secret,
+    /// Keeps the token out of error texts.
+    scrub: Scrubber,
     /// With `DISCORD_API_URL`: messages are sent here, so a 429's `retry_after` is read.
     proxy: Option<ProxyRest>,
 }
@@ -530,6 +531,7 @@ pub struct DiscordOutbox {
 struct ProxyRest {
     client: reqwest::Client,
     base: String,
+    token: Secret,
 }
 
 impl ProxyRest {
@@ -537,16 +539,16 @@ impl ProxyRest {
         &self,
         channel: ChannelId,
         body: String,
-        token: &Secret,
+        scrub: &Scrubber,
     ) -> Result<Message, SendError> {
         let url = format!("{}/api/v10/channels/{channel}/messages", self.base);
         let failed =
-            |e: String| SendError::Other(format!("sending a message: {}", scrub(&e, token)));
+            |e: String| SendError::Other(format!("sending a message: {}", scrub.clean(&e)));
         for attempt in 1..=RATE_LIMIT_ATTEMPTS {
             let response = self
                 .client
                 .post(&url)
-                .header("Authorization", format!("Bot {}", token.expose()))
+                .header("Authorization", format!("Bot {}", self.token.expose()))
                 .header("Content-Type", "application/json")
                 .body(body.clone())
                 .send()
@@ -554,7 +556,7 @@ impl ProxyRest {
                 .map_err(|e| {
                     SendError::Unavailable(format!(
                         "sending a message: {}",
-                        scrub(&e.to_string(), token)
+                        scrub.clean(&e.to_string())
                     ))
                 })?;
             let status = response.status();
@@ -596,7 +598,7 @@ impl ProxyRest {
                 answer["message"].as_str().unwrap_or("(no message)")
             );
             return Err(if status.is_server_error() {
-                SendError::Unavailable(format!("sending a message: {}", scrub(&why, token)))
+                SendError::Unavailable(format!("sending a message: {}", scrub.clean(&why)))
             } else {
                 failed(why)
             });
@@ -613,10 +615,11 @@ impl DiscordOutbox {
     pub fn new(settings: &PlatformSettings) -> Self {
         DiscordOutbox {
             http: Arc::new(build_http(settings)),
-            token: settings.token.clone(),
+            scrub: Scrubber::new(settings.token.expose()),
             proxy: settings.api_url.as_ref().map(|url| ProxyRest {
                 client: reqwest::Client::new(),
                 base: url.trim_end_matches('/').to_string(),
+                token: settings.token.clone(),
             }),
         }
     }
@@ -650,7 +653,7 @@ impl DiscordOutbox {
                     attempt += 1;
                 }
                 Err(e) => {
-                    let why = format!("{what}: {}", scrub(&describe(&e), &self.token));
+                    let why = format!("{what}: {}", self.scrub.clean(&describe(&e)));
                     return Err(if unavailable(&e) {
                         SendError::Unavailable(why)
                     } else {
@@ -688,7 +691,7 @@ impl Outbox for DiscordOutbox {
                 Some(proxy) => {
                     let body = serde_json::to_string(&message)
                         .map_err(|e| SendError::Other(format!("sending a message: {e}")))?;
-                    proxy.create_message(channel_id, body, &self.token).await?
+                    proxy.create_message(channel_id, body, &self.scrub).await?
                 }
                 None => {
                     self.with_rate_limit_retries("sending a message", || {
@@ -711,7 +714,7 @@ impl Outbox for DiscordOutbox {
             channel_id.broadcast_typing(&self.http).await.map_err(|e| {
                 SendError::Other(format!(
                     "typing indicator: {}",
-                    scrub(&describe(&e), &self.token)
+                    self.scrub.clean(&describe(&e))
                 ))
             })
         })
@@ -750,16 +753,6 @@ fn describe(e: &serenity::Error) -> String {
             )
         }
         other => other.to_string(),
-    }
-}
-
-/// Removes the token from a text that is about to be logged or returned.
-fn scrub(text: &str, token: &Secret) -> String {
-    let token = token.expose().trim();
-    if token.is_empty() {
-        text.to_string()
-    } else {
-        text.replace(token, "***")
     }
 }
 
@@ -940,7 +933,11 @@ mod tests {
 
     #[test]
     fn scrub_removes_the_token() {
-        let token = Secret::new("abc.def.ghi");
-        assert_eq!(scrub("Bot abc.def.ghi failed", &token), "Bot *** failed");
+        let scrub = DiscordOutbox::new(&PlatformSettings {
+            token: Secret::new("abc.def.ghi"),
+            api_url: None,
+        })
+        .scrub;
+        assert_eq!(scrub.clean("Bot abc.def.ghi failed"), "Bot *** failed");
     }
 }

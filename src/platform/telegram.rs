@@ -32,6 +32,7 @@ use crate::bot::event::{
 };
 use crate::bot::Bot;
 use crate::config::PlatformSettings;
+use crate::platform::retry::Scrubber;
 use crate::shutdown::Shutdown;
 
 /// How long one `getUpdates` call may wait on the server for news. Below the HTTP client's own
@@ -121,7 +122,7 @@ pub async fn run(
                 continue;
             }
             Err(e) => {
-                warn!("telegram: getUpdates failed: {}", scrub.request_error(&e));
+                warn!("telegram: getUpdates failed: {}", describe(&e, &scrub));
                 backoff.wait(&mut shutdown).await;
                 continue;
             }
@@ -194,7 +195,7 @@ async fn identify(
             Err(e) => {
                 warn!(
                     "telegram: cannot reach the Bot API yet: {}",
-                    scrub.request_error(&e)
+                    describe(&e, scrub)
                 );
                 backoff.wait(shutdown).await;
             }
@@ -566,7 +567,7 @@ impl TelegramOutbox {
         }
         Ok(TelegramOutbox {
             api,
-            scrub: Scrubber::new(token),
+            scrub: scrubber(token),
         })
     }
 
@@ -623,9 +624,9 @@ impl TelegramOutbox {
                     tokio::time::sleep(wait.duration()).await;
                 }
                 Err(e) if unavailable(&e) => {
-                    return Err(SendError::Unavailable(self.scrub.request_error(&e)))
+                    return Err(SendError::Unavailable(describe(&e, &self.scrub)))
                 }
-                Err(e) => return Err(SendError::Other(self.scrub.request_error(&e))),
+                Err(e) => return Err(SendError::Other(describe(&e, &self.scrub))),
             }
         }
     }
@@ -641,7 +642,7 @@ impl TelegramOutbox {
         request
             .await
             .map(|_| ())
-            .map_err(|e| SendError::Other(self.scrub.request_error(&e)))
+            .map_err(|e| SendError::Other(describe(&e, &self.scrub)))
     }
 }
 
@@ -701,53 +702,27 @@ fn thread_of(channel: &ChannelRef) -> Option<ThreadId> {
         .map(|id| ThreadId(MessageId(id)))
 }
 
-/// Removes the bot token from text bound for logs and errors. HTTP client errors quote the
-/// request URL, and Telegram's URLs contain the token. (teloxide redacts the token from its network
-/// errors, but only when it looks like a real one; this does not depend on that.)
-#[derive(Clone)]
-struct Scrubber {
-    secrets: Vec<String>,
+/// Hides the bot token, and its secret half (after `id:`) on its own, e.g. in percent-encoded
+/// URLs. (teloxide redacts the token from its network errors, but only when it looks like a real
+/// one; this does not depend on that.)
+fn scrubber(token: &str) -> Scrubber {
+    let scrub = Scrubber::new(token);
+    match token.split_once(':') {
+        Some((_, secret)) if secret.len() >= 8 => scrub.and_part(secret),
+        _ => scrub,
+    }
 }
 
-impl Scrubber {
-    fn new(token: &str) -> Self {
-        let mut secrets = vec![token.to_string()];
-        // The part after `id:` is the secret; also catch it on its own (e.g. percent-encoded URLs).
-        if let Some((_, secret)) = token.split_once(':') {
-            if secret.len() >= 8 {
-                secrets.push(secret.to_string());
-            }
+/// A loggable description of a failed request, without the token.
+fn describe(e: &RequestError, scrub: &Scrubber) -> String {
+    match e {
+        // The raw answer can be huge and holds users' messages; the parse error says enough.
+        RequestError::InvalidJson { source, .. } => {
+            format!("unreadable answer from Telegram: {source}")
         }
-        secrets.retain(|s| !s.is_empty());
-        Scrubber { secrets }
-    }
-
-    fn clean(&self, text: &str) -> String {
-        self.secrets.iter().fold(text.to_string(), |text, secret| {
-            text.replace(secret.as_str(), "***")
-        })
-    }
-
-    /// A loggable description of a failed request.
-    fn request_error(&self, e: &RequestError) -> String {
-        match e {
-            // The raw answer can be huge and holds users' messages; the parse error says enough.
-            RequestError::InvalidJson { source, .. } => {
-                format!("unreadable answer from Telegram: {source}")
-            }
-            other => {
-                // teloxide's network errors read "error sending request"; the cause (refused,
-                // timed out, DNS) is further down the chain.
-                let mut text = other.to_string();
-                let mut cause = std::error::Error::source(other);
-                while let Some(e) = cause {
-                    text.push_str(": ");
-                    text.push_str(&e.to_string());
-                    cause = e.source();
-                }
-                self.clean(&text)
-            }
-        }
+        // teloxide's network errors read "error sending request"; the cause (refused, timed
+        // out, DNS) is further down the chain.
+        other => scrub.error_chain(other),
     }
 }
 
@@ -1069,7 +1044,7 @@ mod tests {
 
     #[test]
     fn scrubber_hides_the_token_and_its_secret_half() {
-        let s = Scrubber::new("12345:ABCDEFGHIJKL");
+        let s = scrubber("12345:ABCDEFGHIJKL");
         assert_eq!(
             s.clean("GET /bot12345:ABCDEFGHIJKL/getMe"),
             "GET /bot***/getMe"
