@@ -42,7 +42,7 @@ use crate::bot::event::{
 };
 use crate::bot::Bot;
 use crate::config::{PlatformSettings, Secret};
-use crate::platform::retry::Scrubber;
+use crate::platform::retry::{self, failed_send, GiveUp, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
 
 /// What kaiwa listens to: messages in guilds and DMs, with their text, and reactions on them
@@ -53,9 +53,8 @@ const INTENTS: GatewayIntents = GatewayIntents::GUILD_MESSAGES
     .union(GatewayIntents::GUILD_MESSAGE_REACTIONS)
     .union(GatewayIntents::DIRECT_MESSAGE_REACTIONS);
 
-/// A reply is tried this many times while Discord answers 429…
-const RATE_LIMIT_ATTEMPTS: u32 = 5;
-/// …waiting this long after the first 429, twice as long after each further one, up to
+/// A reply refused with 429 ([`RateLimitRetries::reply`]) waits this long after the first 429
+/// when Discord did not say how long, twice as long after each further one, up to
 /// [`MAX_RATE_LIMIT_WAIT`]. (Serenity drops `retry_after` from the errors it returns, so this is
 /// the fallback when its own rate limiter is off or let a 429 through.)
 const FIRST_RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
@@ -544,7 +543,8 @@ impl ProxyRest {
         let url = format!("{}/api/v10/channels/{channel}/messages", self.base);
         let failed =
             |e: String| SendError::Other(format!("sending a message: {}", scrub.clean(&e)));
-        for attempt in 1..=RATE_LIMIT_ATTEMPTS {
+        let mut rate_limits = RateLimitRetries::reply();
+        loop {
             let response = self
                 .client
                 .post(&url)
@@ -562,53 +562,71 @@ impl ProxyRest {
             let status = response.status();
             let header_wait = response
                 .headers()
-                .get("retry-after")
+                .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<f64>().ok());
+                .map(str::to_string);
             let bytes = response.bytes().await.map_err(|e| failed(e.to_string()))?;
             if status.is_success() {
                 return serde_json::from_slice(&bytes)
                     .map_err(|e| failed(format!("unreadable answer: {e}")));
             }
             let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            if status.as_u16() == 429 && attempt < RATE_LIMIT_ATTEMPTS {
-                let wait = answer["retry_after"]
-                    .as_f64()
-                    .or(header_wait)
-                    .filter(|w| w.is_finite() && *w >= 0.0)
-                    .map(Duration::from_secs_f64)
-                    .unwrap_or(FIRST_RATE_LIMIT_WAIT);
-                if wait > MAX_PROXY_RETRY_AFTER {
-                    return Err(failed(format!(
-                        "rate limited for {:.0} s; not waiting that long",
-                        wait.as_secs_f64()
-                    )));
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                let limit = RateLimit::of(&answer, header_wait.as_deref());
+                match rate_limits.refused(limit.retry_after.unwrap_or(FIRST_RATE_LIMIT_WAIT)) {
+                    Ok(retry) => {
+                        warn!(
+                            attempt = retry.attempt,
+                            wait_ms = retry.wait.as_millis() as u64,
+                            global = limit.global,
+                            "Discord rate limit (429) on sending a message: waiting its retry_after"
+                        );
+                        retry.sleep().await;
+                        continue;
+                    }
+                    Err(GiveUp::TooLong { wait, .. }) => {
+                        return Err(failed(format!(
+                            "rate limited for {:.0} s; not waiting that long",
+                            wait.as_secs_f64()
+                        )));
+                    }
+                    // The last try: its 429 is the error.
+                    Err(GiveUp::Exhausted { .. }) => {}
                 }
-                warn!(
-                    attempt,
-                    wait_ms = wait.as_millis() as u64,
-                    global = answer["global"].as_bool().unwrap_or(false),
-                    "Discord rate limit (429) on sending a message: waiting its retry_after"
-                );
-                tokio::time::sleep(wait).await;
-                continue;
             }
             let why = format!(
                 "Discord answered {status}: {}",
                 answer["message"].as_str().unwrap_or("(no message)")
             );
-            return Err(if status.is_server_error() {
-                SendError::Unavailable(format!("sending a message: {}", scrub.clean(&why)))
-            } else {
-                failed(why)
-            });
+            return Err(failed_send(
+                status.is_server_error(),
+                format!("sending a message: {}", scrub.clean(&why)),
+            ));
         }
-        Err(failed("still rate limited".into()))
     }
 }
 
-/// The longest `retry_after` a reply waits for through `DISCORD_API_URL`.
-const MAX_PROXY_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// What a Discord 429 asks of the bot: wait `retry_after`, the body's (seconds, to the
+/// millisecond) or else the `Retry-After` header's (whole seconds), and whether the limit is the
+/// bot's as a whole (`"global": true`) rather than the route's.
+#[derive(Debug, PartialEq)]
+struct RateLimit {
+    retry_after: Option<Duration>,
+    global: bool,
+}
+
+impl RateLimit {
+    fn of(answer: &serde_json::Value, retry_after_header: Option<&str>) -> Self {
+        let header = retry_after_header.and_then(|v| v.parse::<f64>().ok());
+        RateLimit {
+            retry_after: answer["retry_after"]
+                .as_f64()
+                .or(header)
+                .and_then(retry::seconds),
+            global: answer["global"].as_bool().unwrap_or(false),
+        }
+    }
+}
 
 impl DiscordOutbox {
     /// A REST client for Discord, or for the API at `settings.api_url`.
@@ -634,33 +652,26 @@ impl DiscordOutbox {
         F: FnMut() -> Fut,
         Fut: Future<Output = serenity::Result<T>>,
     {
-        let mut wait = FIRST_RATE_LIMIT_WAIT;
-        let mut attempt = 1;
+        let mut rate_limits = RateLimitRetries::reply();
+        let mut unknown_wait = Backoff::new(FIRST_RATE_LIMIT_WAIT, MAX_RATE_LIMIT_WAIT);
         loop {
-            match request().await {
+            let e = match request().await {
                 Ok(value) => return Ok(value),
-                Err(e)
-                    if status_of(&e) == Some(StatusCode::TOO_MANY_REQUESTS)
-                        && attempt < RATE_LIMIT_ATTEMPTS =>
-                {
+                Err(e) => e,
+            };
+            if status_of(&e) == Some(StatusCode::TOO_MANY_REQUESTS) {
+                if let Ok(retry) = rate_limits.refused(unknown_wait.next_step()) {
                     warn!(
-                        attempt,
-                        wait_ms = wait.as_millis() as u64,
+                        attempt = retry.attempt,
+                        wait_ms = retry.wait.as_millis() as u64,
                         "Discord rate limit (429) on {what}: waiting"
                     );
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(MAX_RATE_LIMIT_WAIT);
-                    attempt += 1;
-                }
-                Err(e) => {
-                    let why = format!("{what}: {}", self.scrub.clean(&describe(&e)));
-                    return Err(if unavailable(&e) {
-                        SendError::Unavailable(why)
-                    } else {
-                        SendError::Other(why)
-                    });
+                    retry.sleep().await;
+                    continue;
                 }
             }
+            let why = format!("{what}: {}", self.scrub.clean(&describe(&e)));
+            return Err(failed_send(unavailable(&e), why));
         }
     }
 }
@@ -929,6 +940,31 @@ mod tests {
                 proptest::prop_assert_eq!(incoming.kind == ChatKind::Group, in_guild);
             }
         }
+    }
+
+    #[test]
+    fn a_429_is_read_as_discord_sends_it() {
+        let answer = serde_json::json!({"message": "You are being rate limited.",
+            "retry_after": 0.25, "global": true});
+        assert_eq!(
+            RateLimit::of(&answer, Some("1")),
+            RateLimit {
+                retry_after: Some(Duration::from_millis(250)),
+                global: true
+            }
+        );
+        // Without the body's, the header's; without either, the caller guesses.
+        let route = serde_json::json!({"message": "You are being rate limited."});
+        assert_eq!(
+            RateLimit::of(&route, Some("2")),
+            RateLimit {
+                retry_after: Some(Duration::from_secs(2)),
+                global: false
+            }
+        );
+        assert_eq!(RateLimit::of(&route, None).retry_after, None);
+        let nonsense = serde_json::json!({"retry_after": -1});
+        assert_eq!(RateLimit::of(&nonsense, Some("2")).retry_after, None);
     }
 
     #[test]

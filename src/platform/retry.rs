@@ -1,7 +1,120 @@
-//! What the platform adapters share about failing and trying again: keeping the bot token out of
-//! every text that is logged or returned ([`Scrubber`]).
+//! What the platform adapters share about failing and trying again: the rule for a reply the
+//! platform refused with HTTP 429 ([`RateLimitRetries`]), what a failed send becomes for the bot
+//! ([`failed_send`]), and keeping the bot token out of every text that is logged or returned
+//! ([`Scrubber`]).
 //!
-//! Each adapter reads its own protocol and hands this module plain values.
+//! Each adapter reads its own protocol and hands this module plain values: Telegram's flood
+//! control gives its wait as `parameters.retry_after` in the JSON answer (teloxide reads it),
+//! Discord's 429 as `retry_after` in the body and in the `Retry-After` header, for a route or,
+//! with `"global": true`, for the whole bot. Both are seconds ([`seconds`]).
+
+use std::time::Duration;
+
+use crate::bot::event::SendError;
+
+/// How many times a reply is tried while the platform answers 429…
+pub const REPLY_ATTEMPTS: u32 = 5;
+/// …and the longest wait it is given: a longer ban would stall a generation worker, so the reply
+/// fails instead.
+pub const REPLY_MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Counts the 429s one request met, and says whether to wait and try again.
+#[derive(Debug, Clone)]
+pub struct RateLimitRetries {
+    attempts: u32,
+    max_wait: Duration,
+    refused: u32,
+}
+
+/// Try again after waiting `wait`; this was try number `attempt` (from 1) to be refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub attempt: u32,
+    pub wait: Duration,
+}
+
+impl Retry {
+    /// Waits it out. (Not cut short at shutdown: the reply is in flight, and at most
+    /// [`REPLY_MAX_WAIT`] away.)
+    pub async fn sleep(self) {
+        tokio::time::sleep(self.wait).await;
+    }
+}
+
+/// Why a rate-limited request is not tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    /// Try number `attempt`, the last allowed, was refused too.
+    Exhausted { attempt: u32 },
+    /// Try number `attempt` was told to wait `wait`, more than allowed.
+    TooLong { attempt: u32, wait: Duration },
+}
+
+impl GiveUp {
+    /// The number of the try refused last.
+    pub fn attempt(self) -> u32 {
+        match self {
+            GiveUp::Exhausted { attempt } | GiveUp::TooLong { attempt, .. } => attempt,
+        }
+    }
+}
+
+impl RateLimitRetries {
+    /// At most `attempts` tries in all, each wait at most `max_wait`.
+    pub fn new(attempts: u32, max_wait: Duration) -> Self {
+        RateLimitRetries {
+            attempts,
+            max_wait,
+            refused: 0,
+        }
+    }
+
+    /// The rule for a reply: [`REPLY_ATTEMPTS`] tries, waits up to [`REPLY_MAX_WAIT`].
+    pub fn reply() -> Self {
+        Self::new(REPLY_ATTEMPTS, REPLY_MAX_WAIT)
+    }
+
+    /// One more try was refused with 429 and told to wait `retry_after` (the platform's, or
+    /// the caller's guess where it gave none): wait and try again, or give up, the last try
+    /// first, then a wait too long.
+    pub fn refused(&mut self, retry_after: Duration) -> Result<Retry, GiveUp> {
+        self.refused = self.refused.saturating_add(1);
+        let attempt = self.refused;
+        if attempt >= self.attempts {
+            Err(GiveUp::Exhausted { attempt })
+        } else if retry_after > self.max_wait {
+            Err(GiveUp::TooLong {
+                attempt,
+                wait: retry_after,
+            })
+        } else {
+            Ok(Retry {
+                attempt,
+                wait: retry_after,
+            })
+        }
+    }
+}
+
+/// A wait in seconds as HTTP APIs give it (`"retry_after": 0.25`, `Retry-After: 2`); `None`
+/// when it is negative or not a number, [`Duration::MAX`] when it is too large for one.
+pub fn seconds(secs: f64) -> Option<Duration> {
+    if !secs.is_finite() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+}
+
+/// What a failed send becomes for the bot: [`SendError::Unavailable`] when the same send may
+/// pass later (the platform could not be reached, or failed inside: 5xx), so the bot sends it
+/// again with its own backoff; [`SendError::Other`] otherwise. `why` must be scrubbed already.
+pub fn failed_send(may_pass_later: bool, why: String) -> SendError {
+    if may_pass_later {
+        SendError::Unavailable(why)
+    } else {
+        SendError::Other(why)
+    }
+}
 
 /// Removes the bot token from text bound for logs and errors. HTTP client errors quote the
 /// request URL (Telegram's holds the token), and an error may echo a header (Discord's
@@ -53,6 +166,66 @@ impl Scrubber {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_waits_out_four_429s_and_gives_up_at_the_fifth() {
+        let mut r = RateLimitRetries::reply();
+        for attempt in 1..REPLY_ATTEMPTS {
+            assert_eq!(
+                r.refused(Duration::from_secs(1)),
+                Ok(Retry {
+                    attempt,
+                    wait: Duration::from_secs(1)
+                })
+            );
+        }
+        // The last try counts before the wait: no wait is too long once none is left.
+        assert_eq!(
+            r.refused(Duration::from_secs(3600)),
+            Err(GiveUp::Exhausted { attempt: 5 })
+        );
+    }
+
+    #[test]
+    fn a_wait_longer_than_allowed_is_not_waited() {
+        let mut r = RateLimitRetries::reply();
+        assert!(
+            r.refused(REPLY_MAX_WAIT).is_ok(),
+            "the limit itself is waited"
+        );
+        let too_long = r.refused(REPLY_MAX_WAIT + Duration::from_millis(1));
+        assert_eq!(
+            too_long,
+            Err(GiveUp::TooLong {
+                attempt: 2,
+                wait: REPLY_MAX_WAIT + Duration::from_millis(1)
+            })
+        );
+        assert_eq!(too_long.unwrap_err().attempt(), 2);
+    }
+
+    #[test]
+    fn seconds_as_apis_give_them() {
+        assert_eq!(seconds(0.25), Some(Duration::from_millis(250)));
+        assert_eq!(seconds(2.0), Some(Duration::from_secs(2)));
+        assert_eq!(seconds(0.0), Some(Duration::ZERO));
+        assert_eq!(seconds(-1.0), None);
+        assert_eq!(seconds(f64::NAN), None);
+        assert_eq!(seconds(f64::INFINITY), None);
+        assert_eq!(seconds(1e30), Some(Duration::MAX));
+    }
+
+    #[test]
+    fn a_failed_send_that_may_pass_later_is_unavailable() {
+        assert!(matches!(
+            failed_send(true, "502".into()),
+            SendError::Unavailable(w) if w == "502"
+        ));
+        assert!(matches!(
+            failed_send(false, "403".into()),
+            SendError::Other(w) if w == "403"
+        ));
+    }
 
     #[test]
     fn the_token_and_its_parts_are_hidden_wherever_they_stand() {

@@ -32,7 +32,7 @@ use crate::bot::event::{
 };
 use crate::bot::Bot;
 use crate::config::PlatformSettings;
-use crate::platform::retry::Scrubber;
+use crate::platform::retry::{failed_send, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
 
 /// How long one `getUpdates` call may wait on the server for news. Below the HTTP client's own
@@ -43,12 +43,6 @@ const POLL_TIMEOUT_SECS: u32 = 10;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The first wait after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-
-/// A reply is attempted this many times while Telegram answers 429 (flood control)…
-const RATE_LIMIT_ATTEMPTS: usize = 5;
-
-/// …and only if each wait is at most this long; a longer ban would stall a generation worker.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Polls Telegram and feeds every update to `bot` until `shutdown` fires.
 ///
@@ -584,7 +578,8 @@ impl TelegramOutbox {
             .and_then(|id| id.parse::<i32>().ok())
             .map(|id| ReplyParameters::new(MessageId(id)).allow_sending_without_reply());
         let mut markdown = true;
-        let mut rate_limited = 0;
+        // Flood control (429) is waited out for a few tries, as long as its wait is short.
+        let mut rate_limits = RateLimitRetries::reply();
         loop {
             let mut request = self.api.send_message(chat.clone(), text);
             if markdown {
@@ -612,21 +607,20 @@ impl TelegramOutbox {
                     );
                     markdown = false;
                 }
-                Err(RequestError::RetryAfter(wait)) => {
-                    rate_limited += 1;
-                    if rate_limited >= RATE_LIMIT_ATTEMPTS || wait.duration() > MAX_RETRY_AFTER {
+                Err(RequestError::RetryAfter(wait)) => match rate_limits.refused(wait.duration()) {
+                    Ok(retry) => {
+                        warn!("telegram: rate limited in {channel}; retrying the reply in {wait}");
+                        retry.sleep().await;
+                    }
+                    Err(give_up) => {
                         return Err(SendError::Other(format!(
                             "telegram rate limit in {channel}: retry after {wait} \
-                             (attempt {rate_limited})"
-                        )));
+                                 (attempt {})",
+                            give_up.attempt()
+                        )))
                     }
-                    warn!("telegram: rate limited in {channel}; retrying the reply in {wait}");
-                    tokio::time::sleep(wait.duration()).await;
-                }
-                Err(e) if unavailable(&e) => {
-                    return Err(SendError::Unavailable(describe(&e, &self.scrub)))
-                }
-                Err(e) => return Err(SendError::Other(describe(&e, &self.scrub))),
+                },
+                Err(e) => return Err(failed_send(unavailable(&e), describe(&e, &self.scrub))),
             }
         }
     }
