@@ -42,7 +42,7 @@ use crate::bot::event::{
 };
 use crate::bot::Bot;
 use crate::config::{PlatformSettings, Secret};
-use crate::platform::retry::{self, failed_send, GiveUp, RateLimitRetries, Scrubber};
+use crate::platform::retry::{self, failed_send, GiveUp, Pause, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
 
 /// What kaiwa listens to: messages in guilds and DMs, with their text, and reactions on them
@@ -133,50 +133,49 @@ fn build_http(settings: &PlatformSettings) -> Http {
 
 /// Asks the API who we are (`GET /users/@me`, so messages mentioning us are recognised from the
 /// first event on) and where the gateway is (`GET /gateway/bot`). Both check the token. Network
-/// trouble is retried with backoff; `None` when shutdown fired first.
+/// trouble is retried with backoff; `None` when shutdown fired first (also during a request).
 async fn introduce(
     http: &Http,
     scrub: &Scrubber,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<Option<(UserId, String)>> {
-    let mut backoff = Backoff::new(Duration::from_secs(1), MAX_CONNECT_BACKOFF);
-    loop {
-        let asked = async {
+    let asked = retry::until_answered(
+        Backoff::new(Duration::from_secs(1), MAX_CONNECT_BACKOFF),
+        shutdown,
+        || async {
             Ok::<_, serenity::Error>((
                 http.get_current_user().await?,
                 http.get_bot_gateway().await?,
             ))
-        };
-        match asked.await {
-            Ok((me, gateway)) => {
-                let limit = &gateway.session_start_limit;
-                info!(
-                    user = %me.name,
-                    id = %me.id,
-                    session_starts_left = limit.remaining,
-                    "Discord: connecting to the gateway"
-                );
-                debug!(url = %gateway.url, "Discord gateway address");
-                return Ok(Some((me.id, gateway.url)));
-            }
-            Err(e) if status_of(&e) == Some(StatusCode::UNAUTHORIZED) => {
+        },
+        |e, backoff| {
+            if status_of(&e) == Some(StatusCode::UNAUTHORIZED) {
                 bail!(
                     "Discord rejected the bot token (DISCORD_TOKEN): 401 Unauthorized. Copy the \
                      token again from the developer portal (Applications → your app → Bot → Reset Token)"
                 );
             }
-            Err(e) => {
-                warn!(
-                    error = %scrub.clean(&describe(&e)),
-                    failures = backoff.failures() + 1,
-                    "Discord: cannot reach the API; retrying with backoff"
-                );
-                if !backoff.wait(shutdown).await {
-                    return Ok(None);
-                }
-            }
-        }
-    }
+            warn!(
+                error = %scrub.clean(&describe(&e)),
+                failures = backoff.failures() + 1,
+                "Discord: cannot reach the API; retrying with backoff"
+            );
+            Ok(Pause::Backoff)
+        },
+    )
+    .await?;
+    let Some((me, gateway)) = asked else {
+        return Ok(None);
+    };
+    let limit = &gateway.session_start_limit;
+    info!(
+        user = %me.name,
+        id = %me.id,
+        session_starts_left = limit.remaining,
+        "Discord: connecting to the gateway"
+    );
+    debug!(url = %gateway.url, "Discord gateway address");
+    Ok(Some((me.id, gateway.url)))
 }
 
 /// Turns the error that ended the gateway connection into one an operator can act on.

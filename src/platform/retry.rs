@@ -1,5 +1,6 @@
-//! What the platform adapters share about failing and trying again: the rule for a reply the
-//! platform refused with HTTP 429 ([`RateLimitRetries`]), what a failed send becomes for the bot
+//! What the platform adapters share about failing and trying again: calling the platform until it
+//! answers, with backoff ([`until_answered`], [`Pause`]), the rule for a reply the platform
+//! refused with HTTP 429 ([`RateLimitRetries`]), what a failed send becomes for the bot
 //! ([`failed_send`]), and keeping the bot token out of every text that is logged or returned
 //! ([`Scrubber`]).
 //!
@@ -8,9 +9,63 @@
 //! Discord's 429 as `retry_after` in the body and in the `Retry-After` header, for a route or,
 //! with `"global": true`, for the whole bot. Both are seconds ([`seconds`]).
 
+use std::future::Future;
 use std::time::Duration;
 
+use crate::backoff::Backoff;
 use crate::bot::event::SendError;
+use crate::shutdown::Shutdown;
+
+/// What a failed request calls for before the next try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// The platform said how long (a 429's `retry_after`): that long, and the backoff does not
+    /// grow.
+    RetryAfter(Duration),
+    /// The platform could not be reached, failed inside or answered nonsense: the backoff's next
+    /// delay, longer after each failure.
+    Backoff,
+}
+
+impl Pause {
+    /// Waits as called for, or until shutdown; `false` when shutdown came first.
+    pub async fn wait(self, backoff: &mut Backoff, shutdown: &mut Shutdown) -> bool {
+        match self {
+            Pause::RetryAfter(delay) => shutdown.sleep(delay).await,
+            Pause::Backoff => backoff.wait(shutdown).await,
+        }
+    }
+}
+
+/// Makes `request` until it answers (a start-up call: who the bot is, where the gateway is).
+/// `judge` turns each error into the [`Pause`] before the next try, logging it as its platform
+/// does (it is given the backoff, whose failures do not yet count this one), or into the error
+/// that ends the whole thing (the token refused). `Ok(None)` when shutdown came first, during a
+/// request or a pause.
+pub async fn until_answered<T, E, F, Fut>(
+    mut backoff: Backoff,
+    shutdown: &mut Shutdown,
+    mut request: F,
+    mut judge: impl FnMut(E, &Backoff) -> anyhow::Result<Pause>,
+) -> anyhow::Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    loop {
+        let result = tokio::select! {
+            () = shutdown.wait() => return Ok(None),
+            result = request() => result,
+        };
+        let pause = match result {
+            Ok(answer) => return Ok(Some(answer)),
+            Err(e) => judge(e, &backoff)?,
+        };
+        if !pause.wait(&mut backoff, shutdown).await {
+            return Ok(None);
+        }
+    }
+}
 
 /// How many times a reply is tried while the platform answers 429…
 pub const REPLY_ATTEMPTS: u32 = 5;
@@ -166,6 +221,105 @@ impl Scrubber {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use crate::shutdown::shutdown_channel;
+
+    fn quick() -> Backoff {
+        Backoff::new(Duration::from_millis(2), Duration::from_millis(4))
+    }
+
+    #[tokio::test]
+    async fn a_request_is_made_until_it_answers_and_only_failures_grow_the_backoff() {
+        let (_trigger, mut shutdown) = shutdown_channel();
+        let tries = &AtomicU32::new(0);
+        let mut seen = Vec::new();
+        let answer = until_answered(
+            quick(),
+            &mut shutdown,
+            move || async move {
+                match tries.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err("429"),
+                    1 | 2 => Err("down"),
+                    n => Ok(n),
+                }
+            },
+            |e, backoff| {
+                seen.push((e, backoff.failures()));
+                Ok(match e {
+                    "429" => Pause::RetryAfter(Duration::from_millis(1)),
+                    _ => Pause::Backoff,
+                })
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer, Some(3));
+        // The platform's own wait is not a failure of ours.
+        assert_eq!(seen, [("429", 0), ("down", 0), ("down", 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_fatal_error_ends_the_tries() {
+        let (_trigger, mut shutdown) = shutdown_channel();
+        let tries = &AtomicU32::new(0);
+        let result: anyhow::Result<Option<()>> = until_answered(
+            quick(),
+            &mut shutdown,
+            move || async move {
+                tries.fetch_add(1, Ordering::SeqCst);
+                Err("401")
+            },
+            |e, _| Err(anyhow::anyhow!("token refused: {e}")),
+        )
+        .await;
+        assert_eq!(result.unwrap_err().to_string(), "token refused: 401");
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_a_pause_and_a_request_in_flight() {
+        let (trigger, mut shutdown) = shutdown_channel();
+        let long = Backoff::new(Duration::from_secs(600), Duration::from_secs(600));
+        let waiting = until_answered(
+            long,
+            &mut shutdown,
+            || async { Err::<(), _>("down") },
+            |_, _| Ok(Pause::Backoff),
+        );
+        let stop = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            trigger.trigger();
+        };
+        let (result, ()) = tokio::join!(waiting, stop);
+        assert_eq!(result.unwrap(), None);
+
+        let hanging = until_answered(
+            quick(),
+            &mut shutdown,
+            std::future::pending::<Result<(), &str>>,
+            |_, _| Ok(Pause::Backoff),
+        );
+        assert_eq!(hanging.await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_pause_waits_as_called_for_unless_shutdown_comes_first() {
+        let (trigger, mut shutdown) = shutdown_channel();
+        let mut backoff = quick();
+        assert!(
+            Pause::RetryAfter(Duration::from_millis(1))
+                .wait(&mut backoff, &mut shutdown)
+                .await
+        );
+        assert_eq!(backoff.failures(), 0);
+        assert!(Pause::Backoff.wait(&mut backoff, &mut shutdown).await);
+        assert_eq!(backoff.failures(), 1);
+        trigger.trigger();
+        let pause = Pause::RetryAfter(Duration::from_secs(600));
+        assert!(!pause.wait(&mut backoff, &mut shutdown).await);
+    }
 
     #[test]
     fn a_reply_waits_out_four_429s_and_gives_up_at_the_fifth() {

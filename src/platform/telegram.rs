@@ -32,7 +32,7 @@ use crate::bot::event::{
 };
 use crate::bot::Bot;
 use crate::config::PlatformSettings;
-use crate::platform::retry::{failed_send, RateLimitRetries, Scrubber};
+use crate::platform::retry::{self, failed_send, Pause, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
 
 /// How long one `getUpdates` call may wait on the server for news. Below the HTTP client's own
@@ -105,19 +105,9 @@ pub async fn run(
                     continue;
                 }
             },
-            Err(RequestError::Api(ApiError::InvalidToken)) => {
-                anyhow::bail!(
-                    "Telegram no longer accepts the bot token (TELEGRAM_TOKEN): Unauthorized"
-                );
-            }
-            Err(RequestError::RetryAfter(wait)) => {
-                warn!("telegram: getUpdates rate limited; waiting {}", wait);
-                shutdown.sleep(wait.duration()).await;
-                continue;
-            }
             Err(e) => {
-                warn!("telegram: getUpdates failed: {}", describe(&e, &scrub));
-                backoff.wait(&mut shutdown).await;
+                let pause = pause_after(e, &GET_UPDATES, &scrub)?;
+                pause.wait(&mut backoff, &mut shutdown).await;
                 continue;
             }
         };
@@ -168,31 +158,49 @@ async fn identify(
     scrub: &Scrubber,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<Option<Me>> {
-    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
-    loop {
-        let result = tokio::select! {
-            _ = shutdown.wait() => return Ok(None),
-            result = api.get_me() => result,
-        };
-        match result {
-            Ok(me) => return Ok(Some(me)),
-            Err(RequestError::Api(ApiError::InvalidToken)) => {
-                anyhow::bail!(
-                    "Telegram rejected the bot token (TELEGRAM_TOKEN): Unauthorized; \
-                     check it with @BotFather"
-                )
-            }
-            Err(RequestError::RetryAfter(wait)) => {
-                warn!("telegram: getMe rate limited; waiting {}", wait);
-                shutdown.sleep(wait.duration()).await;
-            }
-            Err(e) => {
-                warn!(
-                    "telegram: cannot reach the Bot API yet: {}",
-                    describe(&e, scrub)
-                );
-                backoff.wait(shutdown).await;
-            }
+    retry::until_answered(
+        Backoff::new(FIRST_BACKOFF, MAX_BACKOFF),
+        shutdown,
+        || async { api.get_me().await },
+        |e, _| pause_after(e, &GET_ME, scrub),
+    )
+    .await
+}
+
+/// A Bot API method called until it answers, as its failures are told.
+struct Call {
+    method: &'static str,
+    /// How the log line about a failed call starts.
+    failed: &'static str,
+    /// The error when Telegram refuses the token.
+    token_refused: &'static str,
+}
+
+const GET_ME: Call = Call {
+    method: "getMe",
+    failed: "telegram: cannot reach the Bot API yet",
+    token_refused: "Telegram rejected the bot token (TELEGRAM_TOKEN): Unauthorized; \
+                    check it with @BotFather",
+};
+
+const GET_UPDATES: Call = Call {
+    method: "getUpdates",
+    failed: "telegram: getUpdates failed",
+    token_refused: "Telegram no longer accepts the bot token (TELEGRAM_TOKEN): Unauthorized",
+};
+
+/// What a failed call calls for, logged: the wait Telegram's flood control gives (a 429's
+/// `parameters.retry_after`), else the backoff; an error when the token is refused.
+fn pause_after(e: RequestError, call: &Call, scrub: &Scrubber) -> anyhow::Result<Pause> {
+    match e {
+        RequestError::Api(ApiError::InvalidToken) => Err(anyhow::anyhow!(call.token_refused)),
+        RequestError::RetryAfter(wait) => {
+            warn!("telegram: {} rate limited; waiting {}", call.method, wait);
+            Ok(Pause::RetryAfter(wait.duration()))
+        }
+        e => {
+            warn!("{}: {}", call.failed, describe(&e, scrub));
+            Ok(Pause::Backoff)
         }
     }
 }
