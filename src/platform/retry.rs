@@ -6,8 +6,8 @@
 //!
 //! Each adapter reads its own protocol and hands this module plain values: Telegram's flood
 //! control gives its wait as `parameters.retry_after` in the JSON answer (teloxide reads it),
-//! Discord's 429 as `retry_after` in the body and in the `Retry-After` header, for a route or,
-//! with `"global": true`, for the whole bot. Both are seconds ([`seconds`]).
+//! Discord's 429 as `retry_after` in the body and in the `Retry-After` header (seconds, read with
+//! [`seconds`]), for a route or, with `"global": true`, for the whole bot.
 
 use std::future::Future;
 use std::time::Duration;
