@@ -31,23 +31,27 @@ impl Backoff {
 
     /// The delay before the next try, counting one more failure.
     pub fn next_delay(&mut self) -> Duration {
+        let half = self.next_step() / 2;
+        let jitter_ms = self.rng.random_range(0..=half.as_millis() as u64);
+        half + Duration::from_millis(jitter_ms)
+    }
+
+    /// The step itself, without jitter (`first`, doubling up to `max`), counting one more
+    /// failure: for waits that must come out the same each time, such as a rate limit's when
+    /// the server did not say how long.
+    pub fn next_step(&mut self) -> Duration {
         let step = self
             .first
             .saturating_mul(2u32.saturating_pow(self.failures.min(20)))
             .min(self.max);
         self.failures = self.failures.saturating_add(1);
-        let half = step / 2;
-        let jitter_ms = self.rng.random_range(0..=half.as_millis() as u64);
-        half + Duration::from_millis(jitter_ms)
+        step
     }
 
     /// Sleeps for [`Backoff::next_delay`], or until shutdown; `false` when shutdown came first.
     pub async fn wait(&mut self, shutdown: &mut Shutdown) -> bool {
         let delay = self.next_delay();
-        tokio::select! {
-            () = shutdown.wait() => false,
-            () = tokio::time::sleep(delay) => true,
-        }
+        shutdown.sleep(delay).await
     }
 
     /// After a success: the next failure starts again from `first`.
@@ -77,6 +81,24 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn steps_without_jitter_double_up_to_the_cap_and_count_as_failures() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let steps: Vec<u64> = (0..6).map(|_| b.next_step().as_secs()).collect();
+        assert_eq!(steps, [1, 2, 4, 8, 8, 8]);
+        assert_eq!(b.failures(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_early_at_shutdown() {
+        let (trigger, mut shutdown) = crate::shutdown::shutdown_channel();
+        let mut b = Backoff::new(Duration::from_millis(2), Duration::from_millis(2));
+        assert!(b.wait(&mut shutdown).await);
+        let mut long = Backoff::new(Duration::from_secs(600), Duration::from_secs(600));
+        trigger.trigger();
+        assert!(!long.wait(&mut shutdown).await);
     }
 
     #[test]

@@ -33,6 +33,15 @@ impl Shutdown {
     pub async fn wait(&mut self) {
         let _ = self.0.wait_for(|&v| v).await;
     }
+
+    /// Sleeps for `delay`, or until the shutdown is triggered; `false` when the shutdown came
+    /// first.
+    pub async fn sleep(&mut self, delay: std::time::Duration) -> bool {
+        tokio::select! {
+            () = self.wait() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
 }
 
 /// Waits for Ctrl-C (SIGINT) or SIGTERM: what triggers a command's shutdown.

@@ -42,6 +42,7 @@ use crate::bot::event::{
 };
 use crate::bot::Bot;
 use crate::config::{PlatformSettings, Secret};
+use crate::platform::retry::{self, failed_send, GiveUp, Pause, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
 
 /// What kaiwa listens to: messages in guilds and DMs, with their text, and reactions on them
@@ -52,9 +53,8 @@ const INTENTS: GatewayIntents = GatewayIntents::GUILD_MESSAGES
     .union(GatewayIntents::GUILD_MESSAGE_REACTIONS)
     .union(GatewayIntents::DIRECT_MESSAGE_REACTIONS);
 
-/// A reply is tried this many times while Discord answers 429…
-const RATE_LIMIT_ATTEMPTS: u32 = 5;
-/// …waiting this long after the first 429, twice as long after each further one, up to
+/// A reply refused with 429 ([`RateLimitRetries::reply`]) waits this long after the first 429
+/// when Discord did not say how long, twice as long after each further one, up to
 /// [`MAX_RATE_LIMIT_WAIT`]. (Serenity drops `retry_after` from the errors it returns, so this is
 /// the fallback when its own rate limiter is off or let a 429 through.)
 const FIRST_RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
@@ -73,8 +73,8 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let outbox = Arc::new(DiscordOutbox::new(&settings));
-    let Some((me, gateway_url)) = introduce(&outbox.http, &settings.token, &mut shutdown).await?
-    else {
+    let scrub = outbox.scrub.clone();
+    let Some((me, gateway_url)) = introduce(&outbox.http, &scrub, &mut shutdown).await? else {
         return Ok(()); // shut down while still connecting
     };
     // What the last run claimed and never sent is answered before anything new, then what was
@@ -96,7 +96,7 @@ pub async fn run(
         .map_err(|e| {
             anyhow!(
                 "could not set up the Discord client: {}",
-                scrub(&e.to_string(), &settings.token)
+                scrub.clean(&e.to_string())
             )
         })?;
     // Had that second ask failed, the client would now point at the public gateway; use the
@@ -107,7 +107,7 @@ pub async fn run(
     tokio::select! {
         result = client.start() => match result {
             Ok(()) => Ok(()),
-            Err(e) => Err(explain_gateway_error(&e, &settings.token)),
+            Err(e) => Err(explain_gateway_error(&e, &scrub)),
         },
         () = shutdown.wait() => {
             info!("Discord: closing the gateway connection");
@@ -133,54 +133,53 @@ fn build_http(settings: &PlatformSettings) -> Http {
 
 /// Asks the API who we are (`GET /users/@me`, so messages mentioning us are recognised from the
 /// first event on) and where the gateway is (`GET /gateway/bot`). Both check the token. Network
-/// trouble is retried with backoff; `None` when shutdown fired first.
+/// trouble is retried with backoff; `None` when shutdown fired first (also during a request).
 async fn introduce(
     http: &Http,
-    token: &Secret,
+    scrub: &Scrubber,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<Option<(UserId, String)>> {
-    let mut backoff = Backoff::new(Duration::from_secs(1), MAX_CONNECT_BACKOFF);
-    loop {
-        let asked = async {
+    let asked = retry::until_answered(
+        Backoff::new(Duration::from_secs(1), MAX_CONNECT_BACKOFF),
+        shutdown,
+        || async {
             Ok::<_, serenity::Error>((
                 http.get_current_user().await?,
                 http.get_bot_gateway().await?,
             ))
-        };
-        match asked.await {
-            Ok((me, gateway)) => {
-                let limit = &gateway.session_start_limit;
-                info!(
-                    user = %me.name,
-                    id = %me.id,
-                    session_starts_left = limit.remaining,
-                    "Discord: connecting to the gateway"
-                );
-                debug!(url = %gateway.url, "Discord gateway address");
-                return Ok(Some((me.id, gateway.url)));
-            }
-            Err(e) if status_of(&e) == Some(StatusCode::UNAUTHORIZED) => {
+        },
+        |e, backoff| {
+            if status_of(&e) == Some(StatusCode::UNAUTHORIZED) {
                 bail!(
                     "Discord rejected the bot token (DISCORD_TOKEN): 401 Unauthorized. Copy the \
                      token again from the developer portal (Applications → your app → Bot → Reset Token)"
                 );
             }
-            Err(e) => {
-                warn!(
-                    error = %scrub(&describe(&e), token),
-                    failures = backoff.failures() + 1,
-                    "Discord: cannot reach the API; retrying with backoff"
-                );
-                if !backoff.wait(shutdown).await {
-                    return Ok(None);
-                }
-            }
-        }
-    }
+            warn!(
+                error = %scrub.clean(&describe(&e)),
+                failures = backoff.failures() + 1,
+                "Discord: cannot reach the API; retrying with backoff"
+            );
+            Ok(Pause::Backoff)
+        },
+    )
+    .await?;
+    let Some((me, gateway)) = asked else {
+        return Ok(None);
+    };
+    let limit = &gateway.session_start_limit;
+    info!(
+        user = %me.name,
+        id = %me.id,
+        session_starts_left = limit.remaining,
+        "Discord: connecting to the gateway"
+    );
+    debug!(url = %gateway.url, "Discord gateway address");
+    Ok(Some((me.id, gateway.url)))
 }
 
 /// Turns the error that ended the gateway connection into one an operator can act on.
-fn explain_gateway_error(e: &serenity::Error, token: &Secret) -> anyhow::Error {
+fn explain_gateway_error(e: &serenity::Error, scrub: &Scrubber) -> anyhow::Error {
     match e {
         serenity::Error::Gateway(GatewayError::InvalidAuthentication) => anyhow!(
             "the Discord gateway rejected the bot token (DISCORD_TOKEN); copy it again from the \
@@ -193,7 +192,7 @@ fn explain_gateway_error(e: &serenity::Error, token: &Secret) -> anyhow::Error {
         ),
         other => anyhow!(
             "the Discord gateway connection ended: {}",
-            scrub(&other.to_string(), token)
+            scrub.clean(&other.to_string())
         ),
     }
 }
@@ -420,7 +419,7 @@ async fn catch_up(bot: &Arc<Bot>, outbox: &Arc<DiscordOutbox>, me: UserId) {
             {
                 Ok(page) => page,
                 Err(e) => {
-                    warn!(channel = %channel, "Discord: cannot read missed messages: {}", scrub(&describe(&e), &outbox.token));
+                    warn!(channel = %channel, "Discord: cannot read missed messages: {}", outbox.scrub.clean(&describe(&e)));
                     break;
                 }
             };
@@ -518,8 +517,8 @@ fn now_ms() -> i64 {
 /// How the core sends on Discord: messages and the typing indicator, over REST.
 pub struct DiscordOutbox {
     http: Arc<Http>,
-    /// Only to keep it out of error texts.
-    token: Secret,
+    /// Keeps the token out of error texts.
+    scrub: Scrubber,
     /// With `DISCORD_API_URL`: messages are sent here, so a 429's `retry_after` is read.
     proxy: Option<ProxyRest>,
 }
@@ -530,6 +529,7 @@ pub struct DiscordOutbox {
 struct ProxyRest {
     client: reqwest::Client,
     base: String,
+    token: Secret,
 }
 
 impl ProxyRest {
@@ -537,16 +537,17 @@ impl ProxyRest {
         &self,
         channel: ChannelId,
         body: String,
-        token: &Secret,
+        scrub: &Scrubber,
     ) -> Result<Message, SendError> {
         let url = format!("{}/api/v10/channels/{channel}/messages", self.base);
         let failed =
-            |e: String| SendError::Other(format!("sending a message: {}", scrub(&e, token)));
-        for attempt in 1..=RATE_LIMIT_ATTEMPTS {
+            |e: String| SendError::Other(format!("sending a message: {}", scrub.clean(&e)));
+        let mut rate_limits = RateLimitRetries::reply();
+        loop {
             let response = self
                 .client
                 .post(&url)
-                .header("Authorization", format!("Bot {}", token.expose()))
+                .header("Authorization", format!("Bot {}", self.token.expose()))
                 .header("Content-Type", "application/json")
                 .body(body.clone())
                 .send()
@@ -554,69 +555,88 @@ impl ProxyRest {
                 .map_err(|e| {
                     SendError::Unavailable(format!(
                         "sending a message: {}",
-                        scrub(&e.to_string(), token)
+                        scrub.clean(&e.to_string())
                     ))
                 })?;
             let status = response.status();
             let header_wait = response
                 .headers()
-                .get("retry-after")
+                .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<f64>().ok());
+                .map(str::to_string);
             let bytes = response.bytes().await.map_err(|e| failed(e.to_string()))?;
             if status.is_success() {
                 return serde_json::from_slice(&bytes)
                     .map_err(|e| failed(format!("unreadable answer: {e}")));
             }
             let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            if status.as_u16() == 429 && attempt < RATE_LIMIT_ATTEMPTS {
-                let wait = answer["retry_after"]
-                    .as_f64()
-                    .or(header_wait)
-                    .filter(|w| w.is_finite() && *w >= 0.0)
-                    .map(Duration::from_secs_f64)
-                    .unwrap_or(FIRST_RATE_LIMIT_WAIT);
-                if wait > MAX_PROXY_RETRY_AFTER {
-                    return Err(failed(format!(
-                        "rate limited for {:.0} s; not waiting that long",
-                        wait.as_secs_f64()
-                    )));
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                let limit = RateLimit::of(&answer, header_wait.as_deref());
+                match rate_limits.refused(limit.retry_after.unwrap_or(FIRST_RATE_LIMIT_WAIT)) {
+                    Ok(retry) => {
+                        warn!(
+                            attempt = retry.attempt,
+                            wait_ms = retry.wait.as_millis() as u64,
+                            global = limit.global,
+                            "Discord rate limit (429) on sending a message: waiting its retry_after"
+                        );
+                        retry.sleep().await;
+                        continue;
+                    }
+                    Err(GiveUp::TooLong { wait, .. }) => {
+                        return Err(failed(format!(
+                            "rate limited for {:.0} s; not waiting that long",
+                            wait.as_secs_f64()
+                        )));
+                    }
+                    // The last try: its 429 is the error.
+                    Err(GiveUp::Exhausted { .. }) => {}
                 }
-                warn!(
-                    attempt,
-                    wait_ms = wait.as_millis() as u64,
-                    global = answer["global"].as_bool().unwrap_or(false),
-                    "Discord rate limit (429) on sending a message: waiting its retry_after"
-                );
-                tokio::time::sleep(wait).await;
-                continue;
             }
             let why = format!(
                 "Discord answered {status}: {}",
                 answer["message"].as_str().unwrap_or("(no message)")
             );
-            return Err(if status.is_server_error() {
-                SendError::Unavailable(format!("sending a message: {}", scrub(&why, token)))
-            } else {
-                failed(why)
-            });
+            return Err(failed_send(
+                status.is_server_error(),
+                format!("sending a message: {}", scrub.clean(&why)),
+            ));
         }
-        Err(failed("still rate limited".into()))
     }
 }
 
-/// The longest `retry_after` a reply waits for through `DISCORD_API_URL`.
-const MAX_PROXY_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// What a Discord 429 asks of the bot: wait `retry_after`, the body's (seconds, to the
+/// millisecond) or else the `Retry-After` header's (whole seconds), and whether the limit is the
+/// bot's as a whole (`"global": true`) rather than the route's.
+#[derive(Debug, PartialEq)]
+struct RateLimit {
+    retry_after: Option<Duration>,
+    global: bool,
+}
+
+impl RateLimit {
+    fn of(answer: &serde_json::Value, retry_after_header: Option<&str>) -> Self {
+        let header = retry_after_header.and_then(|v| v.parse::<f64>().ok());
+        RateLimit {
+            retry_after: answer["retry_after"]
+                .as_f64()
+                .or(header)
+                .and_then(retry::seconds),
+            global: answer["global"].as_bool().unwrap_or(false),
+        }
+    }
+}
 
 impl DiscordOutbox {
     /// A REST client for Discord, or for the API at `settings.api_url`.
     pub fn new(settings: &PlatformSettings) -> Self {
         DiscordOutbox {
             http: Arc::new(build_http(settings)),
-            token: settings.token.clone(),
+            scrub: Scrubber::new(settings.token.expose()),
             proxy: settings.api_url.as_ref().map(|url| ProxyRest {
                 client: reqwest::Client::new(),
                 base: url.trim_end_matches('/').to_string(),
+                token: settings.token.clone(),
             }),
         }
     }
@@ -631,33 +651,26 @@ impl DiscordOutbox {
         F: FnMut() -> Fut,
         Fut: Future<Output = serenity::Result<T>>,
     {
-        let mut wait = FIRST_RATE_LIMIT_WAIT;
-        let mut attempt = 1;
+        let mut rate_limits = RateLimitRetries::reply();
+        let mut unknown_wait = Backoff::new(FIRST_RATE_LIMIT_WAIT, MAX_RATE_LIMIT_WAIT);
         loop {
-            match request().await {
+            let e = match request().await {
                 Ok(value) => return Ok(value),
-                Err(e)
-                    if status_of(&e) == Some(StatusCode::TOO_MANY_REQUESTS)
-                        && attempt < RATE_LIMIT_ATTEMPTS =>
-                {
+                Err(e) => e,
+            };
+            if status_of(&e) == Some(StatusCode::TOO_MANY_REQUESTS) {
+                if let Ok(retry) = rate_limits.refused(unknown_wait.next_step()) {
                     warn!(
-                        attempt,
-                        wait_ms = wait.as_millis() as u64,
+                        attempt = retry.attempt,
+                        wait_ms = retry.wait.as_millis() as u64,
                         "Discord rate limit (429) on {what}: waiting"
                     );
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(MAX_RATE_LIMIT_WAIT);
-                    attempt += 1;
-                }
-                Err(e) => {
-                    let why = format!("{what}: {}", scrub(&describe(&e), &self.token));
-                    return Err(if unavailable(&e) {
-                        SendError::Unavailable(why)
-                    } else {
-                        SendError::Other(why)
-                    });
+                    retry.sleep().await;
+                    continue;
                 }
             }
+            let why = format!("{what}: {}", self.scrub.clean(&describe(&e)));
+            return Err(failed_send(unavailable(&e), why));
         }
     }
 }
@@ -688,7 +701,7 @@ impl Outbox for DiscordOutbox {
                 Some(proxy) => {
                     let body = serde_json::to_string(&message)
                         .map_err(|e| SendError::Other(format!("sending a message: {e}")))?;
-                    proxy.create_message(channel_id, body, &self.token).await?
+                    proxy.create_message(channel_id, body, &self.scrub).await?
                 }
                 None => {
                     self.with_rate_limit_retries("sending a message", || {
@@ -711,7 +724,7 @@ impl Outbox for DiscordOutbox {
             channel_id.broadcast_typing(&self.http).await.map_err(|e| {
                 SendError::Other(format!(
                     "typing indicator: {}",
-                    scrub(&describe(&e), &self.token)
+                    self.scrub.clean(&describe(&e))
                 ))
             })
         })
@@ -750,16 +763,6 @@ fn describe(e: &serenity::Error) -> String {
             )
         }
         other => other.to_string(),
-    }
-}
-
-/// Removes the token from a text that is about to be logged or returned.
-fn scrub(text: &str, token: &Secret) -> String {
-    let token = token.expose().trim();
-    if token.is_empty() {
-        text.to_string()
-    } else {
-        text.replace(token, "***")
     }
 }
 
@@ -939,8 +942,37 @@ mod tests {
     }
 
     #[test]
+    fn a_429_is_read_as_discord_sends_it() {
+        let answer = serde_json::json!({"message": "You are being rate limited.",
+            "retry_after": 0.25, "global": true});
+        assert_eq!(
+            RateLimit::of(&answer, Some("1")),
+            RateLimit {
+                retry_after: Some(Duration::from_millis(250)),
+                global: true
+            }
+        );
+        // Without the body's, the header's; without either, the caller guesses.
+        let route = serde_json::json!({"message": "You are being rate limited."});
+        assert_eq!(
+            RateLimit::of(&route, Some("2")),
+            RateLimit {
+                retry_after: Some(Duration::from_secs(2)),
+                global: false
+            }
+        );
+        assert_eq!(RateLimit::of(&route, None).retry_after, None);
+        let nonsense = serde_json::json!({"retry_after": -1});
+        assert_eq!(RateLimit::of(&nonsense, Some("2")).retry_after, None);
+    }
+
+    #[test]
     fn scrub_removes_the_token() {
-        let token = Secret::new("abc.def.ghi");
-        assert_eq!(scrub("Bot abc.def.ghi failed", &token), "Bot *** failed");
+        let scrub = DiscordOutbox::new(&PlatformSettings {
+            token: Secret::new("abc.def.ghi"),
+            api_url: None,
+        })
+        .scrub;
+        assert_eq!(scrub.clean("Bot abc.def.ghi failed"), "Bot *** failed");
     }
 }

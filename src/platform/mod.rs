@@ -5,4 +5,5 @@
 //! [`Outbox`]: crate::bot::event::Outbox
 
 pub mod discord;
+pub mod retry;
 pub mod telegram;

@@ -32,6 +32,7 @@ use crate::bot::event::{
 };
 use crate::bot::Bot;
 use crate::config::PlatformSettings;
+use crate::platform::retry::{self, failed_send, Pause, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
 
 /// How long one `getUpdates` call may wait on the server for news. Below the HTTP client's own
@@ -42,12 +43,6 @@ const POLL_TIMEOUT_SECS: u32 = 10;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The first wait after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-
-/// A reply is attempted this many times while Telegram answers 429 (flood control)…
-const RATE_LIMIT_ATTEMPTS: usize = 5;
-
-/// …and only if each wait is at most this long; a longer ban would stall a generation worker.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Polls Telegram and feeds every update to `bot` until `shutdown` fires.
 ///
@@ -110,19 +105,9 @@ pub async fn run(
                     continue;
                 }
             },
-            Err(RequestError::Api(ApiError::InvalidToken)) => {
-                anyhow::bail!(
-                    "Telegram no longer accepts the bot token (TELEGRAM_TOKEN): Unauthorized"
-                );
-            }
-            Err(RequestError::RetryAfter(wait)) => {
-                warn!("telegram: getUpdates rate limited; waiting {}", wait);
-                sleep_unless_shutdown(wait.duration(), &mut shutdown).await;
-                continue;
-            }
             Err(e) => {
-                warn!("telegram: getUpdates failed: {}", scrub.request_error(&e));
-                backoff.wait(&mut shutdown).await;
+                let pause = pause_after(e, &GET_UPDATES, &scrub)?;
+                pause.wait(&mut backoff, &mut shutdown).await;
                 continue;
             }
         };
@@ -173,31 +158,49 @@ async fn identify(
     scrub: &Scrubber,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<Option<Me>> {
-    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
-    loop {
-        let result = tokio::select! {
-            _ = shutdown.wait() => return Ok(None),
-            result = api.get_me() => result,
-        };
-        match result {
-            Ok(me) => return Ok(Some(me)),
-            Err(RequestError::Api(ApiError::InvalidToken)) => {
-                anyhow::bail!(
-                    "Telegram rejected the bot token (TELEGRAM_TOKEN): Unauthorized; \
-                     check it with @BotFather"
-                )
-            }
-            Err(RequestError::RetryAfter(wait)) => {
-                warn!("telegram: getMe rate limited; waiting {}", wait);
-                sleep_unless_shutdown(wait.duration(), shutdown).await;
-            }
-            Err(e) => {
-                warn!(
-                    "telegram: cannot reach the Bot API yet: {}",
-                    scrub.request_error(&e)
-                );
-                backoff.wait(shutdown).await;
-            }
+    retry::until_answered(
+        Backoff::new(FIRST_BACKOFF, MAX_BACKOFF),
+        shutdown,
+        || async { api.get_me().await },
+        |e, _| pause_after(e, &GET_ME, scrub),
+    )
+    .await
+}
+
+/// A Bot API method called until it answers, as its failures are told.
+struct Call {
+    method: &'static str,
+    /// How the log line about a failed call starts.
+    failed: &'static str,
+    /// The error when Telegram refuses the token.
+    token_refused: &'static str,
+}
+
+const GET_ME: Call = Call {
+    method: "getMe",
+    failed: "telegram: cannot reach the Bot API yet",
+    token_refused: "Telegram rejected the bot token (TELEGRAM_TOKEN): Unauthorized; \
+                    check it with @BotFather",
+};
+
+const GET_UPDATES: Call = Call {
+    method: "getUpdates",
+    failed: "telegram: getUpdates failed",
+    token_refused: "Telegram no longer accepts the bot token (TELEGRAM_TOKEN): Unauthorized",
+};
+
+/// What a failed call calls for, logged: the wait Telegram's flood control gives (a 429's
+/// `parameters.retry_after`), else the backoff; an error when the token is refused.
+fn pause_after(e: RequestError, call: &Call, scrub: &Scrubber) -> anyhow::Result<Pause> {
+    match e {
+        RequestError::Api(ApiError::InvalidToken) => Err(anyhow::anyhow!(call.token_refused)),
+        RequestError::RetryAfter(wait) => {
+            warn!("telegram: {} rate limited; waiting {}", call.method, wait);
+            Ok(Pause::RetryAfter(wait.duration()))
+        }
+        e => {
+            warn!("{}: {}", call.failed, describe(&e, scrub));
+            Ok(Pause::Backoff)
         }
     }
 }
@@ -566,7 +569,7 @@ impl TelegramOutbox {
         }
         Ok(TelegramOutbox {
             api,
-            scrub: Scrubber::new(token),
+            scrub: scrubber(token),
         })
     }
 
@@ -583,7 +586,8 @@ impl TelegramOutbox {
             .and_then(|id| id.parse::<i32>().ok())
             .map(|id| ReplyParameters::new(MessageId(id)).allow_sending_without_reply());
         let mut markdown = true;
-        let mut rate_limited = 0;
+        // Flood control (429) is waited out for a few tries, as long as its wait is short.
+        let mut rate_limits = RateLimitRetries::reply();
         loop {
             let mut request = self.api.send_message(chat.clone(), text);
             if markdown {
@@ -611,21 +615,20 @@ impl TelegramOutbox {
                     );
                     markdown = false;
                 }
-                Err(RequestError::RetryAfter(wait)) => {
-                    rate_limited += 1;
-                    if rate_limited >= RATE_LIMIT_ATTEMPTS || wait.duration() > MAX_RETRY_AFTER {
+                Err(RequestError::RetryAfter(wait)) => match rate_limits.refused(wait.duration()) {
+                    Ok(retry) => {
+                        warn!("telegram: rate limited in {channel}; retrying the reply in {wait}");
+                        retry.sleep().await;
+                    }
+                    Err(give_up) => {
                         return Err(SendError::Other(format!(
                             "telegram rate limit in {channel}: retry after {wait} \
-                             (attempt {rate_limited})"
-                        )));
+                                 (attempt {})",
+                            give_up.attempt()
+                        )))
                     }
-                    warn!("telegram: rate limited in {channel}; retrying the reply in {wait}");
-                    tokio::time::sleep(wait.duration()).await;
-                }
-                Err(e) if unavailable(&e) => {
-                    return Err(SendError::Unavailable(self.scrub.request_error(&e)))
-                }
-                Err(e) => return Err(SendError::Other(self.scrub.request_error(&e))),
+                },
+                Err(e) => return Err(failed_send(unavailable(&e), describe(&e, &self.scrub))),
             }
         }
     }
@@ -641,7 +644,7 @@ impl TelegramOutbox {
         request
             .await
             .map(|_| ())
-            .map_err(|e| SendError::Other(self.scrub.request_error(&e)))
+            .map_err(|e| SendError::Other(describe(&e, &self.scrub)))
     }
 }
 
@@ -701,60 +704,27 @@ fn thread_of(channel: &ChannelRef) -> Option<ThreadId> {
         .map(|id| ThreadId(MessageId(id)))
 }
 
-/// Removes the bot token from text bound for logs and errors. HTTP client errors quote the
-/// request URL, and Telegram's URLs contain the token. (teloxide redacts the token from its network
-/// errors, but only when it looks like a real one; this does not depend on that.)
-#[derive(Clone)]
-struct Scrubber {
-    secrets: Vec<String>,
-}
-
-impl Scrubber {
-    fn new(token: &str) -> Self {
-        let mut secrets = vec![token.to_string()];
-        // The part after `id:` is the secret; also catch it on its own (e.g. percent-encoded URLs).
-        if let Some((_, secret)) = token.split_once(':') {
-            if secret.len() >= 8 {
-                secrets.push(secret.to_string());
-            }
-        }
-        secrets.retain(|s| !s.is_empty());
-        Scrubber { secrets }
-    }
-
-    fn clean(&self, text: &str) -> String {
-        self.secrets.iter().fold(text.to_string(), |text, secret| {
-            text.replace(secret.as_str(), "***")
-        })
-    }
-
-    /// A loggable description of a failed request.
-    fn request_error(&self, e: &RequestError) -> String {
-        match e {
-            // The raw answer can be huge and holds users' messages; the parse error says enough.
-            RequestError::InvalidJson { source, .. } => {
-                format!("unreadable answer from Telegram: {source}")
-            }
-            other => {
-                // teloxide's network errors read "error sending request"; the cause (refused,
-                // timed out, DNS) is further down the chain.
-                let mut text = other.to_string();
-                let mut cause = std::error::Error::source(other);
-                while let Some(e) = cause {
-                    text.push_str(": ");
-                    text.push_str(&e.to_string());
-                    cause = e.source();
-                }
-                self.clean(&text)
-            }
-        }
+/// Hides the bot token, and its secret half (after `id:`) on its own, e.g. in percent-encoded
+/// URLs. (teloxide redacts the token from its network errors, but only when it looks like a real
+/// one; this does not depend on that.)
+fn scrubber(token: &str) -> Scrubber {
+    let scrub = Scrubber::new(token);
+    match token.split_once(':') {
+        Some((_, secret)) if secret.len() >= 8 => scrub.and_part(secret),
+        _ => scrub,
     }
 }
 
-async fn sleep_unless_shutdown(delay: Duration, shutdown: &mut Shutdown) {
-    tokio::select! {
-        _ = shutdown.wait() => {}
-        _ = tokio::time::sleep(delay) => {}
+/// A loggable description of a failed request, without the token.
+fn describe(e: &RequestError, scrub: &Scrubber) -> String {
+    match e {
+        // The raw answer can be huge and holds users' messages; the parse error says enough.
+        RequestError::InvalidJson { source, .. } => {
+            format!("unreadable answer from Telegram: {source}")
+        }
+        // teloxide's network errors read "error sending request"; the cause (refused, timed
+        // out, DNS) is further down the chain.
+        other => scrub.error_chain(other),
     }
 }
 
@@ -1076,7 +1046,7 @@ mod tests {
 
     #[test]
     fn scrubber_hides_the_token_and_its_secret_half() {
-        let s = Scrubber::new("12345:ABCDEFGHIJKL");
+        let s = scrubber("12345:ABCDEFGHIJKL");
         assert_eq!(
             s.clean("GET /bot12345:ABCDEFGHIJKL/getMe"),
             "GET /bot***/getMe"
