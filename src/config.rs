@@ -14,32 +14,9 @@ use crate::engine::{EngineSettings, Weights};
 use crate::model::{GenerateOptions, Sampling};
 use crate::store::SharePolicy;
 
-/// A secret (a bot token). Its `Debug` and `Display` never show the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The value, for the one place that must send it to the platform.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+/// A secret (a bot token, an API key): `secrecy`'s string, whose `Debug` never shows the value
+/// and whose memory is zeroed when dropped; `expose_secret()` for the one place that must send it.
+pub use secrecy::{ExposeSecret, SecretString as Secret};
 
 /// Settings for one platform connection.
 #[derive(Debug, Clone)]
@@ -139,7 +116,7 @@ impl WebSettings {
         };
         let web = WebSettings {
             addr: parse_some(get, "HTTP_ADDR")?,
-            api_keys: list("API_KEYS").into_iter().map(Secret::new).collect(),
+            api_keys: list("API_KEYS").into_iter().map(Secret::from).collect(),
             allow_no_keys: parse(get, "HTTP_ALLOW_NO_KEYS", false)?,
             cors_origins: list("CORS_ORIGINS"),
             key_concurrency: parse(get, "API_KEY_CONCURRENCY", 4)?,
@@ -198,7 +175,7 @@ impl Settings {
         let get = non_empty(get);
         let platform = |token: &'static str, url: &'static str| {
             get(token).map(|t| PlatformSettings {
-                token: Secret::new(t),
+                token: Secret::from(t),
                 api_url: get(url),
             })
         };
@@ -451,7 +428,10 @@ mod tests {
         let s = Settings::from_lookup(lookup(&[("TELEGRAM_TOKEN", "123:SECRET-TOKEN")])).unwrap();
         let shown = format!("{s:?}");
         assert!(!shown.contains("SECRET-TOKEN"), "{shown}");
-        assert_eq!(s.telegram.unwrap().token.expose(), "123:SECRET-TOKEN");
+        assert_eq!(
+            s.telegram.unwrap().token.expose_secret(),
+            "123:SECRET-TOKEN"
+        );
         assert!(s.discord.is_none());
     }
 

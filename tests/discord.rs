@@ -516,7 +516,7 @@ async fn rejected_token_is_reported_without_showing_it() {
 async fn outbox_sends_replies_and_typing_and_reports_errors() {
     let fake = FakeDiscord::start(TOKEN).await;
     let outbox = DiscordOutbox::new(&PlatformSettings {
-        token: Secret::new(TOKEN),
+        token: Secret::from(TOKEN),
         api_url: Some(fake.url()),
     });
     let chat = channel(GENERAL);
@@ -551,7 +551,7 @@ async fn outbox_sends_replies_and_typing_and_reports_errors() {
         "{not_a_channel}"
     );
     let wrong_token = DiscordOutbox::new(&PlatformSettings {
-        token: Secret::new("wrong"),
+        token: Secret::from("wrong"),
         api_url: Some(fake.url()),
     });
     let refused = wrong_token

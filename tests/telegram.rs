@@ -742,7 +742,7 @@ async fn bot_token_never_appears_in_the_logs() {
 /// The adapter's outbox alone, against the fake: no daemon.
 fn outbox_for(fake: &FakeTelegram, token: &str) -> TelegramOutbox {
     TelegramOutbox::new(&PlatformSettings {
-        token: Secret::new(token),
+        token: Secret::from(token),
         api_url: Some(fake.url()),
     })
     .unwrap()
@@ -804,7 +804,7 @@ async fn outbox_errors_never_quote_the_token() {
     let url = format!("http://{}/", closed.local_addr().unwrap());
     drop(closed);
     let outbox = TelegramOutbox::new(&PlatformSettings {
-        token: Secret::new(TOKEN),
+        token: Secret::from(TOKEN),
         api_url: Some(url),
     })
     .unwrap();

@@ -147,7 +147,7 @@ pub async fn bench_bot(
             let api = Arc::new(LoopbackTelegram::start().await?);
             let (trigger, shutdown) = crate::shutdown::shutdown_channel();
             let platform = PlatformSettings {
-                token: Secret::new("1000:bench"),
+                token: Secret::from("1000:bench"),
                 api_url: Some(api.url().to_string()),
             };
             let adapter = tokio::spawn(crate::platform::telegram::run(

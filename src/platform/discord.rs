@@ -41,7 +41,7 @@ use crate::bot::event::{
     SentMessage,
 };
 use crate::bot::Bot;
-use crate::config::{PlatformSettings, Secret};
+use crate::config::{ExposeSecret, PlatformSettings, Secret};
 use crate::platform::retry::{self, failed_send, GiveUp, Pause, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
 
@@ -119,7 +119,7 @@ pub async fn run(
 
 /// The REST client: Discord itself, or the API at `api_url` (a proxy, or a test's fake).
 fn build_http(settings: &PlatformSettings) -> Http {
-    let builder = HttpBuilder::new(settings.token.expose());
+    let builder = HttpBuilder::new(settings.token.expose_secret());
     match &settings.api_url {
         None => builder.build(),
         // Serenity's rate limiter would send every request to discord.com regardless of the
@@ -547,7 +547,10 @@ impl ProxyRest {
             let response = self
                 .client
                 .post(&url)
-                .header("Authorization", format!("Bot {}", self.token.expose()))
+                .header(
+                    "Authorization",
+                    format!("Bot {}", self.token.expose_secret()),
+                )
                 .header("Content-Type", "application/json")
                 .body(body.clone())
                 .send()
@@ -632,7 +635,7 @@ impl DiscordOutbox {
     pub fn new(settings: &PlatformSettings) -> Self {
         DiscordOutbox {
             http: Arc::new(build_http(settings)),
-            scrub: Scrubber::new(settings.token.expose()),
+            scrub: Scrubber::new(settings.token.expose_secret()),
             proxy: settings.api_url.as_ref().map(|url| ProxyRest {
                 client: reqwest::Client::new(),
                 base: url.trim_end_matches('/').to_string(),
@@ -969,7 +972,7 @@ mod tests {
     #[test]
     fn scrub_removes_the_token() {
         let scrub = DiscordOutbox::new(&PlatformSettings {
-            token: Secret::new("abc.def.ghi"),
+            token: Secret::from("abc.def.ghi"),
             api_url: None,
         })
         .scrub;

@@ -31,7 +31,7 @@ use crate::bot::event::{
     SentMessage,
 };
 use crate::bot::Bot;
-use crate::config::PlatformSettings;
+use crate::config::{ExposeSecret, PlatformSettings};
 use crate::platform::retry::{self, failed_send, Pause, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
 
@@ -554,7 +554,7 @@ pub struct TelegramOutbox {
 impl TelegramOutbox {
     /// A client for the Bot API at `settings.api_url` (default: api.telegram.org).
     pub fn new(settings: &PlatformSettings) -> anyhow::Result<Self> {
-        let token = settings.token.expose();
+        let token = settings.token.expose_secret();
         let mut api = teloxide::Bot::new(token);
         if let Some(url) = settings.api_url.as_deref() {
             // teloxide appends `/bot<TOKEN>/<method>` as path segments; a trailing slash on a
@@ -1062,14 +1062,14 @@ mod tests {
             "http://127.0.0.1:9/tg/",
         ] {
             let settings = PlatformSettings {
-                token: crate::config::Secret::new("1:x"),
+                token: crate::config::Secret::from("1:x"),
                 api_url: Some(url.to_string()),
             };
             let outbox = TelegramOutbox::new(&settings).unwrap();
             assert!(!outbox.api.api_url().as_str().ends_with("//"), "{url}");
         }
         let bad = PlatformSettings {
-            token: crate::config::Secret::new("1:x"),
+            token: crate::config::Secret::from("1:x"),
             api_url: Some("not a url".into()),
         };
         let err = TelegramOutbox::new(&bad).err().unwrap().to_string();

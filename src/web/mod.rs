@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::bot::Bot;
-use crate::config::{Settings, WebSettings};
+use crate::config::{ExposeSecret, Settings, WebSettings};
 use crate::domain::{ChannelRef, Platform};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -90,7 +90,7 @@ impl Web {
             .web
             .api_keys
             .iter()
-            .map(|k| Sha256::digest(k.expose().as_bytes()).into())
+            .map(|k| Sha256::digest(k.expose_secret().as_bytes()).into())
             .collect();
         Arc::new(Web {
             limits: KeyLimits::new(&settings.web),
