@@ -388,6 +388,11 @@ fn worker_count(threads: usize) -> usize {
 /// Maps `f` over `items` on `threads` threads (0: one per core), each thread with its own
 /// state from `init`. Results come back in the order of `items`; the first error (in that
 /// order) is returned, and workers stop taking new items once one has failed.
+///
+/// Not rayon, on purpose: the state is a model session, loaded once per thread (rayon's
+/// `map_init` may call `init` once per split), and `f` runs the model, whose decoder itself
+/// joins on rayon's pool; inside a rayon worker such a join may steal another item of this map
+/// onto the same thread while its state is in use.
 fn parallel_map<T, S, R, E>(
     items: &[T],
     threads: usize,
