@@ -2,33 +2,70 @@
 //! one is written beside the target, flushed to disk, and renamed into place; the parent
 //! directory is then flushed too, so the rename itself survives a power cut.
 
-use std::io::Write;
-use std::path::Path;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 
 /// Replaces `path` with `bytes`, durably and atomically (see the module docs). Two writers of
 /// the same path at once each rename a whole file over the other's. The file is readable as an
 /// ordinary file (0644 on Unix, where a temporary file would be private).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(bytes)?;
+    file.commit()
+}
+
+/// A file streamed to disk and put in place whole, as [`write_atomic`] does with bytes in
+/// memory: written beside `path` under a temporary name, and renamed over it by
+/// [`AtomicFile::commit`]. Dropped without a commit (an error half-way), it leaves nothing.
+pub struct AtomicFile {
+    writer: BufWriter<tempfile::NamedTempFile>,
+    path: PathBuf,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        let name = path
+            .file_name()
+            .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+        let mut builder = tempfile::Builder::new();
+        let prefix = format!(".{name}.");
+        builder.prefix(&prefix).suffix(".tmp");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o644));
+        }
+        Ok(AtomicFile {
+            writer: BufWriter::with_capacity(64 * 1024, builder.tempfile_in(parent(path))?),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Flushes the file to disk, renames it into place, and flushes the directory.
+    pub fn commit(self) -> std::io::Result<()> {
+        let tmp = self.writer.into_inner().map_err(|e| e.into_error())?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&self.path).map_err(|e| e.error)?;
+        sync_dir(parent(&self.path))
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.writer.write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    let mut builder = tempfile::Builder::new();
-    let prefix = format!(".{name}.");
-    builder.prefix(&prefix).suffix(".tmp");
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o644));
     }
-    let mut tmp = builder.tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    sync_dir(dir)
 }
 
 /// Flushes a directory's entries (a rename into it) to disk. Only Unix can open a directory
@@ -115,6 +152,26 @@ mod tests {
         }
         // A directory that is not there is an error, not a panic.
         assert!(write_atomic(&dir.path().join("missing/x.json"), b"x").is_err());
+    }
+
+    #[test]
+    fn a_streamed_file_appears_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train.jsonl");
+        std::fs::write(&path, "old\n").unwrap();
+        let mut cut = AtomicFile::create(&path).unwrap();
+        cut.write_all(b"half of a new fi").unwrap();
+        drop(cut);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old\n");
+        let mut file = AtomicFile::create(&path).unwrap();
+        for i in 0..10_000 {
+            writeln!(file, "line {i}").unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old\n");
+        file.commit().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 10_000);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

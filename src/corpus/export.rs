@@ -17,8 +17,7 @@
 //! Memory stays flat: one session is held at a time, plus 16 bytes per example for duplicates.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -26,6 +25,7 @@ use serde::Serialize;
 use super::clean::{self, Dedup, Duplicate, Pseudonyms, Redactor};
 use crate::conversation::{self, Speakers, Turn};
 use crate::domain::ChatKind;
+use crate::fsio;
 use crate::model::ChatMessage;
 use crate::store::{CorpusFilter, CorpusRow, Store, StoreError};
 use crate::text::hash::stable_hash;
@@ -238,10 +238,6 @@ pub async fn export(
     if !(0.0..1.0).contains(&options.val_fraction) {
         return Err(ExportError::ValFraction(options.val_fraction));
     }
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ExportError::Io { path, source }
-    };
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let pseudonyms = if options.anonymize {
         Some(Pseudonyms::new(
@@ -307,56 +303,43 @@ pub async fn export(
     }
     let json_path = out_dir.join("summary.json");
     let json = serde_json::to_string_pretty(&summary).expect("the summary serialises");
-    std::fs::write(&json_path, json + "\n").map_err(io(&json_path))?;
+    fsio::write_atomic(&json_path, (json + "\n").as_bytes()).map_err(io(&json_path))?;
     let card_path = out_dir.join("data_card.md");
-    std::fs::write(&card_path, data_card(&summary, options)).map_err(io(&card_path))?;
+    fsio::write_atomic(&card_path, data_card(&summary, options).as_bytes())
+        .map_err(io(&card_path))?;
     Ok(summary)
 }
 
-/// A file written under a temporary name and renamed when complete.
+/// An I/O error on `path`, for `map_err`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError {
+    let path = path.to_path_buf();
+    move |source| ExportError::Io { path, source }
+}
+
+/// An output file, put in place whole when complete ([`fsio::AtomicFile`]).
 struct Output {
     name: String,
-    partial: PathBuf,
     path: PathBuf,
-    writer: BufWriter<File>,
+    file: fsio::AtomicFile,
 }
 
 impl Output {
     fn create(dir: &Path, name: &str) -> Result<Self, ExportError> {
         let path = dir.join(name);
-        let partial = dir.join(format!("{name}.partial"));
-        let file = File::create(&partial).map_err(|source| ExportError::Io {
-            path: partial.clone(),
-            source,
-        })?;
+        let file = fsio::AtomicFile::create(&path).map_err(io(&path))?;
         Ok(Output {
             name: name.to_string(),
-            partial,
             path,
-            writer: BufWriter::new(file),
+            file,
         })
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), ExportError> {
-        self.writer
-            .write_all(bytes)
-            .map_err(|source| ExportError::Io {
-                path: self.partial.clone(),
-                source,
-            })
+        self.file.write_all(bytes).map_err(io(&self.path))
     }
 
-    fn finish(mut self) -> Result<String, ExportError> {
-        let err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ExportError::Io { path, source }
-        };
-        self.writer.flush().map_err(err(&self.partial))?;
-        self.writer
-            .get_ref()
-            .sync_all()
-            .map_err(err(&self.partial))?;
-        std::fs::rename(&self.partial, &self.path).map_err(err(&self.path))?;
+    fn finish(self) -> Result<String, ExportError> {
+        self.file.commit().map_err(io(&self.path))?;
         Ok(self.name)
     }
 }
