@@ -1,9 +1,8 @@
 //! `spawn_daemon`: the whole kaiwa daemon in-process for a test, on a fresh SQLite file in a
 //! temp dir, with a tiny random model, pointed at loopback fakes of the platforms.
-#![allow(dead_code)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kaiwa::shutdown::{shutdown_channel, ShutdownTrigger};
@@ -11,7 +10,6 @@ use kaiwa::store::Store;
 
 /// Everything any daemon in this test binary logged (one global subscriber per process).
 static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-static MODEL: OnceLock<tempfile::TempDir> = OnceLock::new();
 
 #[derive(Clone)]
 struct LogBuffer(Arc<Mutex<Vec<u8>>>);
@@ -42,69 +40,6 @@ fn install_log_capture() -> Arc<Mutex<Vec<u8>>> {
     .clone()
 }
 
-/// A tiny random model, made once per test binary, in a directory named `kaiwa` (the model id
-/// the web API answers to).
-pub fn tiny_model_dir() -> PathBuf {
-    MODEL
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            kaiwa::model::init::init_model_dir(
-                kaiwa::model::LlamaConfig::preset(kaiwa::model::Preset::Tiny),
-                7,
-                &dir.path().join("kaiwa"),
-            )
-            .unwrap();
-            dir
-        })
-        .path()
-        .join("kaiwa")
-}
-
-/// A copy of the tiny model's weights and settings, to change: the graph is exported again on
-/// load (another test may be exporting the shared one right now).
-pub fn copy_of_tiny_model() -> tempfile::TempDir {
-    let model = tempfile::tempdir().unwrap();
-    for file in [
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        let from = tiny_model_dir().join(file);
-        std::fs::copy(from, model.path().join(file)).unwrap();
-    }
-    model
-}
-
-/// A copy of the tiny model whose `retrieval.json` ships a small dialogue corpus and sentences.
-pub fn tiny_model_with_retrieval_data() -> tempfile::TempDir {
-    let model = copy_of_tiny_model();
-    let mut corpus = std::fs::File::create(model.path().join("corpus.jsonl")).unwrap();
-    for (user, assistant) in [
-        ("Do you like pizza?", "I love pizza with mushrooms."),
-        ("今日の天気は？", "晴れていて暖かいですよ。"),
-    ] {
-        let line = serde_json::json!({"messages": [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": assistant},
-        ]});
-        writeln!(corpus, "{line}").unwrap();
-    }
-    std::fs::write(
-        model.path().join("sentences.tsv"),
-        "犬と散歩するのが好きです。\tI like walking the dog.\n",
-    )
-    .unwrap();
-    std::fs::write(
-        model.path().join("retrieval.json"),
-        r#"{"corpora": [{"path": "corpus.jsonl", "format": "openai"},
-                        {"path": "sentences.tsv", "format": "sentences"}]}"#,
-    )
-    .unwrap();
-    model
-}
-
 /// A running daemon.
 pub struct TestDaemon {
     dir: Arc<tempfile::TempDir>,
@@ -128,7 +63,7 @@ pub async fn spawn_daemon(env: &[(&str, &str)]) -> TestDaemon {
 async fn start(dir: Arc<tempfile::TempDir>, env: Vec<(String, String)>) -> TestDaemon {
     install_log_capture();
     let db = database_url(dir.path());
-    let model = tiny_model_dir();
+    let model = super::model::tiny_model_dir();
     let mut all: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), db.clone()),
         ("MODEL_DIR".into(), model.display().to_string()),

@@ -3,14 +3,10 @@
 //! from a random model, so the tests check where a reply went and what was stored, never its
 //! wording. Every wait is bounded.
 
-mod support;
-// The fake lives with the other test helpers; declared here until `support/mod.rs` lists it.
-#[path = "support/discord.rs"]
-mod fake_discord;
-
 use std::time::Duration;
 
-use fake_discord::{
+use crate::support::daemon::{spawn_daemon, TestDaemon};
+use crate::support::discord::{
     FakeDiscord, FakeUser, MessageBuilder, INTENT_DIRECT_MESSAGES, INTENT_GUILD_MESSAGES,
     INTENT_MESSAGE_CONTENT,
 };
@@ -19,7 +15,6 @@ use kaiwa::config::{PlatformSettings, Secret};
 use kaiwa::platform::discord::DiscordOutbox;
 use kaiwa::store::StoredMessage;
 use serde_json::{json, Value};
-use support::daemon::{spawn_daemon, TestDaemon};
 
 /// Shaped like a real bot token, so a leak would be the real thing.
 const TOKEN: &str = "MTA0NjAwMDAwMDAwMDAwMDAwMQ.GkX7qP.Vq3b8Zr1LmN0pQsT5uWxYz2aBcDeFgHiJkLmNo";
@@ -155,7 +150,8 @@ async fn messages_missed_while_down_are_caught_up_at_the_next_start() {
     fake.wait_for_sent(1, WAIT).await;
     let old = MessageBuilder::direct(DM_ALICE, &alice(), "an old question").build();
     let mut old = old;
-    old["timestamp"] = fake_discord::rfc3339(fake_discord::unix_ms() - 2 * 3_600_000).into();
+    old["timestamp"] =
+        crate::support::discord::rfc3339(crate::support::discord::unix_ms() - 2 * 3_600_000).into();
     fake.add_history(old.clone());
     let missed = MessageBuilder::direct(DM_ALICE, &alice(), "are you there?").build();
     fake.add_history(missed.clone());
@@ -617,7 +613,7 @@ async fn reactions_on_a_reply_are_recorded_as_feedback() {
     fake.dispatch("MESSAGE_REACTION_ADD", reaction(&alice().id, thumbs("👎")));
     // Serenity handles each event in a task of its own, so their order is not guaranteed:
     // wait for both before taking one back.
-    support::wait_for_feedback(daemon.store(), |m| {
+    crate::support::wait_for_feedback(daemon.store(), |m| {
         m.first()
             .is_some_and(|m| m["up"][1] == json!(1) && m["down"][1] == json!(1))
     })
@@ -638,7 +634,7 @@ async fn reactions_on_a_reply_are_recorded_as_feedback() {
             json!({"id": "3300000000000000001", "name": "kaiwa_love"}),
         ),
     );
-    let metas = support::wait_for_feedback(daemon.store(), |m| {
+    let metas = crate::support::wait_for_feedback(daemon.store(), |m| {
         m.first().is_some_and(|m| {
             let r = m["reactions"][1].as_str().unwrap_or("");
             r.contains("kaiwa_love") && !r.contains('👎')

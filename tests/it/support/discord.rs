@@ -13,7 +13,6 @@
 //! one (after RESUME or a fresh IDENTIFY), so a test never loses an event to timing.
 //!
 //! Everything is bounded: waits take a timeout and panic with what the fake saw.
-#![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -153,11 +152,6 @@ impl MessageBuilder {
         }
     }
 
-    pub fn id(mut self, id: &str) -> Self {
-        self.json["id"] = id.into();
-        self
-    }
-
     /// Mentions `user`: `<@id>` in front of the text and the user in `mentions`.
     pub fn mentioning(mut self, user: &FakeUser) -> Self {
         let content = format!(
@@ -178,17 +172,6 @@ impl MessageBuilder {
         self
     }
 
-    /// Makes it a reply (type 19) to `original`, a payload built here or one the fake sent.
-    pub fn replying_to(mut self, original: &Value) -> Self {
-        self.json["type"] = 19.into();
-        self.json["message_reference"] = json!({
-            "type": 0, "message_id": original["id"], "channel_id": original["channel_id"],
-            "guild_id": original.get("guild_id").cloned().unwrap_or(Value::Null),
-        });
-        self.json["referenced_message"] = original.clone();
-        self
-    }
-
     pub fn build(self) -> Value {
         self.json
     }
@@ -203,8 +186,6 @@ pub struct SentMessage {
     /// `message_reference.message_id`, when it was a reply.
     pub reply_to: Option<String>,
     pub allowed_mentions: Value,
-    /// The full message object the fake answered with.
-    pub json: Value,
     pub at: Instant,
 }
 
@@ -260,7 +241,6 @@ struct FakeState {
     identifies: Vec<Identify>,
     resumes: Vec<Resume>,
     drops: usize,
-    heartbeats: usize,
     gateway_queries: Vec<HashMap<String, String>>,
     refuse_message_content: bool,
     sent: Vec<SentMessage>,
@@ -346,10 +326,6 @@ impl FakeDiscord {
     /// The REST base, for `DISCORD_API_URL`.
     pub fn url(&self) -> String {
         format!("http://{}", self.shared.addr)
-    }
-
-    pub fn gateway_url(&self) -> String {
-        self.shared.gateway_url()
     }
 
     pub fn bot_user(&self) -> &FakeUser {
@@ -469,10 +445,6 @@ impl FakeDiscord {
         self.shared.lock().resumes.len()
     }
 
-    pub fn heartbeat_count(&self) -> usize {
-        self.shared.lock().heartbeats
-    }
-
     /// The query string of each gateway connection (`v`, `encoding`, `compress`).
     pub fn gateway_queries(&self) -> Vec<HashMap<String, String>> {
         self.shared.lock().gateway_queries.clone()
@@ -483,14 +455,8 @@ impl FakeDiscord {
         self.shared.lock().requests.clone()
     }
 
-    /// Waits until a gateway connection is identified (or resumed).
-    pub async fn wait_until_connected(&self, timeout: Duration) {
-        self.wait_for("live gateway connection", timeout, |s| s.live.then_some(()))
-            .await
-    }
-
-    /// Like [`Self::wait_until_connected`], but says whether it happened instead of panicking, so
-    /// the caller can explain (with the daemon's logs, say).
+    /// Whether a gateway connection is identified (or resumed) within `timeout`; a bool rather
+    /// than a panic, so the caller can explain (with the daemon's logs, say).
     pub async fn connected_within(&self, timeout: Duration) -> bool {
         let mut changes = self.shared.changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -681,7 +647,6 @@ async fn rest_create_message(
         content,
         reply_to,
         allowed_mentions: request["allowed_mentions"].clone(),
-        json: message.clone(),
         at: Instant::now(),
     };
     // Discord tells the gateway about the bot's own messages too.
@@ -925,7 +890,6 @@ impl Connection {
         };
         match payload["op"].as_u64() {
             Some(1) => {
-                self.shared.update(|s| s.heartbeats += 1);
                 self.send_or_close(json!({"op": 11, "d": null, "s": null, "t": null}))
                     .await
             }

@@ -2,8 +2,6 @@
 //! official `openai` Python SDK against the API, headless Chromium driving the chat page, and
 //! raw HTTP for what clients must be told (loading, queue full, rate limits).
 
-mod support;
-
 use std::time::Duration;
 
 use kaiwa::bot::event::{ChannelRef, Platform};
@@ -11,7 +9,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::daemon::{spawn_daemon, TestDaemon};
+use crate::support::daemon::{spawn_daemon, TestDaemon};
 
 /// A port nobody listens on now.
 fn free_port() -> u16 {
@@ -146,7 +144,7 @@ fn run_script(python: &str, script: &str, args: &[&str]) -> serde_json::Value {
 /// client that leaves mid-stream, whose partial reply is stored marked cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_talks_to_kaiwa() {
-    let Some(python) = support::python_with("openai", "pip install openai") else {
+    let Some(python) = crate::support::python_with("openai", "pip install openai") else {
         return;
     };
     let (_dir, model) = long_context_model();
@@ -286,7 +284,7 @@ async fn the_chat_page_works_in_a_real_browser() {
         return;
     }
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let model = support::daemon::tiny_model_with_retrieval_data();
+    let model = crate::support::model::tiny_model_with_retrieval_data();
     let (daemon, base) = web_daemon(&[("MODEL_DIR", &model.path().display().to_string())]).await;
     let shot = tempfile::tempdir().unwrap();
     let shot_path = shot.path().join("page.png");

@@ -2,20 +2,17 @@
 //! real teloxide client to a fake Bot API on 127.0.0.1. Replies come from a random model, so the
 //! tests check where a reply went and what was stored, never its wording. Every wait is bounded.
 
-mod support;
-// The fake lives with the other test helpers; declared here until `support/mod.rs` lists it.
-#[path = "support/telegram.rs"]
-mod fake_telegram;
-
 use std::time::Duration;
 
-use fake_telegram::{group_chat, private_chat, replying_to, user, FakeTelegram, BOT_USERNAME};
+use crate::support::daemon::{spawn_daemon, TestDaemon};
+use crate::support::telegram::{
+    group_chat, private_chat, replying_to, user, FakeTelegram, BOT_USERNAME,
+};
 use kaiwa::bot::event::{ChannelRef, Outbox, Platform, SendError};
 use kaiwa::config::{PlatformSettings, Secret};
 use kaiwa::platform::telegram::TelegramOutbox;
 use kaiwa::store::StoredMessage;
 use serde_json::{json, Value};
-use support::daemon::{spawn_daemon, TestDaemon};
 
 /// Shaped like a real token (35-character secret), so teloxide treats it as it would in production.
 const TOKEN: &str = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
@@ -328,7 +325,7 @@ async fn a_poison_update_does_not_stall_the_messages_behind_it() {
     let poison = fake.message(
         &chat,
         &ann,
-        &format!("bad {} text", fake_telegram::LONE_SURROGATE),
+        &format!("bad {} text", crate::support::telegram::LONE_SURROGATE),
     );
     let after: Vec<Value> = (0..3)
         .map(|i| fake.message(&chat, &ann, &format!("message {i} behind it")))
@@ -845,7 +842,7 @@ async fn reactions_on_a_reply_are_recorded_as_feedback() {
         "chat": private_chat(&ann), "message_id": sent[0].message_id(),
         "actor_chat": group_chat(-100500, "channel"), "date": 1_700_000_000,
         "old_reaction": [], "new_reaction": [emoji("👎")]}}));
-    let metas = support::wait_for_feedback(daemon.store(), |m| {
+    let metas = crate::support::wait_for_feedback(daemon.store(), |m| {
         m.first()
             .is_some_and(|m| m["reactions"][1].as_str().unwrap_or("").contains('🔥'))
     })
