@@ -4,10 +4,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::telegram::{private_chat, user, FakeTelegram};
+use crate::support::telegram::{private_chat, user, FakeTelegram, TOKEN};
 use kaiwa::bot::event::{ChannelRef, Platform};
-
-const TOKEN: &str = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
 
 #[cfg(unix)]
 #[tokio::test]
@@ -69,12 +67,11 @@ async fn sigterm_stops_the_daemon_cleanly_after_it_answered() {
     assert_eq!(rows.iter().filter(|r| r.from_self).count(), 1, "{rows:?}");
 }
 
-/// `kaiwa run` on `db`, talking to `fake`, with no cooldown and room in the queue for a burst.
-#[cfg(unix)]
 /// Replies composed and sent at once: a kill can catch each of them between the platform's
 /// answer and its row, so each may be sent once more after the restart.
 const WORKERS: usize = 2;
 
+/// `kaiwa run` on `db`, talking to `fake`, with no cooldown and room in the queue for a burst.
 fn spawn_run(fake: &FakeTelegram, dir: &std::path::Path, db: &str) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_kaiwa"))
         .arg("run")

@@ -1,14 +1,20 @@
 //! `spawn_daemon`: the whole kaiwa daemon in-process for a test, on a fresh SQLite file in a
-//! temp dir, with a tiny random model, pointed at loopback fakes of the platforms.
+//! temp dir, with the tiny random model, together with what it talks to: a loopback fake of a
+//! chat platform, the web server's port, or nothing.
 
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
+use kaiwa::bot::event::ChannelRef;
 use kaiwa::shutdown::{shutdown_channel, ShutdownTrigger};
-use kaiwa::store::Store;
+use kaiwa::store::{Store, StoredMessage};
 
-/// Everything any daemon in this test binary logged (one global subscriber per process).
+/// How long a test waits for the daemon (or a fake) to get something done before it fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Everything any daemon in this test process logged (one global subscriber per process).
 static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
 
 #[derive(Clone)]
@@ -40,58 +46,104 @@ fn install_log_capture() -> Arc<Mutex<Vec<u8>>> {
     .clone()
 }
 
+/// The other side a test daemon talks to: a loopback fake of a chat platform
+/// ([`FakeTelegram`](super::telegram::FakeTelegram), [`FakeDiscord`](super::discord::FakeDiscord)),
+/// the web server's clients ([`Web`]), or nothing (`()`: the test gives the settings itself).
+pub trait Peer: Sized {
+    /// Starts it on 127.0.0.1.
+    async fn start() -> Self;
+
+    /// The settings that point the daemon at it.
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
+    /// A listener the daemon serves the web API on instead of binding `HTTP_ADDR` (it then runs
+    /// as `kaiwa serve` does, the web server alone).
+    fn listener(&self) -> Option<std::net::TcpListener> {
+        None
+    }
+
+    /// Waits (at most [`WAIT`]) until `daemon`, started on [`Peer::settings`], talks to it.
+    async fn connected(&self, _daemon: &TestDaemon) {}
+}
+
+impl Peer for () {
+    async fn start() {}
+}
+
+/// Starts `P` and the daemon pointed at it, with a fresh database and `env` over the settings
+/// `P` gives and the test defaults (no cooldown, short replies); returns both once they are
+/// connected.
+pub async fn spawn_daemon<P: Peer>(env: &[(&str, &str)]) -> (P, TestDaemon) {
+    let peer = P::start().await;
+    let daemon = spawn_daemon_on(&peer, env).await;
+    peer.connected(&daemon).await;
+    (peer, daemon)
+}
+
+/// [`spawn_daemon`] for a peer the test started (and set up) itself; does not wait for them to
+/// connect.
+pub async fn spawn_daemon_on<P: Peer>(peer: &P, env: &[(&str, &str)]) -> TestDaemon {
+    let mut all: Vec<(String, String)> = peer
+        .settings()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    TestDaemon::start(dir, all, peer.listener()).await
+}
+
+/// The clients' side of the daemon's web server: a port of 127.0.0.1 bound before the daemon
+/// starts (so no other test can take it first), which the daemon serves on.
+pub struct Web {
+    listener: std::net::TcpListener,
+}
+
+impl Web {
+    /// The server's base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listener.local_addr().unwrap())
+    }
+}
+
+impl Peer for Web {
+    async fn start() -> Web {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Web { listener }
+    }
+
+    fn listener(&self) -> Option<std::net::TcpListener> {
+        Some(self.listener.try_clone().unwrap())
+    }
+
+    /// Until `/health` answers 200: the model is loaded.
+    async fn connected(&self, daemon: &TestDaemon) {
+        let url = self.url();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok((200, _, _)) = super::web::http(&url, "GET /health", &[], "").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the web server did not become healthy within {WAIT:?}:\n{}",
+            daemon.logs()
+        );
+    }
+}
+
 /// A running daemon.
 pub struct TestDaemon {
     dir: Arc<tempfile::TempDir>,
     env: Vec<(String, String)>,
+    listener: Option<std::net::TcpListener>,
     trigger: Option<ShutdownTrigger>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     store: Store,
-}
-
-/// Starts the daemon with a fresh database and these settings (on top of test defaults: no
-/// cooldown, short replies).
-pub async fn spawn_daemon(env: &[(&str, &str)]) -> TestDaemon {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let env = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    start(dir, env).await
-}
-
-async fn start(dir: Arc<tempfile::TempDir>, env: Vec<(String, String)>) -> TestDaemon {
-    install_log_capture();
-    let db = database_url(dir.path());
-    let model = super::model::tiny_model_dir();
-    let mut all: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), db.clone()),
-        ("MODEL_DIR".into(), model.display().to_string()),
-        ("USER_COOLDOWN_MS".into(), "0".into()),
-        ("MAX_NEW_TOKENS".into(), "12".into()),
-    ];
-    all.extend(env.iter().cloned());
-    let lookup = all.clone();
-    let settings = kaiwa::config::Settings::from_lookup(move |k| {
-        lookup
-            .iter()
-            .rev()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.clone())
-    })
-    .unwrap();
-    // Open (and migrate) the database before the daemon does: two first migrations of the same
-    // fresh file at once would race.
-    let store = Store::open(&db).await.unwrap();
-    let (trigger, shutdown) = shutdown_channel();
-    let handle = tokio::spawn(kaiwa::app::run(settings, shutdown));
-    TestDaemon {
-        dir,
-        env,
-        trigger: Some(trigger),
-        handle: Some(handle),
-        store,
-    }
 }
 
 fn database_url(dir: &Path) -> String {
@@ -99,6 +151,49 @@ fn database_url(dir: &Path) -> String {
 }
 
 impl TestDaemon {
+    async fn start(
+        dir: Arc<tempfile::TempDir>,
+        env: Vec<(String, String)>,
+        listener: Option<std::net::TcpListener>,
+    ) -> TestDaemon {
+        install_log_capture();
+        let db = database_url(dir.path());
+        let model = super::model::tiny_model_dir();
+        let mut all: Vec<(String, String)> = vec![
+            ("DATABASE_URL".into(), db.clone()),
+            ("MODEL_DIR".into(), model.display().to_string()),
+            ("USER_COOLDOWN_MS".into(), "0".into()),
+            ("MAX_NEW_TOKENS".into(), "12".into()),
+        ];
+        all.extend(env.iter().cloned());
+        let settings = kaiwa::config::Settings::from_lookup(move |k| {
+            all.iter()
+                .rev()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap();
+        // Open (and migrate) the database before the daemon does: two first migrations of the
+        // same fresh file at once would race.
+        let store = Store::open(&db).await.unwrap();
+        let (trigger, shutdown) = shutdown_channel();
+        let handle = match &listener {
+            Some(l) => {
+                let l = tokio::net::TcpListener::from_std(l.try_clone().unwrap()).unwrap();
+                tokio::spawn(kaiwa::app::serve_on(settings, l, shutdown))
+            }
+            None => tokio::spawn(kaiwa::app::run(settings, shutdown)),
+        };
+        TestDaemon {
+            dir,
+            env,
+            listener,
+            trigger: Some(trigger),
+            handle: Some(handle),
+            store,
+        }
+    }
+
     /// The store the daemon writes to (a second pool on the same file).
     pub fn store(&self) -> &Store {
         &self.store
@@ -108,9 +203,47 @@ impl TestDaemon {
         database_url(self.dir.path())
     }
 
-    /// Everything logged so far by any daemon of this test binary.
+    /// Everything logged so far by any daemon of this test process.
     pub fn logs(&self) -> String {
         String::from_utf8_lossy(&install_log_capture().lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the logs contain `needle`; returns them. Panics after [`WAIT`].
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return logs;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {needle:?} in the logs within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the messages stored in `channel` satisfy `done` (`what` names what is
+    /// awaited); returns them. Panics after [`WAIT`].
+    pub async fn wait_for_rows(
+        &self,
+        channel: &ChannelRef,
+        what: &str,
+        done: impl Fn(&[StoredMessage]) -> bool,
+    ) -> Vec<StoredMessage> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let rows = self.store.channel_messages(channel).await.unwrap();
+            if done(&rows) {
+                return rows;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "waited {WAIT:?} for {what} in {channel}; stored: {rows:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// Triggers shutdown and waits (at most 30 s) for the daemon to stop.
@@ -123,16 +256,17 @@ impl TestDaemon {
             t.trigger();
         }
         let handle = self.handle.take().expect("running");
-        tokio::time::timeout(std::time::Duration::from_secs(30), handle)
+        tokio::time::timeout(Duration::from_secs(30), handle)
             .await
             .expect("the daemon did not stop within 30 s")
             .expect("the daemon task panicked")
     }
 
-    /// Stops the daemon and starts a new one on the same database and settings.
+    /// Stops the daemon and starts a new one on the same database, settings and peer.
     pub async fn restart(mut self) -> TestDaemon {
         self.shutdown().await.unwrap();
-        start(Arc::clone(&self.dir), self.env.clone()).await
+        let listener = self.listener.take();
+        TestDaemon::start(Arc::clone(&self.dir), self.env.clone(), listener).await
     }
 }
 

@@ -30,6 +30,12 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use super::daemon::{Peer, TestDaemon, WAIT};
+
+/// The bot token the fake accepts when [`spawn_daemon`](super::daemon::spawn_daemon) starts it;
+/// shaped like a real bot token, so a leak would be the real thing.
+pub const TOKEN: &str = "MTA0NjAwMDAwMDAwMDAwMDAwMQ.GkX7qP.Vq3b8Zr1LmN0pQsT5uWxYz2aBcDeFgHiJkLmNo";
+
 /// The bot's user (and application) id in the fake.
 pub const BOT_USER_ID: &str = "1046000000000000001";
 pub const BOT_USERNAME: &str = "kaiwa-test";
@@ -283,6 +289,39 @@ impl Shared {
 pub struct FakeDiscord {
     shared: Arc<Shared>,
     server: tokio::task::JoinHandle<()>,
+}
+
+impl Peer for FakeDiscord {
+    async fn start() -> FakeDiscord {
+        FakeDiscord::start(TOKEN).await
+    }
+
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DISCORD_TOKEN", self.shared.token.clone()),
+            ("DISCORD_API_URL", self.url()),
+        ]
+    }
+
+    /// Until the daemon's gateway connection is identified (or resumed).
+    async fn connected(&self, daemon: &TestDaemon) {
+        if !self.connected_within(WAIT).await {
+            panic!(
+                "the daemon did not connect to the fake Discord within {WAIT:?}; {}\nkaiwa and serenity logs:\n{}",
+                self.summary(),
+                relevant_logs(&daemon.logs())
+            );
+        }
+    }
+}
+
+/// The daemon's and serenity's log lines (the model runtime's are many and beside the point).
+fn relevant_logs(logs: &str) -> String {
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("kaiwa") || l.contains("serenity"))
+        .collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
 impl Drop for FakeDiscord {

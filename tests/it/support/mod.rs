@@ -1,12 +1,14 @@
 //! What the integration tests share: the daemon in-process ([`daemon`]), loopback fakes of the
-//! Telegram Bot API ([`telegram`]) and of Discord ([`discord`]), the platform-neutral core with a
-//! recording outbox ([`core`]), tiny random models ([`model`]), and the helpers below.
+//! Telegram Bot API ([`telegram`]) and of Discord ([`discord`]), plain HTTP for the web server
+//! ([`web`]), the platform-neutral core with a recording outbox ([`core`]), tiny random models
+//! ([`model`]), and the helpers below.
 
 pub mod core;
 pub mod daemon;
 pub mod discord;
 pub mod model;
 pub mod telegram;
+pub mod web;
 
 /// The `meta` of every example `export-corpus --mode bot` writes from `store` (where the
 /// feedback on replies is carried).

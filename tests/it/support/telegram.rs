@@ -20,12 +20,18 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use super::daemon::Peer;
+
 /// The longest a `getUpdates` call waits for news, whatever timeout it asked for: keeps tests
 /// fast and shutdown prompt.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
 
 /// Telegram's limit on a message's text, in characters.
 const MAX_TEXT_CHARS: usize = 4096;
+
+/// The bot token the fake accepts when [`spawn_daemon`](super::daemon::spawn_daemon) starts it;
+/// shaped like a real one (35-character secret), so teloxide treats it as it would in production.
+pub const TOKEN: &str = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
 
 /// The bot account the fake serves.
 pub const BOT_ID: i64 = 7_000_000_001;
@@ -317,6 +323,19 @@ impl FakeTelegram {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+impl Peer for FakeTelegram {
+    async fn start() -> FakeTelegram {
+        FakeTelegram::start(TOKEN).await
+    }
+
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TELEGRAM_TOKEN", self.shared.token.clone()),
+            ("TELEGRAM_API_URL", self.url()),
+        ]
     }
 }
 
