@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::support::daemon::{spawn_daemon, spawn_daemon_on, WAIT};
+use crate::support::daemon::{last_lines, spawn_daemon, spawn_daemon_on, WAIT};
 use crate::support::telegram::{
     group_chat, private_chat, replying_to, user, FakeTelegram, BOT_USERNAME, TOKEN,
 };
@@ -550,7 +550,7 @@ async fn an_unavailable_bot_api_loses_no_message_and_no_reply() {
             .logs()
             .contains("platform unavailable; the reply is sent again later"),
         "{}",
-        daemon.logs()
+        last_lines(&daemon.logs(), 60)
     );
 
     fake.set_down(true);
@@ -686,11 +686,16 @@ async fn bot_token_never_appears_in_the_logs() {
 
     assert!(
         logs.to_lowercase().contains("connection refused"),
-        "the connection error was logged without its cause:\n{logs}"
+        "the connection error was logged without its cause:\n{}",
+        last_lines(&logs, 60)
     );
     assert!(
         !logs.contains(TOKEN_SECRET),
-        "the token leaked into the logs:\n{logs}"
+        "the token leaked into the logs:\n{}",
+        logs.lines()
+            .filter(|l| l.contains(TOKEN_SECRET))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 

@@ -9,8 +9,8 @@ use kaiwa::bot::event::{ChannelRef, Platform};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use crate::support::daemon::{spawn_daemon, TestDaemon, Web};
-use crate::support::web::{header, http};
+use crate::support::daemon::{spawn_daemon, TestDaemon};
+use crate::support::web::{header, http, Web};
 
 /// The store's channel of an API key's session (see `web::Caller`).
 fn channel(key: Option<&str>, session: &str) -> ChannelRef {

@@ -48,7 +48,7 @@ fn install_log_capture() -> Arc<Mutex<Vec<u8>>> {
 
 /// The other side a test daemon talks to: a loopback fake of a chat platform
 /// ([`FakeTelegram`](super::telegram::FakeTelegram), [`FakeDiscord`](super::discord::FakeDiscord)),
-/// the web server's clients ([`Web`]), or nothing (`()`: the test gives the settings itself).
+/// the web server's clients ([`Web`](super::web::Web)), or nothing (`()`: the test gives the settings itself).
 pub trait Peer: Sized {
     /// Starts it on 127.0.0.1.
     async fn start() -> Self;
@@ -95,47 +95,6 @@ pub async fn spawn_daemon_on<P: Peer>(peer: &P, env: &[(&str, &str)]) -> TestDae
     TestDaemon::start(dir, all, peer.listener()).await
 }
 
-/// The clients' side of the daemon's web server: a port of 127.0.0.1 bound before the daemon
-/// starts (so no other test can take it first), which the daemon serves on.
-pub struct Web {
-    listener: std::net::TcpListener,
-}
-
-impl Web {
-    /// The server's base URL, `http://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.listener.local_addr().unwrap())
-    }
-}
-
-impl Peer for Web {
-    async fn start() -> Web {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        Web { listener }
-    }
-
-    fn listener(&self) -> Option<std::net::TcpListener> {
-        Some(self.listener.try_clone().unwrap())
-    }
-
-    /// Until `/health` answers 200: the model is loaded.
-    async fn connected(&self, daemon: &TestDaemon) {
-        let url = self.url();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while tokio::time::Instant::now() < deadline {
-            if let Ok((200, _, _)) = super::web::http(&url, "GET /health", &[], "").await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "the web server did not become healthy within {WAIT:?}:\n{}",
-            daemon.logs()
-        );
-    }
-}
-
 /// A running daemon.
 pub struct TestDaemon {
     dir: Arc<tempfile::TempDir>,
@@ -144,6 +103,12 @@ pub struct TestDaemon {
     trigger: Option<ShutdownTrigger>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     store: Store,
+}
+
+/// The last `n` lines of `logs`, for a failure message (all of them can be megabytes).
+pub fn last_lines(logs: &str, n: usize) -> String {
+    let lines: Vec<&str> = logs.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn database_url(dir: &Path) -> String {
@@ -218,7 +183,8 @@ impl TestDaemon {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "no {needle:?} in the logs within {WAIT:?}"
+                "no {needle:?} in the logs within {WAIT:?}; the last lines:\n{}",
+                last_lines(&logs, 40)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -30,7 +30,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::daemon::{Peer, TestDaemon, WAIT};
+use super::daemon::{last_lines, Peer, TestDaemon, WAIT};
 
 /// The bot token the fake accepts when [`spawn_daemon`](super::daemon::spawn_daemon) starts it;
 /// shaped like a real bot token, so a leak would be the real thing.
@@ -321,7 +321,7 @@ fn relevant_logs(logs: &str) -> String {
         .lines()
         .filter(|l| l.contains("kaiwa") || l.contains("serenity"))
         .collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
+    last_lines(&lines.join("\n"), 60)
 }
 
 impl Drop for FakeDiscord {

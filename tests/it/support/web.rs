@@ -1,9 +1,53 @@
-//! Plain HTTP/1.1 for the web server's tests: one request per connection, nothing hidden (no
-//! client library between the test and what the server says).
+//! The web server's side of the tests: [`Web`], the port a test daemon serves on, and plain
+//! HTTP/1.1, one request per connection, with no client library between the test and what the
+//! server says.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::daemon::{last_lines, Peer, TestDaemon, WAIT};
+
+/// The clients' side of the daemon's web server: a port of 127.0.0.1 bound before the daemon
+/// starts (so no other test can take it first), which the daemon serves on.
+pub struct Web {
+    listener: std::net::TcpListener,
+}
+
+impl Web {
+    /// The server's base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listener.local_addr().unwrap())
+    }
+}
+
+impl Peer for Web {
+    async fn start() -> Web {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Web { listener }
+    }
+
+    fn listener(&self) -> Option<std::net::TcpListener> {
+        Some(self.listener.try_clone().unwrap())
+    }
+
+    /// Until `/health` answers 200: the model is loaded.
+    async fn connected(&self, daemon: &TestDaemon) {
+        let url = self.url();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok((200, _, _)) = http(&url, "GET /health", &[], "").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the web server did not become healthy within {WAIT:?}; the last log lines:\n{}",
+            last_lines(&daemon.logs(), 40)
+        );
+    }
+}
 
 /// One HTTP/1.1 request over a fresh connection: status, headers (lower-case names) and body.
 pub async fn http(
