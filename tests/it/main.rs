@@ -7,8 +7,8 @@
 //! process-wide state (environment variables, the current directory): settings go to the
 //! daemon through `Settings::from_lookup`, and to the real binary through `Command::env`. A port
 //! is held from the moment it is chosen (`support::web::Web`, `reserved_port`), never picked
-//! free and bound later. The daemons' logs go to one capture for the whole process
-//! (`TestDaemon::logs`), so a test waits only for lines its own daemon alone writes.
+//! free and bound later. Each test daemon runs on a runtime of its own and keeps its own logs
+//! (`support::logs`); the process-wide tracing subscriber keeps nothing.
 
 mod support;
 

@@ -1,50 +1,22 @@
 //! `spawn_daemon`: the whole kaiwa daemon in-process for a test, on a fresh SQLite file in a
 //! temp dir, with the tiny random model, together with what it talks to: a loopback fake of a
-//! chat platform, the web server's port, or nothing.
+//! chat platform, the web server's port, or nothing. Each daemon runs on a runtime of its own, as
+//! in a process of its own, and keeps its own logs.
 
-use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kaiwa::bot::event::ChannelRef;
-use kaiwa::shutdown::{shutdown_channel, ShutdownTrigger};
+use kaiwa::config::Settings;
+use kaiwa::shutdown::{shutdown_channel, Shutdown, ShutdownTrigger};
 use kaiwa::store::{Store, StoredMessage};
+use tokio::sync::oneshot;
+
+use super::logs::{clear_thread_dispatch, set_thread_dispatch, Logs};
 
 /// How long a test waits for the daemon (or a fake) to get something done before it fails.
 pub const WAIT: Duration = Duration::from_secs(20);
-
-/// Everything any daemon in this test process logged (one global subscriber per process).
-static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-
-#[derive(Clone)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn install_log_capture() -> Arc<Mutex<Vec<u8>>> {
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = LogBuffer(Arc::clone(&buffer));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                "debug,sqlx=warn,hyper=info,rustls=info,h2=info,tungstenite=info,reqwest=info",
-            )
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .try_init();
-        buffer
-    })
-    .clone()
-}
 
 /// The other side a test daemon talks to: a loopback fake of a chat platform
 /// ([`FakeTelegram`](super::telegram::FakeTelegram), [`FakeDiscord`](super::discord::FakeDiscord)),
@@ -92,7 +64,50 @@ pub async fn spawn_daemon_on<P: Peer>(peer: &P, env: &[(&str, &str)]) -> TestDae
         .collect();
     all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    TestDaemon::start(dir, all, peer.listener()).await
+    TestDaemon::start(dir, all, peer.listener(), Logs::default()).await
+}
+
+/// Runs the daemon on a thread and runtime of its own (two workers, as on the 2-core machines
+/// kaiwa is measured on), every thread of which logs into `logs`; `web`, when given, is the
+/// listener it serves the web API on alone. The answer comes when the daemon has stopped; the
+/// rest of its runtime is then shut down, and `dir` (its database) removed once nothing uses it.
+fn run_apart(
+    settings: Settings,
+    shutdown: Shutdown,
+    web: Option<std::net::TcpListener>,
+    logs: &Logs,
+    dir: Arc<tempfile::TempDir>,
+) -> oneshot::Receiver<anyhow::Result<()>> {
+    let (tx, rx) = oneshot::channel();
+    let dispatch = logs.dispatch();
+    std::thread::Builder::new()
+        .name("test-daemon".into())
+        .spawn(move || {
+            let for_threads = dispatch.clone();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .on_thread_start(move || set_thread_dispatch(&for_threads))
+                .on_thread_stop(clear_thread_dispatch)
+                .build()
+                .expect("the daemon's runtime");
+            let result = tracing::dispatcher::with_default(&dispatch, || {
+                runtime.block_on(async move {
+                    match web {
+                        Some(l) => {
+                            let l = tokio::net::TcpListener::from_std(l)?;
+                            kaiwa::app::serve_on(settings, l, shutdown).await
+                        }
+                        None => kaiwa::app::run(settings, shutdown).await,
+                    }
+                })
+            });
+            let _ = tx.send(result);
+            runtime.shutdown_timeout(Duration::from_secs(10));
+            drop(dir);
+        })
+        .expect("a thread for the daemon");
+    rx
 }
 
 /// A running daemon.
@@ -100,8 +115,10 @@ pub struct TestDaemon {
     dir: Arc<tempfile::TempDir>,
     env: Vec<(String, String)>,
     listener: Option<std::net::TcpListener>,
+    logs: Logs,
     trigger: Option<ShutdownTrigger>,
-    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// What `kaiwa::app::run` (or `serve_on`) returned; dropped unsent if it panicked.
+    done: Option<oneshot::Receiver<anyhow::Result<()>>>,
     store: Store,
 }
 
@@ -120,8 +137,8 @@ impl TestDaemon {
         dir: Arc<tempfile::TempDir>,
         env: Vec<(String, String)>,
         listener: Option<std::net::TcpListener>,
+        logs: Logs,
     ) -> TestDaemon {
-        install_log_capture();
         let db = database_url(dir.path());
         let model = super::model::tiny_model_dir();
         let mut all: Vec<(String, String)> = vec![
@@ -142,19 +159,15 @@ impl TestDaemon {
         // same fresh file at once would race.
         let store = Store::open(&db).await.unwrap();
         let (trigger, shutdown) = shutdown_channel();
-        let handle = match &listener {
-            Some(l) => {
-                let l = tokio::net::TcpListener::from_std(l.try_clone().unwrap()).unwrap();
-                tokio::spawn(kaiwa::app::serve_on(settings, l, shutdown))
-            }
-            None => tokio::spawn(kaiwa::app::run(settings, shutdown)),
-        };
+        let web = listener.as_ref().map(|l| l.try_clone().unwrap());
+        let done = run_apart(settings, shutdown, web, &logs, Arc::clone(&dir));
         TestDaemon {
             dir,
             env,
             listener,
+            logs,
             trigger: Some(trigger),
-            handle: Some(handle),
+            done: Some(done),
             store,
         }
     }
@@ -168,9 +181,14 @@ impl TestDaemon {
         database_url(self.dir.path())
     }
 
-    /// Everything logged so far by any daemon of this test process.
+    /// Everything this daemon (and the ones it restarted as) logged so far.
     pub fn logs(&self) -> String {
-        String::from_utf8_lossy(&install_log_capture().lock().unwrap()).into_owned()
+        self.logs.text()
+    }
+
+    /// This daemon's logs, to read after it stopped.
+    pub fn log_capture(&self) -> Logs {
+        self.logs.clone()
     }
 
     /// Waits until the logs contain `needle`; returns them. Panics after [`WAIT`].
@@ -221,18 +239,19 @@ impl TestDaemon {
         if let Some(t) = self.trigger.take() {
             t.trigger();
         }
-        let handle = self.handle.take().expect("running");
-        tokio::time::timeout(Duration::from_secs(30), handle)
+        let done = self.done.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), done)
             .await
             .expect("the daemon did not stop within 30 s")
-            .expect("the daemon task panicked")
+            .expect("the daemon panicked")
     }
 
-    /// Stops the daemon and starts a new one on the same database, settings and peer.
+    /// Stops the daemon and starts a new one on the same database, settings, peer and logs.
     pub async fn restart(mut self) -> TestDaemon {
         self.shutdown().await.unwrap();
         let listener = self.listener.take();
-        TestDaemon::start(Arc::clone(&self.dir), self.env.clone(), listener).await
+        let logs = self.logs.clone();
+        TestDaemon::start(Arc::clone(&self.dir), self.env.clone(), listener, logs).await
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod core;
 pub mod daemon;
 pub mod discord;
+pub mod logs;
 pub mod model;
 pub mod telegram;
 pub mod web;
