@@ -1,58 +1,15 @@
-//! Shared helpers for the integration tests: tiny random models written to temp dirs.
-#![allow(dead_code)]
+//! What the integration tests share: the daemon in-process ([`daemon`]), loopback fakes of the
+//! Telegram Bot API ([`telegram`]) and of Discord ([`discord`]), plain HTTP for the web server
+//! ([`web`]), the platform-neutral core with a recording outbox ([`core`]), tiny random models
+//! ([`model`]), and the helpers below.
 
-use std::path::Path;
-
-use kaiwa::model::init::random_weights;
-use kaiwa::model::onnx_export::{export_onnx, ExportOptions};
-use kaiwa::model::{LlamaConfig, LlamaWeights, Preset};
-
-/// The tiny preset (grouped-query attention, tied embeddings) with weights large enough that
-/// logits are of order one, so a 1e-4 tolerance means something.
-pub fn tiny_config() -> LlamaConfig {
-    let mut c = LlamaConfig::preset(Preset::Tiny);
-    c.vocab_size = 300;
-    c.initializer_range = Some(0.15);
-    c
-}
-
-/// Multi-head attention with a separate output projection.
-pub fn mha_untied_config() -> LlamaConfig {
-    let mut c = tiny_config();
-    c.num_key_value_heads = Some(c.num_attention_heads);
-    c.tie_word_embeddings = false;
-    c.num_hidden_layers = 3;
-    c
-}
-
-/// Writes `model.onnx` for random weights of `config` into `dir` and returns the weights.
-pub fn write_onnx(
-    dir: &Path,
-    config: &LlamaConfig,
-    seed: u64,
-    options: &ExportOptions,
-) -> LlamaWeights {
-    let weights = random_weights(config, seed);
-    export_onnx(config, &weights, &dir.join("model.onnx"), options).expect("export");
-    weights
-}
-
-/// Deterministic token ids below `vocab`.
-pub fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| ((i * 37 + salt * 101 + 5) % vocab) as u32)
-        .collect()
-}
-
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 pub mod core;
 pub mod daemon;
+pub mod discord;
+pub mod logs;
+pub mod model;
+pub mod telegram;
+pub mod web;
 
 /// The `meta` of every example `export-corpus --mode bot` writes from `store` (where the
 /// feedback on replies is carried).

@@ -578,18 +578,9 @@ async fn a_chat_export_merges_with_what_the_bot_collected_live() {
 /// of rows and roles. Skipped where Python or `datasets` is missing, except in CI.
 #[tokio::test]
 async fn the_datasets_library_reads_an_export() {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = std::process::Command::new(&python)
-        .args(["-c", "import datasets"])
-        .output();
-    if !probe.map(|o| o.status.success()).unwrap_or(false) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "datasets is not installed for {python}; .ci/run installs it"
-        );
-        eprintln!("skipping: python3 with datasets not available (pip install datasets)");
+    let Some(python) = crate::support::python_with("datasets", "pip install datasets") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path()).await;
     let channel = group_chat(&s).await;

@@ -1,12 +1,10 @@
 //! The platform-neutral core with a recording outbox: what is stored, what is answered, and
 //! what the corpus export makes of it.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::core::{harness, harness_on, message, Harness};
 use kaiwa::bot::event::{ChannelRef, ChatKind, Incoming, Platform};
-use support::core::{harness, harness_on, message, Harness};
 
 #[tokio::test]
 async fn a_direct_message_is_stored_then_answered_and_redelivery_adds_nothing() {
@@ -53,7 +51,7 @@ async fn reply_settings(h: &Harness) -> Vec<String> {
 #[tokio::test]
 async fn replies_take_the_model_settings_unless_the_environment_sets_them() {
     // A model whose generation_config.json differs from kaiwa's defaults.
-    let model = support::daemon::copy_of_tiny_model();
+    let model = crate::support::model::copy_of_tiny_model();
     let config = model.path().join("generation_config.json");
     let mut g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
@@ -382,7 +380,7 @@ async fn the_bot_benchmark_answers_everything_through_telegram_and_in_process() 
     .unwrap();
     settings.database_url = db.clone();
     let generator = std::sync::Arc::new(
-        kaiwa::model::Generator::load(&support::daemon::tiny_model_dir()).unwrap(),
+        kaiwa::model::Generator::load(&crate::support::model::tiny_model_dir()).unwrap(),
     );
     let prompts = vec!["hello".to_string(), "今日の天気は？".to_string()];
     for through in [Through::Telegram, Through::Outbox] {

@@ -2,17 +2,15 @@
 //! retrieval in both languages, what may never be retrieved, the ranker's choice, and what the
 //! bot records of it.
 
-mod support;
-
 use std::io::Write;
 
+use crate::support::core::{harness, message, Harness};
 use kaiwa::bot::event::{ChannelRef, ChatKind, Incoming, Platform};
 use kaiwa::corpus::import::Format;
 use kaiwa::corpus::ingest::{import_file, ImportOptions};
 use kaiwa::engine::{EngineSettings, ReplyEngine, ReplySource, Request};
 use kaiwa::model::{ChatMessage, GenerateOptions, Generator};
 use kaiwa::store::{DocKind, SharePolicy, Store};
-use support::core::{harness, message, Harness};
 
 /// A fresh store in a temp dir.
 async fn store() -> (tempfile::TempDir, Store) {
@@ -116,7 +114,7 @@ async fn the_ranker_prefers_the_on_topic_reply_to_a_generic_one() {
         ],
     )
     .await;
-    let generator = Generator::load(&support::daemon::tiny_model_dir()).unwrap();
+    let generator = Generator::load(&crate::support::model::tiny_model_dir()).unwrap();
     let engine = engine();
     let user = "I really love cats";
     let retrieval = engine.retrieve(&store, user).await.unwrap();
@@ -175,7 +173,7 @@ async fn echoes_and_the_bots_own_recent_replies_are_never_chosen() {
         ],
     )
     .await;
-    let generator = Generator::load(&support::daemon::tiny_model_dir()).unwrap();
+    let generator = Generator::load(&crate::support::model::tiny_model_dir()).unwrap();
     let engine = engine();
     let user = "What is your favourite season?";
     let messages = [ChatMessage::user(user)];
@@ -476,7 +474,7 @@ async fn direct_deleted_and_forgotten_messages_never_come_back_as_replies() {
 
 #[test]
 fn chat_answers_a_pipe_one_line_each_from_the_models_retrieval_data() {
-    let model = support::daemon::tiny_model_with_retrieval_data();
+    let model = crate::support::model::tiny_model_with_retrieval_data();
     let work = tempfile::tempdir().unwrap();
     let db = work.path().join("kaiwa.db");
     let chat = |input: &str| {

@@ -2,14 +2,12 @@
 //! without the KV cache, for every variation of the graph the runtime must accept; and ONNX
 //! Runtime agrees with tract on the same file.
 
-mod support;
-
 use std::sync::Arc;
 
+use crate::support::model::*;
 use kaiwa::model::onnx_export::ExportOptions;
 use kaiwa::model::reference::ReferenceModel;
 use kaiwa::model::{LlamaConfig, OnnxDecoder};
-use support::*;
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -249,7 +247,8 @@ fn decoding_with_the_cache_equals_recomputing_the_whole_sequence() {
 /// same file (prefill, every decode step, and a left-padded batch of two).
 #[test]
 fn onnxruntime_agrees_with_tract() {
-    let Some(python) = support::python_with("onnxruntime", "pip install 'onnxruntime>=1.23' numpy")
+    let Some(python) =
+        crate::support::python_with("onnxruntime", "pip install 'onnxruntime>=1.23' numpy")
     else {
         return;
     };

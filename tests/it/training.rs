@@ -18,6 +18,8 @@ use kaiwa::train::model::Llama;
 use kaiwa::train::optim::{clip_global_norm, AdamWSettings, Schedule};
 use kaiwa::train::step::{batch_loss, Batch, Trainer};
 
+use crate::support::model::max_abs_diff;
+
 /// `tiny` (grouped-query attention, tied embeddings) and an untied variant without grouping, so
 /// both output projections and both attention layouts are exercised.
 fn tiny_configs() -> Vec<LlamaConfig> {
@@ -43,14 +45,6 @@ fn model(config: &LlamaConfig, seed: u64) -> (Llama, Device) {
 
 fn ids(tokens: &[u32]) -> Vec<i64> {
     tokens.iter().map(|&t| i64::from(t)).collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max)
 }
 
 #[test]

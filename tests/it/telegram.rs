@@ -2,32 +2,21 @@
 //! real teloxide client to a fake Bot API on 127.0.0.1. Replies come from a random model, so the
 //! tests check where a reply went and what was stored, never its wording. Every wait is bounded.
 
-mod support;
-// The fake lives with the other test helpers; declared here until `support/mod.rs` lists it.
-#[path = "support/telegram.rs"]
-mod fake_telegram;
-
 use std::time::Duration;
 
-use fake_telegram::{group_chat, private_chat, replying_to, user, FakeTelegram, BOT_USERNAME};
+use crate::support::daemon::{last_lines, spawn_daemon, spawn_daemon_on, WAIT};
+use crate::support::telegram::{
+    group_chat, private_chat, replying_to, user, FakeTelegram, BOT_USERNAME, TOKEN,
+};
+use crate::support::web::reserved_port;
 use kaiwa::bot::event::{ChannelRef, Outbox, Platform, SendError};
 use kaiwa::config::{PlatformSettings, Secret};
 use kaiwa::platform::telegram::TelegramOutbox;
 use kaiwa::store::StoredMessage;
 use serde_json::{json, Value};
-use support::daemon::{spawn_daemon, TestDaemon};
 
-/// Shaped like a real token (35-character secret), so teloxide treats it as it would in production.
-const TOKEN: &str = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
+/// The secret part of [`TOKEN`], which must never be logged.
 const TOKEN_SECRET: &str = "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn start() -> (FakeTelegram, TestDaemon) {
-    let fake = FakeTelegram::start(TOKEN).await;
-    let url = fake.url();
-    let daemon = spawn_daemon(&[("TELEGRAM_TOKEN", TOKEN), ("TELEGRAM_API_URL", &url)]).await;
-    (fake, daemon)
-}
 
 fn channel(chat_id: i64) -> ChannelRef {
     ChannelRef::new(Platform::Telegram, chat_id.to_string())
@@ -37,33 +26,13 @@ fn id_of(message: &Value) -> i64 {
     message["message_id"].as_i64().unwrap()
 }
 
-/// Waits until the channel's stored messages satisfy `done`; panics after [`WAIT`].
-async fn wait_for_rows(
-    daemon: &TestDaemon,
-    channel: &ChannelRef,
-    what: &str,
-    done: impl Fn(&[StoredMessage]) -> bool,
-) -> Vec<StoredMessage> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let rows = daemon.store().channel_messages(channel).await.unwrap();
-        if done(&rows) {
-            return rows;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("waited {WAIT:?} for {what} in {channel}; stored: {rows:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 fn has_message(rows: &[StoredMessage], message_id: i64) -> bool {
     rows.iter().any(|r| r.message_id == message_id.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_message_is_stored_and_answered() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let ann = user(1001, "Ann");
     let message = fake.message(&private_chat(&ann), &ann, "hello there, how are you?");
     fake.push_message(&message);
@@ -78,13 +47,11 @@ async fn private_message_is_stored_and_answered() {
     assert_eq!(sent[0].reply_to_message_id, Some(id_of(&message)));
 
     let reply_id = sent[0].message_id();
-    let rows = wait_for_rows(
-        &daemon,
-        &channel(1001),
-        "the message and the reply",
-        |rows| has_message(rows, id_of(&message)) && has_message(rows, reply_id),
-    )
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(1001), "the message and the reply", |rows| {
+            has_message(rows, id_of(&message)) && has_message(rows, reply_id)
+        })
+        .await;
     let incoming = rows
         .iter()
         .find(|r| r.message_id == id_of(&message).to_string())
@@ -106,7 +73,7 @@ async fn private_message_is_stored_and_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_answers_mentions_and_replies_to_the_bot_only() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let group = group_chat(-100_200_300, "Friends");
     let (ann, bob) = (user(11, "Ann"), user(12, "Bob"));
 
@@ -131,17 +98,13 @@ async fn group_answers_mentions_and_replies_to_the_bot_only() {
     let sent = fake.wait_for_sent(2, WAIT).await;
     assert_eq!(sent[1].reply_to_message_id, Some(id_of(&reply)));
 
-    let rows = wait_for_rows(
-        &daemon,
-        &channel(-100_200_300),
-        "all three messages",
-        |rows| {
+    let rows = daemon
+        .wait_for_rows(&channel(-100_200_300), "all three messages", |rows| {
             [&plain, &mention, &reply]
                 .iter()
                 .all(|m| has_message(rows, id_of(m)))
-        },
-    )
-    .await;
+        })
+        .await;
     let stored_reply = rows
         .iter()
         .find(|r| r.message_id == id_of(&reply).to_string())
@@ -161,7 +124,7 @@ async fn group_answers_mentions_and_replies_to_the_bot_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forum_topic_reply_stays_in_its_topic() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let forum = json!({"id": -100_900, "type": "supergroup", "title": "Forum", "is_forum": true});
     let ann = user(21, "Ann");
     let mut message = fake.message(&forum, &ann, &format!("@{BOT_USERNAME} hello topic"));
@@ -173,16 +136,17 @@ async fn forum_topic_reply_stays_in_its_topic() {
     assert_eq!(sent[0].chat_id, -100_900);
     assert_eq!(sent[0].message_thread_id, Some(77));
     let topic = channel(-100_900).with_thread("77");
-    wait_for_rows(&daemon, &topic, "the topic message", |rows| {
-        has_message(rows, id_of(&message))
-    })
-    .await;
+    daemon
+        .wait_for_rows(&topic, "the topic message", |rows| {
+            has_message(rows, id_of(&message))
+        })
+        .await;
     daemon.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_chats_get_their_own_replies() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let (ann, bob) = (user(31, "Ann"), user(32, "Bob"));
     let to_ann = fake.message(&private_chat(&ann), &ann, "Ann asks about apples");
     let to_bob = fake.message(&private_chat(&bob), &bob, "Bob asks about boats");
@@ -197,13 +161,11 @@ async fn two_chats_get_their_own_replies() {
         let sent = fake.sent_to(chat);
         assert_eq!(sent.len(), 1, "chat {chat}: {sent:?}");
         assert_eq!(sent[0].reply_to_message_id, Some(id_of(message)));
-        let rows = wait_for_rows(
-            &daemon,
-            &channel(chat),
-            "the message and its reply",
-            |rows| has_message(rows, id_of(message)) && has_message(rows, sent[0].message_id()),
-        )
-        .await;
+        let rows = daemon
+            .wait_for_rows(&channel(chat), "the message and its reply", |rows| {
+                has_message(rows, id_of(message)) && has_message(rows, sent[0].message_id())
+            })
+            .await;
         assert!(
             rows.iter().all(|r| r.chat_id == chat.to_string()),
             "{rows:#?}"
@@ -219,7 +181,7 @@ async fn two_chats_get_their_own_replies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_update_yields_one_reply() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let ann = user(41, "Ann");
     let chat = private_chat(&ann);
     let message = fake.message(&chat, &ann, "say something once");
@@ -235,10 +197,11 @@ async fn duplicate_update_yields_one_reply() {
     let sent = fake.wait_for_sent(2, WAIT).await;
     let answered: Vec<_> = sent.iter().map(|s| s.reply_to_message_id).collect();
     assert_eq!(answered, vec![Some(id_of(&message)), Some(id_of(&later))]);
-    let rows = wait_for_rows(&daemon, &channel(41), "both messages", |rows| {
-        has_message(rows, id_of(&later))
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(41), "both messages", |rows| {
+            has_message(rows, id_of(&later))
+        })
+        .await;
     let copies = rows
         .iter()
         .filter(|r| r.message_id == id_of(&message).to_string())
@@ -249,7 +212,7 @@ async fn duplicate_update_yields_one_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limited_reply_is_retried_after_the_wait() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     fake.fail_next_send_with_429(1);
     let ann = user(51, "Ann");
     let message = fake.message(&private_chat(&ann), &ann, "are you there?");
@@ -263,7 +226,7 @@ async fn rate_limited_reply_is_retried_after_the_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn markdown_rejection_is_resent_as_plain_text() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     fake.reject_markdown_next();
     let ann = user(61, "Ann");
     let message = fake.message(&private_chat(&ann), &ann, "format this please");
@@ -279,7 +242,7 @@ async fn markdown_rejection_is_resent_as_plain_text() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_updates_do_not_stop_the_bot() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let ann = user(71, "Ann");
     let chat = private_chat(&ann);
     let garbage = fake.message_update(&json!({"garbage": true}));
@@ -302,10 +265,11 @@ async fn malformed_and_oversized_updates_do_not_stop_the_bot() {
         fake.last_offset().unwrap_or(0) > garbage_id,
         "the malformed update was never confirmed"
     );
-    let rows = wait_for_rows(&daemon, &channel(71), "the oversized message", |rows| {
-        has_message(rows, id_of(&huge))
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(71), "the oversized message", |rows| {
+            has_message(rows, id_of(&huge))
+        })
+        .await;
     let stored = rows
         .iter()
         .find(|r| r.message_id == id_of(&huge).to_string())
@@ -322,13 +286,13 @@ async fn malformed_and_oversized_updates_do_not_stop_the_bot() {
 /// and the messages behind it are stored and answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_update_does_not_stall_the_messages_behind_it() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let ann = user(91, "Ann");
     let chat = private_chat(&ann);
     let poison = fake.message(
         &chat,
         &ann,
-        &format!("bad {} text", fake_telegram::LONE_SURROGATE),
+        &format!("bad {} text", crate::support::telegram::LONE_SURROGATE),
     );
     let after: Vec<Value> = (0..3)
         .map(|i| fake.message(&chat, &ann, &format!("message {i} behind it")))
@@ -344,10 +308,11 @@ async fn a_poison_update_does_not_stall_the_messages_behind_it() {
         })
     })
     .await;
-    let rows = wait_for_rows(&daemon, &channel(91), "the poisoned message", |rows| {
-        has_message(rows, id_of(&poison))
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(91), "the poisoned message", |rows| {
+            has_message(rows, id_of(&poison))
+        })
+        .await;
     let stored = rows
         .iter()
         .find(|r| r.message_id == id_of(&poison).to_string())
@@ -361,7 +326,7 @@ async fn a_poison_update_does_not_stall_the_messages_behind_it() {
 /// and an old one and a command are marked failed with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_a_crash_left_pending_are_made_at_the_next_start() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let ann = user(97, "Ann");
     let chat = private_chat(&ann);
     let first = fake.message(&chat, &ann, "hello");
@@ -444,19 +409,10 @@ async fn replies_a_crash_left_pending_are_made_at_the_next_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_reports_its_health_and_metrics() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fake = FakeTelegram::start(TOKEN).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let daemon = spawn_daemon(&[
-        ("TELEGRAM_TOKEN", TOKEN),
-        ("TELEGRAM_API_URL", &fake.url()),
-        ("HTTP_ADDR", &addr),
-    ])
-    .await;
+    // Held until the daemon binds it too, so no other test can take it meanwhile.
+    let port = reserved_port();
+    let addr = port.local_addr().unwrap().to_string();
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[("HTTP_ADDR", &addr)]).await;
     let ann = user(99, "Ann");
     fake.push_message(&fake.message(&private_chat(&ann), &ann, "hello"));
     fake.wait_for_sent(1, WAIT).await;
@@ -499,7 +455,7 @@ async fn the_daemon_reports_its_health_and_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_database_confirms_nothing_it_did_not_store() {
     use sqlx::Connection;
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let mut lock = sqlx::SqliteConnection::connect(&daemon.database_url())
         .await
         .unwrap();
@@ -525,10 +481,11 @@ async fn a_locked_database_confirms_nothing_it_did_not_store() {
             .any(|s| s.reply_to_message_id == Some(id_of(&message)))
     })
     .await;
-    let rows = wait_for_rows(&daemon, &channel(98), "the message", |rows| {
-        has_message(rows, id_of(&message))
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(98), "the message", |rows| {
+            has_message(rows, id_of(&message))
+        })
+        .await;
     assert_eq!(rows.iter().filter(|r| !r.from_self).count(), 1);
     assert!(daemon
         .logs()
@@ -540,7 +497,7 @@ async fn a_locked_database_confirms_nothing_it_did_not_store() {
 /// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_storm_delivers_every_reply_once() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     fake.rate_limit_storm(1);
     let messages: Vec<Value> = (0..12)
         .map(|i| {
@@ -577,7 +534,7 @@ async fn a_rate_limit_storm_delivers_every_reply_once() {
 /// daemon does not hammer the API while it is down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unavailable_bot_api_loses_no_message_and_no_reply() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let ann = user(301, "Ann");
     fake.fail_next_sends_with_502(1);
     let first = fake.push_message(&fake.message(&private_chat(&ann), &ann, "hello"));
@@ -593,7 +550,7 @@ async fn an_unavailable_bot_api_loses_no_message_and_no_reply() {
             .logs()
             .contains("platform unavailable; the reply is sent again later"),
         "{}",
-        daemon.logs()
+        last_lines(&daemon.logs(), 60)
     );
 
     fake.set_down(true);
@@ -649,7 +606,7 @@ async fn an_unavailable_bot_api_loses_no_message_and_no_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_confirms_handled_updates() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let ann = user(81, "Ann");
     let update = fake.push_message(&fake.message(&private_chat(&ann), &ann, "hello"));
     fake.wait_for_sent(1, WAIT).await;
@@ -663,16 +620,17 @@ async fn shutdown_confirms_handled_updates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn context_survives_a_restart() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let ann = user(91, "Ann");
     let chat = private_chat(&ann);
     let first = fake.message(&chat, &ann, "remember that my cat is called Miso");
     fake.push_message(&first);
     let first_reply = fake.wait_for_sent(1, WAIT).await[0].message_id();
-    wait_for_rows(&daemon, &channel(91), "the first exchange", |rows| {
-        has_message(rows, first_reply)
-    })
-    .await;
+    daemon
+        .wait_for_rows(&channel(91), "the first exchange", |rows| {
+            has_message(rows, first_reply)
+        })
+        .await;
 
     let daemon = daemon.restart().await;
     let second = fake.message(&chat, &ann, "what is my cat called?");
@@ -684,58 +642,60 @@ async fn context_survives_a_restart() {
         "the first message was answered again after the restart: {sent:?}"
     );
     assert_eq!(sent[1].reply_to_message_id, Some(id_of(&second)));
-    let rows = wait_for_rows(&daemon, &channel(91), "both exchanges", |rows| {
-        [
-            id_of(&first),
-            first_reply,
-            id_of(&second),
-            sent[1].message_id(),
-        ]
-        .iter()
-        .all(|&id| has_message(rows, id))
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(91), "both exchanges", |rows| {
+            [
+                id_of(&first),
+                first_reply,
+                id_of(&second),
+                sent[1].message_id(),
+            ]
+            .iter()
+            .all(|&id| has_message(rows, id))
+        })
+        .await;
     assert_eq!(rows.len(), 4, "{rows:#?}");
     daemon.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bot_token_never_appears_in_the_logs() {
-    // Nothing listens on this port: every request fails, and the HTTP client's error quotes the
-    // URL, which holds the token.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Nothing listens on this port (held, so no other test can take it): every request fails,
+    // and the HTTP client's error quotes the URL, which holds the token.
+    let closed = reserved_port();
     let url = format!("http://{}/", closed.local_addr().unwrap());
-    drop(closed);
-    let daemon = spawn_daemon(&[("TELEGRAM_TOKEN", TOKEN), ("TELEGRAM_API_URL", &url)]).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !daemon.logs().contains("cannot reach the Bot API") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no connection error logged:\n{}",
-            daemon.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let daemon = spawn_daemon_on(
+        &(),
+        &[("TELEGRAM_TOKEN", TOKEN), ("TELEGRAM_API_URL", &url)],
+    )
+    .await;
+    daemon.wait_for_log("cannot reach the Bot API").await;
 
     // And after errors on a working connection: a rate limit and a refused format.
-    let (fake, other) = start().await;
+    let (fake, other) = spawn_daemon::<FakeTelegram>(&[]).await;
     fake.fail_next_send_with_429(1);
     fake.reject_markdown_next();
     let ann = user(99, "Ann");
     fake.push_message(&fake.message(&private_chat(&ann), &ann, "hi"));
     fake.wait_for_sent(1, WAIT).await;
+    // What both daemons logged, up to their last line.
+    let (first_logs, other_logs) = (daemon.log_capture(), other.log_capture());
     other.stop().await.unwrap();
-    // The capture is process-wide: this holds what every daemon of this binary logged so far.
-    let logs = daemon.logs();
     daemon.stop().await.unwrap();
+    let logs = first_logs.text() + &other_logs.text();
 
     assert!(
         logs.to_lowercase().contains("connection refused"),
-        "the connection error was logged without its cause:\n{logs}"
+        "the connection error was logged without its cause:\n{}",
+        last_lines(&logs, 60)
     );
     assert!(
         !logs.contains(TOKEN_SECRET),
-        "the token leaked into the logs:\n{logs}"
+        "the token leaked into the logs:\n{}",
+        logs.lines()
+            .filter(|l| l.contains(TOKEN_SECRET))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -817,15 +777,16 @@ async fn outbox_errors_never_quote_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reactions_on_a_reply_are_recorded_as_feedback() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
     let ann = user(1001, "Ann");
     let message = fake.message(&private_chat(&ann), &ann, "おすすめの朝ごはんは？");
     fake.push_message(&message);
     let sent = fake.wait_for_sent(1, WAIT).await;
-    wait_for_rows(&daemon, &channel(1001), "stored reply", |r| {
-        r.iter().any(|m| m.from_self)
-    })
-    .await;
+    daemon
+        .wait_for_rows(&channel(1001), "stored reply", |r| {
+            r.iter().any(|m| m.from_self)
+        })
+        .await;
 
     // Ann reacts 👍 then changes it to ❤ and 🔥 (the update carries old and new lists); an
     // anonymous reaction (on behalf of a chat) is no one's feedback.
@@ -845,7 +806,7 @@ async fn reactions_on_a_reply_are_recorded_as_feedback() {
         "chat": private_chat(&ann), "message_id": sent[0].message_id(),
         "actor_chat": group_chat(-100500, "channel"), "date": 1_700_000_000,
         "old_reaction": [], "new_reaction": [emoji("👎")]}}));
-    let metas = support::wait_for_feedback(daemon.store(), |m| {
+    let metas = crate::support::wait_for_feedback(daemon.store(), |m| {
         m.first()
             .is_some_and(|m| m["reactions"][1].as_str().unwrap_or("").contains('🔥'))
     })

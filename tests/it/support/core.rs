@@ -69,7 +69,7 @@ pub struct Harness {
 
 /// The bot with the test settings, `extra` over them, on the tiny model.
 pub async fn harness(extra: &[(&str, &str)]) -> Harness {
-    harness_on(extra, &super::daemon::tiny_model_dir()).await
+    harness_on(extra, &super::model::tiny_model_dir()).await
 }
 
 pub async fn harness_on(extra: &[(&str, &str)], model: &std::path::Path) -> Harness {

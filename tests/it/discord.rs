@@ -3,16 +3,12 @@
 //! from a random model, so the tests check where a reply went and what was stored, never its
 //! wording. Every wait is bounded.
 
-mod support;
-// The fake lives with the other test helpers; declared here until `support/mod.rs` lists it.
-#[path = "support/discord.rs"]
-mod fake_discord;
-
 use std::time::Duration;
 
-use fake_discord::{
-    FakeDiscord, FakeUser, MessageBuilder, INTENT_DIRECT_MESSAGES, INTENT_GUILD_MESSAGES,
-    INTENT_MESSAGE_CONTENT,
+use crate::support::daemon::{spawn_daemon, spawn_daemon_on, WAIT};
+use crate::support::discord::{
+    rfc3339, unix_ms, FakeDiscord, FakeUser, MessageBuilder, INTENT_DIRECT_MESSAGES,
+    INTENT_GUILD_MESSAGES, INTENT_MESSAGE_CONTENT, TOKEN,
 };
 use kaiwa::bot::event::{ChannelRef, Outbox, Platform};
 use kaiwa::config::{PlatformSettings, Secret};
@@ -20,11 +16,7 @@ use kaiwa::domain::ChatKind;
 use kaiwa::platform::discord::DiscordOutbox;
 use kaiwa::store::StoredMessage;
 use serde_json::{json, Value};
-use support::daemon::{spawn_daemon, TestDaemon};
 
-/// Shaped like a real bot token, so a leak would be the real thing.
-const TOKEN: &str = "MTA0NjAwMDAwMDAwMDAwMDAwMQ.GkX7qP.Vq3b8Zr1LmN0pQsT5uWxYz2aBcDeFgHiJkLmNo";
-const WAIT: Duration = Duration::from_secs(20);
 const GUILD: &str = "1100000000000000001";
 const GENERAL: &str = "1200000000000000001";
 const RANDOM: &str = "1200000000000000002";
@@ -39,29 +31,6 @@ fn bob() -> FakeUser {
     FakeUser::person("2000000000000000002", "bob")
 }
 
-async fn start() -> (FakeDiscord, TestDaemon) {
-    let fake = FakeDiscord::start(TOKEN).await;
-    let url = fake.url();
-    let daemon = spawn_daemon(&[("DISCORD_TOKEN", TOKEN), ("DISCORD_API_URL", &url)]).await;
-    if !fake.connected_within(WAIT).await {
-        panic!(
-            "the daemon did not connect to the fake Discord within {WAIT:?}; {}\nkaiwa and serenity logs:\n{}",
-            fake.summary(),
-            relevant_logs(&daemon.logs())
-        );
-    }
-    (fake, daemon)
-}
-
-/// The daemon's and serenity's log lines (the model runtime's are many and beside the point).
-fn relevant_logs(logs: &str) -> String {
-    let lines: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.contains("kaiwa") || l.contains("serenity"))
-        .collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
-}
-
 fn channel(id: &str) -> ChannelRef {
     ChannelRef::new(Platform::Discord, id)
 }
@@ -70,54 +39,13 @@ fn id_of(message: &Value) -> &str {
     message["id"].as_str().expect("message id")
 }
 
-/// Waits until the stored rows of `chat` satisfy `done`; returns them.
-async fn wait_for_rows(
-    daemon: &TestDaemon,
-    chat: &str,
-    what: &str,
-    done: impl Fn(&[StoredMessage]) -> bool,
-) -> Vec<StoredMessage> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let rows = daemon
-            .store()
-            .channel_messages(&channel(chat))
-            .await
-            .unwrap();
-        if done(&rows) {
-            return rows;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {what} in channel {chat} within {WAIT:?}; rows: {rows:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits until the logs contain `needle`; returns them.
-async fn wait_for_log(daemon: &TestDaemon, needle: &str) -> String {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let logs = daemon.logs();
-        if logs.contains(needle) {
-            return logs;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {needle:?} in the logs within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn has_message(rows: &[StoredMessage], id: &str) -> bool {
     rows.iter().any(|m| m.message_id == id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_connection_uses_api_v10_json_and_the_message_content_intent() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     let identify = &fake.identifies()[0];
     assert_eq!(identify.token, format!("Bot {TOKEN}"));
     for intent in [
@@ -150,13 +78,13 @@ async fn gateway_connection_uses_api_v10_json_and_the_message_content_intent() {
 /// stored but not answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_missed_while_down_are_caught_up_at_the_next_start() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     let dm = MessageBuilder::direct(DM_ALICE, &alice(), "hello there").build();
     fake.dispatch_message_create(dm);
     fake.wait_for_sent(1, WAIT).await;
     let old = MessageBuilder::direct(DM_ALICE, &alice(), "an old question").build();
     let mut old = old;
-    old["timestamp"] = fake_discord::rfc3339(fake_discord::unix_ms() - 2 * 3_600_000).into();
+    old["timestamp"] = rfc3339(unix_ms() - 2 * 3_600_000).into();
     fake.add_history(old.clone());
     let missed = MessageBuilder::direct(DM_ALICE, &alice(), "are you there?").build();
     fake.add_history(missed.clone());
@@ -168,11 +96,12 @@ async fn messages_missed_while_down_are_caught_up_at_the_next_start() {
         Some(id_of(&missed)),
         "{sent:#?}"
     );
-    let rows = wait_for_rows(&daemon, DM_ALICE, "the missed messages", |r| {
-        r.iter().any(|m| m.message_id == id_of(&old))
-            && r.iter().filter(|m| m.from_self).count() == 2
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(DM_ALICE), "the missed messages", |r| {
+            r.iter().any(|m| m.message_id == id_of(&old))
+                && r.iter().filter(|m| m.from_self).count() == 2
+        })
+        .await;
     let stored = |id: &str| rows.iter().find(|m| m.message_id == id).unwrap();
     assert_eq!(stored(id_of(&missed)).chat_kind, ChatKind::Direct);
     assert_eq!(stored(id_of(&old)).text.as_deref(), Some("an old question"));
@@ -184,7 +113,7 @@ async fn messages_missed_while_down_are_caught_up_at_the_next_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_message_is_stored_and_answered_in_the_same_channel() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     let dm = MessageBuilder::direct(DM_ALICE, &alice(), "hello there").build();
     fake.dispatch_message_create(dm.clone());
 
@@ -196,10 +125,11 @@ async fn direct_message_is_stored_and_answered_in_the_same_channel() {
     assert_eq!(sent[0].allowed_mentions["replied_user"], json!(false));
     assert_eq!(sent[0].allowed_mentions["parse"], json!([]));
 
-    let rows = wait_for_rows(&daemon, DM_ALICE, "stored reply", |r| {
-        r.iter().any(|m| m.from_self)
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(DM_ALICE), "stored reply", |r| {
+            r.iter().any(|m| m.from_self)
+        })
+        .await;
     assert_eq!(rows.len(), 2, "{rows:#?}");
     let theirs = rows.iter().find(|m| !m.from_self).unwrap();
     assert_eq!(theirs.message_id, id_of(&dm));
@@ -215,13 +145,14 @@ async fn direct_message_is_stored_and_answered_in_the_same_channel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guild_message_is_stored_but_only_a_mention_is_answered() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     let plain = MessageBuilder::in_guild(GUILD, GENERAL, &alice(), "just chatting").build();
     fake.dispatch_message_create(plain.clone());
-    wait_for_rows(&daemon, GENERAL, "plain message", |r| {
-        has_message(r, id_of(&plain))
-    })
-    .await;
+    daemon
+        .wait_for_rows(&channel(GENERAL), "plain message", |r| {
+            has_message(r, id_of(&plain))
+        })
+        .await;
 
     let mention = MessageBuilder::in_guild(GUILD, GENERAL, &bob(), "what do you think?")
         .mentioning(fake.bot_user())
@@ -235,10 +166,11 @@ async fn guild_message_is_stored_but_only_a_mention_is_answered() {
     // The plain message was stored first and never queued; nothing else follows.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fake.sent().len(), 1, "{}", fake.summary());
-    let rows = wait_for_rows(&daemon, GENERAL, "stored reply", |r| {
-        r.iter().any(|m| m.from_self)
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(GENERAL), "stored reply", |r| {
+            r.iter().any(|m| m.from_self)
+        })
+        .await;
     let plain_row = rows.iter().find(|m| m.message_id == id_of(&plain)).unwrap();
     assert_eq!(
         (plain_row.chat_kind.as_str(), plain_row.text.as_deref()),
@@ -254,7 +186,7 @@ async fn guild_message_is_stored_but_only_a_mention_is_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_channels_each_get_their_own_reply_and_rows() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     let to_alice = MessageBuilder::direct(DM_ALICE, &alice(), "hi from alice").build();
     let to_bob = MessageBuilder::direct(DM_BOB, &bob(), "hi from bob").build();
     fake.dispatch_message_create(to_alice.clone());
@@ -265,10 +197,11 @@ async fn two_channels_each_get_their_own_reply_and_rows() {
         let replies: Vec<_> = sent.iter().filter(|m| m.channel_id == chat).collect();
         assert_eq!(replies.len(), 1, "{sent:#?}");
         assert_eq!(replies[0].reply_to.as_deref(), Some(id_of(asked)));
-        let rows = wait_for_rows(&daemon, chat, "stored reply", |r| {
-            r.iter().any(|m| m.from_self)
-        })
-        .await;
+        let rows = daemon
+            .wait_for_rows(&channel(chat), "stored reply", |r| {
+                r.iter().any(|m| m.from_self)
+            })
+            .await;
         let ids: Vec<&str> = rows.iter().map(|m| m.message_id.as_str()).collect();
         assert_eq!(ids.len(), 2, "{rows:#?}");
         assert!(
@@ -281,7 +214,7 @@ async fn two_channels_each_get_their_own_reply_and_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_message_create_is_stored_once_and_answered_once() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     let dm = MessageBuilder::direct(DM_ALICE, &alice(), "say it once").build();
     fake.dispatch_message_create(dm.clone());
     fake.dispatch_message_create(dm.clone());
@@ -289,10 +222,11 @@ async fn redelivered_message_create_is_stored_once_and_answered_once() {
     fake.wait_for_sent(1, WAIT).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(fake.sent().len(), 1, "{}", fake.summary());
-    let rows = wait_for_rows(&daemon, DM_ALICE, "stored reply", |r| {
-        r.iter().any(|m| m.from_self)
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(DM_ALICE), "stored reply", |r| {
+            r.iter().any(|m| m.from_self)
+        })
+        .await;
     assert_eq!(
         rows.iter().filter(|m| m.message_id == id_of(&dm)).count(),
         1,
@@ -303,7 +237,7 @@ async fn redelivered_message_create_is_stored_once_and_answered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limited_reply_is_sent_after_waiting() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     fake.fail_next_send_with_429(1.0);
     let dm = MessageBuilder::direct(DM_ALICE, &alice(), "are you there?").build();
     fake.dispatch_message_create(dm.clone());
@@ -324,7 +258,7 @@ async fn rate_limited_reply_is_sent_after_waiting() {
 /// backoff), and a run of 429s still delivers every reply once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured_and_a_429_storm_delivers_every_reply_once() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     fake.fail_next_send_with_429(2.5);
     let dm = MessageBuilder::direct(DM_ALICE, &alice(), "are you there?").build();
     fake.dispatch_message_create(dm.clone());
@@ -358,7 +292,7 @@ async fn retry_after_is_honoured_and_a_429_storm_delivers_every_reply_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_gateway_connection_is_resumed_and_the_bot_keeps_answering() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     fake.dispatch_message_create(MessageBuilder::direct(DM_ALICE, &alice(), "before").build());
     fake.wait_for_sent(1, WAIT).await;
 
@@ -387,7 +321,7 @@ async fn dropped_gateway_connection_is_resumed_and_the_bot_keeps_answering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_dispatches_and_an_oversized_message_do_not_stop_the_bot() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     fake.send_raw_text("this is not JSON {");
     fake.dispatch_raw(json!({"op": 0, "t": "MESSAGE_CREATE", "s": null, "d": null}));
     fake.dispatch_raw(json!({"op": 42, "d": {"surprise": true}}));
@@ -412,10 +346,11 @@ async fn malformed_dispatches_and_an_oversized_message_do_not_stop_the_bot() {
     fake.dispatch_message_create(dm.clone());
     let sent = fake.wait_for_sent(1, WAIT).await;
     assert_eq!(sent[0].reply_to.as_deref(), Some(id_of(&dm)));
-    let rows = wait_for_rows(&daemon, RANDOM, "oversized message", |r| {
-        has_message(r, id_of(&oversized))
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(RANDOM), "oversized message", |r| {
+            has_message(r, id_of(&oversized))
+        })
+        .await;
     assert_eq!(
         rows[0].text.as_deref().map(|t| t.chars().count()),
         Some(10_000)
@@ -426,27 +361,31 @@ async fn malformed_dispatches_and_an_oversized_message_do_not_stop_the_bot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_updates_the_stored_text_and_delete_removes_it() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     let message = MessageBuilder::in_guild(GUILD, GENERAL, &alice(), "first draft").build();
     fake.dispatch_message_create(message.clone());
-    wait_for_rows(&daemon, GENERAL, "message", |r| {
-        has_message(r, id_of(&message))
-    })
-    .await;
+    daemon
+        .wait_for_rows(&channel(GENERAL), "message", |r| {
+            has_message(r, id_of(&message))
+        })
+        .await;
 
     fake.dispatch_message_edit(&message, "second draft");
-    wait_for_rows(&daemon, GENERAL, "edited text", |r| {
-        r.iter()
-            .any(|m| m.message_id == id_of(&message) && m.text.as_deref() == Some("second draft"))
-    })
-    .await;
+    daemon
+        .wait_for_rows(&channel(GENERAL), "edited text", |r| {
+            r.iter().any(|m| {
+                m.message_id == id_of(&message) && m.text.as_deref() == Some("second draft")
+            })
+        })
+        .await;
 
     fake.dispatch_message_delete(&message);
-    let rows = wait_for_rows(&daemon, GENERAL, "deleted text", |r| {
-        r.iter()
-            .any(|m| m.message_id == id_of(&message) && m.text.is_none())
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(GENERAL), "deleted text", |r| {
+            r.iter()
+                .any(|m| m.message_id == id_of(&message) && m.text.is_none())
+        })
+        .await;
     assert_eq!(rows.len(), 1, "{rows:#?}");
     daemon.stop().await.unwrap();
 }
@@ -454,7 +393,7 @@ async fn edit_updates_the_stored_text_and_delete_removes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guild_messages_without_content_warn_once_about_the_message_content_intent() {
     const WARNING: &str = "Discord is sending guild messages without their text";
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     // What Discord sends when the intent is missing: everything but the text.
     let withheld: Vec<Value> = (0..2)
         .map(|_| MessageBuilder::in_guild(GUILD, RANDOM, &alice(), "").build())
@@ -468,13 +407,14 @@ async fn guild_messages_without_content_warn_once_about_the_message_content_inte
     fake.dispatch_message_create(mention.clone());
     fake.wait_for_sent(1, WAIT).await;
 
-    let logs = wait_for_log(&daemon, WARNING).await;
+    let logs = daemon.wait_for_log(WARNING).await;
     assert_eq!(logs.matches(WARNING).count(), 1);
     assert!(logs.contains("Message Content Intent"));
-    let rows = wait_for_rows(&daemon, RANDOM, "mention", |r| {
-        has_message(r, id_of(&mention))
-    })
-    .await;
+    let rows = daemon
+        .wait_for_rows(&channel(RANDOM), "mention", |r| {
+            has_message(r, id_of(&mention))
+        })
+        .await;
     assert!(
         withheld.iter().all(|m| !has_message(&rows, id_of(m))),
         "{rows:#?}"
@@ -486,9 +426,10 @@ async fn guild_messages_without_content_warn_once_about_the_message_content_inte
 async fn refused_message_content_intent_is_reported_with_what_to_do() {
     let fake = FakeDiscord::start(TOKEN).await;
     fake.refuse_message_content_intent();
-    let url = fake.url();
-    let daemon = spawn_daemon(&[("DISCORD_TOKEN", TOKEN), ("DISCORD_API_URL", &url)]).await;
-    wait_for_log(&daemon, "Privileged Gateway Intents), then restart").await;
+    let daemon = spawn_daemon_on(&fake, &[]).await;
+    daemon
+        .wait_for_log("Privileged Gateway Intents), then restart")
+        .await;
     assert_eq!(fake.identify_count(), 1);
     daemon.stop().await.unwrap();
 }
@@ -497,9 +438,10 @@ async fn refused_message_content_intent_is_reported_with_what_to_do() {
 async fn rejected_token_is_reported_without_showing_it() {
     const WRONG: &str = "MTA0NjAwMDAwMDAwMDAwMDAwMQ.Wr0nGx.ThisTokenWasRevokedLongAgoXyZ0123456789";
     let fake = FakeDiscord::start(TOKEN).await;
-    let url = fake.url();
-    let daemon = spawn_daemon(&[("DISCORD_TOKEN", WRONG), ("DISCORD_API_URL", &url)]).await;
-    let logs = wait_for_log(&daemon, "Discord rejected the bot token (DISCORD_TOKEN)").await;
+    let daemon = spawn_daemon_on(&fake, &[("DISCORD_TOKEN", WRONG)]).await;
+    let logs = daemon
+        .wait_for_log("Discord rejected the bot token (DISCORD_TOKEN)")
+        .await;
     assert!(
         !logs.contains("ThisTokenWasRevokedLongAgo"),
         "the token is in the logs"
@@ -567,7 +509,7 @@ async fn outbox_sends_replies_and_typing_and_reports_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bot_token_never_appears_in_the_logs() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     fake.fail_next_send_with_429(0.2);
     fake.dispatch_message_create(MessageBuilder::direct(DM_ALICE, &alice(), "one").build());
     fake.wait_for_sent(1, WAIT).await;
@@ -592,7 +534,7 @@ async fn bot_token_never_appears_in_the_logs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reactions_on_a_reply_are_recorded_as_feedback() {
-    let (fake, daemon) = start().await;
+    let (fake, daemon) = spawn_daemon::<FakeDiscord>(&[]).await;
     let intents = fake.identifies()[0].intents;
     for intent in [1 << 10, 1 << 13] {
         assert_ne!(
@@ -604,10 +546,11 @@ async fn reactions_on_a_reply_are_recorded_as_feedback() {
     let dm = MessageBuilder::direct(DM_ALICE, &alice(), "what should I cook tonight?").build();
     fake.dispatch_message_create(dm.clone());
     let sent = fake.wait_for_sent(1, WAIT).await;
-    wait_for_rows(&daemon, DM_ALICE, "stored reply", |r| {
-        r.iter().any(|m| m.from_self)
-    })
-    .await;
+    daemon
+        .wait_for_rows(&channel(DM_ALICE), "stored reply", |r| {
+            r.iter().any(|m| m.from_self)
+        })
+        .await;
 
     let reaction = |user: &str, emoji: Value| {
         json!({"user_id": user, "channel_id": DM_ALICE, "message_id": sent[0].id,
@@ -618,7 +561,7 @@ async fn reactions_on_a_reply_are_recorded_as_feedback() {
     fake.dispatch("MESSAGE_REACTION_ADD", reaction(&alice().id, thumbs("👎")));
     // Serenity handles each event in a task of its own, so their order is not guaranteed:
     // wait for both before taking one back.
-    support::wait_for_feedback(daemon.store(), |m| {
+    crate::support::wait_for_feedback(daemon.store(), |m| {
         m.first()
             .is_some_and(|m| m["up"][1] == json!(1) && m["down"][1] == json!(1))
     })
@@ -639,7 +582,7 @@ async fn reactions_on_a_reply_are_recorded_as_feedback() {
             json!({"id": "3300000000000000001", "name": "kaiwa_love"}),
         ),
     );
-    let metas = support::wait_for_feedback(daemon.store(), |m| {
+    let metas = crate::support::wait_for_feedback(daemon.store(), |m| {
         m.first().is_some_and(|m| {
             let r = m["reactions"][1].as_str().unwrap_or("");
             r.contains("kaiwa_love") && !r.contains('👎')

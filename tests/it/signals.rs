@@ -1,17 +1,11 @@
 //! `kaiwa run` as a user starts it: the real binary, settings from the environment, stopped by
 //! SIGTERM. It must answer, then exit cleanly with what it stored intact.
 
-#[path = "support/telegram.rs"]
-mod fake_telegram;
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fake_telegram::{private_chat, user, FakeTelegram};
+use crate::support::telegram::{private_chat, user, FakeTelegram, TOKEN};
 use kaiwa::bot::event::{ChannelRef, Platform};
-
-const TOKEN: &str = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
 
 #[cfg(unix)]
 #[tokio::test]
@@ -19,7 +13,7 @@ async fn sigterm_stops_the_daemon_cleanly_after_it_answered() {
     let fake = FakeTelegram::start(TOKEN).await;
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("kaiwa.db").display());
-    let model = support::daemon::tiny_model_dir();
+    let model = crate::support::model::tiny_model_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kaiwa"))
         .arg("run")
         .current_dir(dir.path())
@@ -73,12 +67,11 @@ async fn sigterm_stops_the_daemon_cleanly_after_it_answered() {
     assert_eq!(rows.iter().filter(|r| r.from_self).count(), 1, "{rows:?}");
 }
 
-/// `kaiwa run` on `db`, talking to `fake`, with no cooldown and room in the queue for a burst.
-#[cfg(unix)]
 /// Replies composed and sent at once: a kill can catch each of them between the platform's
 /// answer and its row, so each may be sent once more after the restart.
 const WORKERS: usize = 2;
 
+/// `kaiwa run` on `db`, talking to `fake`, with no cooldown and room in the queue for a burst.
 fn spawn_run(fake: &FakeTelegram, dir: &std::path::Path, db: &str) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_kaiwa"))
         .arg("run")
@@ -87,7 +80,7 @@ fn spawn_run(fake: &FakeTelegram, dir: &std::path::Path, db: &str) -> std::proce
         .env("TELEGRAM_TOKEN", TOKEN)
         .env("TELEGRAM_API_URL", fake.url())
         .env("DATABASE_URL", db)
-        .env("MODEL_DIR", support::daemon::tiny_model_dir())
+        .env("MODEL_DIR", crate::support::model::tiny_model_dir())
         .env("MAX_NEW_TOKENS", "24")
         .env("USER_COOLDOWN_MS", "0")
         .env("QUEUE_CAPACITY", "1000")
@@ -186,7 +179,7 @@ fn run_without_any_token_says_what_to_set() {
         .arg("run")
         .current_dir(dir.path())
         .env_clear()
-        .env("MODEL_DIR", support::daemon::tiny_model_dir())
+        .env("MODEL_DIR", crate::support::model::tiny_model_dir())
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -6,7 +6,6 @@
 //!
 //! Only JSON bodies are read: teloxide sends every method kaiwa uses as JSON (multipart is only
 //! for file uploads).
-#![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,12 +20,18 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use super::daemon::Peer;
+
 /// The longest a `getUpdates` call waits for news, whatever timeout it asked for: keeps tests
 /// fast and shutdown prompt.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
 
 /// Telegram's limit on a message's text, in characters.
 const MAX_TEXT_CHARS: usize = 4096;
+
+/// The bot token the fake accepts when [`spawn_daemon`](super::daemon::spawn_daemon) starts it;
+/// shaped like a real one (35-character secret), so teloxide treats it as it would in production.
+pub const TOKEN: &str = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw7";
 
 /// The bot account the fake serves.
 pub const BOT_ID: i64 = 7_000_000_001;
@@ -92,7 +97,6 @@ struct Inner {
     unauthorized_requests: usize,
     /// Requests per method name, as sent.
     calls: HashMap<String, usize>,
-    get_updates_calls: usize,
     last_offset: Option<i64>,
     /// The `allowed_updates` of the latest `getUpdates` that gave one (the Bot API keeps it).
     allowed_updates: Option<Vec<String>>,
@@ -191,20 +195,6 @@ impl FakeTelegram {
         json!({"update_id": id, "message": message})
     }
 
-    /// Queues an `edited_message` update: `message` with `text` replaced.
-    pub fn push_edit(&self, message: &Value, text: &str) {
-        let mut edited = message.clone();
-        edited["text"] = json!(text);
-        edited["edit_date"] = json!(unix_now());
-        let update = {
-            let mut inner = self.shared.lock();
-            let id = inner.next_update_id;
-            inner.next_update_id += 1;
-            json!({"update_id": id, "edited_message": edited})
-        };
-        self.push_update(update);
-    }
-
     /// A realistic text message from `from` in `chat`, with a fresh message id and the
     /// entities Telegram would add (`@mentions`, a leading `/command`). Not queued yet.
     pub fn message(&self, chat: &Value, from: &Value, text: &str) -> Value {
@@ -253,10 +243,6 @@ impl FakeTelegram {
     /// Requests made with a token other than the one the fake was started with.
     pub fn unauthorized_requests(&self) -> usize {
         self.shared.lock().unauthorized_requests
-    }
-
-    pub fn get_updates_calls(&self) -> usize {
-        self.shared.lock().get_updates_calls
     }
 
     /// The `offset` of the latest `getUpdates` call: updates below it are confirmed.
@@ -337,6 +323,19 @@ impl FakeTelegram {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+impl Peer for FakeTelegram {
+    async fn start() -> FakeTelegram {
+        FakeTelegram::start(TOKEN).await
+    }
+
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TELEGRAM_TOKEN", self.shared.token.clone()),
+            ("TELEGRAM_API_URL", self.url()),
+        ]
     }
 }
 
@@ -498,7 +497,6 @@ async fn get_updates(shared: &Shared, params: &Value) -> Response {
     let deadline = tokio::time::Instant::now() + asked.min(MAX_POLL_WAIT);
     {
         let mut inner = shared.lock();
-        inner.get_updates_calls += 1;
         inner.last_offset = Some(offset);
         if let Some(list) = params.get("allowed_updates").and_then(allowed_list) {
             inner.allowed_updates = Some(list);

@@ -1,11 +1,10 @@
 //! A model directory from `kaiwa init-model` loads, replies reproducibly and streams valid text;
 //! broken directories and foreign graphs give clear errors, never a panic.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
+use crate::support::model::*;
 use kaiwa::chat::{Chat, ChatStyle};
 use kaiwa::engine::{EngineError, EngineMode, EngineSettings, ReplyEngine, Retrieval};
 use kaiwa::model::init::init_model_dir;
@@ -14,7 +13,6 @@ use kaiwa::model::{
     ChatMessage, GenerateOptions, Generator, LlamaConfig, LlamaWeights, ModelError, Preset,
     SamplingParams, StopReason,
 };
-use support::*;
 
 fn init_tiny(dir: &Path) -> LlamaConfig {
     init_model_dir(LlamaConfig::preset(Preset::Tiny), 7, dir).expect("init-model")

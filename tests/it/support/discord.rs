@@ -13,7 +13,6 @@
 //! one (after RESUME or a fresh IDENTIFY), so a test never loses an event to timing.
 //!
 //! Everything is bounded: waits take a timeout and panic with what the fake saw.
-#![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -30,6 +29,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::watch;
+
+use super::daemon::{last_lines, Peer, TestDaemon, WAIT};
+
+/// The bot token the fake accepts when [`spawn_daemon`](super::daemon::spawn_daemon) starts it;
+/// shaped like a real bot token, so a leak would be the real thing.
+pub const TOKEN: &str = "MTA0NjAwMDAwMDAwMDAwMDAwMQ.GkX7qP.Vq3b8Zr1LmN0pQsT5uWxYz2aBcDeFgHiJkLmNo";
 
 /// The bot's user (and application) id in the fake.
 pub const BOT_USER_ID: &str = "1046000000000000001";
@@ -153,11 +158,6 @@ impl MessageBuilder {
         }
     }
 
-    pub fn id(mut self, id: &str) -> Self {
-        self.json["id"] = id.into();
-        self
-    }
-
     /// Mentions `user`: `<@id>` in front of the text and the user in `mentions`.
     pub fn mentioning(mut self, user: &FakeUser) -> Self {
         let content = format!(
@@ -178,17 +178,6 @@ impl MessageBuilder {
         self
     }
 
-    /// Makes it a reply (type 19) to `original`, a payload built here or one the fake sent.
-    pub fn replying_to(mut self, original: &Value) -> Self {
-        self.json["type"] = 19.into();
-        self.json["message_reference"] = json!({
-            "type": 0, "message_id": original["id"], "channel_id": original["channel_id"],
-            "guild_id": original.get("guild_id").cloned().unwrap_or(Value::Null),
-        });
-        self.json["referenced_message"] = original.clone();
-        self
-    }
-
     pub fn build(self) -> Value {
         self.json
     }
@@ -203,8 +192,6 @@ pub struct SentMessage {
     /// `message_reference.message_id`, when it was a reply.
     pub reply_to: Option<String>,
     pub allowed_mentions: Value,
-    /// The full message object the fake answered with.
-    pub json: Value,
     pub at: Instant,
 }
 
@@ -260,7 +247,6 @@ struct FakeState {
     identifies: Vec<Identify>,
     resumes: Vec<Resume>,
     drops: usize,
-    heartbeats: usize,
     gateway_queries: Vec<HashMap<String, String>>,
     refuse_message_content: bool,
     sent: Vec<SentMessage>,
@@ -305,6 +291,39 @@ pub struct FakeDiscord {
     server: tokio::task::JoinHandle<()>,
 }
 
+impl Peer for FakeDiscord {
+    async fn start() -> FakeDiscord {
+        FakeDiscord::start(TOKEN).await
+    }
+
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DISCORD_TOKEN", self.shared.token.clone()),
+            ("DISCORD_API_URL", self.url()),
+        ]
+    }
+
+    /// Until the daemon's gateway connection is identified (or resumed).
+    async fn connected(&self, daemon: &TestDaemon) {
+        if !self.connected_within(WAIT).await {
+            panic!(
+                "the daemon did not connect to the fake Discord within {WAIT:?}; {}\nkaiwa and serenity logs:\n{}",
+                self.summary(),
+                relevant_logs(&daemon.logs())
+            );
+        }
+    }
+}
+
+/// The daemon's and serenity's log lines (the model runtime's are many and beside the point).
+fn relevant_logs(logs: &str) -> String {
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("kaiwa") || l.contains("serenity"))
+        .collect();
+    last_lines(&lines.join("\n"), 60)
+}
+
 impl Drop for FakeDiscord {
     fn drop(&mut self) {
         self.server.abort();
@@ -346,10 +365,6 @@ impl FakeDiscord {
     /// The REST base, for `DISCORD_API_URL`.
     pub fn url(&self) -> String {
         format!("http://{}", self.shared.addr)
-    }
-
-    pub fn gateway_url(&self) -> String {
-        self.shared.gateway_url()
     }
 
     pub fn bot_user(&self) -> &FakeUser {
@@ -469,10 +484,6 @@ impl FakeDiscord {
         self.shared.lock().resumes.len()
     }
 
-    pub fn heartbeat_count(&self) -> usize {
-        self.shared.lock().heartbeats
-    }
-
     /// The query string of each gateway connection (`v`, `encoding`, `compress`).
     pub fn gateway_queries(&self) -> Vec<HashMap<String, String>> {
         self.shared.lock().gateway_queries.clone()
@@ -483,14 +494,8 @@ impl FakeDiscord {
         self.shared.lock().requests.clone()
     }
 
-    /// Waits until a gateway connection is identified (or resumed).
-    pub async fn wait_until_connected(&self, timeout: Duration) {
-        self.wait_for("live gateway connection", timeout, |s| s.live.then_some(()))
-            .await
-    }
-
-    /// Like [`Self::wait_until_connected`], but says whether it happened instead of panicking, so
-    /// the caller can explain (with the daemon's logs, say).
+    /// Whether a gateway connection is identified (or resumed) within `timeout`; a bool rather
+    /// than a panic, so the caller can explain (with the daemon's logs, say).
     pub async fn connected_within(&self, timeout: Duration) -> bool {
         let mut changes = self.shared.changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -681,7 +686,6 @@ async fn rest_create_message(
         content,
         reply_to,
         allowed_mentions: request["allowed_mentions"].clone(),
-        json: message.clone(),
         at: Instant::now(),
     };
     // Discord tells the gateway about the bot's own messages too.
@@ -925,7 +929,6 @@ impl Connection {
         };
         match payload["op"].as_u64() {
             Some(1) => {
-                self.shared.update(|s| s.heartbeats += 1);
                 self.send_or_close(json!({"op": 11, "d": null, "s": null, "t": null}))
                     .await
             }
