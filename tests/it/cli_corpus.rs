@@ -75,7 +75,13 @@ fn every_sample_imports_once_and_the_store_exports_in_every_format() {
         let written = std::fs::read_to_string(out.join(file)).unwrap();
         assert!(!written.trim().is_empty(), "{format} {mode}: empty");
         assert!(out.join("data_card.md").exists() && out.join("summary.json").exists());
-        assert!(!out.join(format!("{file}.partial")).exists());
+        // Nothing half-written is left beside the files (fsio::AtomicFile's temporary names).
+        let left: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp") || n.ends_with(".partial"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }
 
