@@ -1,7 +1,8 @@
 //! The library's layers, checked: a module may use only modules below it, so the arrows of the
 //! import graph run one way (the binary, `src/bin/kaiwa/`, stands above them all). A new module
 //! must be given its place here, and an import upwards or sideways fails the test unless it is
-//! one of the few listed as still to be undone, a list that may only shrink.
+//! one of the few listed as still to be undone, a list that may only shrink. Unit-test modules
+//! are not counted: they may build their fixtures with any layer.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -71,7 +72,17 @@ fn imports(src: &Path) -> BTreeSet<(String, String)> {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
+        // A file's unit tests (its `#[cfg(test)]` module, last by convention) may make their
+        // fixtures with any layer: a tokenizer's tests use a tokenizer that `train` trained.
+        let code = [
+            "\n#[cfg(test)]\nmod tests {",
+            "\n#[cfg(test)]\npub(crate) mod tests {",
+        ]
+        .iter()
+        .filter_map(|m| text.find(m))
+        .min()
+        .map_or(text.as_str(), |end| &text[..end]);
+        for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
             for (i, _) in line.match_indices("crate::") {
                 let to: String = line[i + "crate::".len()..]
                     .chars()

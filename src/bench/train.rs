@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::peak_rss_mib;
 use super::python::{run_script, ScriptError};
-use crate::model::init::random_weights;
 use crate::model::LlamaConfig;
+use crate::train::init::random_weights;
 use crate::train::model::Llama;
 use crate::train::optim::{AdamWSettings, Schedule};
 use crate::train::step::{retain_freed_memory, Batch, Trainer};

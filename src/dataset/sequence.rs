@@ -258,7 +258,7 @@ pub fn assistant_spans(
 pub(crate) mod tests {
     use super::*;
     use crate::model::chat_template::CHATML_TEMPLATE;
-    use crate::model::tokenizer::{builtin_text, train_byte_level_bpe};
+    use crate::train::bpe::{builtin_text, train_byte_level_bpe};
 
     pub(crate) fn builder() -> SequenceBuilder {
         let tokenizer = train_byte_level_bpe(builtin_text().lines(), 600).unwrap();

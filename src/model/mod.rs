@@ -10,7 +10,6 @@ pub mod attention;
 pub mod chat_template;
 pub mod config;
 pub mod generate;
-pub mod init;
 pub mod onnx_export;
 pub mod reference;
 pub mod runtime;

@@ -113,7 +113,8 @@ fn feed(mut owed: Pending, bytes: &[u8]) -> Option<Pending> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tokenizer::{builtin_text, train_byte_level_bpe, IM_END};
+    use crate::model::tokenizer::IM_END;
+    use crate::train::bpe::{builtin_text, train_byte_level_bpe};
 
     #[test]
     fn feeding_follows_utf8() {

@@ -161,8 +161,9 @@ pub fn epoch_order(rows: usize, seed: u64, epoch: u64) -> Vec<usize> {
 mod tests {
     use super::*;
     use crate::model::chat_template::ChatTemplate;
-    use crate::model::tokenizer::{builtin_text, train_byte_level_bpe, IM_END};
+    use crate::model::tokenizer::IM_END;
     use crate::model::ChatMessage;
+    use crate::train::bpe::{builtin_text, train_byte_level_bpe};
 
     fn builder() -> (SequenceBuilder, u32, crate::model::TextTokenizer) {
         let tok = train_byte_level_bpe(builtin_text().lines(), 600).unwrap();

@@ -8,9 +8,11 @@
 //! optimizer step with gradient accumulation, [`data`] the packed token rows, and [`run`] the
 //! loop with checkpoints, resume, metrics and the loss curve ([`plot`]).
 
+pub mod bpe;
 pub mod convert;
 pub mod data;
 pub mod fused;
+pub mod init;
 pub mod loss;
 pub mod model;
 pub mod optim;

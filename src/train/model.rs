@@ -168,7 +168,7 @@ pub struct Llama {
 
 impl Llama {
     /// The model holding `weights` (validated against `config` when they were built), with
-    /// every parameter trainable. A fresh run starts from [`crate::model::init::random_weights`],
+    /// every parameter trainable. A fresh run starts from [`crate::train::init::random_weights`],
     /// the seeded initialisation `kaiwa init-model` uses; fine-tuning starts from a model
     /// directory's `model.safetensors`.
     pub fn from_weights(config: &LlamaConfig, weights: &LlamaWeights, device: &Device) -> Self {

@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::bpe::{train_bpe, JAPANESE_CHUNKS};
 use crate::dataset::{for_each_text, DatasetError};
 use crate::model::chat_template::TokenizerConfig;
-use crate::model::tokenizer::{train_bpe, TextTokenizer, JAPANESE_CHUNKS};
+use crate::model::tokenizer::TextTokenizer;
 use crate::model::{ModelError, TOKENIZER_FILE};
 use crate::text::hash::stable_hash;
 use crate::text::lang;
@@ -251,7 +252,7 @@ fn report_markdown(r: &TokenizerReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tokenizer::builtin_text;
+    use crate::train::bpe::builtin_text;
 
     #[test]
     fn japanese_is_cut_into_bunsetsu_like_chunks() {

@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use kaiwa::model::chat_template::TokenizerConfig;
-use kaiwa::model::tokenizer::{builtin_text, train_byte_level_bpe};
+use kaiwa::train::bpe::{builtin_text, train_byte_level_bpe};
 
 fn kaiwa() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kaiwa"));

@@ -13,9 +13,9 @@ use kaiwa::eval::{
     compare, ByteNgram, DataFormat, Dataset, EvalError, EvalOptions, GateRules, NgramBaseline,
     Report, EXIT_GATE_FAILED,
 };
-use kaiwa::model::init::init_model_dir;
 use kaiwa::model::reference::ReferenceModel;
 use kaiwa::model::{ChatMessage, Generator, LlamaConfig, LlamaWeights, Preset};
+use kaiwa::train::init::init_model_dir;
 
 /// A tiny random model directory with weights drawn at `std` (large: confident and wrong;
 /// small: close to uniform) and a context of `context` tokens.

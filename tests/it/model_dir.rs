@@ -7,12 +7,12 @@ use std::process::Command;
 use crate::support::model::*;
 use kaiwa::chat::{Chat, ChatStyle};
 use kaiwa::engine::{EngineError, EngineMode, EngineSettings, ReplyEngine, Retrieval};
-use kaiwa::model::init::init_model_dir;
 use kaiwa::model::onnx_export::{build_model, ExportOptions};
 use kaiwa::model::{
     ChatMessage, GenerateOptions, Generator, LlamaConfig, LlamaWeights, ModelError, Preset,
     SamplingParams, StopReason,
 };
+use kaiwa::train::init::init_model_dir;
 
 fn init_tiny(dir: &Path) -> LlamaConfig {
     init_model_dir(LlamaConfig::preset(Preset::Tiny), 7, dir).expect("init-model")
@@ -397,7 +397,7 @@ fn missing_or_corrupt_files_are_clear_errors() {
 
     // Weights of the wrong shape name the tensor.
     let other = tempfile::tempdir().unwrap();
-    kaiwa::model::init::random_weights(&mha_untied_config(), 1)
+    kaiwa::train::init::random_weights(&mha_untied_config(), 1)
         .save(&other.path().join("w.safetensors"))
         .unwrap();
     let err = LlamaWeights::load(&config, &other.path().join("w.safetensors")).unwrap_err();
@@ -411,7 +411,7 @@ fn missing_or_corrupt_files_are_clear_errors() {
 #[test]
 fn a_graph_outside_the_convention_lists_what_was_expected_and_found() {
     let config = tiny_config();
-    let weights = kaiwa::model::init::random_weights(&config, 1);
+    let weights = kaiwa::train::init::random_weights(&config, 1);
     let mut proto = build_model(&config, &weights, &ExportOptions::default());
     let graph = proto.graph.as_mut().unwrap();
     // Rename the token input, as a graph from another convention would have it.

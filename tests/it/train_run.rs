@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kaiwa::model::chat_template::TokenizerConfig;
-use kaiwa::model::tokenizer::{builtin_text, train_byte_level_bpe};
 use kaiwa::model::{ChatMessage, GenerateOptions, Generator, LlamaConfig, Preset, SamplingParams};
+use kaiwa::train::bpe::{builtin_text, train_byte_level_bpe};
 use kaiwa::train::run::{
     resume, train, Metric, Progress, RunSpec, Start, TrainError, METRICS_FILE, PLOT_FILE,
 };

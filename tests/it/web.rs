@@ -50,7 +50,7 @@ fn long_context_model() -> (tempfile::TempDir, std::path::PathBuf) {
     let model = dir.path().join("kaiwa");
     let mut config = kaiwa::model::LlamaConfig::preset(kaiwa::model::Preset::Tiny);
     config.max_position_embeddings = 4096;
-    kaiwa::model::init::init_model_dir(config, 7, &model).unwrap();
+    kaiwa::train::init::init_model_dir(config, 7, &model).unwrap();
     (dir, model)
 }
 

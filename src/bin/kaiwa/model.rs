@@ -10,8 +10,9 @@ use crate::args::{ChatArgs, ExportOnnxArgs, GenerateArgs, InitModelArgs};
 
 pub fn init_model(args: &InitModelArgs) -> Result<()> {
     let out = &args.out;
-    let config = model::init::init_model_dir(LlamaConfig::preset(args.preset), args.seed, out)
-        .with_context(|| format!("writing a new model to {}", out.display()))?;
+    let config =
+        kaiwa::train::init::init_model_dir(LlamaConfig::preset(args.preset), args.seed, out)
+            .with_context(|| format!("writing a new model to {}", out.display()))?;
     eprintln!(
         "wrote {} ({} layers, hidden {}, vocab {})",
         out.display(),

@@ -48,11 +48,11 @@ use super::data::Objective;
 use super::optim::{AdamWSettings, Schedule};
 use crate::dataset::DatasetError;
 use crate::model::chat_template::TokenizerConfig;
-use crate::model::init::{random_weights, write_model_files};
 use crate::model::{
     load_config, LlamaConfig, LlamaWeights, ModelError, TextTokenizer, CHAT_TEMPLATE_FILE,
     CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
 };
+use crate::train::init::{random_weights, write_model_files};
 
 pub use checkpoint::RunState;
 pub use metrics::{LogProgress, Metric, Progress};

@@ -5,9 +5,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use kaiwa::model::init::random_weights;
 use kaiwa::model::onnx_export::{export_onnx, ExportOptions};
 use kaiwa::model::{LlamaConfig, LlamaWeights, Preset};
+use kaiwa::train::init::random_weights;
 
 /// The tiny preset (grouped-query attention, tied embeddings) with weights large enough that
 /// logits are of order one, so a 1e-4 tolerance means something.
@@ -62,7 +62,7 @@ pub fn tiny_model_dir() -> PathBuf {
     MODEL
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
-            kaiwa::model::init::init_model_dir(
+            kaiwa::train::init::init_model_dir(
                 kaiwa::model::LlamaConfig::preset(kaiwa::model::Preset::Tiny),
                 7,
                 &dir.path().join("kaiwa"),

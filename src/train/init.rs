@@ -9,12 +9,13 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::chat_template::TokenizerConfig;
-use super::config::{GenerationConfig, LlamaConfig, Sampling, TokenIds};
-use super::onnx_export::{export_onnx, ExportOptions};
-use super::tokenizer::{builtin_text, train_byte_level_bpe, TextTokenizer, BOS_TOKEN, IM_END};
-use super::weights::{tensor_specs, LlamaWeights, Param};
-use super::{
+use super::bpe::{builtin_text, train_byte_level_bpe};
+use crate::model::chat_template::TokenizerConfig;
+use crate::model::config::{GenerationConfig, LlamaConfig, Sampling, TokenIds};
+use crate::model::onnx_export::{export_onnx, ExportOptions};
+use crate::model::tokenizer::{TextTokenizer, BOS_TOKEN, IM_END};
+use crate::model::weights::{tensor_specs, LlamaWeights, Param};
+use crate::model::{
     write_json, ModelError, CONFIG_FILE, GENERATION_CONFIG_FILE, ONNX_FILE, TOKENIZER_FILE,
 };
 
@@ -56,7 +57,7 @@ pub fn init_model_dir(
     let tokenizer = train_byte_level_bpe(builtin_text().lines(), config.vocab_size)?;
     let config = write_model_files(config, &tokenizer, TokenizerConfig::chatml(), out)?;
     let weights = random_weights(&config, seed);
-    weights.save(&out.join(super::WEIGHTS_FILE))?;
+    weights.save(&out.join(crate::model::WEIGHTS_FILE))?;
     export_onnx(
         &config,
         &weights,
