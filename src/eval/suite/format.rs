@@ -4,8 +4,10 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
-use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::eval::EvalError;
 use crate::model::Sampling;
@@ -109,92 +111,77 @@ pub fn parse_suite(text: &str, path: &Path) -> Result<Suite, EvalError> {
         path: path.to_path_buf(),
         reason,
     };
-    let docs = YamlLoader::load_from_str(text).map_err(|e| err(format!("not YAML: {e}")))?;
-    let root = docs.first().ok_or_else(|| err("an empty file".into()))?;
-    let top = Fields::new(root, "the file").map_err(&err)?;
-    top.only(&["name", "seed", "sampling", "system", "checks", "cases"])
-        .map_err(&err)?;
+    let file = read_yaml(text)
+        .map_err(&err)?
+        .ok_or_else(|| err("an empty file".into()))?;
     let default_name = path
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("suite")
         .to_string();
-    let name = top.string("name").map_err(&err)?.unwrap_or(default_name);
-    let seed = top.integer("seed").map_err(&err)?.unwrap_or(0);
-    let sampling = match top.get("sampling") {
-        None => Sampling::default(),
-        Some(node) => {
-            let s = Fields::new(node, "sampling").map_err(&err)?;
-            s.only(&[
-                "temperature",
-                "top_k",
-                "top_p",
-                "repetition_penalty",
-                "max_new_tokens",
-                "guidance_scale",
-            ])
-            .map_err(&err)?;
-            Sampling {
-                temperature: s.number("temperature").map_err(&err)?.map(|v| v as f32),
-                top_k: s.integer("top_k").map_err(&err)?.map(|v| v as usize),
-                top_p: s.number("top_p").map_err(&err)?.map(|v| v as f32),
-                repetition_penalty: s
-                    .number("repetition_penalty")
-                    .map_err(&err)?
-                    .map(|v| v as f32),
-                max_new_tokens: s
-                    .integer("max_new_tokens")
-                    .map_err(&err)?
-                    .map(|v| v as usize),
-                guidance_scale: s.number("guidance_scale").map_err(&err)?.map(|v| v as f32),
-            }
+    let name = file.name.unwrap_or(default_name);
+    let seed = file.seed.unwrap_or(0);
+    let sampling = file.sampling.map_or_else(Sampling::default, |s| s.sampling);
+    for (key, value) in [
+        ("temperature", sampling.temperature),
+        ("top_p", sampling.top_p),
+        ("repetition_penalty", sampling.repetition_penalty),
+        ("guidance_scale", sampling.guidance_scale),
+    ] {
+        if let Some(v) = value.filter(|v| !v.is_finite()) {
+            return Err(err(format!("sampling: `{key}` must be a number, not {v}")));
         }
-    };
-    let system = top.string("system").map_err(&err)?;
-    let mut defaults = Checks::default();
-    if let Some(node) = top.get("checks") {
-        let f = Fields::new(node, "checks").map_err(&err)?;
-        f.only(CHECK_KEYS).map_err(&err)?;
-        apply_checks(&f, &mut defaults).map_err(&err)?;
     }
-    let cases_node = top
-        .get("cases")
-        .ok_or_else(|| err("no `cases` list".into()))?;
-    let list = cases_node
-        .as_vec()
-        .ok_or_else(|| err("`cases` is not a list".into()))?;
+    let mut defaults = Checks::default();
+    if let Some(checks) = file.checks {
+        checks.apply(&mut defaults).map_err(&err)?;
+    }
+    let list = file.cases.ok_or_else(|| err("no `cases` list".into()))?;
     if list.is_empty() {
         return Err(err("`cases` is empty".into()));
     }
     let mut cases = Vec::with_capacity(list.len());
     let mut ids = BTreeSet::new();
-    for (i, node) in list.iter().enumerate() {
-        let where_ = format!("case {}", i + 1);
-        let f = Fields::new(node, &where_).map_err(&err)?;
-        let mut keys = vec!["id", "prompt", "system", "language", "split"];
-        keys.extend_from_slice(CHECK_KEYS);
-        f.only(&keys).map_err(&err)?;
-        let id = f
-            .string("id")
-            .map_err(&err)?
-            .ok_or_else(|| err(format!("{where_}: no `id`")))?;
+    for (i, case) in list.into_iter().enumerate() {
+        let CaseFields {
+            id,
+            prompt,
+            system,
+            language,
+            split,
+            min_chars,
+            max_chars,
+            same_language,
+            keywords_any,
+            max_repeated_ngram_ratio,
+            max_line_repeats,
+        } = case;
+        let id = id.ok_or_else(|| err(format!("case {}: no `id`", i + 1)))?;
         if !ids.insert(id.clone()) {
             return Err(err(format!("case id {id:?} appears twice")));
         }
-        let prompt = f
-            .string("prompt")
-            .map_err(&err)?
+        let prompt = prompt
             .filter(|p| !p.trim().is_empty())
             .ok_or_else(|| err(format!("case {id:?}: no `prompt`")))?;
         let mut checks = defaults.clone();
-        apply_checks(&f, &mut checks).map_err(|e| err(format!("case {id:?}: {e}")))?;
+        let overrides = CheckFields {
+            min_chars,
+            max_chars,
+            same_language,
+            keywords_any,
+            max_repeated_ngram_ratio,
+            max_line_repeats,
+        };
+        overrides
+            .apply(&mut checks)
+            .map_err(|e| err(format!("case {id:?}: {e}")))?;
         if checks.min_chars > checks.max_chars {
             return Err(err(format!(
                 "case {id:?}: min_chars {} is above max_chars {}",
                 checks.min_chars, checks.max_chars
             )));
         }
-        let language = match f.string("language").map_err(&err)? {
+        let language = match language {
             Some(l) => l,
             None => {
                 let detected = lang::detect(&prompt);
@@ -206,7 +193,6 @@ pub fn parse_suite(text: &str, path: &Path) -> Result<Suite, EvalError> {
                 detected.to_string()
             }
         };
-        let split = f.string("split").map_err(&err)?;
         if let Some(sp) = split.as_deref().filter(|s| !["dev", "test"].contains(s)) {
             return Err(err(format!(
                 "case {id:?}: split must be dev or test, not {sp:?}"
@@ -216,7 +202,7 @@ pub fn parse_suite(text: &str, path: &Path) -> Result<Suite, EvalError> {
             split,
             id,
             prompt,
-            system: f.string("system").map_err(&err)?.or_else(|| system.clone()),
+            system: system.or_else(|| file.system.clone()),
             language,
             checks,
         });
@@ -230,148 +216,163 @@ pub fn parse_suite(text: &str, path: &Path) -> Result<Suite, EvalError> {
     })
 }
 
-const CHECK_KEYS: &[&str] = &[
-    "min_chars",
-    "max_chars",
-    "same_language",
-    "keywords_any",
-    "max_repeated_ngram_ratio",
-    "max_line_repeats",
-];
-
-fn apply_checks(f: &Fields, c: &mut Checks) -> Result<(), String> {
-    if let Some(v) = f.integer("min_chars")? {
-        c.min_chars = v as usize;
-    }
-    if let Some(v) = f.integer("max_chars")? {
-        c.max_chars = v as usize;
-    }
-    if let Some(v) = f.boolean("same_language")? {
-        c.same_language = v;
-    }
-    if let Some(v) = f.strings("keywords_any")? {
-        c.keywords_any = v;
-    }
-    if let Some(v) = f.number("max_repeated_ngram_ratio")? {
-        if !(0.0..=1.0).contains(&v) {
-            return Err(format!(
-                "max_repeated_ngram_ratio must be in [0, 1], not {v}"
-            ));
-        }
-        c.max_repeated_ngram_ratio = v;
-    }
-    if let Some(v) = f.integer("max_line_repeats")? {
-        c.max_line_repeats = v as usize;
-    }
-    Ok(())
-}
-
-/// The keys of a YAML mapping, read with errors that say where and what was expected.
-struct Fields<'a> {
-    pairs: Vec<(&'a str, &'a Yaml)>,
-    place: String,
-}
-
-impl<'a> Fields<'a> {
-    fn new(node: &'a Yaml, place: &str) -> Result<Self, String> {
-        let hash = node
-            .as_hash()
-            .ok_or_else(|| format!("{place} is not a mapping of keys to values"))?;
-        let mut pairs = Vec::with_capacity(hash.len());
-        for (k, v) in hash {
-            let key = k
-                .as_str()
-                .ok_or_else(|| format!("{place}: a key that is not text: {k:?}"))?;
-            pairs.push((key, v));
-        }
-        Ok(Fields {
-            pairs,
-            place: place.to_string(),
+/// Reads the YAML of a suite file into [`SuiteFile`]: `None` for a file with no document. An
+/// error names the key it is about (`cases[2].max_chars`) and its line and column.
+fn read_yaml(text: &str) -> Result<Option<SuiteFile>, String> {
+    let options = serde_saphyr::options! {
+        // Plain text, no source excerpt: the message is one line of an error.
+        with_snippet: false,
+        // `yes`, `on` and the like are text, not booleans (YAML 1.2).
+        strict_booleans: true,
+        // `<<` is an unknown key like any other, not a merge.
+        merge_keys: serde_saphyr::MergeKeyPolicy::AsOrdinary,
+    };
+    let mut path = None;
+    serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = Some(e.path().to_string());
+            e.into_inner()
         })
-    }
+    })
+    .map_err(|e| {
+        // The wording meant for the people who write the files (not the developers' one,
+        // which names serde-saphyr's options).
+        let message = e.render_with_formatter(&serde_saphyr::UserMessageFormatter);
+        let key = path
+            .as_deref()
+            .map(|p| p.trim_end_matches(".?"))
+            .filter(|p| !p.is_empty() && *p != ".");
+        match (e.without_snippet(), key) {
+            (serde_saphyr::Error::ExternalMessage { source, .. }, _)
+                if matches!(**source, serde_saphyr::ExternalMessageSource::Parser(_)) =>
+            {
+                format!("not YAML: {message}")
+            }
+            (serde_saphyr::Error::MultipleDocuments { location, .. }, _) => format!(
+                "a second YAML document at line {}: a suite file is one document",
+                location.line()
+            ),
+            (_, Some(key)) => format!("{key}: {message}"),
+            (_, None) => message,
+        }
+    })
+}
 
-    fn only(&self, allowed: &[&str]) -> Result<(), String> {
-        for (key, _) in &self.pairs {
-            if !allowed.contains(key) {
+/// A suite file as written: every key optional here, the rules checked in [`parse_suite`].
+/// Unknown keys are errors, at every level.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuiteFile {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "whole")]
+    seed: Option<u64>,
+    sampling: Option<SamplingSection>,
+    system: Option<String>,
+    checks: Option<CheckFields>,
+    cases: Option<Vec<CaseFields>>,
+}
+
+/// `sampling:`, the model's [`Sampling`] settings and no other key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SamplingSection {
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+/// The checks a file or a case sets; the rest come from the level above.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckFields {
+    #[serde(default, deserialize_with = "whole")]
+    min_chars: Option<usize>,
+    #[serde(default, deserialize_with = "whole")]
+    max_chars: Option<usize>,
+    same_language: Option<bool>,
+    keywords_any: Option<Vec<String>>,
+    max_repeated_ngram_ratio: Option<f64>,
+    #[serde(default, deserialize_with = "whole")]
+    max_line_repeats: Option<usize>,
+}
+
+impl CheckFields {
+    fn apply(self, c: &mut Checks) -> Result<(), String> {
+        if let Some(v) = self.max_repeated_ngram_ratio {
+            if !(0.0..=1.0).contains(&v) {
                 return Err(format!(
-                    "{}: unknown key `{key}` (expected one of {})",
-                    self.place,
-                    allowed.join(", ")
+                    "max_repeated_ngram_ratio must be in [0, 1], not {v}"
                 ));
             }
+            c.max_repeated_ngram_ratio = v;
         }
+        c.min_chars = self.min_chars.unwrap_or(c.min_chars);
+        c.max_chars = self.max_chars.unwrap_or(c.max_chars);
+        c.same_language = self.same_language.unwrap_or(c.same_language);
+        if let Some(v) = self.keywords_any {
+            c.keywords_any = v;
+        }
+        c.max_line_repeats = self.max_line_repeats.unwrap_or(c.max_line_repeats);
         Ok(())
-    }
-
-    fn get(&self, key: &str) -> Option<&'a Yaml> {
-        self.pairs
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| *v)
-            .filter(|v| !v.is_null())
-    }
-
-    fn expected(&self, key: &str, what: &str, got: &Yaml) -> String {
-        format!("{}: `{key}` must be {what}, not {got:?}", self.place)
-    }
-
-    fn string(&self, key: &str) -> Result<Option<String>, String> {
-        self.get(key)
-            .map(|v| scalar_text(v).ok_or_else(|| self.expected(key, "text", v)))
-            .transpose()
-    }
-
-    fn strings(&self, key: &str) -> Result<Option<Vec<String>>, String> {
-        let Some(v) = self.get(key) else {
-            return Ok(None);
-        };
-        let list = v
-            .as_vec()
-            .ok_or_else(|| self.expected(key, "a list of text", v))?;
-        list.iter()
-            .map(|item| scalar_text(item).ok_or_else(|| self.expected(key, "a list of text", v)))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
-    }
-
-    fn integer(&self, key: &str) -> Result<Option<u64>, String> {
-        self.get(key)
-            .map(|v| {
-                v.as_i64()
-                    .and_then(|n| u64::try_from(n).ok())
-                    .ok_or_else(|| self.expected(key, "a whole number of 0 or more", v))
-            })
-            .transpose()
-    }
-
-    fn number(&self, key: &str) -> Result<Option<f64>, String> {
-        self.get(key)
-            .map(|v| {
-                v.as_f64()
-                    .or_else(|| v.as_i64().map(|n| n as f64))
-                    .filter(|n| n.is_finite())
-                    .ok_or_else(|| self.expected(key, "a number", v))
-            })
-            .transpose()
-    }
-
-    fn boolean(&self, key: &str) -> Result<Option<bool>, String> {
-        self.get(key)
-            .map(|v| {
-                v.as_bool()
-                    .ok_or_else(|| self.expected(key, "true or false", v))
-            })
-            .transpose()
     }
 }
 
-/// A scalar as text (`keywords_any: [2024]` means the text "2024").
-fn scalar_text(v: &Yaml) -> Option<String> {
-    match v {
-        Yaml::String(s) | Yaml::Real(s) => Some(s.clone()),
-        Yaml::Integer(n) => Some(n.to_string()),
-        _ => None,
+/// One entry of `cases:`: the case's own keys, then those of [`CheckFields`] for this case alone.
+/// (Listed again, not `#[serde(flatten)]`: serde reads a flattened field through its untyped
+/// buffer, where `keywords_any: [2024]` is a number and no longer the text "2024".)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseFields {
+    id: Option<String>,
+    prompt: Option<String>,
+    system: Option<String>,
+    language: Option<String>,
+    split: Option<String>,
+    #[serde(default, deserialize_with = "whole")]
+    min_chars: Option<usize>,
+    #[serde(default, deserialize_with = "whole")]
+    max_chars: Option<usize>,
+    same_language: Option<bool>,
+    keywords_any: Option<Vec<String>>,
+    max_repeated_ngram_ratio: Option<f64>,
+    #[serde(default, deserialize_with = "whole")]
+    max_line_repeats: Option<usize>,
+}
+
+/// A whole number of 0 or more, or null; an error says that is what was expected.
+fn whole<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    struct Whole(u64);
+
+    impl<'de> Deserialize<'de> for Whole {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_any(WholeVisitor).map(Whole)
+        }
     }
+
+    struct WholeVisitor;
+
+    impl Visitor<'_> for WholeVisitor {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a whole number of 0 or more")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+        }
+    }
+
+    Option::<Whole>::deserialize(deserializer)?
+        .map(|Whole(n)| T::try_from(n).map_err(|_| de::Error::custom(format!("{n} is too large"))))
+        .transpose()
 }
 
 #[cfg(test)]

@@ -43,8 +43,9 @@
 //!   with an ASCII letter or digit must start a word (`rain` matches "raining", `hi` does not
 //!   match "this"); other keywords (Japanese) match anywhere.
 //!
-//! Unknown keys are errors, so a misspelt check is not silently ignored.
-
+//! Unknown keys are errors, so a misspelt check is not silently ignored; so is a second YAML
+//! document (`---`) in a file. An error names the file, the key (`cases[2].max_chars`) and its
+//! line and column.
 //!
 //! The format (the types a file becomes, how it is read and checked) is in `format`; running
 //! the cases through the reply engine, the checks on each reply and the report are in `runner`.
