@@ -17,11 +17,17 @@
 //! - an unquoted line with `: ` in it (`- Five: Dopey, Grumpy, …`), which YAML reads as a
 //!   mapping. Its text cannot be recovered exactly, so the dialogue is reported and skipped.
 //!
-//! Numbers and booleans (`- 1984`, `- yes`) are kept as written, which is why the document is read
-//! from the YAML events rather than through a loader that would turn `007` into `7`.
+//! Numbers and booleans (`- 1984`, `- yes`) are kept as written: YAML would turn `007` into `7`
+//! and `True` into `true`, so the text of such a line is taken from the file at the line's span.
+//! Only the first YAML document of a file is read. An alias (`*anchor`) where a line or a
+//! dialogue should be is reported, as no corpus uses one.
 
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
-use yaml_rust2::scanner::{Marker, TScalarStyle};
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_saphyr::budget::BudgetBreach;
+use serde_saphyr::{Span, Spanned};
 
 use super::input::Source;
 use super::{corpus_conversation, corpus_message, Conversation, ImportError, Records};
@@ -30,21 +36,28 @@ use super::{RecordError, Role};
 /// Reads a chatterbot-corpus YAML file.
 pub(super) fn read(source: Source) -> Result<Records, ImportError> {
     let (text, name) = source.read_to_string()?;
-    let root = parse_yaml(&text).map_err(|reason| name.malformed(reason))?;
-    let Some(entries) = root.get("conversations") else {
+    let corpus = parse_yaml(&text).map_err(|reason| name.malformed(reason))?;
+    let Some(conversations) = corpus.conversations else {
         return Err(name.malformed(
             "no `conversations:` list at the top (expected `categories:` and `conversations:`)",
         ));
     };
-    let Value::Seq(entries) = &entries.value else {
-        return Err(name.malformed(format!(
-            "`conversations:` (line {}) is not a list of dialogues",
-            entries.line
-        )));
+    let entries = match &conversations.value {
+        Node::List(entries) if !is_alias(&conversations) => entries,
+        _ => {
+            return Err(name.malformed(format!(
+                "`conversations:` (line {}) is not a list of dialogues",
+                line_of(&conversations)
+            )))
+        }
     };
-    let title = root.get("categories").and_then(categories_title);
+    let mut as_written = AsWritten::new(&text);
+    let title = corpus
+        .categories
+        .as_ref()
+        .and_then(|c| categories_title(c, &mut as_written));
 
-    let records: Vec<Result<Conversation, RecordError>> = group_dialogues(entries)
+    let records: Vec<Result<Conversation, RecordError>> = group_dialogues(entries, &mut as_written)
         .into_iter()
         .map(|dialogue| dialogue.into_conversation(title.clone()))
         .collect();
@@ -55,31 +68,41 @@ pub(super) fn read(source: Source) -> Result<Records, ImportError> {
 struct Dialogue<'a> {
     index: usize,
     line: usize,
-    items: Vec<&'a Node>,
+    /// Each line's line in the file, and its text.
+    items: Vec<(usize, Result<&'a str, NotText>)>,
     /// The entry itself is not a list (a bare line with no dialogue before it, a mapping).
     problem: Option<String>,
 }
 
-fn group_dialogues(entries: &[Node]) -> Vec<Dialogue<'_>> {
-    let mut dialogues: Vec<Dialogue<'_>> = Vec::new();
+fn group_dialogues<'a>(
+    entries: &'a [Spanned<Entry>],
+    as_written: &mut AsWritten<'a>,
+) -> Vec<Dialogue<'a>> {
+    let mut dialogues: Vec<Dialogue<'a>> = Vec::new();
     for (index, entry) in entries.iter().enumerate() {
         match &entry.value {
-            Value::Seq(items) => dialogues.push(Dialogue {
+            Node::List(items) if !is_alias(entry) => dialogues.push(Dialogue {
                 index,
-                line: entry.line,
-                items: items.iter().collect(),
+                line: line_of(entry),
+                items: items
+                    .iter()
+                    .map(|i| (line_of(i), text_of(i, as_written)))
+                    .collect(),
                 problem: None,
             }),
             _ => match dialogues.last_mut() {
                 // An under-indented line: the next line of the dialogue above.
-                Some(previous) => previous.items.push(entry),
+                Some(previous) => previous
+                    .items
+                    .push((line_of(entry), text_of(entry, as_written))),
                 None => dialogues.push(Dialogue {
                     index,
-                    line: entry.line,
+                    line: line_of(entry),
                     items: Vec::new(),
                     problem: Some(format!(
                         "{} where a dialogue (a list of lines) was expected",
-                        entry.value.describe()
+                        text_of(entry, as_written)
+                            .map_or_else(NotText::describe, |_| "a line of text")
                     )),
                 }),
             },
@@ -98,12 +121,11 @@ impl Dialogue<'_> {
             return Err(RecordError::new(position, "an empty dialogue"));
         }
         let mut messages = Vec::with_capacity(self.items.len());
-        for (i, item) in self.items.iter().enumerate() {
-            let text = match &item.value {
-                Value::Scalar { text, plain } if !(*plain && is_null(text)) => text.trim(),
-                Value::Scalar { .. } => "",
-                other => {
-                    let hint = if matches!(other, Value::Map(_)) {
+        for (i, (line, item)) in self.items.iter().enumerate() {
+            let text = match item {
+                Ok(text) => text.trim(),
+                Err(what) => {
+                    let hint = if *what == NotText::Mapping {
                         " (an unquoted line containing `: `? quote it)"
                     } else {
                         ""
@@ -111,10 +133,9 @@ impl Dialogue<'_> {
                     return Err(RecordError::new(
                         position,
                         format!(
-                            "line {} of the dialogue (file line {}) is {}, not text{hint}",
+                            "line {} of the dialogue (file line {line}) is {}, not text{hint}",
                             i + 1,
-                            item.line,
-                            other.describe()
+                            what.describe()
                         ),
                     ));
                 }
@@ -122,11 +143,7 @@ impl Dialogue<'_> {
             if text.is_empty() {
                 return Err(RecordError::new(
                     position,
-                    format!(
-                        "line {} of the dialogue (file line {}) is empty",
-                        i + 1,
-                        item.line
-                    ),
+                    format!("line {} of the dialogue (file line {line}) is empty", i + 1),
                 ));
             }
             let role = if i % 2 == 0 {
@@ -141,192 +158,263 @@ impl Dialogue<'_> {
 }
 
 /// `categories: [food, 食物]` → `food, 食物`.
-fn categories_title(node: &Node) -> Option<String> {
-    let names: Vec<&str> = match &node.value {
-        Value::Seq(items) => items
+fn categories_title<'a>(
+    node: &'a Spanned<Entry>,
+    as_written: &mut AsWritten<'a>,
+) -> Option<String> {
+    let names: Vec<String> = match &node.value {
+        Node::List(items) if !is_alias(node) => items
             .iter()
-            .filter_map(|item| match &item.value {
-                Value::Scalar { text, .. } if !text.trim().is_empty() => Some(text.trim()),
-                _ => None,
-            })
+            .filter_map(|item| category(item, as_written))
             .collect(),
-        Value::Scalar { text, .. } if !text.trim().is_empty() => vec![text.trim()],
-        _ => Vec::new(),
+        _ => category(node, as_written).into_iter().collect(),
     };
     (!names.is_empty()).then(|| names.join(", "))
 }
 
-/// YAML 1.2 core schema nulls, as a plain scalar.
-fn is_null(text: &str) -> bool {
-    matches!(text, "" | "~" | "null" | "Null" | "NULL")
+/// The text of one category: a scalar's, not empty (a null is none).
+fn category<'a, T, M>(
+    node: &'a Spanned<Node<T, M>>,
+    as_written: &mut AsWritten<'a>,
+) -> Option<String> {
+    let text = text_of(node, as_written).ok()?.trim();
+    (!text.is_empty()).then(|| text.to_string())
 }
 
-/// A YAML node with the line it starts on. Scalars keep their text as written.
-#[derive(Debug)]
-struct Node {
-    line: usize,
-    value: Value,
+/// The line a node starts on.
+fn line_of<T>(node: &Spanned<T>) -> usize {
+    usize::try_from(node.referenced.line()).unwrap_or(usize::MAX)
 }
 
+/// An alias (`*anchor`) is used where it is referenced, away from where its value is defined.
+fn is_alias<T>(node: &Spanned<T>) -> bool {
+    node.referenced != node.defined
+}
+
+/// A YAML node, as far as this reader looks into it: the items of a list are read as `T`, a
+/// mapping as `M`.
 #[derive(Debug)]
-enum Value {
-    Scalar {
-        text: String,
-        plain: bool,
-    },
-    Seq(Vec<Node>),
-    Map(Vec<(Node, Node)>),
-    /// `*anchor`: not expanded (expanding can blow up), and never used by the corpus.
+enum Node<T, M = Skipped> {
+    /// A string scalar, as YAML reads it (quotes, escapes and folding resolved).
+    Text(String),
+    /// A plain scalar YAML reads as a number or a boolean: its text is the file's, as written.
+    AsWritten,
+    Null,
+    List(Vec<Spanned<T>>),
+    Mapping(M),
+}
+
+/// A line of a dialogue; only its kind matters when it is not text.
+type Line = Node<IgnoredAny>;
+/// An entry of `conversations:`: a dialogue, or a bare line.
+type Entry = Node<Line>;
+
+/// A mapping whose content does not matter.
+#[derive(Debug)]
+struct Skipped;
+
+/// The top of a file: only `categories:` and `conversations:` are read (the last of each, when
+/// repeated); other keys, and keys that are not text, are skipped.
+#[derive(Debug, Default)]
+struct Corpus {
+    categories: Option<Spanned<Entry>>,
+    conversations: Option<Spanned<Node<Entry>>>,
+}
+
+/// How a mapping is read.
+trait FromMap: Sized {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
+}
+
+impl FromMap for Skipped {
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Skipped)
+    }
+}
+
+impl FromMap for Corpus {
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut corpus = Corpus::default();
+        while let Some(key) = map.next_key::<Line>()? {
+            match key {
+                Node::Text(k) if k == "categories" => corpus.categories = Some(map.next_value()?),
+                Node::Text(k) if k == "conversations" => {
+                    corpus.conversations = Some(map.next_value()?)
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(corpus)
+    }
+}
+
+impl<'de, T: Deserialize<'de>, M: FromMap> Deserialize<'de> for Node<T, M> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NodeVisitor(PhantomData))
+    }
+}
+
+struct NodeVisitor<T, M>(PhantomData<(T, M)>);
+
+impl<'de, T: Deserialize<'de>, M: FromMap> Visitor<'de> for NodeVisitor<T, M> {
+    type Value = Node<T, M>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any YAML node")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Node::Text(v.to_string()))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Node::AsWritten)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Node::AsWritten)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Node::AsWritten)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Node::AsWritten)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Node::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Node::List(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        M::from_map(map).map(Node::Mapping)
+    }
+}
+
+/// What a line is when it is not text.
+#[derive(Clone, Copy, PartialEq)]
+enum NotText {
     Alias,
+    List,
+    Mapping,
 }
 
-impl Value {
-    fn describe(&self) -> &'static str {
+impl NotText {
+    fn describe(self) -> &'static str {
         match self {
-            Value::Scalar { .. } => "a line of text",
-            Value::Seq(_) => "a nested list",
-            Value::Map(_) => "a mapping",
-            Value::Alias => "a YAML alias",
+            NotText::Alias => "a YAML alias",
+            NotText::List => "a nested list",
+            NotText::Mapping => "a mapping",
         }
     }
 }
 
-impl Node {
-    /// The value of a plain-text key of a mapping (the last one, when repeated).
-    fn get(&self, key: &str) -> Option<&Node> {
-        let Value::Map(pairs) = &self.value else {
-            return None;
-        };
-        pairs
-            .iter()
-            .rev()
-            .find(|(k, _)| matches!(&k.value, Value::Scalar { text, .. } if text == key))
-            .map(|(_, v)| v)
+/// The text of a scalar ("" for a null), or what the node is instead.
+fn text_of<'a, T, M>(
+    node: &'a Spanned<Node<T, M>>,
+    as_written: &mut AsWritten<'a>,
+) -> Result<&'a str, NotText> {
+    if is_alias(node) {
+        return Err(NotText::Alias);
+    }
+    match &node.value {
+        Node::Text(text) => Ok(text),
+        Node::AsWritten => Ok(as_written.get(node.defined.span()).unwrap_or_default()),
+        Node::Null => Ok(""),
+        Node::List(_) => Err(NotText::List),
+        Node::Mapping(_) => Err(NotText::Mapping),
+    }
+}
+
+/// The file's text at a [`Span`], whose offsets count characters: found walking forward from
+/// the last one asked for, as the lines are asked for in file order.
+struct AsWritten<'a> {
+    text: &'a str,
+    /// A character offset and its byte offset.
+    at: (usize, usize),
+}
+
+impl<'a> AsWritten<'a> {
+    fn new(text: &'a str) -> Self {
+        AsWritten { text, at: (0, 0) }
+    }
+
+    fn get(&mut self, span: Span) -> Option<&'a str> {
+        let offset = usize::try_from(span.offset()).ok()?;
+        let len = usize::try_from(span.len()).ok()?;
+        let start = self.byte(offset)?;
+        let end = self.byte(offset.checked_add(len)?)?;
+        self.text.get(start..end)
+    }
+
+    fn byte(&mut self, chars: usize) -> Option<usize> {
+        if chars < self.at.0 {
+            self.at = (0, 0);
+        }
+        let (mut c, mut b) = self.at;
+        let mut rest = self.text.get(b..)?.chars();
+        while c < chars {
+            b += rest.next()?.len_utf8();
+            c += 1;
+        }
+        self.at = (c, b);
+        Some(b)
     }
 }
 
 /// Deeper nesting than any corpus needs; refusing it keeps a hostile file from exhausting the
-/// stack when the tree is dropped.
+/// stack.
 const MAX_DEPTH: usize = 64;
 
-/// Parses the first YAML document of `text` into a [`Node`] tree.
-fn parse_yaml(text: &str) -> Result<Node, String> {
-    let mut builder = TreeBuilder::default();
-    let mut parser = Parser::new_from_str(text);
-    parser
-        .load(&mut builder, false)
-        .map_err(|e| format!("not YAML: {e}"))?;
-    if let Some(error) = builder.error {
-        return Err(error);
-    }
-    builder
-        .root
-        .ok_or_else(|| "an empty YAML document".to_string())
-}
-
-/// Collects parser events into a tree.
-#[derive(Default)]
-struct TreeBuilder {
-    /// Open sequences and mappings, innermost last.
-    stack: Vec<Open>,
-    root: Option<Node>,
-    error: Option<String>,
-}
-
-enum Open {
-    Seq(Node),
-    /// A mapping and, when its next key has been read but not its value, that key.
-    Map(Node, Option<Node>),
-}
-
-impl TreeBuilder {
-    fn push_node(&mut self, node: Node) {
-        match self.stack.last_mut() {
-            None => {
-                // Only the first document counts.
-                if self.root.is_none() {
-                    self.root = Some(node);
-                }
-            }
-            Some(Open::Seq(seq)) => {
-                if let Value::Seq(items) = &mut seq.value {
-                    items.push(node);
-                }
-            }
-            Some(Open::Map(map, pending_key)) => match pending_key.take() {
-                None => *pending_key = Some(node),
-                Some(key) => {
-                    if let Value::Map(pairs) = &mut map.value {
-                        pairs.push((key, node));
-                    }
-                }
-            },
-        }
-    }
-
-    fn open(&mut self, open: Open, mark: &Marker) {
-        if self.stack.len() >= MAX_DEPTH {
-            self.error = Some(format!(
+/// Parses the first YAML document of `text`.
+fn parse_yaml(text: &str) -> Result<Corpus, String> {
+    let options = serde_saphyr::options! {
+        with_snippet: false,
+        budget: serde_saphyr::budget! {
+            // The whole file is already in memory.
+            max_reader_input_bytes: None,
+            // The top mapping is a level.
+            max_depth: MAX_DEPTH,
+        },
+        // A repeated key: the visitor keeps the last one.
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
+        merge_keys: serde_saphyr::MergeKeyPolicy::AsOrdinary,
+        // `.inf` is a line like `1984`, kept as written.
+        non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::PassThrough,
+    };
+    // The reader API reads one document at a time (a string is read as a single document).
+    let mut reader = text.as_bytes();
+    let first =
+        serde_saphyr::read_with_options::<_, Node<IgnoredAny, Corpus>>(&mut reader, options).next();
+    match first {
+        None => Err("an empty YAML document".to_string()),
+        Some(Err(e)) => match e.without_snippet() {
+            serde_saphyr::Error::Budget {
+                breach: BudgetBreach::Depth { .. },
+                location,
+            } => Err(format!(
                 "nested deeper than {MAX_DEPTH} levels at line {}",
-                mark.line()
-            ));
-        } else {
-            self.stack.push(open);
-        }
-    }
-
-    fn close(&mut self) {
-        if let Some(open) = self.stack.pop() {
-            let node = match open {
-                Open::Seq(node) | Open::Map(node, _) => node,
-            };
-            self.push_node(node);
-        }
-    }
-}
-
-impl MarkedEventReceiver for TreeBuilder {
-    fn on_event(&mut self, event: Event, mark: Marker) {
-        if self.error.is_some() {
-            return;
-        }
-        let line = mark.line();
-        match event {
-            Event::Scalar(text, style, _anchor, _tag) => self.push_node(Node {
-                line,
-                value: Value::Scalar {
-                    text,
-                    plain: style == TScalarStyle::Plain,
-                },
-            }),
-            Event::SequenceStart(..) => self.open(
-                Open::Seq(Node {
-                    line,
-                    value: Value::Seq(Vec::new()),
-                }),
-                &mark,
-            ),
-            Event::MappingStart(..) => self.open(
-                Open::Map(
-                    Node {
-                        line,
-                        value: Value::Map(Vec::new()),
-                    },
-                    None,
-                ),
-                &mark,
-            ),
-            Event::SequenceEnd | Event::MappingEnd => self.close(),
-            Event::Alias(_) => self.push_node(Node {
-                line,
-                value: Value::Alias,
-            }),
-            Event::Nothing
-            | Event::StreamStart
-            | Event::StreamEnd
-            | Event::DocumentStart
-            | Event::DocumentEnd => {}
-        }
+                location.line()
+            )),
+            _ => Err(format!(
+                "not YAML: {}",
+                e.render_with_formatter(&serde_saphyr::UserMessageFormatter)
+            )),
+        },
+        Some(Ok(Node::Mapping(corpus))) => Ok(corpus),
+        Some(Ok(_)) => Ok(Corpus::default()),
     }
 }
 
@@ -434,6 +522,60 @@ mod tests {
         assert_eq!(conversations.len(), 1);
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].position, "conversations[0] (line 2)");
+    }
+
+    #[test]
+    fn nesting_up_to_64_levels_with_the_top_mapping_is_read() {
+        let nested = |n: usize| {
+            let text = format!("conversations: {}{}\n", "[".repeat(n), "]".repeat(n));
+            read_text("nested.yml", &text, Format::Chatterbot)
+        };
+        let (conversations, errors) = nested(63).expect("reads");
+        assert!(conversations.is_empty());
+        assert!(errors[0].reason.contains("a nested list"), "{errors:?}");
+        assert!(
+            matches!(nested(64), Err(ImportError::Malformed { ref reason, .. }) if reason.contains("nested deeper than 64 levels at line 1")),
+            "{:?}",
+            nested(64)
+        );
+    }
+
+    #[test]
+    fn numbers_and_booleans_keep_their_spelling_and_aliases_are_reported() {
+        let (conversations, errors) = read_text(
+            "typed.yml",
+            "categories: [2024, ~]\nconversations:\n- - yes\n  - -007\n  - 1.50\n  - 0x1F\n  - .INF\n  - !!int 12\n- - &a 食べ物\n  - *a\n",
+            Format::Chatterbot,
+        )
+        .expect("reads");
+        let texts: Vec<&str> = conversations[0]
+            .messages
+            .iter()
+            .map(|m| m.text.as_str())
+            .collect();
+        assert_eq!(texts, ["yes", "-007", "1.50", "0x1F", ".INF", "12"]);
+        assert_eq!(conversations[0].title.as_deref(), Some("2024"));
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].position, "conversations[1] (line 9)");
+        assert!(
+            errors[0].reason.contains("file line 10) is a YAML alias"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn only_the_first_document_and_the_last_of_a_repeated_key_count() {
+        let (conversations, _) = read_text(
+            "docs.yml",
+            "conversations:\n- - a\n  - b\nconversations:\n- - c\n  - d\n---\nconversations: [\n",
+            Format::Chatterbot,
+        )
+        .expect("reads");
+        let texts: Vec<Vec<&str>> = conversations
+            .iter()
+            .map(|c| c.messages.iter().map(|m| m.text.as_str()).collect())
+            .collect();
+        assert_eq!(texts, [["c", "d"]]);
     }
 
     #[test]
