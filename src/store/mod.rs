@@ -527,17 +527,14 @@ impl Store {
         .bind(since_ms)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
+        // An unknown kind is a decode error, as it is for a whole `StoredMessage`.
+        rows.into_iter()
             .map(|(chat, kind, id, _)| {
-                // A kind the store never writes reads as a group: the safer of the two.
-                (
-                    chat,
-                    ChatKind::try_from(kind).unwrap_or(ChatKind::Group),
-                    id,
-                )
+                let kind = ChatKind::try_from(kind)
+                    .map_err(|e| StoreError::Sql(sqlx::Error::Decode(e.into())))?;
+                Ok((chat, kind, id))
             })
-            .collect())
+            .collect()
     }
 
     /// Whether kaiwa stored a message of its own in answer to `message_id`.
