@@ -83,7 +83,7 @@ async fn daemon(
     crate::engine::corpora::ensure_corpora(&store, &settings.model_dir)
         .await
         .context("adding the model's retrieval data to the store")?;
-    tracing::info!(model = %settings.model_dir.display(), database = %settings.database_url, "kaiwa starting");
+    tracing::info!(model = %settings.model_dir.display(), database = %crate::store::display_url(&settings.database_url), "kaiwa starting");
     let metrics = web.as_ref().map(|w| w.metrics()).unwrap_or_default();
     let bot = Bot::with_metrics(
         settings.clone(),

@@ -310,7 +310,7 @@ fn run_engine_suites(
         .map_err(|e| store_err(e.to_string()))?;
     tracing::info!(
         seconds = started.elapsed().as_secs_f32(),
-        store = url,
+        store = %crate::store::display_url(&url),
         "retrieval data ready"
     );
     let handle = rt.handle().clone();

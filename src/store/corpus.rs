@@ -7,9 +7,9 @@
 use std::collections::{HashMap, HashSet};
 
 use futures_util::TryStreamExt;
-use sqlx::{QueryBuilder, Sqlite};
+use sqlx::{Database, Encode, QueryBuilder, Type};
 
-use super::{insert_row, now_ms, Insert, NewRow, Store, StoreError, StoredMessage};
+use super::{insert_row, now_ms, Engine, Insert, NewRow, Store, StoreError, StoredMessage, Tx};
 use crate::domain::{ChannelRef, Platform};
 
 /// A message of an imported conversation, ready to store.
@@ -55,7 +55,7 @@ pub enum ImportInsert {
 /// An import in progress: everything it writes becomes visible at [`ImportTx::commit`], and
 /// nothing does if it is dropped before (an error, an interrupted run).
 pub struct ImportTx {
-    tx: sqlx::Transaction<'static, Sqlite>,
+    tx: Tx,
     source: String,
     /// Opted-out user ids by platform.
     opted_out: HashMap<String, HashSet<String>>,
@@ -64,11 +64,12 @@ pub struct ImportTx {
 impl Store {
     /// Starts an import whose rows are tagged with `source`.
     pub async fn begin_import(&self, source: &str) -> Result<ImportTx, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let opted_out: Vec<(String, String)> =
-            sqlx::query_as("SELECT platform, user_id FROM opt_outs")
-                .fetch_all(&mut *tx)
-                .await?;
+        let mut tx = self.begin().await?;
+        let opted_out: Vec<(String, String)> = on_engine!(&mut tx, |t| sqlx::query_as(
+            "SELECT platform, user_id FROM opt_outs"
+        )
+        .fetch_all(&mut **t)
+        .await?);
         let mut by_platform: HashMap<String, HashSet<String>> = HashMap::new();
         for (platform, user) in opted_out {
             by_platform.entry(platform).or_default().insert(user);
@@ -82,12 +83,13 @@ impl Store {
 
     /// The imports that committed, oldest first.
     pub async fn imports(&self) -> Result<Vec<ImportRecord>, StoreError> {
-        let rows: Vec<(String, String, String, i64, i64, i64, i64)> = sqlx::query_as(
-            "SELECT source, format, path, conversations, messages, duplicates, skipped
-             FROM imports ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(String, String, String, i64, i64, i64, i64)> =
+            on_engine!(&self.pool, |p| sqlx::query_as(
+                "SELECT source, format, path, conversations, messages, duplicates, skipped
+                 FROM imports ORDER BY id",
+            )
+            .fetch_all(p)
+            .await?);
         Ok(rows
             .into_iter()
             .map(|r| ImportRecord {
@@ -130,7 +132,7 @@ impl ImportTx {
             sent_at_ms: r.sent_at_ms,
             source: &self.source,
         };
-        Ok(match insert_row(&mut *self.tx, &row).await? {
+        Ok(match insert_row(&mut self.tx, &row).await? {
             Insert::Stored(id) => {
                 super::retrieval::index_reply(&mut self.tx, id, &row).await?;
                 ImportInsert::Stored
@@ -141,10 +143,10 @@ impl ImportTx {
 
     /// Makes the import visible, recording it in the `imports` table.
     pub async fn commit(mut self, record: &ImportRecord) -> Result<(), StoreError> {
-        sqlx::query(
+        on_engine!(&mut self.tx, |t| sqlx::query(
             "INSERT INTO imports (source, format, path, at_ms, conversations, messages,
                 duplicates, skipped)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&record.source)
         .bind(&record.format)
@@ -154,8 +156,9 @@ impl ImportTx {
         .bind(record.messages as i64)
         .bind(record.duplicates as i64)
         .bind(record.skipped as i64)
-        .execute(&mut *self.tx)
-        .await?;
+        .execute(&mut **t)
+        .await?
+        .rows_affected());
         self.tx.commit().await?;
         Ok(())
     }
@@ -203,9 +206,11 @@ impl CorpusRow {
 impl Store {
     /// How many messages [`Store::for_each_corpus_row`] would read (for a progress bar).
     pub async fn count_corpus_rows(&self, filter: &CorpusFilter) -> Result<u64, StoreError> {
-        let mut q = QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM messages m");
-        push_corpus_where(&mut q, filter);
-        let n: i64 = q.build_query_scalar().fetch_one(&self.pool).await?;
+        let n: i64 = on_engine!(&self.pool, |p| {
+            let mut q = QueryBuilder::new("SELECT COUNT(*) FROM messages m");
+            push_corpus_where(&mut q, filter);
+            q.build_query_scalar().fetch_one(p).await?
+        });
         Ok(n as u64)
     }
 
@@ -220,31 +225,42 @@ impl Store {
     where
         F: FnMut(CorpusRow) -> bool,
     {
-        let mut q = QueryBuilder::<Sqlite>::new(concat!(
-            "SELECT ",
-            message_columns!(),
-            ",
-                    (SELECT group_concat(r.emoji, char(31)) FROM reactions r
+        // The one expression the engines spell differently: a list of a message's reactions.
+        let reactions = match self.pool {
+            Engine::Sqlite(_) => "group_concat(r.emoji, char(31))",
+            Engine::Postgres(_) => "string_agg(r.emoji, chr(31))",
+        };
+        let select = format!(
+            concat!(
+                "SELECT ",
+                message_columns!(),
+                ",
+                    (SELECT {reactions} FROM reactions r
                      WHERE r.platform = m.platform AND r.chat_id = m.chat_id
                        AND r.message_id = m.message_id
                        AND NOT EXISTS (SELECT 1 FROM opt_outs o
                                        WHERE o.platform = r.platform AND o.user_id = r.user_id)
                     ) AS reactions,
-                    (SELECT rp.engine_source || CASE WHEN rp.cut = 1 THEN '+cut' ELSE '' END
+                    (SELECT rp.engine_source || CASE WHEN rp.cut THEN '+cut' ELSE '' END
                      FROM replies rp
-                     WHERE m.from_self = 1 AND rp.platform = m.platform
+                     WHERE m.from_self AND rp.platform = m.platform
                        AND rp.chat_id = m.chat_id AND rp.message_id = m.reply_to
                     ) AS engine_source
-             FROM messages m",
-        ));
-        push_corpus_where(&mut q, filter);
-        q.push(" ORDER BY m.platform, m.chat_id, m.thread_id, m.sent_at_ms, m.id");
-        let mut rows = q.build_query_as::<CorpusRow>().fetch(&self.pool);
-        while let Some(row) = rows.try_next().await? {
-            if !each(row) {
-                break;
+             FROM messages m"
+            ),
+            reactions = reactions
+        );
+        on_engine!(&self.pool, |p| {
+            let mut q = QueryBuilder::new(&select);
+            push_corpus_where(&mut q, filter);
+            q.push(" ORDER BY m.platform, m.chat_id, m.thread_id, m.sent_at_ms, m.id");
+            let mut rows = q.build_query_as::<CorpusRow>().fetch(p);
+            while let Some(row) = rows.try_next().await? {
+                if !each(row) {
+                    break;
+                }
             }
-        }
+        });
         Ok(())
     }
 
@@ -259,9 +275,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         let (platform, chat) = (channel.platform.as_str(), channel.chat_id.as_str());
         if added {
-            sqlx::query(
+            on_engine!(&self.pool, |p| sqlx::query(
                 "INSERT INTO reactions (platform, chat_id, message_id, user_id, emoji, at_ms)
-                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
             )
             .bind(platform)
             .bind(chat)
@@ -269,20 +285,22 @@ impl Store {
             .bind(user_id)
             .bind(emoji)
             .bind(now_ms())
-            .execute(&self.pool)
-            .await?;
+            .execute(p)
+            .await?
+            .rows_affected());
         } else {
-            sqlx::query(
-                "DELETE FROM reactions WHERE platform = ? AND chat_id = ? AND message_id = ?
-                   AND user_id = ? AND emoji = ?",
+            on_engine!(&self.pool, |p| sqlx::query(
+                "DELETE FROM reactions WHERE platform = $1 AND chat_id = $2 AND message_id = $3
+                   AND user_id = $4 AND emoji = $5",
             )
             .bind(platform)
             .bind(chat)
             .bind(message_id)
             .bind(user_id)
             .bind(emoji)
-            .execute(&self.pool)
-            .await?;
+            .execute(p)
+            .await?
+            .rows_affected());
         }
         Ok(())
     }
@@ -294,21 +312,32 @@ impl Store {
         key: &str,
         make: impl FnOnce() -> String,
     ) -> Result<String, StoreError> {
-        sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING")
-            .bind(key)
-            .bind(make())
-            .execute(&self.pool)
-            .await?;
-        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
-            .bind(key)
-            .fetch_one(&self.pool)
-            .await?)
+        let value = make();
+        on_engine!(&self.pool, |p| sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        )
+        .bind(key)
+        .bind(&value)
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(on_engine!(&self.pool, |p| sqlx::query_scalar(
+            "SELECT value FROM meta WHERE key = $1"
+        )
+        .bind(key)
+        .fetch_one(p)
+        .await?))
     }
 }
 
-fn push_corpus_where(q: &mut QueryBuilder<'_, Sqlite>, f: &CorpusFilter) {
+fn push_corpus_where<'a, DB>(q: &mut QueryBuilder<'a, DB>, f: &CorpusFilter)
+where
+    DB: Database,
+    String: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+{
     q.push(
-        " WHERE m.text IS NOT NULL AND m.is_notice = 0
+        " WHERE m.text IS NOT NULL AND NOT m.is_notice
            AND NOT EXISTS (SELECT 1 FROM opt_outs o
                            WHERE o.platform = m.platform AND o.user_id = m.author_id)",
     );

@@ -1,16 +1,24 @@
-//! The conversation store: all SQL of kaiwa lives here (sqlx, SQLite).
+//! The conversation store: all SQL of kaiwa lives here (sqlx), on SQLite (the embedded default)
+//! or PostgreSQL (one store for several processes), by the database URL.
 //!
 //! Every message the bot sees is written here before anything else happens to it, so the
 //! store is both the bot's memory (contexts are built from it, so they survive restarts) and the
 //! source of the training corpus. Writes are idempotent on the platform's message id, so a
-//! redelivered message never becomes a second row or a second reply.
+//! redelivered message never becomes a second row or a second reply, whichever process sees it.
+//!
+//! Both engines run the same SQL wherever it can be the same (`$1` placeholders, `ON CONFLICT`,
+//! `RETURNING`, window functions, booleans as `TRUE`/`NOT x`); [`on_engine!`] compiles one query
+//! for each. What differs is said where it does: the migrations (`migrations/sqlite`,
+//! `migrations/postgres`, kept in step by a test), the retrieval index (FTS5 in SQLite, a
+//! posting table in PostgreSQL, both scored with bm25) and one aggregate of the export.
 
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::ConnectOptions;
-use sqlx::{Row, SqlitePool};
+use sqlx::{Postgres, Sqlite, SqlitePool};
 
 use crate::domain::{ChannelRef, ChatKind, Platform};
 
@@ -24,6 +32,38 @@ macro_rules! message_columns {
     };
 }
 
+/// Something of each engine: a pool, a transaction.
+#[derive(Debug, Clone)]
+enum Engine<S, P> {
+    Sqlite(S),
+    Postgres(P),
+}
+
+/// The store's connections.
+type Pool = Engine<SqlitePool, PgPool>;
+
+/// A transaction on either engine.
+type Tx = Engine<sqlx::Transaction<'static, Sqlite>, sqlx::Transaction<'static, Postgres>>;
+
+/// Evaluates `$body` with `$c` bound to what `$on` (an [`Engine`]: a pool, a transaction, or a
+/// reference to one) holds for the engine the store is on: one query, written once, compiled
+/// for each engine.
+macro_rules! on_engine {
+    ($on:expr, |$c:ident| $body:expr) => {
+        match $on {
+            $crate::store::Engine::Sqlite($c) => $body,
+            $crate::store::Engine::Postgres($c) => $body,
+        }
+    };
+}
+
+impl Tx {
+    async fn commit(self) -> Result<(), StoreError> {
+        on_engine!(self, |t| t.commit().await?);
+        Ok(())
+    }
+}
+
 mod corpus;
 mod retrieval;
 pub use corpus::{CorpusFilter, CorpusRow, ImportInsert, ImportRecord, ImportTx, ImportedRow};
@@ -32,8 +72,11 @@ pub use retrieval::{DocKind, Feedback, Retrieved, SharePolicy};
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// `url` is shown without its password.
     #[error("cannot open database {url}: {source}")]
     Open { url: String, source: sqlx::Error },
+    #[error("unsupported database URL {0}: use sqlite://PATH (or a plain path) or postgres://USER:PASSWORD@HOST/DATABASE")]
+    Scheme(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
@@ -151,10 +194,7 @@ struct NewRow<'a> {
 
 /// Stores a message (and its place in the retrieval index, so it is retrievable as soon as it
 /// is stored) within `tx`, unless the same platform message is already there.
-async fn insert_message_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    m: &NewMessage,
-) -> Result<Insert, StoreError> {
+async fn insert_message_in(tx: &mut Tx, m: &NewMessage) -> Result<Insert, StoreError> {
     let row = NewRow {
         platform: m.channel.platform.as_str(),
         chat_id: &m.channel.chat_id,
@@ -172,7 +212,19 @@ async fn insert_message_in(
         sent_at_ms: m.sent_at_ms,
         source: &m.source,
     };
-    let inserted = insert_row(&mut **tx, &row).await?;
+    if let Engine::Postgres(t) = tx {
+        // SQLite runs one writer at a time; PostgreSQL runs them side by side. Messages of one
+        // channel are stored one at a time here too, so that pairing a message with the one
+        // before it (the retrieval index) sees what an earlier writer stored, as on SQLite.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!(
+                "{}\u{1f}{}\u{1f}{}",
+                row.platform, row.chat_id, row.thread_id
+            ))
+            .execute(&mut **t)
+            .await?;
+    }
+    let inserted = insert_row(tx, &row).await?;
     if let Insert::Stored(id) = inserted {
         retrieval::index_reply(tx, id, &row).await?;
     }
@@ -180,39 +232,37 @@ async fn insert_message_in(
 }
 
 /// Claims the right to answer a message (see [`Store::claim_reply`]).
-async fn claim_reply_in<'e, E>(
-    executor: E,
+async fn claim_reply_in(
+    tx: &mut Tx,
     channel: &ChannelRef,
     message_id: &str,
-) -> Result<bool, StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
-{
-    let r = sqlx::query(
+) -> Result<bool, StoreError> {
+    let claimed = on_engine!(tx, |t| sqlx::query(
         "INSERT INTO replies (platform, chat_id, message_id, state, claimed_at_ms)
-         VALUES (?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, $3, 'pending', $4) ON CONFLICT DO NOTHING",
     )
     .bind(channel.platform.as_str())
     .bind(&channel.chat_id)
     .bind(message_id)
     .bind(now_ms())
-    .execute(executor)
-    .await?;
-    Ok(r.rows_affected() == 1)
+    .execute(&mut **t)
+    .await?
+    .rows_affected());
+    Ok(claimed == 1)
 }
 
 /// Marks the reply to `message_id` sent within `tx`, with how it was made.
 async fn finish_reply_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut Tx,
     channel: &ChannelRef,
     message_id: &str,
     p: &ReplyProvenance,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE replies SET state = 'sent', finished_at_ms = ?, model = ?, settings = ?,
-            prompt_tokens = ?, new_tokens = ?, latency_ms = ?, engine_source = ?,
-            source_doc = ?, source_message = ?, scores = ?
-         WHERE platform = ? AND chat_id = ? AND message_id = ?",
+    on_engine!(tx, |t| sqlx::query(
+        "UPDATE replies SET state = 'sent', finished_at_ms = $1, model = $2, settings = $3,
+            prompt_tokens = $4, new_tokens = $5, latency_ms = $6, engine_source = $7,
+            source_doc = $8, source_message = $9, scores = $10
+         WHERE platform = $11 AND chat_id = $12 AND message_id = $13",
     )
     .bind(now_ms())
     .bind(&p.model)
@@ -227,21 +277,19 @@ async fn finish_reply_in(
     .bind(channel.platform.as_str())
     .bind(&channel.chat_id)
     .bind(message_id)
-    .execute(&mut **tx)
-    .await?;
+    .execute(&mut **t)
+    .await?
+    .rows_affected());
     Ok(())
 }
 
 /// Inserts a message row unless `(platform, chat_id, message_id)` is already stored.
-async fn insert_row<'e, E>(executor: E, r: &NewRow<'_>) -> Result<Insert, StoreError>
-where
-    E: sqlx::SqliteExecutor<'e>,
-{
-    let row = sqlx::query(
+async fn insert_row(tx: &mut Tx, r: &NewRow<'_>) -> Result<Insert, StoreError> {
+    let id: Option<i64> = on_engine!(tx, |t| sqlx::query_scalar(
         "INSERT INTO messages (platform, chat_id, thread_id, chat_kind, message_id, author_id,
             author_name, author_is_bot, from_self, is_notice, is_system, text, reply_to,
             sent_at_ms, stored_at_ms, source)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
          ON CONFLICT (platform, chat_id, message_id) DO NOTHING
          RETURNING id",
     )
@@ -261,12 +309,43 @@ where
     .bind(r.sent_at_ms)
     .bind(now_ms())
     .bind(r.source)
-    .fetch_optional(executor)
-    .await?;
-    Ok(match row {
-        Some(r) => Insert::Stored(r.get(0)),
+    .fetch_optional(&mut **t)
+    .await?);
+    Ok(match id {
+        Some(id) => Insert::Stored(id),
         None => Insert::Duplicate,
     })
+}
+
+/// `url` as it may be shown (errors, logs): without the password of a PostgreSQL URL, whether
+/// in its user part or a `password=` parameter.
+pub fn display_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (address, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    let authority_end = address.find('/').unwrap_or(address.len());
+    let address = match address[..authority_end].rfind('@') {
+        Some(at) => match address[..at].split_once(':') {
+            Some((user, _)) => format!("{user}:***@{}", &address[at + 1..]),
+            None => address.to_string(),
+        },
+        None => address.to_string(),
+    };
+    let query = query.map(|q| {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_string(),
+            })
+            .collect();
+        format!("?{}", params.join("&"))
+    });
+    format!("{scheme}://{address}{}", query.unwrap_or_default())
 }
 
 /// Milliseconds since the Unix epoch.
@@ -277,26 +356,54 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The SQLite database behind a pool. Cheap to clone.
+/// The database behind a pool: SQLite or PostgreSQL. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
 }
 
+/// Connections a PostgreSQL store keeps open per process: the daemon's handlers, the reply
+/// engine's retrieval and a streaming export at once, well under a server's default
+/// `max_connections` (100) for a handful of processes.
+const POSTGRES_CONNECTIONS: u32 = 8;
+
 impl Store {
-    /// Opens (creating if needed) the database at `url` (`sqlite://path` or a plain path), in WAL
-    /// mode with full synchronisation, so a stored message survives a crash, and applies the
-    /// migrations in `migrations/`.
+    /// Opens the database at `url` and applies the migrations of its engine:
+    /// - `sqlite://PATH` or a plain path: created if needed, in WAL mode with full
+    ///   synchronisation, so a stored message survives a crash (`migrations/sqlite`);
+    /// - `postgres://` or `postgresql://` (libpq's URL form, `sslmode` included): a database
+    ///   that already exists (`migrations/postgres`; concurrent openers wait on sqlx's
+    ///   migration lock, so several daemons may start at once).
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let open_err = |source| StoreError::Open {
-            url: url.to_string(),
+            url: display_url(url),
             source,
         };
+        let slow = |level| (level, Duration::from_secs(1));
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let (level, after) = slow(log::LevelFilter::Debug);
+            let options = PgConnectOptions::from_str(url)
+                .map_err(open_err)?
+                .application_name("kaiwa")
+                .log_slow_statements(level, after);
+            let pool = PgPoolOptions::new()
+                .max_connections(POSTGRES_CONNECTIONS)
+                .connect_with(options)
+                .await
+                .map_err(open_err)?;
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+            return Ok(Store {
+                pool: Engine::Postgres(pool),
+            });
+        }
         let url_form = if url.starts_with("sqlite:") {
             url.to_string()
+        } else if url.contains("://") {
+            return Err(StoreError::Scheme(display_url(url)));
         } else {
             format!("sqlite://{url}")
         };
+        let (level, after) = slow(log::LevelFilter::Debug);
         let options = SqliteConnectOptions::from_str(&url_form)
             .map_err(open_err)?
             .create_if_missing(true)
@@ -305,24 +412,42 @@ impl Store {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
             // Streaming a whole corpus out is one long statement by design: not worth a warning.
-            .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
+            .log_slow_statements(level, after);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await
             .map_err(open_err)?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Store { pool })
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Store {
+            pool: Engine::Sqlite(pool),
+        })
+    }
+
+    /// Which engine the store is on: `"sqlite"` or `"postgres"`.
+    pub fn engine(&self) -> &'static str {
+        match self.pool {
+            Engine::Sqlite(_) => "sqlite",
+            Engine::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Starts a transaction.
+    async fn begin(&self) -> Result<Tx, StoreError> {
+        Ok(match &self.pool {
+            Engine::Sqlite(p) => Engine::Sqlite(p.begin().await?),
+            Engine::Postgres(p) => Engine::Postgres(p.begin().await?),
+        })
     }
 
     /// Closes the pool, waiting for connections to finish.
     pub async fn close(&self) {
-        self.pool.close().await;
+        on_engine!(&self.pool, |p| p.close().await);
     }
 
     /// Stores a message unless the same platform message is already there.
     pub async fn insert_message(&self, m: &NewMessage) -> Result<Insert, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let inserted = insert_message_in(&mut tx, m).await?;
         tx.commit().await?;
         Ok(inserted)
@@ -336,10 +461,10 @@ impl Store {
         text: &str,
         at_ms: i64,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let id: Option<i64> = sqlx::query_scalar(
-            "UPDATE messages SET text = ?, edited_at_ms = ?
-             WHERE platform = ? AND chat_id = ? AND message_id = ? AND text IS NOT NULL
+        let mut tx = self.begin().await?;
+        let id: Option<i64> = on_engine!(&mut tx, |t| sqlx::query_scalar(
+            "UPDATE messages SET text = $1, edited_at_ms = $2
+             WHERE platform = $3 AND chat_id = $4 AND message_id = $5 AND text IS NOT NULL
              RETURNING id",
         )
         .bind(text)
@@ -347,8 +472,8 @@ impl Store {
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(message_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        .fetch_optional(&mut **t)
+        .await?);
         if let Some(id) = id {
             retrieval::reindex_edited(&mut tx, id, text).await?;
         }
@@ -364,17 +489,18 @@ impl Store {
         message_id: &str,
         at_ms: i64,
     ) -> Result<bool, StoreError> {
-        let r = sqlx::query(
-            "UPDATE messages SET text = NULL, deleted_at_ms = ?
-             WHERE platform = ? AND chat_id = ? AND message_id = ?",
+        let r = on_engine!(&self.pool, |p| sqlx::query(
+            "UPDATE messages SET text = NULL, deleted_at_ms = $1
+             WHERE platform = $2 AND chat_id = $3 AND message_id = $4",
         )
         .bind(at_ms)
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(message_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() > 0)
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(r > 0)
     }
 
     /// Stores a message unless the same platform message is already there and, when `claim`,
@@ -387,10 +513,10 @@ impl Store {
         m: &NewMessage,
         claim: bool,
     ) -> Result<Insert, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let inserted = insert_message_in(&mut tx, m).await?;
         if claim && inserted != Insert::Duplicate {
-            claim_reply_in(&mut *tx, &m.channel, &m.message_id).await?;
+            claim_reply_in(&mut tx, &m.channel, &m.message_id).await?;
         }
         tx.commit().await?;
         Ok(inserted)
@@ -402,7 +528,10 @@ impl Store {
         channel: &ChannelRef,
         message_id: &str,
     ) -> Result<bool, StoreError> {
-        claim_reply_in(&self.pool, channel, message_id).await
+        let mut tx = self.begin().await?;
+        let claimed = claim_reply_in(&mut tx, channel, message_id).await?;
+        tx.commit().await?;
+        Ok(claimed)
     }
 
     /// Records that the reply to `message_id` was sent, and how it was made.
@@ -412,7 +541,7 @@ impl Store {
         message_id: &str,
         p: &ReplyProvenance,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         finish_reply_in(&mut tx, channel, message_id, p).await?;
         tx.commit().await?;
         Ok(())
@@ -427,7 +556,7 @@ impl Store {
         message_id: &str,
         p: &ReplyProvenance,
     ) -> Result<Insert, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let inserted = insert_message_in(&mut tx, last).await?;
         finish_reply_in(&mut tx, &last.channel, message_id, p).await?;
         tx.commit().await?;
@@ -444,16 +573,17 @@ impl Store {
         reason: &str,
     ) -> Result<(), StoreError> {
         self.finish_reply(channel, message_id, p).await?;
-        sqlx::query(
-            "UPDATE replies SET cut = 1, error = ?
-             WHERE platform = ? AND chat_id = ? AND message_id = ?",
+        on_engine!(&self.pool, |p| sqlx::query(
+            "UPDATE replies SET cut = TRUE, error = $1
+             WHERE platform = $2 AND chat_id = $3 AND message_id = $4",
         )
         .bind(reason)
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(message_id)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await?
+        .rows_affected());
         Ok(())
     }
 
@@ -463,15 +593,15 @@ impl Store {
         channel: &ChannelRef,
         message_id: &str,
     ) -> Result<bool, StoreError> {
-        let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM messages WHERE platform = ? AND chat_id = ? AND message_id = ?
-               AND from_self = 1 AND is_notice = 0 AND text IS NOT NULL",
+        let found: Option<bool> = on_engine!(&self.pool, |p| sqlx::query_scalar(
+            "SELECT TRUE FROM messages WHERE platform = $1 AND chat_id = $2 AND message_id = $3
+               AND from_self AND NOT is_notice AND text IS NOT NULL",
         )
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(message_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(p)
+        .await?);
         Ok(found.is_some())
     }
 
@@ -481,15 +611,15 @@ impl Store {
         channel: &ChannelRef,
         user_id: &str,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(sqlx::query_as(
+        Ok(on_engine!(&self.pool, |p| sqlx::query_as(
             "SELECT message_id, emoji FROM reactions
-             WHERE platform = ? AND chat_id = ? AND user_id = ?",
+             WHERE platform = $1 AND chat_id = $2 AND user_id = $3",
         )
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(user_id)
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(p)
+        .await?))
     }
 
     /// The messages whose reply was claimed but never sent nor failed on `platform` (a crash
@@ -498,17 +628,17 @@ impl Store {
         &self,
         platform: Platform,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        Ok(sqlx::query_as(concat!(
+        Ok(on_engine!(&self.pool, |p| sqlx::query_as(concat!(
             "SELECT ",
             message_columns!(),
             " FROM replies r JOIN messages m
                 ON m.platform = r.platform AND m.chat_id = r.chat_id AND m.message_id = r.message_id
-              WHERE r.platform = ? AND r.state = 'pending'
+              WHERE r.platform = $1 AND r.state = 'pending'
               ORDER BY m.sent_at_ms, m.id"
         ))
         .bind(platform.as_str())
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(p)
+        .await?))
     }
 
     /// The channels of `platform` with a message since `since_ms`, each with its kind and the id
@@ -518,18 +648,20 @@ impl Store {
         platform: Platform,
         since_ms: i64,
     ) -> Result<Vec<(String, ChatKind, String)>, StoreError> {
-        // SQLite takes the bare columns of a max() group from the row with that maximum.
-        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-            "SELECT chat_id, chat_kind, message_id, max(sent_at_ms) FROM messages
-             WHERE platform = ? GROUP BY chat_id HAVING max(sent_at_ms) >= ?",
+        let rows: Vec<(String, String, String)> = on_engine!(&self.pool, |p| sqlx::query_as(
+            "SELECT chat_id, chat_kind, message_id FROM (
+                 SELECT chat_id, chat_kind, message_id, sent_at_ms, ROW_NUMBER() OVER (
+                     PARTITION BY chat_id ORDER BY sent_at_ms DESC, id DESC) AS latest
+                 FROM messages WHERE platform = $1) AS m
+             WHERE latest = 1 AND sent_at_ms >= $2",
         )
         .bind(platform.as_str())
         .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(p)
+        .await?);
         // An unknown kind is a decode error, as it is for a whole `StoredMessage`.
         rows.into_iter()
-            .map(|(chat, kind, id, _)| {
+            .map(|(chat, kind, id)| {
                 let kind = ChatKind::try_from(kind)
                     .map_err(|e| StoreError::Sql(sqlx::Error::Decode(e.into())))?;
                 Ok((chat, kind, id))
@@ -543,15 +675,15 @@ impl Store {
         channel: &ChannelRef,
         message_id: &str,
     ) -> Result<bool, StoreError> {
-        let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM messages WHERE platform = ? AND chat_id = ? AND reply_to = ?
-               AND from_self = 1 LIMIT 1",
+        let found: Option<bool> = on_engine!(&self.pool, |p| sqlx::query_scalar(
+            "SELECT TRUE FROM messages WHERE platform = $1 AND chat_id = $2 AND reply_to = $3
+               AND from_self LIMIT 1",
         )
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(message_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(p)
+        .await?);
         Ok(found.is_some())
     }
 
@@ -585,9 +717,9 @@ impl Store {
         state: &str,
         note: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE replies SET state = ?, finished_at_ms = ?, error = ?
-             WHERE platform = ? AND chat_id = ? AND message_id = ? AND state = 'pending'",
+        on_engine!(&self.pool, |p| sqlx::query(
+            "UPDATE replies SET state = $1, finished_at_ms = $2, error = $3
+             WHERE platform = $4 AND chat_id = $5 AND message_id = $6 AND state = 'pending'",
         )
         .bind(state)
         .bind(now_ms())
@@ -595,8 +727,9 @@ impl Store {
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(message_id)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await?
+        .rows_affected());
         Ok(())
     }
 
@@ -608,25 +741,27 @@ impl Store {
         since_ms: i64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut rows: Vec<StoredMessage> = sqlx::query_as(concat!(
+        let mut rows: Vec<StoredMessage> = on_engine!(&self.pool, |p| {
+            sqlx::query_as(concat!(
             "SELECT ",
             message_columns!(),
             " FROM messages m
-                 WHERE m.platform = ? AND m.chat_id = ? AND m.thread_id = ? AND m.text IS NOT NULL
-                   AND m.is_notice = 0 AND m.sent_at_ms >= ?
+                 WHERE m.platform = $1 AND m.chat_id = $2 AND m.thread_id = $3 AND m.text IS NOT NULL
+                   AND NOT m.is_notice AND m.sent_at_ms >= $4
                    AND m.sent_at_ms >= COALESCE((SELECT reset_at_ms FROM channels c
                         WHERE c.platform = m.platform AND c.chat_id = m.chat_id
                           AND c.thread_id = m.thread_id), 0)
                  ORDER BY m.sent_at_ms DESC, m.id DESC
-                 LIMIT ?"
+                 LIMIT $5"
         ))
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(&channel.thread_id)
         .bind(since_ms)
         .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(p)
+        .await?
+        });
         rows.reverse();
         Ok(rows)
     }
@@ -636,58 +771,64 @@ impl Store {
         &self,
         channel: &ChannelRef,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        Ok(sqlx::query_as(concat!(
+        Ok(on_engine!(&self.pool, |p| sqlx::query_as(concat!(
             "SELECT ",
             message_columns!(),
-            " FROM messages m WHERE m.platform = ? AND m.chat_id = ? AND m.thread_id = ?
+            " FROM messages m WHERE m.platform = $1 AND m.chat_id = $2 AND m.thread_id = $3
                  ORDER BY m.sent_at_ms, m.id"
         ))
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(&channel.thread_id)
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(p)
+        .await?))
     }
 
     /// Starts the channel's memory afresh from `at_ms`.
     pub async fn reset_channel(&self, channel: &ChannelRef, at_ms: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO channels (platform, chat_id, thread_id, reset_at_ms) VALUES (?, ?, ?, ?)
+        on_engine!(&self.pool, |p| {
+            sqlx::query(
+            "INSERT INTO channels (platform, chat_id, thread_id, reset_at_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT (platform, chat_id, thread_id) DO UPDATE SET reset_at_ms = excluded.reset_at_ms",
         )
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(&channel.thread_id)
         .bind(at_ms)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await?.rows_affected()
+        });
         Ok(())
     }
 
     /// Whether the bot answers every message in this channel.
     pub async fn answers_all(&self, channel: &ChannelRef) -> Result<bool, StoreError> {
-        let v: Option<bool> = sqlx::query_scalar(
-            "SELECT answer_all FROM channels WHERE platform = ? AND chat_id = ? AND thread_id = ?",
+        let v: Option<bool> = on_engine!(&self.pool, |p| {
+            sqlx::query_scalar(
+            "SELECT answer_all FROM channels WHERE platform = $1 AND chat_id = $2 AND thread_id = $3",
         )
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(&channel.thread_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(p)
+        .await?
+        });
         Ok(v.unwrap_or(false))
     }
 
     pub async fn set_answers_all(&self, channel: &ChannelRef, on: bool) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO channels (platform, chat_id, thread_id, answer_all) VALUES (?, ?, ?, ?)
+        on_engine!(&self.pool, |p| {
+            sqlx::query(
+            "INSERT INTO channels (platform, chat_id, thread_id, answer_all) VALUES ($1, $2, $3, $4)
              ON CONFLICT (platform, chat_id, thread_id) DO UPDATE SET answer_all = excluded.answer_all",
         )
         .bind(channel.platform.as_str())
         .bind(&channel.chat_id)
         .bind(&channel.thread_id)
         .bind(on)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await?.rows_affected()
+        });
         Ok(())
     }
 
@@ -696,12 +837,13 @@ impl Store {
         platform: Platform,
         user_id: &str,
     ) -> Result<bool, StoreError> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM opt_outs WHERE platform = ? AND user_id = ?")
-                .bind(platform.as_str())
-                .bind(user_id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let v: Option<bool> = on_engine!(&self.pool, |p| sqlx::query_scalar(
+            "SELECT TRUE FROM opt_outs WHERE platform = $1 AND user_id = $2"
+        )
+        .bind(platform.as_str())
+        .bind(user_id)
+        .fetch_optional(p)
+        .await?);
         Ok(v.is_some())
     }
 
@@ -712,18 +854,23 @@ impl Store {
         out: bool,
     ) -> Result<(), StoreError> {
         if out {
-            sqlx::query("INSERT INTO opt_outs (platform, user_id, opted_out_at_ms) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+            on_engine!(&self.pool, |p| {
+                sqlx::query("INSERT INTO opt_outs (platform, user_id, opted_out_at_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                 .bind(platform.as_str())
                 .bind(user_id)
                 .bind(now_ms())
-                .execute(&self.pool)
-                .await?;
+                .execute(p)
+                .await?.rows_affected()
+            });
         } else {
-            sqlx::query("DELETE FROM opt_outs WHERE platform = ? AND user_id = ?")
-                .bind(platform.as_str())
-                .bind(user_id)
-                .execute(&self.pool)
-                .await?;
+            on_engine!(&self.pool, |p| sqlx::query(
+                "DELETE FROM opt_outs WHERE platform = $1 AND user_id = $2"
+            )
+            .bind(platform.as_str())
+            .bind(user_id)
+            .execute(p)
+            .await?
+            .rows_affected());
         }
         Ok(())
     }
@@ -732,40 +879,45 @@ impl Store {
     /// Deletes every message and reaction of a user on a platform (in one transaction).
     /// Returns how many messages were deleted.
     pub async fn forget_user(&self, platform: Platform, user_id: &str) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let r = sqlx::query(
-            "DELETE FROM messages WHERE platform = ? AND author_id = ? AND from_self = 0",
+        let mut tx = self.begin().await?;
+        let r = on_engine!(&mut tx, |t| sqlx::query(
+            "DELETE FROM messages WHERE platform = $1 AND author_id = $2 AND NOT from_self",
         )
         .bind(platform.as_str())
         .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM reactions WHERE platform = ? AND user_id = ?")
-            .bind(platform.as_str())
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
+        .execute(&mut **t)
+        .await?
+        .rows_affected());
+        on_engine!(&mut tx, |t| sqlx::query(
+            "DELETE FROM reactions WHERE platform = $1 AND user_id = $2"
+        )
+        .bind(platform.as_str())
+        .bind(user_id)
+        .execute(&mut **t)
+        .await?
+        .rows_affected());
         tx.commit().await?;
-        Ok(r.rows_affected())
+        Ok(r)
     }
 
     pub async fn stats(&self) -> Result<Stats, StoreError> {
-        let count = |sql: &'static str| {
-            let pool = self.pool.clone();
-            async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await }
+        let count = |sql: &'static str| async move {
+            Ok::<i64, StoreError>(on_engine!(&self.pool, |p| sqlx::query_scalar(sql)
+                .fetch_one(p)
+                .await?))
         };
-        let per_platform: Vec<(String, i64)> = sqlx::query_as(
+        let per_platform: Vec<(String, i64)> = on_engine!(&self.pool, |p| sqlx::query_as(
             "SELECT platform, COUNT(*) FROM messages GROUP BY platform ORDER BY platform",
         )
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(p)
+        .await?);
         let docs = self.retrieval_counts().await?;
         Ok(Stats {
             messages: count("SELECT COUNT(*) FROM messages").await?,
             deleted: count("SELECT COUNT(*) FROM messages WHERE text IS NULL").await?,
-            bot_messages: count("SELECT COUNT(*) FROM messages WHERE from_self = 1").await?,
-            channels: count("SELECT COUNT(*) FROM (SELECT DISTINCT platform, chat_id, thread_id FROM messages)").await?,
-            users: count("SELECT COUNT(*) FROM (SELECT DISTINCT platform, author_id FROM messages WHERE from_self = 0)").await?,
+            bot_messages: count("SELECT COUNT(*) FROM messages WHERE from_self").await?,
+            channels: count("SELECT COUNT(*) FROM (SELECT DISTINCT platform, chat_id, thread_id FROM messages) AS c").await?,
+            users: count("SELECT COUNT(*) FROM (SELECT DISTINCT platform, author_id FROM messages WHERE NOT from_self) AS u").await?,
             replies_sent: count("SELECT COUNT(*) FROM replies WHERE state = 'sent'").await?,
             replies_failed: count("SELECT COUNT(*) FROM replies WHERE state = 'failed'").await?,
             opted_out_users: count("SELECT COUNT(*) FROM opt_outs").await?,

@@ -23,6 +23,7 @@ mod model_dir;
 mod onnx_runtime;
 mod poison;
 mod signals;
+mod store;
 mod telegram;
 mod train_run;
 mod training;

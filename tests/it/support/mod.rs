@@ -5,6 +5,7 @@
 
 pub mod core;
 pub mod daemon;
+pub mod db;
 pub mod discord;
 pub mod logs;
 pub mod model;
