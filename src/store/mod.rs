@@ -367,6 +367,10 @@ pub struct Store {
 /// `max_connections` (100) for a handful of processes.
 const POSTGRES_CONNECTIONS: u32 = 8;
 
+/// Statements slower than this are logged, at debug level only: streaming a whole corpus out is
+/// one long statement by design.
+const SLOW_STATEMENT: Duration = Duration::from_secs(1);
+
 impl Store {
     /// Opens the database at `url` and applies the migrations of its engine:
     /// - `sqlite://PATH` or a plain path: created if needed, in WAL mode with full
@@ -379,13 +383,11 @@ impl Store {
             url: display_url(url),
             source,
         };
-        let slow = |level| (level, Duration::from_secs(1));
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let (level, after) = slow(log::LevelFilter::Debug);
             let options = PgConnectOptions::from_str(url)
                 .map_err(open_err)?
                 .application_name("kaiwa")
-                .log_slow_statements(level, after);
+                .log_slow_statements(log::LevelFilter::Debug, SLOW_STATEMENT);
             let pool = PgPoolOptions::new()
                 .max_connections(POSTGRES_CONNECTIONS)
                 .connect_with(options)
@@ -403,7 +405,6 @@ impl Store {
         } else {
             format!("sqlite://{url}")
         };
-        let (level, after) = slow(log::LevelFilter::Debug);
         let options = SqliteConnectOptions::from_str(&url_form)
             .map_err(open_err)?
             .create_if_missing(true)
@@ -412,7 +413,7 @@ impl Store {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
             // Streaming a whole corpus out is one long statement by design: not worth a warning.
-            .log_slow_statements(level, after);
+            .log_slow_statements(log::LevelFilter::Debug, SLOW_STATEMENT);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
