@@ -664,4 +664,20 @@ mod tests {
             assert!(e.reason.contains(reason), "{value}: {e}");
         }
     }
+
+    proptest::proptest! {
+        /// `FIRST-LAST/TOTAL` is accepted exactly when it names shards that exist, and reads back
+        /// as written.
+        #[test]
+        fn a_shard_range_is_accepted_exactly_when_its_shards_exist(
+            first in 0u32..6, last in 0u32..6, total in 0u32..6,
+        ) {
+            let parsed = format!("{first}-{last}/{total}").parse::<DiscordShards>();
+            proptest::prop_assert_eq!(parsed.is_ok(), first <= last && last < total);
+            if let Ok(DiscordShards::Range(r)) = parsed {
+                proptest::prop_assert_eq!(r.to_string().parse::<DiscordShards>(), Ok(DiscordShards::Range(r)));
+                proptest::prop_assert_eq!((r.first(), r.last(), r.total()), (first, last, total));
+            }
+        }
+    }
 }
