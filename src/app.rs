@@ -105,7 +105,12 @@ async fn daemon(
     if let Some(p) = settings.discord.clone().filter(|_| bots) {
         platforms.spawn(named(
             "discord",
-            crate::platform::discord::run(Arc::clone(&bot), p, shutdown.clone()),
+            crate::platform::discord::run(
+                Arc::clone(&bot),
+                p,
+                settings.discord_shards,
+                shutdown.clone(),
+            ),
         ));
     }
     loop {

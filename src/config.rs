@@ -39,6 +39,8 @@ pub enum ReplyPolicy {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub discord: Option<PlatformSettings>,
+    /// Which of the bot's Discord shards this process runs (`DISCORD_SHARDS`).
+    pub discord_shards: DiscordShards,
     pub telegram: Option<PlatformSettings>,
     pub database_url: String,
     pub model_dir: PathBuf,
@@ -147,6 +149,123 @@ impl WebSettings {
     }
 }
 
+/// Which of the bot's Discord shards this process runs (`DISCORD_SHARDS`). Discord splits a
+/// bot's guilds over shards, one gateway connection each (a guild's shard is
+/// `(guild_id >> 22) % total`; direct messages all come to shard 0), and requires more than one
+/// from 2,500 guilds on. The shards may run in one process or be spread over several that share
+/// one store, each answering only the guilds of its own shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscordShards {
+    /// `auto`: as many shards as Discord recommends (`GET /gateway/bot`), all in this process.
+    Auto,
+    /// `N/TOTAL` or `FIRST-LAST/TOTAL`; unset, shard 0 of 1.
+    Range(ShardRange),
+}
+
+impl Default for DiscordShards {
+    fn default() -> Self {
+        DiscordShards::Range(ShardRange::all(1))
+    }
+}
+
+impl std::str::FromStr for DiscordShards {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(DiscordShards::Auto);
+        }
+        let expected = || {
+            format!(
+                "{s:?} is not N/TOTAL, FIRST-LAST/TOTAL or auto (e.g. 0-1/4: shards 0 and 1 of 4)"
+            )
+        };
+        let number = |n: &str| -> Result<u32, String> {
+            let n = n.trim();
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(expected());
+            }
+            n.parse()
+                .map_err(|_| format!("{n} shards are more than Discord has"))
+        };
+        let (shards, total) = s.split_once('/').ok_or_else(expected)?;
+        let (first, last) = match shards.split_once('-') {
+            Some((first, last)) => (number(first)?, number(last)?),
+            None => (number(shards)?, number(shards)?),
+        };
+        ShardRange::new(first, last, number(total)?).map(DiscordShards::Range)
+    }
+}
+
+/// Shards `first..=last` of `total`: never empty, never past the total ([`ShardRange::new`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardRange {
+    first: u32,
+    last: u32,
+    total: u32,
+}
+
+impl ShardRange {
+    pub fn new(first: u32, last: u32, total: u32) -> Result<Self, String> {
+        if total == 0 {
+            return Err("the total number of shards must be at least 1".into());
+        }
+        if first > last {
+            return Err(format!("the range {first}-{last} runs backwards"));
+        }
+        if last >= total {
+            return Err(format!(
+                "shard {last} does not exist: the shards of {total} are numbered 0 to {}",
+                total - 1
+            ));
+        }
+        Ok(ShardRange { first, last, total })
+    }
+
+    /// Every shard of `total` (1 if `total` is 0).
+    pub fn all(total: u32) -> Self {
+        let total = total.max(1);
+        ShardRange {
+            first: 0,
+            last: total - 1,
+            total,
+        }
+    }
+
+    pub fn first(&self) -> u32 {
+        self.first
+    }
+
+    /// The last shard, included.
+    pub fn last(&self) -> u32 {
+        self.last
+    }
+
+    pub fn total(&self) -> u32 {
+        self.total
+    }
+
+    pub fn contains(&self, shard: u32) -> bool {
+        (self.first..=self.last).contains(&shard)
+    }
+
+    /// Whether these are all the bot's shards: every guild and every direct message is this
+    /// process's.
+    pub fn is_all(&self) -> bool {
+        self.first == 0 && self.last + 1 == self.total
+    }
+}
+
+impl fmt::Display for ShardRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}/{}", self.first, self.total)
+        } else {
+            write!(f, "{}-{}/{}", self.first, self.last, self.total)
+        }
+    }
+}
+
 /// A setting that could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("setting {name}: {reason}")]
@@ -227,6 +346,7 @@ impl Settings {
             engine,
             web: WebSettings::from_lookup(&get)?,
             discord: platform("DISCORD_TOKEN", "DISCORD_API_URL"),
+            discord_shards: parse(&get, "DISCORD_SHARDS", DiscordShards::default())?,
             telegram: platform("TELEGRAM_TOKEN", "TELEGRAM_API_URL"),
             database_url: database_url(&get),
             model_dir: model_dir(&get),
@@ -494,5 +614,70 @@ mod tests {
         let s = Settings::from_lookup(lookup(&[("ADMIN_IDS", "telegram:1, discord:2")])).unwrap();
         assert!(s.is_admin(Platform::Telegram, "1") && s.is_admin(Platform::Discord, "2"));
         assert!(!s.is_admin(Platform::Telegram, "2"));
+    }
+
+    #[test]
+    fn discord_shards_are_read_as_a_range_of_a_total_or_auto() {
+        let shards = |v: &str| {
+            Settings::from_lookup(lookup(&[("DISCORD_SHARDS", v)])).map(|s| s.discord_shards)
+        };
+        let range =
+            |first, last, total| DiscordShards::Range(ShardRange::new(first, last, total).unwrap());
+        assert_eq!(
+            Settings::from_lookup(lookup(&[])).unwrap().discord_shards,
+            range(0, 0, 1)
+        );
+        assert_eq!(shards("0/1").unwrap(), range(0, 0, 1));
+        assert_eq!(shards("3/4").unwrap(), range(3, 3, 4));
+        assert_eq!(shards("0-1/4").unwrap(), range(0, 1, 4));
+        assert_eq!(shards(" 2 - 3 / 4 ").unwrap(), range(2, 3, 4));
+        assert_eq!(shards("auto").unwrap(), DiscordShards::Auto);
+        let r = ShardRange::new(1, 2, 4).unwrap();
+        assert_eq!((r.first(), r.last(), r.total()), (1, 2, 4));
+        assert!(r.contains(1) && r.contains(2) && !r.contains(0) && !r.contains(3));
+        assert!(!r.is_all() && ShardRange::new(0, 3, 4).unwrap().is_all());
+        assert_eq!(r.to_string(), "1-2/4");
+        assert_eq!(ShardRange::new(3, 3, 4).unwrap().to_string(), "3/4");
+        assert_eq!(ShardRange::all(0), ShardRange::all(1));
+    }
+
+    #[test]
+    fn impossible_discord_shards_are_refused_with_the_reason() {
+        for (value, reason) in [
+            ("2-1/4", "runs backwards"),
+            ("4/4", "shard 4 does not exist"),
+            ("0-4/4", "numbered 0 to 3"),
+            ("0/0", "at least 1"),
+            ("0-0/0", "at least 1"),
+            ("one/4", "is not N/TOTAL"),
+            ("0-1", "is not N/TOTAL"),
+            ("-1/4", "is not N/TOTAL"),
+            ("+1/4", "is not N/TOTAL"),
+            ("0-1-2/4", "is not N/TOTAL"),
+            ("0/4/8", "is not N/TOTAL"),
+            ("/4", "is not N/TOTAL"),
+            ("AUTO", "is not N/TOTAL"),
+            ("0/99999999999", "more than Discord has"),
+        ] {
+            let e = Settings::from_lookup(lookup(&[("DISCORD_SHARDS", value)])).unwrap_err();
+            assert_eq!(e.name, "DISCORD_SHARDS", "{value}");
+            assert!(e.reason.contains(reason), "{value}: {e}");
+        }
+    }
+
+    proptest::proptest! {
+        /// `FIRST-LAST/TOTAL` is accepted exactly when it names shards that exist, and reads back
+        /// as written.
+        #[test]
+        fn a_shard_range_is_accepted_exactly_when_its_shards_exist(
+            first in 0u32..6, last in 0u32..6, total in 0u32..6,
+        ) {
+            let parsed = format!("{first}-{last}/{total}").parse::<DiscordShards>();
+            proptest::prop_assert_eq!(parsed.is_ok(), first <= last && last < total);
+            if let Ok(DiscordShards::Range(r)) = parsed {
+                proptest::prop_assert_eq!(r.to_string().parse::<DiscordShards>(), Ok(DiscordShards::Range(r)));
+                proptest::prop_assert_eq!((r.first(), r.last(), r.total()), (first, last, total));
+            }
+        }
     }
 }

@@ -23,7 +23,7 @@ use crate::conversation::{self, Speakers};
 use crate::engine::{Reply, ReplyEngine, Request};
 use crate::metrics::Metrics;
 use crate::model::{ChatMessage, GenerateOptions, Generator};
-use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance, Store};
+use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance, Store, StoredMessage};
 use event::{
     ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError, SentMessage,
 };
@@ -234,7 +234,22 @@ impl Bot {
     /// marked failed with the reason (`/stats` counts them). Without an outbox (the web, whose
     /// clients left with the old process) every one is marked failed. Errors are logged.
     pub async fn recover(self: &Arc<Self>, platform: Platform, outbox: Option<Arc<dyn Outbox>>) {
-        match self.recover_pending(platform, outbox).await {
+        match self.store.pending_replies(platform).await {
+            Ok(rows) => self.recover_rows(platform, rows, outbox).await,
+            Err(e) => tracing::error!(%platform, error = %e, "could not recover pending replies"),
+        }
+    }
+
+    /// [`Bot::recover`] for `rows`, pending replies of `platform` the caller took from the
+    /// store ([`Store::pending_replies`]) and knows to be its own: a Discord process that runs
+    /// some of the bot's shards recovers only those of its shards' guilds.
+    pub async fn recover_rows(
+        self: &Arc<Self>,
+        platform: Platform,
+        rows: Vec<StoredMessage>,
+        outbox: Option<Arc<dyn Outbox>>,
+    ) {
+        match self.recover_pending(platform, rows, outbox).await {
             Ok(r) if r == Recovered::default() => {}
             Ok(r) => {
                 self.metrics.recovered("resumed", r.resumed);
@@ -255,11 +270,12 @@ impl Bot {
     async fn recover_pending(
         self: &Arc<Self>,
         platform: Platform,
+        rows: Vec<StoredMessage>,
         outbox: Option<Arc<dyn Outbox>>,
     ) -> Result<Recovered, crate::store::StoreError> {
         let oldest = now_ms() - self.settings.recover_max_age.as_millis() as i64;
         let mut r = Recovered::default();
-        for row in self.store.pending_replies(platform).await? {
+        for row in rows {
             let channel = ChannelRef::new(platform, &row.chat_id).with_thread(&row.thread_id);
             let id = row.message_id.as_str();
             if self.store.has_own_answer(&channel, id).await? {

@@ -11,6 +11,9 @@
 //!   `wss://gateway.discord.gg`). Serenity accepts `ws://` as well as `wss://`, connects with
 //!   `?v=10` (JSON, no transport compression), and resumes a dropped session on the address it first
 //!   connected to (it does not use READY's `resume_gateway_url`).
+//! - `DISCORD_SHARDS` picks the shards this process runs (`Client::start_shard_range`). Discord
+//!   sends each shard only its guilds' events (and direct messages to shard 0), so live events
+//!   need no filtering; what the last run left is split by shard ([`backlog`]).
 //! - "Message Content" is a privileged intent: kaiwa asks for it, and Discord refuses the
 //!   connection (close code 4014) unless it is enabled in the developer portal. Should guild
 //!   messages still arrive without their text, that is logged once, with what to do.
@@ -30,8 +33,9 @@ use serenity::model::channel::{
     Message, MessageReference, MessageReferenceKind, MessageType, Reaction, ReactionType,
 };
 use serenity::model::event::{MessageUpdateEvent, ResumedEvent};
-use serenity::model::gateway::{GatewayIntents, Ready};
-use serenity::model::id::{ChannelId, GuildId, MessageId, UserId};
+use serenity::model::gateway::{BotGateway, GatewayIntents, Ready};
+use serenity::model::guild::{Guild, UnavailableGuild};
+use serenity::model::id::{ChannelId, GuildId, MessageId, ShardId, UserId};
 use serenity::model::Timestamp;
 use tracing::{debug, info, warn};
 
@@ -41,9 +45,13 @@ use crate::bot::event::{
     SentMessage,
 };
 use crate::bot::Bot;
-use crate::config::{ExposeSecret, PlatformSettings, Secret};
+use crate::config::{DiscordShards, ExposeSecret, PlatformSettings, Secret, ShardRange};
 use crate::platform::retry::{self, failed_send, GiveUp, Pause, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
+
+mod backlog;
+
+use backlog::{Backlog, ShardShare};
 
 /// What kaiwa listens to: messages in guilds and DMs, with their text, and reactions on them
 /// (feedback on replies, carried into the corpus).
@@ -63,34 +71,48 @@ const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(8);
 /// Waits between failed attempts to reach Discord at start-up grow up to this.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(60);
 
-/// Connects to Discord and feeds every message event to `bot` until `shutdown` fires.
+/// Connects to Discord, runs the shards `shards` names, and feeds every message event to `bot`
+/// until `shutdown` fires.
 ///
 /// Returns an error only when the connection cannot work at all (token rejected, intents not
 /// allowed); network trouble is retried, and a dropped gateway connection is resumed by serenity.
 pub async fn run(
     bot: Arc<Bot>,
     settings: PlatformSettings,
+    shards: DiscordShards,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let outbox = Arc::new(DiscordOutbox::new(&settings));
     let scrub = outbox.scrub.clone();
-    let Some((me, gateway_url)) = introduce(&outbox.http, &scrub, &mut shutdown).await? else {
+    let Some((me, gateway)) = introduce(&outbox.http, &scrub, &mut shutdown).await? else {
         return Ok(()); // shut down while still connecting
     };
-    // What the last run claimed and never sent is answered before anything new, then what was
-    // written while kaiwa was down (a new gateway session does not replay it).
-    let recovery: Arc<dyn Outbox> = outbox.clone();
-    bot.recover(Platform::Discord, Some(recovery)).await;
-    catch_up(&bot, &outbox, me).await;
+    let shards = match shards {
+        DiscordShards::Auto => ShardRange::all(gateway.shards),
+        DiscordShards::Range(range) => range,
+    };
+    info!(%shards, "Discord: running shards");
+    // What the last run left is taken before the gateway connects. With every shard here it is
+    // all this process's, answered before anything new; with some, each shard takes its part
+    // once it knows its guilds.
+    let backlog = Backlog::take(&bot).await;
+    let (share, intents) = if shards.is_all() {
+        backlog.settle(&bot, &outbox, me).await;
+        (None, INTENTS)
+    } else {
+        let share = Arc::new(ShardShare::new(shards, backlog));
+        (Some(share), INTENTS.union(GatewayIntents::GUILDS))
+    };
     let handler = DiscordHandler {
         bot,
         outbox,
+        share,
         shutdown: shutdown.clone(),
         me,
         warned_missing_content: AtomicBool::new(false),
     };
     // The gateway gets its own REST client: it only asks for the gateway address again.
-    let mut client = ClientBuilder::new_with_http(build_http(&settings), INTENTS)
+    let mut client = ClientBuilder::new_with_http(build_http(&settings), intents)
         .event_handler(handler)
         .await
         .map_err(|e| {
@@ -101,11 +123,14 @@ pub async fn run(
         })?;
     // Had that second ask failed, the client would now point at the public gateway; use the
     // address this run already checked.
-    *client.ws_url.lock().await = gateway_url;
+    *client.ws_url.lock().await = gateway.url;
 
     let shard_manager = Arc::clone(&client.shard_manager);
+    // Serenity 0.12 takes the range's end as the last shard to run (its docs: `4..7` runs 4
+    // through 7).
+    let started = client.start_shard_range(shards.first()..shards.last(), shards.total());
     tokio::select! {
-        result = client.start() => match result {
+        result = started => match result {
             Ok(()) => Ok(()),
             Err(e) => Err(explain_gateway_error(&e, &scrub)),
         },
@@ -132,13 +157,14 @@ fn build_http(settings: &PlatformSettings) -> Http {
 }
 
 /// Asks the API who we are (`GET /users/@me`, so messages mentioning us are recognised from the
-/// first event on) and where the gateway is (`GET /gateway/bot`). Both check the token. Network
-/// trouble is retried with backoff; `None` when shutdown fired first (also during a request).
+/// first event on), and where the gateway is and how many shards Discord recommends
+/// (`GET /gateway/bot`). Both check the token. Network trouble is retried with backoff; `None`
+/// when shutdown fired first (also during a request).
 async fn introduce(
     http: &Http,
     scrub: &Scrubber,
     shutdown: &mut Shutdown,
-) -> anyhow::Result<Option<(UserId, String)>> {
+) -> anyhow::Result<Option<(UserId, BotGateway)>> {
     let asked = retry::until_answered(
         Backoff::new(Duration::from_secs(1), MAX_CONNECT_BACKOFF),
         shutdown,
@@ -172,10 +198,11 @@ async fn introduce(
         user = %me.name,
         id = %me.id,
         session_starts_left = limit.remaining,
+        recommended_shards = gateway.shards,
         "Discord: connecting to the gateway"
     );
     debug!(url = %gateway.url, "Discord gateway address");
-    Ok(Some((me.id, gateway.url)))
+    Ok(Some((me.id, gateway)))
 }
 
 /// Turns the error that ended the gateway connection into one an operator can act on.
@@ -201,6 +228,8 @@ fn explain_gateway_error(e: &serenity::Error, scrub: &Scrubber) -> anyhow::Error
 struct DiscordHandler {
     bot: Arc<Bot>,
     outbox: Arc<DiscordOutbox>,
+    /// Set when this process runs only some of the bot's shards.
+    share: Option<Arc<ShardShare>>,
     shutdown: Shutdown,
     /// Our own user, from `/users/@me` before the gateway connects (READY's handler runs as a
     /// task of its own, so it might come after the first messages').
@@ -209,9 +238,17 @@ struct DiscordHandler {
 }
 
 impl DiscordHandler {
-    /// Hands an event to the bot, unless shutdown has begun (serenity may still deliver events
+    /// Hands an event of `shard` to the bot once the shard's part of what the last run left is
+    /// settled ([`ShardShare`]), unless shutdown has begun (serenity may still deliver events
     /// while its shards stop).
-    async fn deliver(&self, event: Incoming) {
+    async fn deliver(&self, shard: ShardId, event: Incoming) {
+        if let Some(share) = &self.share {
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                () = share.settled(shard.0) => {}
+                () = shutdown.wait() => {}
+            }
+        }
         if self.shutdown.is_triggered() {
             debug!("Discord event after shutdown ignored");
             return;
@@ -234,20 +271,41 @@ impl DiscordHandler {
 
 #[serenity::async_trait]
 impl EventHandler for DiscordHandler {
-    async fn ready(&self, _ctx: Context, ready: Ready) {
+    async fn ready(&self, ctx: Context, ready: Ready) {
         info!(
             user = %ready.user.name,
             id = %ready.user.id,
+            shard = ctx.shard_id.0,
             guilds = ready.guilds.len(),
             "Discord: connected"
         );
+        if let Some(share) = &self.share {
+            let guilds = ready.guilds.iter().map(|g| g.id).collect();
+            share
+                .shard_ready(ctx.shard_id.0, guilds, &self.bot, &self.outbox, self.me)
+                .await;
+        }
+    }
+
+    async fn guild_create(&self, ctx: Context, guild: Guild, _is_new: Option<bool>) {
+        if let Some(share) = &self.share {
+            let channels = guild.channels.keys().copied();
+            let threads = guild.threads.iter().map(|t| t.id);
+            share.guild_arrived(ctx.shard_id.0, guild.id, channels.chain(threads).collect());
+        }
+    }
+
+    async fn guild_delete(&self, ctx: Context, gone: UnavailableGuild, _full: Option<Guild>) {
+        if let Some(share) = &self.share {
+            share.guild_arrived(ctx.shard_id.0, gone.id, Vec::new());
+        }
     }
 
     async fn resume(&self, _ctx: Context, _event: ResumedEvent) {
         info!("Discord: gateway connection resumed");
     }
 
-    async fn message(&self, _ctx: Context, msg: Message) {
+    async fn message(&self, ctx: Context, msg: Message) {
         let me = self.me;
         if msg.author.id == me {
             return; // the core stores its own replies when it sends them
@@ -264,25 +322,25 @@ impl EventHandler for DiscordHandler {
             debug!(message = %msg.id, "Discord message without text (attachments only) ignored");
             return;
         }
-        self.deliver(Incoming::Message(incoming_message(&msg, me)))
+        self.deliver(ctx.shard_id, Incoming::Message(incoming_message(&msg, me)))
             .await;
     }
 
     async fn message_update(
         &self,
-        _ctx: Context,
+        ctx: Context,
         _old: Option<Message>,
         _new: Option<Message>,
         event: MessageUpdateEvent,
     ) {
         if let Some(edited) = edited_event(&event, self.me) {
-            self.deliver(edited).await;
+            self.deliver(ctx.shard_id, edited).await;
         }
     }
 
     async fn message_delete(
         &self,
-        _ctx: Context,
+        ctx: Context,
         channel_id: ChannelId,
         message_id: MessageId,
         _guild_id: Option<GuildId>,
@@ -291,24 +349,24 @@ impl EventHandler for DiscordHandler {
             channel: channel_ref(channel_id),
             message_id: message_id.to_string(),
         };
-        self.deliver(event).await;
+        self.deliver(ctx.shard_id, event).await;
     }
 
-    async fn reaction_add(&self, _ctx: Context, reaction: Reaction) {
+    async fn reaction_add(&self, ctx: Context, reaction: Reaction) {
         if let Some(event) = reaction_event(&reaction, true, self.me) {
-            self.deliver(event).await;
+            self.deliver(ctx.shard_id, event).await;
         }
     }
 
-    async fn reaction_remove(&self, _ctx: Context, reaction: Reaction) {
+    async fn reaction_remove(&self, ctx: Context, reaction: Reaction) {
         if let Some(event) = reaction_event(&reaction, false, self.me) {
-            self.deliver(event).await;
+            self.deliver(ctx.shard_id, event).await;
         }
     }
 
     async fn message_delete_bulk(
         &self,
-        _ctx: Context,
+        ctx: Context,
         channel_id: ChannelId,
         message_ids: Vec<MessageId>,
         _guild_id: Option<GuildId>,
@@ -318,7 +376,7 @@ impl EventHandler for DiscordHandler {
                 channel: channel_ref(channel_id),
                 message_id: message_id.to_string(),
             };
-            self.deliver(event).await;
+            self.deliver(ctx.shard_id, event).await;
         }
     }
 }
@@ -385,73 +443,6 @@ fn mentions(msg: &Message, me: UserId) -> bool {
 }
 
 /// A MESSAGE_CREATE in the bot's terms.
-/// Pages of 100 messages read per channel when catching up.
-const CATCH_UP_PAGES: usize = 10;
-
-/// Reads, through REST, what was written in the channels kaiwa talked in lately (within
-/// `CONTEXT_MAX_AGE_MINUTES`) after the last message it stored there, oldest first, and hands
-/// it to the bot ([`Bot::catch_up`]: stored; answered if recent and addressed to it). Errors are
-/// logged; the gateway starts either way.
-async fn catch_up(bot: &Arc<Bot>, outbox: &Arc<DiscordOutbox>, me: UserId) {
-    let since = crate::store::now_ms() - bot.settings().context_max_age.as_millis() as i64;
-    let channels = match bot.store().recent_channels(Platform::Discord, since).await {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "Discord: cannot list the channels to catch up on");
-            return;
-        }
-    };
-    let mut found = 0;
-    for (chat_id, kind, last_id) in &channels {
-        let (Ok(channel), Ok(mut after)) = (chat_id.parse::<u64>(), last_id.parse::<u64>()) else {
-            continue;
-        };
-        let (Some(channel), Some(_)) = (NonZeroU64::new(channel), NonZeroU64::new(after)) else {
-            continue;
-        };
-        let channel = ChannelId::from(channel);
-        for _ in 0..CATCH_UP_PAGES {
-            let target = serenity::http::MessagePagination::After(MessageId::new(after));
-            let mut page = match outbox
-                .http
-                .get_messages(channel, Some(target), Some(100))
-                .await
-            {
-                Ok(page) => page,
-                Err(e) => {
-                    warn!(channel = %channel, "Discord: cannot read missed messages: {}", outbox.scrub.clean(&describe(&e)));
-                    break;
-                }
-            };
-            let full = page.len() == 100;
-            page.sort_by_key(|m| m.id);
-            if let Some(last) = page.last() {
-                after = last.id.get();
-            }
-            for msg in page {
-                if msg.author.id == me || !is_conversation(msg.kind) || msg.content.is_empty() {
-                    continue;
-                }
-                let mut incoming = incoming_message(&msg, me);
-                // REST messages carry no guild id; the channel's kind is known from the store.
-                incoming.kind = *kind;
-                found += 1;
-                bot.catch_up(incoming, outbox.clone()).await;
-            }
-            if !full {
-                break;
-            }
-        }
-    }
-    if found > 0 {
-        info!(
-            channels = channels.len(),
-            messages = found,
-            "Discord: caught up on messages written while kaiwa was down"
-        );
-    }
-}
-
 fn incoming_message(msg: &Message, me: UserId) -> IncomingMessage {
     // Only a reply's reference points at the message answered; a forward's points elsewhere.
     let reply_to = msg

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use crate::support::daemon::{spawn_daemon, spawn_daemon_on, WAIT};
+use crate::support::daemon::{last_lines, spawn_daemon, spawn_daemon_on, TestDaemon, WAIT};
 use crate::support::discord::{
-    rfc3339, unix_ms, FakeDiscord, FakeUser, MessageBuilder, INTENT_DIRECT_MESSAGES,
-    INTENT_GUILD_MESSAGES, INTENT_MESSAGE_CONTENT, TOKEN,
+    rfc3339, shard_of, snowflake, unix_ms, FakeDiscord, FakeUser, MessageBuilder, SentMessage,
+    INTENT_DIRECT_MESSAGES, INTENT_GUILDS, INTENT_GUILD_MESSAGES, INTENT_MESSAGE_CONTENT, TOKEN,
 };
 use kaiwa::bot::event::{ChannelRef, Outbox, Platform};
 use kaiwa::config::{PlatformSettings, Secret};
@@ -592,4 +592,293 @@ async fn reactions_on_a_reply_are_recorded_as_feedback() {
     assert_eq!(metas[0]["up"], json!([0, 1]), "{metas:?}");
     assert_eq!(metas[0]["down"], json!([0, 0]), "{metas:?}");
     daemon.stop().await.unwrap();
+}
+
+/// Two guilds of a bot with two shards: the first on shard 0, the second on shard 1
+/// (`(guild_id >> 22) % 2`), each with one text channel.
+const GUILD_ON_0: &str = "1100000000004194305";
+const CHANNEL_ON_0: &str = "1200000000000000010";
+const GUILD_ON_1: &str = "1100000000000000001";
+const CHANNEL_ON_1: &str = "1200000000000000011";
+
+/// The fake with two shards and a guild on each.
+async fn two_shard_discord() -> FakeDiscord {
+    assert_eq!((shard_of(GUILD_ON_0, 2), shard_of(GUILD_ON_1, 2)), (0, 1));
+    let fake = FakeDiscord::start_with_shards(TOKEN, 2).await;
+    fake.add_guild(GUILD_ON_0, &[CHANNEL_ON_0]);
+    fake.add_guild(GUILD_ON_1, &[CHANNEL_ON_1]);
+    fake
+}
+
+/// The store sharded daemons share: a SQLite file in `dir` for now (a PostgreSQL URL can take
+/// its place).
+fn shared_store(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("shared.db").display())
+}
+
+/// A daemon on the store at `database_url` that runs `shards` (`DISCORD_SHARDS`) of `fake`'s.
+async fn sharded_daemon(fake: &FakeDiscord, database_url: &str, shards: &str) -> TestDaemon {
+    spawn_daemon_on(
+        fake,
+        &[("DATABASE_URL", database_url), ("DISCORD_SHARDS", shards)],
+    )
+    .await
+}
+
+/// A mention of the bot in a guild channel.
+fn mention(fake: &FakeDiscord, guild: &str, chat: &str, text: &str) -> Value {
+    MessageBuilder::in_guild(guild, chat, &bob(), text)
+        .mentioning(fake.bot_user())
+        .build()
+}
+
+/// The replies in `sent` to `message`.
+fn replies_to<'a>(sent: &'a [SentMessage], message: &Value) -> Vec<&'a SentMessage> {
+    sent.iter()
+        .filter(|s| s.reply_to.as_deref() == Some(id_of(message)))
+        .collect()
+}
+
+/// The shards of `fake` that `message`'s MESSAGE_CREATE was sent on.
+fn delivered_on(fake: &FakeDiscord, message: &Value) -> Vec<usize> {
+    fake.deliveries()
+        .iter()
+        .filter(|d| d.event == "MESSAGE_CREATE" && d.id.as_deref() == Some(id_of(message)))
+        .map(|d| d.shard)
+        .collect()
+}
+
+/// Two processes on one store, one running shard 0 of 2 and one shard 1: each guild's message
+/// reaches only the process of its guild's shard and is answered once, and a direct message goes
+/// to the process of shard 0 only, as Discord sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_each_answer_only_the_guilds_of_their_shard_and_shard_0_the_dms() {
+    let fake = two_shard_discord().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = shared_store(&dir);
+    let zero = sharded_daemon(&fake, &store, "0/2").await;
+    let one = sharded_daemon(&fake, &store, "1/2").await;
+    for shard in [0, 1] {
+        assert!(
+            fake.shard_connected_within(Some(shard), WAIT).await,
+            "shard {shard} did not connect; {}",
+            fake.summary()
+        );
+    }
+    let on_0 = mention(&fake, GUILD_ON_0, CHANNEL_ON_0, "which shard am I on?");
+    let on_1 = mention(&fake, GUILD_ON_1, CHANNEL_ON_1, "and I?");
+    let dm = MessageBuilder::direct(DM_ALICE, &alice(), "and a direct message?").build();
+    for m in [&on_0, &on_1, &dm] {
+        fake.dispatch_message_create(m.clone());
+    }
+    fake.wait_for_sent(3, WAIT).await;
+    // Stopping drains the reply queues: a second reply would be sent by now.
+    let (zero_logs, one_logs) = (zero.logs(), one.logs());
+    zero.stop().await.unwrap();
+    one.stop().await.unwrap();
+
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 3, "{sent:#?}");
+    for (m, chat, shard) in [
+        (&on_0, CHANNEL_ON_0, 0),
+        (&on_1, CHANNEL_ON_1, 1),
+        (&dm, DM_ALICE, 0),
+    ] {
+        let replies = replies_to(&sent, m);
+        assert_eq!(replies.len(), 1, "{sent:#?}");
+        assert_eq!(replies[0].channel_id, chat);
+        assert_eq!(
+            delivered_on(&fake, m),
+            vec![shard],
+            "{:?}",
+            fake.deliveries()
+        );
+    }
+    // One IDENTIFY per shard, each asking for the guilds (GUILDS) to learn its channels.
+    let mut identified: Vec<(u64, u64)> =
+        fake.identifies().iter().filter_map(|i| i.shard).collect();
+    identified.sort();
+    assert_eq!(identified, vec![(0, 2), (1, 2)], "{}", fake.summary());
+    assert!(fake
+        .identifies()
+        .iter()
+        .all(|i| i.intents & INTENT_GUILDS != 0));
+    for (logs, shards) in [(&zero_logs, "shards=0/2"), (&one_logs, "shards=1/2")] {
+        assert!(logs.contains(shards), "{}", last_lines(logs, 40));
+        assert!(
+            !logs.contains("Err deserializing"),
+            "{}",
+            last_lines(logs, 40)
+        );
+    }
+}
+
+/// `DISCORD_SHARDS=auto`: one process runs as many shards as `GET /gateway/bot` recommends, and
+/// answers in the guilds of all of them and in direct messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_runs_every_recommended_shard_in_one_process() {
+    let fake = two_shard_discord().await;
+    let daemon = spawn_daemon_on(&fake, &[("DISCORD_SHARDS", "auto")]).await;
+    for shard in [0, 1] {
+        // Serenity starts a process's shards 5 s apart.
+        assert!(
+            fake.shard_connected_within(Some(shard), WAIT).await,
+            "shard {shard} did not connect; {}",
+            fake.summary()
+        );
+    }
+    let on_0 = mention(&fake, GUILD_ON_0, CHANNEL_ON_0, "shard zero here");
+    let on_1 = mention(&fake, GUILD_ON_1, CHANNEL_ON_1, "shard one here");
+    let dm = MessageBuilder::direct(DM_BOB, &bob(), "and a direct message").build();
+    for m in [&on_0, &on_1, &dm] {
+        fake.dispatch_message_create(m.clone());
+    }
+    fake.wait_for_sent(3, WAIT).await;
+    let logs = daemon.logs();
+    daemon.stop().await.unwrap();
+
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 3, "{sent:#?}");
+    for m in [&on_0, &on_1, &dm] {
+        assert_eq!(replies_to(&sent, m).len(), 1, "{sent:#?}");
+    }
+    let mut identified: Vec<(u64, u64)> =
+        fake.identifies().iter().filter_map(|i| i.shard).collect();
+    identified.sort();
+    assert_eq!(identified, vec![(0, 2), (1, 2)], "{}", fake.summary());
+    assert!(logs.contains("shards=0-1/2"), "{}", last_lines(&logs, 40));
+}
+
+/// After both processes of a bot with two shards went down, each one, started again alone,
+/// answers only what was left in its own shards' guilds (direct messages with shard 0): the
+/// replies a crash left unsent, and the mentions written while down. Nothing is answered twice,
+/// and the other process's part stays pending until it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_each_process_takes_up_only_what_its_shards_left() {
+    let fake = two_shard_discord().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = shared_store(&dir);
+    // A first run, so each channel has a recent stored message to catch up after.
+    let zero = sharded_daemon(&fake, &store, "0/2").await;
+    let one = sharded_daemon(&fake, &store, "1/2").await;
+    let first = [
+        mention(&fake, GUILD_ON_0, CHANNEL_ON_0, "hello shard zero"),
+        mention(&fake, GUILD_ON_1, CHANNEL_ON_1, "hello shard one"),
+        MessageBuilder::direct(DM_ALICE, &alice(), "hello in private").build(),
+    ];
+    for m in &first {
+        fake.dispatch_message_create(m.clone());
+    }
+    fake.wait_for_sent(3, WAIT).await;
+    zero.stop().await.unwrap();
+    let store_handle = one.store().clone();
+    one.stop().await.unwrap();
+
+    // What the crash left (claimed, never sent), then what was written while down.
+    let now = kaiwa::store::now_ms();
+    let mut left = Vec::new();
+    for (chat, kind) in [
+        (CHANNEL_ON_0, ChatKind::Group),
+        (CHANNEL_ON_1, ChatKind::Group),
+        (DM_ALICE, ChatKind::Direct),
+    ] {
+        let id = snowflake();
+        let row = kaiwa::store::NewMessage {
+            channel: channel(chat),
+            kind,
+            message_id: id.clone(),
+            author_id: alice().id,
+            author_name: "Alice".into(),
+            author_is_bot: false,
+            from_self: false,
+            is_notice: false,
+            text: "are you still there?".into(),
+            reply_to: None,
+            sent_at_ms: now,
+            source: "live".into(),
+        };
+        store_handle.insert_message(&row).await.unwrap();
+        assert!(store_handle.claim_reply(&channel(chat), &id).await.unwrap());
+        left.push(json!({ "id": id }));
+    }
+    let missed = [
+        mention(
+            &fake,
+            GUILD_ON_0,
+            CHANNEL_ON_0,
+            "written while down, shard zero",
+        ),
+        mention(
+            &fake,
+            GUILD_ON_1,
+            CHANNEL_ON_1,
+            "written while down, shard one",
+        ),
+        MessageBuilder::direct(DM_ALICE, &alice(), "written while down, in private").build(),
+    ];
+    for m in &missed {
+        fake.add_history(m.clone());
+    }
+
+    // Shard 1's process alone: its guild's part only.
+    let one = sharded_daemon(&fake, &store, "1/2").await;
+    fake.wait_for_sent(5, WAIT).await;
+    one.stop().await.unwrap();
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 5, "{sent:#?}");
+    for m in [&left[1], &missed[1]] {
+        let replies = replies_to(&sent, m);
+        assert_eq!(replies.len(), 1, "{sent:#?}");
+        assert_eq!(replies[0].channel_id, CHANNEL_ON_1);
+    }
+    let pending = |rows: Vec<kaiwa::store::StoredMessage>| -> Vec<String> {
+        rows.into_iter().map(|r| r.message_id).collect()
+    };
+    let still_pending = pending(
+        store_handle
+            .pending_replies(Platform::Discord)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        still_pending,
+        vec![id_of(&left[0]).to_string(), id_of(&left[2]).to_string()],
+        "the other shard's replies are left to its process"
+    );
+    let read = |chat: &str| {
+        let get = format!("GET /api/v10/channels/{chat}/messages -> 200");
+        fake.requests().iter().filter(|r| **r == get).count()
+    };
+    assert_eq!(
+        (read(CHANNEL_ON_0), read(DM_ALICE), read(CHANNEL_ON_1)),
+        (0, 0, 1)
+    );
+
+    // Shard 0's process: its guild's part and the direct messages.
+    let zero = sharded_daemon(&fake, &store, "0/2").await;
+    fake.wait_for_sent(9, WAIT).await;
+    zero.stop().await.unwrap();
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 9, "{sent:#?}");
+    for (m, chat) in [
+        (&left[0], CHANNEL_ON_0),
+        (&missed[0], CHANNEL_ON_0),
+        (&left[2], DM_ALICE),
+        (&missed[2], DM_ALICE),
+        (&left[1], CHANNEL_ON_1),
+        (&missed[1], CHANNEL_ON_1),
+    ] {
+        let replies = replies_to(&sent, m);
+        assert_eq!(replies.len(), 1, "{sent:#?}");
+        assert_eq!(replies[0].channel_id, chat);
+    }
+    assert!(store_handle
+        .pending_replies(Platform::Discord)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        (read(CHANNEL_ON_0), read(DM_ALICE), read(CHANNEL_ON_1)),
+        (1, 1, 1)
+    );
 }

@@ -107,7 +107,8 @@ proptest! {
             prop_oneof![
                 Just(String::new()),
                 "-?[0-9]{0,25}(\\.[0-9]{0,5})?",
-                "(true|false|yes|on|hybrid|generate|all|mentioned|0\\.0\\.0\\.0:[0-9]{1,6})",
+                "(true|false|yes|on|hybrid|generate|all|mentioned|auto|0\\.0\\.0\\.0:[0-9]{1,6})",
+                "[0-9]{1,11}(-[0-9]{1,11})?/[0-9]{1,11}",
                 ".{0,20}",
             ],
             SETTINGS.len(),
@@ -129,6 +130,7 @@ const SETTINGS: &[&str] = &[
     "TELEGRAM_TOKEN",
     "DISCORD_API_URL",
     "TELEGRAM_API_URL",
+    "DISCORD_SHARDS",
     "HTTP_ADDR",
     "API_KEYS",
     "HTTP_ALLOW_NO_KEYS",

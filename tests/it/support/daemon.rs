@@ -1,5 +1,6 @@
 //! `spawn_daemon`: the whole kaiwa daemon in-process for a test, on a fresh SQLite file in a
-//! temp dir, with the tiny random model, together with what it talks to: a loopback fake of a
+//! temp dir (or the store a test gives as `DATABASE_URL`, which several daemons may share), with
+//! the tiny random model, together with what it talks to: a loopback fake of a
 //! chat platform, the web server's port, or nothing. Each daemon runs on a runtime of its own, as
 //! in a process of its own, and keeps its own logs.
 
@@ -115,6 +116,8 @@ pub struct TestDaemon {
     dir: Arc<tempfile::TempDir>,
     env: Vec<(String, String)>,
     listener: Option<std::net::TcpListener>,
+    /// The store: the test's `DATABASE_URL`, else a SQLite file in `dir`.
+    database_url: String,
     logs: Logs,
     trigger: Option<ShutdownTrigger>,
     /// What `kaiwa::app::run` (or `serve_on`) returned; dropped unsent if it panicked.
@@ -139,7 +142,11 @@ impl TestDaemon {
         listener: Option<std::net::TcpListener>,
         logs: Logs,
     ) -> TestDaemon {
-        let db = database_url(dir.path());
+        let db = env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "DATABASE_URL")
+            .map_or_else(|| database_url(dir.path()), |(_, url)| url.clone());
         let model = super::model::tiny_model_dir();
         let mut all: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), db.clone()),
@@ -156,7 +163,8 @@ impl TestDaemon {
         })
         .unwrap();
         // Open (and migrate) the database before the daemon does: two first migrations of the
-        // same fresh file at once would race.
+        // same fresh file at once would race (daemons that share a store are started one after
+        // the other).
         let store = Store::open(&db).await.unwrap();
         let (trigger, shutdown) = shutdown_channel();
         let web = listener.as_ref().map(|l| l.try_clone().unwrap());
@@ -165,6 +173,7 @@ impl TestDaemon {
             dir,
             env,
             listener,
+            database_url: db,
             logs,
             trigger: Some(trigger),
             done: Some(done),
@@ -178,7 +187,7 @@ impl TestDaemon {
     }
 
     pub fn database_url(&self) -> String {
-        database_url(self.dir.path())
+        self.database_url.clone()
     }
 
     /// Everything this daemon (and the ones it restarted as) logged so far.

@@ -6,10 +6,15 @@
 //! over the gateway as Discord does) and `POST /api/v10/channels/{id}/typing`. Every request must
 //! carry `Authorization: Bot <token>`.
 //!
-//! Gateway (`/gateway`, JSON, no compression): HELLO, IDENTIFY → READY, heartbeats → ACK, RESUME →
-//! replay → RESUMED. Dispatches go into one event log; a connection delivers the log in order and
-//! numbers frames as it sends them, so `s` always grows and a RESUME replays exactly what came
-//! after the client's last seen `s`. Frames dispatched while no connection is up wait for the next
+//! Gateway (`/gateway`, JSON, no compression): HELLO, IDENTIFY → READY (and, with the `GUILDS`
+//! intent, a GUILD_CREATE for each of the shard's guilds), heartbeats → ACK, RESUME → replay →
+//! RESUMED. The bot has [`FakeDiscord::start_with_shards`] shards (one unless a test says
+//! otherwise; `GET /gateway/bot` recommends that many and IDENTIFY must use that total), each
+//! with its own session and event log, as Discord shards the bot's guilds: a dispatch goes to the
+//! shard of its guild (`(guild_id >> 22) % shards`, [`shard_of`]) and one without a guild (a
+//! direct message) to shard 0. A shard's connection delivers its log in order and numbers frames
+//! as it sends them, so `s` always grows and a RESUME replays exactly what came after the
+//! client's last seen `s`. Frames dispatched while a shard has no connection up wait for its next
 //! one (after RESUME or a fresh IDENTIFY), so a test never loses an event to timing.
 //!
 //! Everything is bounded: waits take a timeout and panic with what the fake saw.
@@ -43,9 +48,18 @@ pub const BOT_USERNAME: &str = "kaiwa-test";
 pub const HEARTBEAT_INTERVAL_MS: u64 = 3_000;
 const DISCORD_EPOCH_MS: u64 = 1_420_070_400_000;
 /// Gateway intents bits (Discord's numbering).
+pub const INTENT_GUILDS: u64 = 1 << 0;
 pub const INTENT_GUILD_MESSAGES: u64 = 1 << 9;
 pub const INTENT_DIRECT_MESSAGES: u64 = 1 << 12;
 pub const INTENT_MESSAGE_CONTENT: u64 = 1 << 15;
+
+/// The shard of `total` that Discord gives a guild: `(guild_id >> 22) % total` (0 for an id that
+/// is not a snowflake).
+pub fn shard_of(guild_id: &str, total: usize) -> usize {
+    guild_id
+        .parse::<u64>()
+        .map_or(0, |id| ((id >> 22) % total.max(1) as u64) as usize)
+}
 
 /// A fresh, increasing snowflake id (timestamp in the high bits, as Discord's).
 pub fn snowflake() -> String {
@@ -201,6 +215,8 @@ pub struct Identify {
     /// As sent (serenity sends `Bot <token>`).
     pub token: String,
     pub intents: u64,
+    /// `shard: [id, total]`, when sent.
+    pub shard: Option<(u64, u64)>,
 }
 
 /// A RESUME the gateway received.
@@ -210,7 +226,16 @@ pub struct Resume {
     pub seq: u64,
 }
 
-/// One entry of the gateway event log.
+/// A dispatch a shard's connection sent: which shard, which event, and the message or guild it
+/// was about (`d.id`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub shard: usize,
+    pub event: String,
+    pub id: Option<String>,
+}
+
+/// One entry of a shard's event log.
 #[derive(Debug, Clone)]
 enum Frame {
     Dispatch {
@@ -230,20 +255,29 @@ struct Session {
     resume_points: Vec<(u64, usize)>,
 }
 
+/// One shard's side of the gateway: its event log, its session and its connection.
 #[derive(Debug, Default)]
-struct FakeState {
+struct ShardGateway {
     log: Vec<Frame>,
     /// The next log index to deliver on the live connection.
     next_frame: usize,
     /// Log frames before this index were delivered on some connection.
     delivered: usize,
     session: Option<Session>,
-    sessions_started: u64,
-    /// The connection allowed to talk (newest); others close. 0: none.
+    /// The connection allowed to talk for this shard (the one that identified or resumed last);
+    /// others close. 0: none.
     current_connection: u64,
-    connections_opened: u64,
     /// The current connection is identified or resumed.
     live: bool,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    /// One per shard of the bot.
+    shards: Vec<ShardGateway>,
+    sessions_started: u64,
+    connections_opened: u64,
+    deliveries: Vec<Delivery>,
     identifies: Vec<Identify>,
     resumes: Vec<Resume>,
     drops: usize,
@@ -256,8 +290,46 @@ struct FakeState {
     /// `METHOD path -> status`, for failure messages.
     requests: Vec<String>,
     guild_of_channel: HashMap<String, String>,
+    /// Each guild's channels, in the order they became known.
+    guilds: Vec<(String, Vec<String>)>,
     /// Every message of every channel, for `GET /channels/{id}/messages`.
     history: Vec<Value>,
+}
+
+impl FakeState {
+    /// The shard a dispatch goes to: its guild's, or shard 0 (direct messages).
+    fn shard_for(&self, d: &Value) -> usize {
+        let guild = d["guild_id"].as_str().map(String::from).or_else(|| {
+            d["channel_id"]
+                .as_str()
+                .and_then(|c| self.guild_of_channel.get(c).cloned())
+        });
+        guild.map_or(0, |g| shard_of(&g, self.shards.len()))
+    }
+
+    fn push(&mut self, frame: Frame) {
+        let shard = match &frame {
+            Frame::Dispatch { d, .. } => self.shard_for(d),
+            Frame::Raw(_) => 0,
+        };
+        self.shards[shard].log.push(frame);
+    }
+
+    fn add_channel(&mut self, guild_id: &str, channel_id: &str) {
+        self.guild_of_channel
+            .insert(channel_id.into(), guild_id.into());
+        match self.guilds.iter_mut().find(|(g, _)| g == guild_id) {
+            Some((_, channels)) if channels.iter().any(|c| c == channel_id) => {}
+            Some((_, channels)) => channels.push(channel_id.into()),
+            None => self
+                .guilds
+                .push((guild_id.into(), vec![channel_id.to_string()])),
+        }
+    }
+
+    fn any_live(&self) -> bool {
+        self.shards.iter().any(|s| s.live)
+    }
 }
 
 struct Shared {
@@ -331,8 +403,14 @@ impl Drop for FakeDiscord {
 }
 
 impl FakeDiscord {
-    /// Starts the fake on a free port; requests must authenticate with `token`.
+    /// Starts the fake on a free port; requests must authenticate with `token`. The bot has one
+    /// shard.
     pub async fn start(token: &str) -> FakeDiscord {
+        FakeDiscord::start_with_shards(token, 1).await
+    }
+
+    /// [`FakeDiscord::start`] for a bot with `shards` shards (at least 1).
+    pub async fn start_with_shards(token: &str, shards: usize) -> FakeDiscord {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake Discord");
@@ -341,7 +419,12 @@ impl FakeDiscord {
             token: token.to_string(),
             addr,
             bot: FakeUser::bot_account(BOT_USER_ID, BOT_USERNAME),
-            state: Mutex::new(FakeState::default()),
+            state: Mutex::new(FakeState {
+                shards: (0..shards.max(1))
+                    .map(|_| ShardGateway::default())
+                    .collect(),
+                ..FakeState::default()
+            }),
             changed: watch::channel(0).0,
         });
         let app = Router::new()
@@ -371,19 +454,27 @@ impl FakeDiscord {
         &self.shared.bot
     }
 
-    /// Sends a dispatch (`op` 0) with the next sequence number.
+    /// Adds a guild with its text channels; READY lists it on its shard, and GUILD_CREATE
+    /// brings it with them. (A message in a guild's channel adds both, too.)
+    pub fn add_guild(&self, guild_id: &str, channel_ids: &[&str]) {
+        self.shared.update(|s| {
+            for c in channel_ids {
+                s.add_channel(guild_id, c);
+            }
+        });
+    }
+
+    /// Sends a dispatch (`op` 0) with the next sequence number, on the shard of its guild
+    /// (`d.guild_id`, else the guild of `d.channel_id`), or on shard 0.
     pub fn dispatch(&self, event: &str, d: Value) {
         self.shared
-            .update(|s| s.log.push(Frame::Dispatch { t: event.into(), d }));
+            .update(|s| s.push(Frame::Dispatch { t: event.into(), d }));
     }
 
     /// Sends MESSAGE_CREATE with `message` (see [`MessageBuilder`]).
     pub fn dispatch_message_create(&self, message: Value) {
         if let (Some(c), Some(g)) = (message["channel_id"].as_str(), message["guild_id"].as_str()) {
-            self.shared
-                .lock()
-                .guild_of_channel
-                .insert(c.into(), g.into());
+            self.shared.lock().add_channel(g, c);
         }
         self.add_history(message.clone());
         self.dispatch("MESSAGE_CREATE", message);
@@ -417,21 +508,24 @@ impl FakeDiscord {
         self.dispatch("MESSAGE_DELETE", d);
     }
 
-    /// Sends `payload` as it is (malformed payloads, unknown opcodes).
+    /// Sends `payload` as it is (malformed payloads, unknown opcodes), on shard 0.
     pub fn dispatch_raw(&self, payload: Value) {
         self.send_raw_text(&payload.to_string());
     }
 
-    /// Sends a text frame as it is, JSON or not.
+    /// Sends a text frame as it is, JSON or not, on shard 0.
     pub fn send_raw_text(&self, text: &str) {
-        self.shared.update(|s| s.log.push(Frame::Raw(text.into())));
+        self.shared.update(|s| s.push(Frame::Raw(text.into())));
     }
 
-    /// Closes the gateway connection abruptly (no close frame), as a network failure would.
+    /// Closes every shard's gateway connection abruptly (no close frame), as a network failure
+    /// would.
     pub fn drop_connection(&self) {
         self.shared.update(|s| {
-            s.current_connection = 0;
-            s.live = false;
+            for shard in &mut s.shards {
+                shard.current_connection = 0;
+                shard.live = false;
+            }
             s.drops += 1;
         });
     }
@@ -494,13 +588,30 @@ impl FakeDiscord {
         self.shared.lock().requests.clone()
     }
 
+    /// The dispatches the shards' connections sent, in order.
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.shared.lock().deliveries.clone()
+    }
+
     /// Whether a gateway connection is identified (or resumed) within `timeout`; a bool rather
     /// than a panic, so the caller can explain (with the daemon's logs, say).
     pub async fn connected_within(&self, timeout: Duration) -> bool {
+        self.shard_connected_within(None, timeout).await
+    }
+
+    /// [`FakeDiscord::connected_within`] for `shard`'s connection (`None`: any shard's).
+    pub async fn shard_connected_within(&self, shard: Option<usize>, timeout: Duration) -> bool {
         let mut changes = self.shared.changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.shared.lock().live {
+            let live = {
+                let s = self.shared.lock();
+                match shard {
+                    None => s.any_live(),
+                    Some(k) => s.shards.get(k).is_some_and(|g| g.live),
+                }
+            };
+            if live {
                 return true;
             }
             if tokio::time::timeout_at(deadline, changes.changed())
@@ -550,11 +661,11 @@ impl FakeDiscord {
     pub fn summary(&self) -> String {
         let s = self.shared.lock();
         format!(
-            "identifies: {}, resumes: {}, drops: {}, live: {}, sent: {:?}, requests: {:?}",
-            s.identifies.len(),
+            "identifies: {:?}, resumes: {}, drops: {}, live shards: {:?}, sent: {:?}, requests: {:?}",
+            s.identifies.iter().map(|i| i.shard).collect::<Vec<_>>(),
             s.resumes.len(),
             s.drops,
-            s.live,
+            s.shards.iter().map(|g| g.live).collect::<Vec<_>>(),
             s.sent
                 .iter()
                 .map(|m| (
@@ -599,8 +710,9 @@ async fn rest_gateway_bot(State(shared): State<Arc<Shared>>, headers: HeaderMap)
         return unauthorized();
     }
     record(&shared, "GET /api/v10/gateway/bot -> 200".into());
+    let shards = shared.lock().shards.len();
     Json(json!({
-        "url": shared.gateway_url(), "shards": 1,
+        "url": shared.gateway_url(), "shards": shards,
         "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 14_400_000, "max_concurrency": 1},
     }))
     .into_response()
@@ -697,7 +809,7 @@ async fn rest_create_message(
         s.requests.push(format!("{path} -> 200"));
         s.sent.push(sent);
         s.history.push(message.clone());
-        s.log.push(Frame::Dispatch {
+        s.push(Frame::Dispatch {
             t: "MESSAGE_CREATE".into(),
             d: echoed,
         });
@@ -826,11 +938,18 @@ async fn gateway(
     }
     let id = shared.update(|s| {
         s.connections_opened += 1;
-        s.current_connection = s.connections_opened;
-        s.live = false;
         s.connections_opened
     });
-    upgrade.on_upgrade(move |socket| async move { Connection { shared, socket, id }.run().await })
+    upgrade.on_upgrade(move |socket| async move {
+        Connection {
+            shared,
+            socket,
+            id,
+            shard: None,
+        }
+        .run()
+        .await
+    })
 }
 
 /// One gateway WebSocket connection.
@@ -838,6 +957,8 @@ struct Connection {
     shared: Arc<Shared>,
     socket: WebSocket,
     id: u64,
+    /// The shard it speaks for, from its IDENTIFY or RESUME.
+    shard: Option<usize>,
 }
 
 /// What a connection does next.
@@ -855,7 +976,7 @@ impl Connection {
         }
         loop {
             // Superseded or dropped: close without a close frame.
-            if self.shared.lock().current_connection != self.id {
+            if !self.is_current() {
                 return;
             }
             if self.deliver().await.is_err() {
@@ -871,11 +992,11 @@ impl Connection {
                     Some(Ok(WsMessage::Close(_))) => {
                         // Reading on sends the close reply the client waits for.
                         let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.recv()).await;
-                        self.shared.update(|s| if s.current_connection == self.id { s.live = false });
+                        self.went_away();
                         return;
                     }
                     Some(Err(_)) | None => {
-                        self.shared.update(|s| if s.current_connection == self.id { s.live = false });
+                        self.went_away();
                         return;
                     }
                     Some(Ok(_)) => {}
@@ -889,14 +1010,46 @@ impl Connection {
         self.socket.send(WsMessage::Text(text.into())).await
     }
 
+    /// Not superseded by a newer connection of its shard, nor dropped (a connection not yet
+    /// identified or resumed speaks for no shard and stays).
+    fn is_current(&self) -> bool {
+        self.shard
+            .is_none_or(|k| self.shared.lock().shards[k].current_connection == self.id)
+    }
+
+    /// The connection closed: its shard, if it still speaks for it, has none live.
+    fn went_away(&self) {
+        if let Some(k) = self.shard {
+            self.shared.update(|s| {
+                let shard = &mut s.shards[k];
+                if shard.current_connection == self.id {
+                    shard.live = false;
+                }
+            });
+        }
+    }
+
+    /// Takes `k`'s connection over (after IDENTIFY or RESUME): the one it had is superseded.
+    fn speak_for(&mut self, k: usize) {
+        self.shard = Some(k);
+        self.shared.update(|s| {
+            s.shards[k].current_connection = self.id;
+            s.shards[k].live = false;
+        });
+    }
+
     /// Sends the log frames this connection has not sent yet, numbering dispatches.
     async fn deliver(&mut self) -> Result<(), axum::Error> {
+        let Some(k) = self.shard else {
+            return Ok(());
+        };
         loop {
             // A plain lock: delivering changes nothing a test waits for, and a notification here
             // would wake this very connection again.
             let frame = {
                 let mut guard = self.shared.lock();
-                let s = &mut *guard;
+                let state = &mut *guard;
+                let s = &mut state.shards[k];
                 if !s.live || s.current_connection != self.id || s.next_frame >= s.log.len() {
                     None
                 } else {
@@ -911,6 +1064,11 @@ impl Connection {
                                 s.session.as_mut().expect("a live connection has a session");
                             session.seq += 1;
                             session.resume_points.push((session.seq, index + 1));
+                            state.deliveries.push(Delivery {
+                                shard: k,
+                                event: t.clone(),
+                                id: d["id"].as_str().map(String::from),
+                            });
                             json!({"op": 0, "t": t, "s": session.seq, "d": d}).to_string()
                         }
                     })
@@ -944,6 +1102,9 @@ impl Connection {
         let identify = Identify {
             token: d["token"].as_str().unwrap_or_default().to_string(),
             intents: d["intents"].as_u64().unwrap_or(0),
+            shard: d["shard"]
+                .as_array()
+                .and_then(|a| Some((a.first()?.as_u64()?, a.get(1)?.as_u64()?))),
         };
         let token_ok = identify
             .token
@@ -952,6 +1113,7 @@ impl Connection {
             == self.shared.token;
         let refuse_content = self.shared.lock().refuse_message_content;
         let intents = identify.intents;
+        let (shard, of) = identify.shard.unwrap_or((0, 1));
         self.shared.update(|s| s.identifies.push(identify));
         if !token_ok {
             return self.close(4004, "Authentication failed.").await;
@@ -959,30 +1121,73 @@ impl Connection {
         if refuse_content && intents & INTENT_MESSAGE_CONTENT != 0 {
             return self.close(4014, "Disallowed intent(s).").await;
         }
-        let ready = self.shared.update(|s| {
+        let total = self.shared.lock().shards.len();
+        if of != total as u64 || shard >= of {
+            return self.close(4010, "Invalid shard.").await;
+        }
+        let k = shard as usize;
+        self.speak_for(k);
+        let (session_id, guilds) = self.shared.update(|s| {
             s.sessions_started += 1;
             let id = format!("fake-session-{}", s.sessions_started);
-            s.session = Some(Session {
+            let guilds: Vec<(String, Vec<String>)> = s
+                .guilds
+                .iter()
+                .filter(|(g, _)| shard_of(g, total) == k)
+                .cloned()
+                .collect();
+            // READY is `s` 1; GUILD_CREATEs, when the GUILDS intent asks for them, follow it.
+            let creates = if intents & INTENT_GUILDS != 0 {
+                guilds.len() as u64
+            } else {
+                0
+            };
+            let g = &mut s.shards[k];
+            g.session = Some(Session {
                 id: id.clone(),
-                seq: 1,
-                resume_points: vec![(1, s.delivered)],
+                seq: 1 + creates,
+                resume_points: (1..=1 + creates).map(|q| (q, g.delivered)).collect(),
             });
             // A new session starts after everything any earlier connection delivered.
-            s.next_frame = s.delivered;
-            s.live = true;
-            id
+            g.next_frame = g.delivered;
+            g.live = true;
+            (id, guilds)
         });
+        let listed: Vec<Value> = guilds
+            .iter()
+            .map(|(g, _)| json!({"id": g, "unavailable": true}))
+            .collect();
         let ready = json!({
             "op": 0, "t": "READY", "s": 1,
             "d": {
-                "v": 10, "user": self.shared.bot.to_json(), "guilds": [], "session_id": ready,
-                "resume_gateway_url": self.shared.gateway_url(), "shard": [0, 1],
-                "application": {"id": BOT_USER_ID, "flags": 0},
+                "v": 10, "user": self.shared.bot.to_json(), "guilds": listed,
+                "session_id": session_id, "resume_gateway_url": self.shared.gateway_url(),
+                "shard": [k, total], "application": {"id": BOT_USER_ID, "flags": 0},
                 "private_channels": [], "relationships": [], "presences": [],
                 "geo_ordered_rtc_regions": [],
             }
         });
-        self.send_or_close(ready).await
+        if let Step::Close = self.send_or_close(ready).await {
+            return Step::Close;
+        }
+        if intents & INTENT_GUILDS == 0 {
+            return Step::Continue;
+        }
+        for (seq, (guild, channels)) in (2..).zip(&guilds) {
+            let d = guild_create(guild, channels);
+            self.shared.update(|s| {
+                s.deliveries.push(Delivery {
+                    shard: k,
+                    event: "GUILD_CREATE".into(),
+                    id: Some(guild.clone()),
+                })
+            });
+            let create = json!({"op": 0, "t": "GUILD_CREATE", "s": seq, "d": d});
+            if let Step::Close = self.send_or_close(create).await {
+                return Step::Close;
+            }
+        }
+        Step::Continue
     }
 
     async fn on_resume(&mut self, d: &Value) -> Step {
@@ -997,27 +1202,36 @@ impl Connection {
         if !token_ok {
             return self.close(4004, "Authentication failed.").await;
         }
-        let resumed = self.shared.update(|s| {
-            let session = s.session.as_ref().filter(|x| x.id == session_id)?;
-            let (_, next) = session.resume_points.iter().find(|(s, _)| *s == seq)?;
-            s.next_frame = *next;
-            s.live = true;
-            Some(())
+        // The shard whose session it is, if the client's `seq` is one it was sent.
+        let resumable = self.shared.lock().shards.iter().position(|g| {
+            g.session.as_ref().is_some_and(|x| {
+                x.id == session_id && x.resume_points.iter().any(|(s, _)| *s == seq)
+            })
         });
-        if resumed.is_none() {
+        let Some(k) = resumable else {
             // Not resumable: Discord answers INVALID_SESSION (d: false), the client re-identifies.
             return self
                 .send_or_close(json!({"op": 9, "d": false, "s": null, "t": null}))
                 .await;
-        }
+        };
+        self.speak_for(k);
+        self.shared.update(|s| {
+            let g = &mut s.shards[k];
+            let session = g.session.as_ref().expect("resumable session");
+            if let Some((_, next)) = session.resume_points.iter().find(|(s, _)| *s == seq) {
+                g.next_frame = *next;
+            }
+            g.live = true;
+        });
         // Replay what the client missed, then RESUMED.
         if self.deliver().await.is_err() {
             return Step::Close;
         }
         let seq = self.shared.update(|s| {
-            let session = s.session.as_mut().expect("resumed session");
+            let g = &mut s.shards[k];
+            let session = g.session.as_mut().expect("resumed session");
             session.seq += 1;
-            session.resume_points.push((session.seq, s.next_frame));
+            session.resume_points.push((session.seq, g.next_frame));
             session.seq
         });
         self.send_or_close(json!({"op": 0, "t": "RESUMED", "s": seq, "d": {}}))
@@ -1037,11 +1251,47 @@ impl Connection {
             reason: reason.into(),
         };
         let _ = self.socket.send(WsMessage::Close(Some(frame))).await;
-        self.shared.update(|s| {
-            if s.current_connection == self.id {
-                s.live = false
-            }
-        });
+        self.went_away();
         Step::Close
     }
+}
+
+/// A GUILD_CREATE's `d`: the guild with its text channels, as much of it as serenity reads.
+fn guild_create(guild_id: &str, channels: &[String]) -> Value {
+    let channels: Vec<Value> = channels
+        .iter()
+        .enumerate()
+        .map(|(position, id)| {
+            json!({
+                "id": id, "type": 0, "guild_id": guild_id, "name": format!("channel-{position}"),
+                "position": position, "permission_overwrites": [], "nsfw": false,
+                "parent_id": null, "topic": null, "last_message_id": null,
+                "rate_limit_per_user": 0, "flags": 0,
+            })
+        })
+        .collect();
+    // Two parts: one `json!` this long exceeds the macro's recursion limit.
+    let mut guild = json!({
+        "id": guild_id, "name": format!("guild {guild_id}"), "icon": null, "icon_hash": null,
+        "splash": null, "discovery_splash": null, "owner_id": "2000000000000000999",
+        "afk_channel_id": null, "afk_timeout": 300, "widget_enabled": false,
+        "verification_level": 0, "default_message_notifications": 0,
+        "explicit_content_filter": 0, "roles": [], "emojis": [], "features": [], "mfa_level": 0,
+        "application_id": null, "system_channel_id": null, "system_channel_flags": 0,
+        "rules_channel_id": null, "max_members": 500_000, "vanity_url_code": null,
+    });
+    let create_fields = json!({
+        "description": null, "banner": null, "premium_tier": 0,
+        "premium_subscription_count": 0, "preferred_locale": "en-US",
+        "public_updates_channel_id": null, "nsfw_level": 0, "stickers": [],
+        "premium_progress_bar_enabled": false, "safety_alerts_channel_id": null,
+        "joined_at": rfc3339(unix_ms() - 86_400_000), "large": false, "unavailable": false,
+        "member_count": 2, "voice_states": [], "members": [], "channels": channels,
+        "threads": [], "presences": [], "stage_instances": [], "guild_scheduled_events": [],
+        "incidents_data": null,
+    });
+    if let (Some(g), Some(more)) = (guild.as_object_mut(), create_fields.as_object()) {
+        g.extend(more.clone());
+    }
+    guild
 }
