@@ -46,7 +46,8 @@ impl Peer for () {
 
 /// Starts `P` and the daemon pointed at it, with a fresh database and `env` over the settings
 /// `P` gives and the test defaults (no cooldown, short replies); returns both once they are
-/// connected.
+/// connected. A `DATABASE_URL` in `env` replaces the fresh database: daemons given the same one
+/// share a store, as replicas do.
 pub async fn spawn_daemon<P: Peer>(env: &[(&str, &str)]) -> (P, TestDaemon) {
     let peer = P::start().await;
     let daemon = spawn_daemon_on(&peer, env).await;
@@ -120,6 +121,7 @@ pub struct TestDaemon {
     /// What `kaiwa::app::run` (or `serve_on`) returned; dropped unsent if it panicked.
     done: Option<oneshot::Receiver<anyhow::Result<()>>>,
     store: Store,
+    database_url: String,
 }
 
 /// The last `n` lines of `logs`, for a failure message (all of them can be megabytes).
@@ -139,7 +141,11 @@ impl TestDaemon {
         listener: Option<std::net::TcpListener>,
         logs: Logs,
     ) -> TestDaemon {
-        let db = database_url(dir.path());
+        let db = env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "DATABASE_URL")
+            .map_or_else(|| database_url(dir.path()), |(_, url)| url.clone());
         let model = super::model::tiny_model_dir();
         let mut all: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), db.clone()),
@@ -156,7 +162,7 @@ impl TestDaemon {
         })
         .unwrap();
         // Open (and migrate) the database before the daemon does: two first migrations of the
-        // same fresh file at once would race.
+        // same fresh file at once would race (so daemons sharing a store start one by one).
         let store = Store::open(&db).await.unwrap();
         let (trigger, shutdown) = shutdown_channel();
         let web = listener.as_ref().map(|l| l.try_clone().unwrap());
@@ -169,6 +175,7 @@ impl TestDaemon {
             trigger: Some(trigger),
             done: Some(done),
             store,
+            database_url: db,
         }
     }
 
@@ -178,7 +185,7 @@ impl TestDaemon {
     }
 
     pub fn database_url(&self) -> String {
-        database_url(self.dir.path())
+        self.database_url.clone()
     }
 
     /// Everything this daemon (and the ones it restarted as) logged so far.
