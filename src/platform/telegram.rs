@@ -162,6 +162,14 @@ async fn poll(
                     continue;
                 }
             },
+            Err(e) if webhook_is_set(&e) => anyhow::bail!(WEBHOOK_IS_SET),
+            Err(RequestError::Api(ApiError::TerminatedByOtherGetUpdates)) => {
+                // Also met for a moment when a restarted process polls before the old one's
+                // last poll ended, so it is waited out, not fatal.
+                warn!("{ANOTHER_POLLER}");
+                backoff.wait(shutdown).await;
+                continue;
+            }
             Err(e) => {
                 let pause = pause_after(e, &GET_UPDATES, scrub)?;
                 pause.wait(&mut backoff, shutdown).await;
@@ -210,6 +218,32 @@ fn allowed_updates() -> Vec<AllowedUpdate> {
         AllowedUpdate::MessageReaction,
     ]
 }
+
+/// Whether `getUpdates` was refused because a webhook is set (409 Conflict). teloxide knows the
+/// old wording only; the Bot API now adds "Conflict: " and advice after it.
+fn webhook_is_set(e: &RequestError) -> bool {
+    match e {
+        RequestError::Api(ApiError::CantGetUpdates) => true,
+        RequestError::Api(ApiError::Unknown(description)) => description
+            .to_ascii_lowercase()
+            .contains("can't use getupdates method while webhook is active"),
+        _ => false,
+    }
+}
+
+/// Why polling stops when a webhook is set. kaiwa does not delete the webhook itself: it may be
+/// that of replicas serving the bot right now (a process started by mistake with the production
+/// token would take every update away from them), and only its owner knows.
+const WEBHOOK_IS_SET: &str = "Telegram refuses getUpdates (409 Conflict): a webhook is set for \
+     this bot, so Telegram posts its updates there instead. To take updates as one of the \
+     replicas behind that webhook, set TELEGRAM_WEBHOOK_URL, TELEGRAM_WEBHOOK_SECRET (the \
+     replicas' shared one) and TELEGRAM_WEBHOOK_LISTEN. To long-poll from this process instead, \
+     stop those replicas and delete the webhook: \
+     curl https://api.telegram.org/bot<TELEGRAM_TOKEN>/deleteWebhook";
+
+const ANOTHER_POLLER: &str = "telegram: another process is polling with this bot token (409 \
+     Conflict); only one may long-poll at a time: stop the other, or run every process as a \
+     webhook replica (TELEGRAM_WEBHOOK_URL)";
 
 /// Calls `getMe` until it answers, so we know which mentions and replies are addressed to us.
 /// `None` when shutdown came first.
@@ -1088,6 +1122,21 @@ mod tests {
         ] {
             assert!(posted_update(nothing).is_none(), "{nothing:?}");
         }
+    }
+
+    #[test]
+    fn a_webhook_conflict_is_told_from_other_refusals() {
+        let api = |e: ApiError| RequestError::Api(e);
+        assert!(webhook_is_set(&api(ApiError::CantGetUpdates)));
+        assert!(webhook_is_set(&api(ApiError::Unknown(
+            "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook \
+             to delete the webhook first"
+                .into()
+        ))));
+        assert!(!webhook_is_set(&api(ApiError::TerminatedByOtherGetUpdates)));
+        assert!(!webhook_is_set(&api(ApiError::Unknown(
+            "Bad Gateway".into()
+        ))));
     }
 
     /// A valid batch, then cut and overwritten at random (the escapes make surrogates and

@@ -1038,3 +1038,27 @@ async fn webhook_confirms_unreadable_updates_and_goes_on() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// A process started to long-poll a bot whose updates go to a webhook stops and says what to do;
+/// it does not delete the webhook the replicas serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_stops_with_advice_when_a_webhook_is_set() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    fake.set_webhook_elsewhere(WEBHOOK_URL);
+    let daemon = spawn_daemon_on(&fake, &[]).await;
+    let logs = daemon.wait_for_log("platform connection failed").await;
+    assert!(
+        logs.contains("a webhook is set") && logs.contains("deleteWebhook"),
+        "{}",
+        last_lines(&logs, 20)
+    );
+    assert!(
+        logs.contains("TELEGRAM_WEBHOOK_URL"),
+        "{}",
+        last_lines(&logs, 20)
+    );
+    assert!(!logs.contains(TOKEN_SECRET), "the token was logged");
+    daemon.stop().await.unwrap();
+    assert_eq!(fake.calls("getUpdates"), 1);
+    assert_eq!(fake.delete_webhooks(), 0);
+}

@@ -3,7 +3,8 @@
 //! teloxide client talks to it unchanged. It implements `getMe`, `getUpdates` (long polling,
 //! capped at one second), `sendMessage`, `sendChatAction`, `setWebhook` and `deleteWebhook`; tests
 //! queue updates, read what the bot sent, and inject failures (429 flood control, Markdown
-//! rejection). The fake posts nothing to a webhook set (tests post updates to the daemon themselves).
+//! rejection). While a webhook is set, `getUpdates` is refused with 409 Conflict, as the Bot API
+//! does; the fake posts nothing to the webhook (tests post updates to the daemon themselves).
 //!
 //! Bodies are read as JSON, and as multipart/form-data text fields: teloxide sends `setWebhook` as
 //! a form (it may carry a certificate file), every other method kaiwa uses as JSON.
@@ -73,6 +74,10 @@ pub struct SetWebhookCall {
     pub drop_pending_updates: Option<bool>,
 }
 
+/// What the Bot API answers `getUpdates` with while a webhook is set.
+pub const WEBHOOK_IS_ACTIVE: &str = "Conflict: can't use getUpdates method while webhook is \
+                                     active; use deleteWebhook to delete the webhook first";
+
 /// One `sendChatAction` call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatActionCall {
@@ -111,8 +116,9 @@ struct Inner {
     last_offset: Option<i64>,
     /// The `allowed_updates` of the latest `getUpdates` that gave one (the Bot API keeps it).
     allowed_updates: Option<Vec<String>>,
-    /// Every `setWebhook`, in order.
+    /// Every `setWebhook`, in order; the webhook is set from the first until a `deleteWebhook`.
     set_webhooks: Vec<SetWebhookCall>,
+    webhook_set: bool,
     delete_webhooks: usize,
 }
 
@@ -307,6 +313,18 @@ impl FakeTelegram {
     /// `deleteWebhook` calls.
     pub fn delete_webhooks(&self) -> usize {
         self.shared.lock().delete_webhooks
+    }
+
+    /// Sets a webhook as another deployment would have: `getUpdates` is refused from now on.
+    pub fn set_webhook_elsewhere(&self, url: &str) {
+        let mut inner = self.shared.lock();
+        inner.webhook_set = true;
+        inner.set_webhooks.push(SetWebhookCall {
+            url: url.to_string(),
+            secret_token: None,
+            allowed_updates: None,
+            drop_pending_updates: None,
+        });
     }
 
     /// Requests made with `method` (as the Bot API names it, any case).
@@ -516,6 +534,7 @@ async fn api(
         "deletewebhook" => {
             let mut inner = shared.lock();
             inner.delete_webhooks += 1;
+            inner.webhook_set = false;
             ok(json!(true))
         }
         "sendmessage" => send_message(&shared, &params),
@@ -571,11 +590,15 @@ fn set_webhook(shared: &Shared, params: &Value) -> Response {
             .map(|v| v == &json!(true) || v == "true"),
     };
     let mut inner = shared.lock();
+    inner.webhook_set = true;
     inner.set_webhooks.push(call);
     ok(json!(true))
 }
 
 async fn get_updates(shared: &Shared, params: &Value) -> Response {
+    if shared.lock().webhook_set {
+        return api_error(StatusCode::CONFLICT, WEBHOOK_IS_ACTIVE);
+    }
     let offset = params.get("offset").and_then(Value::as_i64).unwrap_or(0);
     let limit = params
         .get("limit")
