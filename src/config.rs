@@ -26,6 +26,70 @@ pub struct PlatformSettings {
     pub api_url: Option<String>,
 }
 
+/// Telegram's settings: the Bot API, and how updates reach this process.
+#[derive(Debug, Clone)]
+pub struct TelegramSettings {
+    pub api: PlatformSettings,
+    /// `TELEGRAM_WEBHOOK_URL` set: Telegram posts updates to this process (webhook mode, for
+    /// several replicas behind one URL). Unset: this process long-polls `getUpdates`, which only
+    /// one process per bot may do.
+    pub webhook: Option<WebhookSettings>,
+}
+
+/// Webhook mode: where Telegram posts updates and how a request proves it comes from Telegram.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// `TELEGRAM_WEBHOOK_URL`: the public address Telegram posts to (given to `setWebhook`); the
+    /// listener serves its path. May hold a secret path, so it is logged scrubbed of the token.
+    pub url: url::Url,
+    /// `TELEGRAM_WEBHOOK_LISTEN`: where this process listens, behind the TLS proxy or load
+    /// balancer the URL leads to ([`DEFAULT_WEBHOOK_LISTEN`] when unset).
+    pub listen: std::net::SocketAddr,
+    /// `TELEGRAM_WEBHOOK_SECRET`: sent to `setWebhook` and checked on every request.
+    pub secret: WebhookSecret,
+}
+
+/// The secret Telegram sends in `X-Telegram-Bot-Api-Secret-Token` with every webhook request: 1 to
+/// 256 characters of `A-Z`, `a-z`, `0-9`, `_` and `-` (Telegram's rule). Required in webhook mode:
+/// whichever replica last called `setWebhook` decides what Telegram sends, so every replica behind
+/// the URL must be given the same one rather than make up its own.
+#[derive(Debug, Clone)]
+pub struct WebhookSecret(Secret);
+
+impl WebhookSecret {
+    /// The secret, if `value` keeps Telegram's rule. The error never quotes the value.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let length = value.chars().count();
+        if !(1..=256).contains(&length) {
+            return Err(format!(
+                "is {length} characters long; Telegram takes 1 to 256"
+            ));
+        }
+        if let Some(at) = value
+            .chars()
+            .position(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        {
+            return Err(format!(
+                "character {} is not one Telegram allows (A-Z, a-z, 0-9, _ and -)",
+                at + 1
+            ));
+        }
+        Ok(WebhookSecret(Secret::from(value)))
+    }
+
+    /// The secret, for the one request that sends it (`setWebhook`).
+    pub fn expose_secret(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    /// Whether `given` (a request's header) is the secret, compared in constant time so that
+    /// the answer's timing does not tell how much of a guess was right.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        use subtle::ConstantTimeEq as _;
+        self.0.expose_secret().as_bytes().ct_eq(given).into()
+    }
+}
+
 /// When the bot answers in group chats (it always answers direct messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyPolicy {
@@ -41,7 +105,7 @@ pub struct Settings {
     pub discord: Option<PlatformSettings>,
     /// Which of the bot's Discord shards this process runs (`DISCORD_SHARDS`).
     pub discord_shards: DiscordShards,
-    pub telegram: Option<PlatformSettings>,
+    pub telegram: Option<TelegramSettings>,
     pub database_url: String,
     pub model_dir: PathBuf,
     /// `(platform, user id)` pairs allowed to use admin commands.
@@ -104,6 +168,14 @@ pub const DEFAULT_MODEL_DIR: &str = "models/kaiwa";
 
 /// Where `kaiwa serve` listens when `HTTP_ADDR` is not set: this machine only.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+
+/// Where the Telegram webhook listener listens when `TELEGRAM_WEBHOOK_LISTEN` is not set: every
+/// interface, port 8443, since the load balancer in front of the replicas reaches them over the
+/// network, and every request must carry the secret anyway. Plain HTTP: TLS ends at what is in
+/// front.
+pub const DEFAULT_WEBHOOK_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 8443),
+);
 
 impl WebSettings {
     fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
@@ -347,7 +419,7 @@ impl Settings {
             web: WebSettings::from_lookup(&get)?,
             discord: platform("DISCORD_TOKEN", "DISCORD_API_URL"),
             discord_shards: parse(&get, "DISCORD_SHARDS", DiscordShards::default())?,
-            telegram: platform("TELEGRAM_TOKEN", "TELEGRAM_API_URL"),
+            telegram: telegram_settings(&get, platform("TELEGRAM_TOKEN", "TELEGRAM_API_URL"))?,
             database_url: database_url(&get),
             model_dir: model_dir(&get),
             admins,
@@ -393,6 +465,67 @@ where
     T::Err: fmt::Display,
 {
     Ok(parse_some(get, name)?.unwrap_or(default))
+}
+
+/// Telegram's settings: `api` (from `TELEGRAM_TOKEN`, if set), and webhook mode when
+/// `TELEGRAM_WEBHOOK_URL` is set. Webhook settings without the URL or the token are an error
+/// rather than ignored: the process would poll while its owner thinks it takes webhooks.
+fn telegram_settings(
+    get: &impl Fn(&str) -> Option<String>,
+    api: Option<PlatformSettings>,
+) -> Result<Option<TelegramSettings>, SettingsError> {
+    let Some(url) = get("TELEGRAM_WEBHOOK_URL") else {
+        for name in ["TELEGRAM_WEBHOOK_LISTEN", "TELEGRAM_WEBHOOK_SECRET"] {
+            if get(name).is_some() {
+                return Err(SettingsError {
+                    name,
+                    reason: "is set but TELEGRAM_WEBHOOK_URL is not; set the URL for webhook \
+                             mode, or unset this to long-poll"
+                        .into(),
+                });
+            }
+        }
+        return Ok(api.map(|api| TelegramSettings { api, webhook: None }));
+    };
+    let Some(api) = api else {
+        return Err(SettingsError {
+            name: "TELEGRAM_WEBHOOK_URL",
+            reason: "is set but TELEGRAM_TOKEN is not".into(),
+        });
+    };
+    // The URL may hold a secret path: errors say what is wrong with it, not what it is.
+    let url = url::Url::parse(&url).map_err(|e| SettingsError {
+        name: "TELEGRAM_WEBHOOK_URL",
+        reason: format!("not a URL ({e}); expected e.g. https://bot.example.com/telegram"),
+    })?;
+    if !matches!(url.scheme(), "https" | "http") || !url.has_host() {
+        return Err(SettingsError {
+            name: "TELEGRAM_WEBHOOK_URL",
+            reason: "must be an https:// URL with a host (Telegram posts to https only; http is \
+                     for a self-hosted Bot API server)"
+                .into(),
+        });
+    }
+    let listen = parse(get, "TELEGRAM_WEBHOOK_LISTEN", DEFAULT_WEBHOOK_LISTEN)?;
+    let secret = get("TELEGRAM_WEBHOOK_SECRET").ok_or_else(|| SettingsError {
+        name: "TELEGRAM_WEBHOOK_SECRET",
+        reason: "is required with TELEGRAM_WEBHOOK_URL: Telegram sends it with every update, and \
+                 every replica behind the URL must check the same one (1 to 256 characters of \
+                 A-Z, a-z, 0-9, _ and -)"
+            .into(),
+    })?;
+    let secret = WebhookSecret::parse(&secret).map_err(|reason| SettingsError {
+        name: "TELEGRAM_WEBHOOK_SECRET",
+        reason,
+    })?;
+    Ok(Some(TelegramSettings {
+        api,
+        webhook: Some(WebhookSettings {
+            url,
+            listen,
+            secret,
+        }),
+    }))
 }
 
 /// A lookup that trims values and treats empty ones as unset (`KEY=` in `.env`).
@@ -549,7 +682,7 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(!shown.contains("SECRET-TOKEN"), "{shown}");
         assert_eq!(
-            s.telegram.unwrap().token.expose_secret(),
+            s.telegram.unwrap().api.token.expose_secret(),
             "123:SECRET-TOKEN"
         );
         assert!(s.discord.is_none());
@@ -679,5 +812,88 @@ mod tests {
                 proptest::prop_assert_eq!((r.first(), r.last(), r.total()), (first, last, total));
             }
         }
+    }
+
+    #[test]
+    fn webhook_mode_needs_a_url_a_token_and_a_valid_secret() {
+        let token = ("TELEGRAM_TOKEN", "1:x");
+        let url = ("TELEGRAM_WEBHOOK_URL", "https://bot.example.com/tg");
+        let secret = ("TELEGRAM_WEBHOOK_SECRET", "s3cret_-Z");
+        let telegram = |pairs: &[(&str, &str)]| {
+            Settings::from_lookup(lookup(pairs)).map(|s| s.telegram.expect("telegram is set"))
+        };
+        // Long polling stays the default.
+        assert!(telegram(&[token]).unwrap().webhook.is_none());
+
+        let hook = telegram(&[token, url, secret]).unwrap().webhook.unwrap();
+        assert_eq!(hook.url.as_str(), "https://bot.example.com/tg");
+        assert_eq!(hook.url.path(), "/tg");
+        assert_eq!(hook.listen, DEFAULT_WEBHOOK_LISTEN);
+        assert_eq!(hook.listen.to_string(), "0.0.0.0:8443");
+        assert!(hook.secret.matches(b"s3cret_-Z"));
+        assert!(!hook.secret.matches(b"s3cret_-"));
+        assert!(!hook.secret.matches(b"s3cret_-Z "));
+        assert!(!hook.secret.matches(b""));
+        let listen = ("TELEGRAM_WEBHOOK_LISTEN", "127.0.0.1:9000");
+        let hook = telegram(&[token, url, secret, listen]).unwrap().webhook;
+        assert_eq!(hook.unwrap().listen.to_string(), "127.0.0.1:9000");
+
+        let name_of = |pairs: &[(&str, &str)]| telegram(pairs).unwrap_err().name;
+        assert_eq!(name_of(&[token, url]), "TELEGRAM_WEBHOOK_SECRET");
+        assert_eq!(name_of(&[url, secret]), "TELEGRAM_WEBHOOK_URL");
+        assert_eq!(name_of(&[token, secret]), "TELEGRAM_WEBHOOK_SECRET");
+        assert_eq!(name_of(&[token, listen]), "TELEGRAM_WEBHOOK_LISTEN");
+        let bad_listen = ("TELEGRAM_WEBHOOK_LISTEN", "localhost");
+        assert_eq!(
+            name_of(&[token, url, secret, bad_listen]),
+            "TELEGRAM_WEBHOOK_LISTEN"
+        );
+        for bad in [
+            "not a url",
+            "ftp://bot.example.com/tg",
+            "/tg",
+            "unix:/run/kaiwa.sock",
+        ] {
+            let e = telegram(&[token, ("TELEGRAM_WEBHOOK_URL", bad), secret]).unwrap_err();
+            assert_eq!(e.name, "TELEGRAM_WEBHOOK_URL", "{bad}");
+        }
+        // A self-hosted Bot API server may post over plain http.
+        let http = ("TELEGRAM_WEBHOOK_URL", "http://10.0.0.5:8080/");
+        assert!(telegram(&[token, http, secret]).is_ok());
+    }
+
+    #[test]
+    fn webhook_secrets_keep_telegrams_rule_and_are_never_shown() {
+        for good in ["a", "Z9_-", &"x".repeat(256)] {
+            assert!(WebhookSecret::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            &"x".repeat(257),
+            "has space",
+            "dot.ted",
+            "ümlaut",
+            "a/b",
+            "a+b=",
+        ] {
+            let e = WebhookSecret::parse(bad).err().unwrap();
+            assert!(bad.is_empty() || !e.contains(bad), "{e}");
+        }
+        let e = Settings::from_lookup(lookup(&[
+            ("TELEGRAM_TOKEN", "1:x"),
+            ("TELEGRAM_WEBHOOK_URL", "https://bot.example.com/"),
+            ("TELEGRAM_WEBHOOK_SECRET", "open sesame"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.name, "TELEGRAM_WEBHOOK_SECRET");
+        assert!(!e.to_string().contains("sesame"), "{e}");
+        let s = Settings::from_lookup(lookup(&[
+            ("TELEGRAM_TOKEN", "1:x"),
+            ("TELEGRAM_WEBHOOK_URL", "https://bot.example.com/"),
+            ("TELEGRAM_WEBHOOK_SECRET", "open-sesame"),
+        ]))
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("sesame"), "{shown}");
     }
 }

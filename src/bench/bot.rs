@@ -18,7 +18,7 @@ use crate::bot::event::{
     SentMessage,
 };
 use crate::bot::Bot;
-use crate::config::{PlatformSettings, Secret, Settings};
+use crate::config::{PlatformSettings, Secret, Settings, TelegramSettings};
 use crate::model::Generator;
 use crate::store::{now_ms, Store, StoreError};
 
@@ -146,9 +146,12 @@ pub async fn bench_bot(
         Through::Telegram => {
             let api = Arc::new(LoopbackTelegram::start().await?);
             let (trigger, shutdown) = crate::shutdown::shutdown_channel();
-            let platform = PlatformSettings {
-                token: Secret::from("1000:bench"),
-                api_url: Some(api.url().to_string()),
+            let platform = TelegramSettings {
+                api: PlatformSettings {
+                    token: Secret::from("1000:bench"),
+                    api_url: Some(api.url().to_string()),
+                },
+                webhook: None,
             };
             let adapter = tokio::spawn(crate::platform::telegram::run(
                 Arc::clone(&bot),

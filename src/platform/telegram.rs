@@ -1,10 +1,11 @@
-//! Telegram: long-polls the Bot API for updates, turns each into the bot's [`Incoming`], and sends
-//! replies through [`TelegramOutbox`].
+//! Telegram: takes updates from the Bot API, long-polled or posted to a webhook ([`webhook`]),
+//! turns each into the bot's [`Incoming`], and sends replies through [`TelegramOutbox`].
 //!
-//! We poll `getUpdates` ourselves instead of using teloxide's dispatcher so that we decide when an
-//! update is acknowledged: the offset moves past an update only after [`Bot::handle`] returned for
-//! it (the message is stored and its reply queued). A crash therefore never loses a message;
-//! Telegram delivers it again and the core drops the duplicate.
+//! We take updates ourselves instead of using teloxide's dispatcher or webhook listener so that we
+//! decide when an update is acknowledged: only after [`Bot::handle`] returned for it (the message
+//! is stored and its reply queued) does the offset move past it, or its webhook request get a 2xx.
+//! A crash therefore never loses a message; Telegram delivers it again and the core drops the
+//! duplicate, also when another replica behind the webhook stored it first.
 //!
 //! The bot token is part of every request URL (`/bot<TOKEN>/<method>`), and HTTP client errors
 //! quote that URL, so every error text that leaves this module goes through [`Scrubber`] first.
@@ -31,9 +32,12 @@ use crate::bot::event::{
     SentMessage,
 };
 use crate::bot::Bot;
-use crate::config::{ExposeSecret, PlatformSettings};
+use crate::config::{ExposeSecret, PlatformSettings, TelegramSettings};
 use crate::platform::retry::{self, failed_send, Pause, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
+use crate::store::StoreError;
+
+mod webhook;
 
 /// How long one `getUpdates` call may wait on the server for news. Below the HTTP client's own
 /// 17 s timeout (teloxide's default), so an idle poll ends normally rather than as an error.
@@ -44,18 +48,25 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The first wait after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 
-/// Polls Telegram and feeds every update to `bot` until `shutdown` fires.
+/// Feeds every update Telegram has for the bot to `bot` until `shutdown` fires: long-polled, or,
+/// with `settings.webhook`, posted to this process ([`webhook`]).
 ///
-/// Returns an error only when polling cannot work at all (bad API address, token rejected);
-/// network trouble is logged and retried with backoff.
+/// Returns an error only when updates cannot arrive at all (bad API address, token rejected, an
+/// address that cannot be listened on, a webhook Telegram refuses); network trouble is logged and
+/// retried with backoff.
 pub async fn run(
     bot: Arc<Bot>,
-    settings: PlatformSettings,
+    settings: TelegramSettings,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let outbox = TelegramOutbox::new(&settings)?;
+    let outbox = TelegramOutbox::new(&settings.api)?;
     let api = outbox.api.clone();
     let scrub = outbox.scrub.clone();
+    // Bound first, so that an address in use stops the start before anything is asked of Telegram.
+    let listener = match settings.webhook {
+        Some(hook) => Some(webhook::Listener::bind(hook).await?),
+        None => None,
+    };
 
     let Some(me) = identify(&api, &scrub, &mut shutdown).await? else {
         return Ok(());
@@ -72,6 +83,59 @@ pub async fn run(
     // What the last run claimed and never sent is answered before anything new.
     bot.recover(Platform::Telegram, Some(Arc::clone(&outbox)))
         .await;
+    let inbox = Inbox {
+        bot,
+        identity,
+        outbox,
+    };
+    match listener {
+        Some(listener) => listener.serve(inbox, &api, &scrub, shutdown).await?,
+        None => poll(&inbox, &api, &scrub, &mut shutdown).await?,
+    }
+    info!("telegram stopped");
+    Ok(())
+}
+
+/// Where updates go however they arrive, polled or posted: each is translated into the bot's
+/// event and handed to the bot.
+struct Inbox {
+    bot: Arc<Bot>,
+    identity: BotIdentity,
+    outbox: Arc<dyn Outbox>,
+}
+
+impl Inbox {
+    /// Hands `update` to the bot. `Ok` once Telegram may forget it: it is stored and its reply
+    /// queued, or it carries nothing the bot uses (logged). An error when it could not be
+    /// stored: it must stay unconfirmed, so that Telegram delivers it again.
+    async fn take(&self, update: &Update) -> Result<(), StoreError> {
+        let id = update.id.0;
+        match translate(update, &self.identity) {
+            Ok(event) => {
+                self.bot
+                    .handle_checked(event, Arc::clone(&self.outbox))
+                    .await
+            }
+            Err(Skip::Unreadable(fields)) => {
+                warn!("telegram: skipping unreadable update {id} (fields: {fields})");
+                Ok(())
+            }
+            Err(Skip::Ignored(why)) => {
+                debug!("telegram: ignoring update {id}: {why}");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Long-polls `getUpdates` until `shutdown` fires, moving the offset past an update only once
+/// [`Inbox::take`] returned for it.
+async fn poll(
+    inbox: &Inbox,
+    api: &teloxide::Bot,
+    scrub: &Scrubber,
+    shutdown: &mut Shutdown,
+) -> anyhow::Result<()> {
     // The first update we have not handled yet; 0 asks for the oldest unconfirmed one.
     let mut offset: i64 = 0;
     let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
@@ -80,14 +144,7 @@ pub async fn run(
             .get_updates()
             .offset(clamp_offset(offset))
             .timeout(POLL_TIMEOUT_SECS)
-            // Reactions are only sent when asked for (and, in groups, to admins).
-            .allowed_updates(vec![
-                AllowedUpdate::Message,
-                AllowedUpdate::EditedMessage,
-                AllowedUpdate::ChannelPost,
-                AllowedUpdate::EditedChannelPost,
-                AllowedUpdate::MessageReaction,
-            ]);
+            .allowed_updates(allowed_updates());
         let result = tokio::select! {
             _ = shutdown.wait() => break,
             result = request => result,
@@ -101,13 +158,21 @@ pub async fn run(
                 }
                 None => {
                     warn!("telegram: unreadable getUpdates answer ({source}); retrying");
-                    backoff.wait(&mut shutdown).await;
+                    backoff.wait(shutdown).await;
                     continue;
                 }
             },
+            Err(e) if webhook_is_set(&e) => anyhow::bail!(WEBHOOK_IS_SET),
+            Err(RequestError::Api(ApiError::TerminatedByOtherGetUpdates)) => {
+                // Also met for a moment when a restarted process polls before the old one's
+                // last poll ended, so it is waited out, not fatal.
+                warn!("{ANOTHER_POLLER}");
+                backoff.wait(shutdown).await;
+                continue;
+            }
             Err(e) => {
-                let pause = pause_after(e, &GET_UPDATES, &scrub)?;
-                pause.wait(&mut backoff, &mut shutdown).await;
+                let pause = pause_after(e, &GET_UPDATES, scrub)?;
+                pause.wait(&mut backoff, shutdown).await;
                 continue;
             }
         };
@@ -124,32 +189,61 @@ pub async fn run(
             if id < offset {
                 continue;
             }
-            match translate(&update, &identity) {
-                Ok(event) => {
-                    if let Err(e) = bot.handle_checked(event, outbox.clone()).await {
-                        // Not stored, so not confirmed: the same batch is asked for again.
-                        warn!("telegram: could not store update {id} ({e}); it stays unconfirmed and is fetched again");
-                        stalled = true;
-                        break;
-                    }
-                }
-                Err(Skip::Unreadable(fields)) => {
-                    warn!("telegram: skipping unreadable update {id} (fields: {fields})")
-                }
-                Err(Skip::Ignored(why)) => debug!("telegram: ignoring update {id}: {why}"),
+            if let Err(e) = inbox.take(&update).await {
+                // Not stored, so not confirmed: the same batch is asked for again.
+                warn!("telegram: could not store update {id} ({e}); it stays unconfirmed and is fetched again");
+                stalled = true;
+                break;
             }
             // Only now is the update safe to confirm: it is stored and its reply queued.
             offset = id + 1;
         }
         if stalled {
-            backoff.wait(&mut shutdown).await;
+            backoff.wait(shutdown).await;
         }
     }
 
-    acknowledge(&api, offset).await;
-    info!("telegram stopped");
+    acknowledge(api, offset).await;
     Ok(())
 }
+
+/// The updates the bot asks for, polled or posted. Reactions are only sent when asked for (and,
+/// in groups, to admins).
+fn allowed_updates() -> Vec<AllowedUpdate> {
+    vec![
+        AllowedUpdate::Message,
+        AllowedUpdate::EditedMessage,
+        AllowedUpdate::ChannelPost,
+        AllowedUpdate::EditedChannelPost,
+        AllowedUpdate::MessageReaction,
+    ]
+}
+
+/// Whether `getUpdates` was refused because a webhook is set (409 Conflict). teloxide knows the
+/// old wording only; the Bot API now adds "Conflict: " and advice after it.
+fn webhook_is_set(e: &RequestError) -> bool {
+    match e {
+        RequestError::Api(ApiError::CantGetUpdates) => true,
+        RequestError::Api(ApiError::Unknown(description)) => description
+            .to_ascii_lowercase()
+            .contains("can't use getupdates method while webhook is active"),
+        _ => false,
+    }
+}
+
+/// Why polling stops when a webhook is set. kaiwa does not delete the webhook itself: it may be
+/// that of replicas serving the bot right now (a process started by mistake with the production
+/// token would take every update away from them), and only its owner knows.
+const WEBHOOK_IS_SET: &str = "Telegram refuses getUpdates (409 Conflict): a webhook is set for \
+     this bot, so Telegram posts its updates there instead. To take updates as one of the \
+     replicas behind that webhook, set TELEGRAM_WEBHOOK_URL, TELEGRAM_WEBHOOK_SECRET (the \
+     replicas' shared one) and TELEGRAM_WEBHOOK_LISTEN. To long-poll from this process instead, \
+     stop those replicas and delete the webhook: \
+     curl https://api.telegram.org/bot<TELEGRAM_TOKEN>/deleteWebhook";
+
+const ANOTHER_POLLER: &str = "telegram: another process is polling with this bot token (409 \
+     Conflict); only one may long-poll at a time: stop the other, or run every process as a \
+     webhook replica (TELEGRAM_WEBHOOK_URL)";
 
 /// Calls `getMe` until it answers, so we know which mentions and replies are addressed to us.
 /// `None` when shutdown came first.
@@ -246,34 +340,51 @@ fn salvage_updates(raw: &str) -> Option<Vec<Update>> {
     let items = answer.get("result")?.as_array()?;
     let mut updates = Vec::new();
     for item in items {
-        let Some(id) = item
-            .get("update_id")
-            .and_then(|v| v.as_u64())
-            .and_then(|v| u32::try_from(v).ok())
-        else {
-            warn!("telegram: skipping an update without a valid update_id");
-            continue;
-        };
-        // From text, not `from_value`: teloxide's `UpdateKind` reads its key as a borrowed `&str`,
-        // which a `Value` cannot lend, so every update parsed from a `Value` comes out unreadable.
-        let update = match serde_json::from_str::<Update>(&item.to_string()) {
-            // teloxide leaves an unreadable update's value empty; keep the original for the log.
-            Ok(Update {
-                kind: UpdateKind::Error(_),
-                ..
-            })
-            | Err(_) => Update {
-                id: UpdateId(id),
-                kind: UpdateKind::Error(item.clone()),
-            },
-            Ok(update) => update,
-        };
-        updates.push(update);
+        match update_of(item) {
+            Some(update) => updates.push(update),
+            None => warn!("telegram: skipping an update without a valid update_id"),
+        }
     }
     if updates.is_empty() && !items.is_empty() {
         return None;
     }
     Some(updates)
+}
+
+/// One update of a `getUpdates` answer or a webhook request: as teloxide reads it, or, when it
+/// cannot, marked unreadable with the original kept for the log. `None` without a valid
+/// `update_id`.
+fn update_of(item: &serde_json::Value) -> Option<Update> {
+    let id = item
+        .get("update_id")
+        .and_then(|v| v.as_u64())
+        .and_then(|v| u32::try_from(v).ok())?;
+    // From text, not `from_value`: teloxide's `UpdateKind` reads its key as a borrowed `&str`,
+    // which a `Value` cannot lend, so every update parsed from a `Value` comes out unreadable.
+    let update = match serde_json::from_str::<Update>(&item.to_string()) {
+        // teloxide leaves an unreadable update's value empty; keep the original for the log.
+        Ok(Update {
+            kind: UpdateKind::Error(_),
+            ..
+        })
+        | Err(_) => Update {
+            id: UpdateId(id),
+            kind: UpdateKind::Error(item.clone()),
+        },
+        Ok(update) => update,
+    };
+    Some(update)
+}
+
+/// The update a webhook request carries, read as leniently as a `getUpdates` answer: a lone
+/// surrogate spoils one text, not the update; an update teloxide cannot read is kept (as
+/// unreadable) for its id. `None` when the body holds no update id at all.
+fn posted_update(body: &[u8]) -> Option<Update> {
+    let raw = String::from_utf8_lossy(body);
+    match serde_json::from_str::<serde_json::Value>(&repair_lone_surrogates(&raw)) {
+        Ok(item) => update_of(&item),
+        Err(_) => update_ids_of(&raw)?.into_iter().next(),
+    }
 }
 
 /// `raw` with every `\uXXXX` escape of a lone UTF-16 surrogate (one not in a high–low pair)
@@ -977,6 +1088,57 @@ mod tests {
         assert_eq!(ids[0].id, UpdateId(12));
     }
 
+    #[test]
+    fn a_posted_update_is_read_as_leniently_as_a_polled_one() {
+        let good = json!({"update_id": 9, "message": {"message_id": 2, "date": 1,
+            "chat": private_chat(42), "from": user(42, "Ann"), "text": "hi"}})
+        .to_string();
+        let update = posted_update(good.as_bytes()).unwrap();
+        assert_eq!(update.id, UpdateId(9));
+        assert_eq!(message(update).text, "hi");
+
+        let spoiled = good.replace("\"hi\"", "\"a \\ud800 b\"");
+        assert!(serde_json::from_str::<serde_json::Value>(&spoiled).is_err());
+        assert_eq!(
+            message(posted_update(spoiled.as_bytes()).unwrap()).text,
+            "a \u{fffd} b"
+        );
+
+        let unreadable = posted_update(br#"{"update_id": 5, "message": {"garbage": true}}"#);
+        let unreadable = unreadable.unwrap();
+        assert_eq!(
+            translate(&unreadable, &me()),
+            Err(Skip::Unreadable("message".into()))
+        );
+        let cut = posted_update(br#"{"update_id": 12, "message": {"text": "#).unwrap();
+        assert_eq!(cut.id, UpdateId(12));
+        for nothing in [
+            &b""[..],
+            b"<html>502</html>",
+            b"[]",
+            b"{}",
+            b"\xff\xfe",
+            br#"{"update_id": -1}"#,
+        ] {
+            assert!(posted_update(nothing).is_none(), "{nothing:?}");
+        }
+    }
+
+    #[test]
+    fn a_webhook_conflict_is_told_from_other_refusals() {
+        let api = |e: ApiError| RequestError::Api(e);
+        assert!(webhook_is_set(&api(ApiError::CantGetUpdates)));
+        assert!(webhook_is_set(&api(ApiError::Unknown(
+            "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook \
+             to delete the webhook first"
+                .into()
+        ))));
+        assert!(!webhook_is_set(&api(ApiError::TerminatedByOtherGetUpdates)));
+        assert!(!webhook_is_set(&api(ApiError::Unknown(
+            "Bad Gateway".into()
+        ))));
+    }
+
     /// A valid batch, then cut and overwritten at random (the escapes make surrogates and
     /// broken escapes likely).
     fn spoiled_batch() -> impl proptest::strategy::Strategy<Value = String> {
@@ -1031,6 +1193,20 @@ mod tests {
                 for u in updates {
                     let _ = translate(&u, &me());
                 }
+            }
+        }
+
+        #[test]
+        fn any_webhook_body_is_read_or_refused(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            if let Some(u) = posted_update(&raw) {
+                let _ = translate(&u, &me());
+            }
+        }
+
+        #[test]
+        fn spoiled_webhook_bodies_are_read_or_refused(raw in spoiled_batch()) {
+            if let Some(u) = posted_update(raw.as_bytes()) {
+                let _ = translate(&u, &me());
             }
         }
 

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use crate::support::daemon::{last_lines, spawn_daemon, spawn_daemon_on, WAIT};
 use crate::support::telegram::{
-    group_chat, private_chat, replying_to, user, FakeTelegram, BOT_USERNAME, TOKEN,
+    group_chat, private_chat, replying_to, user, FakeTelegram, BOT_USERNAME, LONE_SURROGATE, TOKEN,
 };
-use crate::support::web::reserved_port;
+use crate::support::web::{http, reserved_port};
 use kaiwa::bot::event::{ChannelRef, Outbox, Platform, SendError};
 use kaiwa::config::{PlatformSettings, Secret};
 use kaiwa::platform::telegram::TelegramOutbox;
@@ -815,4 +815,250 @@ async fn reactions_on_a_reply_are_recorded_as_feedback() {
     assert_eq!(metas[0]["up"], json!([0, 2]));
     assert_eq!(metas[0]["down"], json!([0, 0]));
     daemon.stop().await.unwrap();
+}
+
+/// Where the webhook replicas of a test tell Telegram to post; they serve its path.
+const WEBHOOK_URL: &str = "https://bot.example.test/telegram/hook";
+const WEBHOOK_PATH: &str = "/telegram/hook";
+/// The secret every replica of a test shares.
+const WEBHOOK_SECRET: &str = "replica-Secret_42";
+
+/// The store several replicas share: a SQLite file in `dir`. The one place a test would name
+/// another store (a PostgreSQL URL).
+fn shared_store_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("shared.db").display())
+}
+
+/// The settings of a replica in webhook mode on the store at `store_url`, listening on `port`
+/// (held by the test until the replica listens there).
+fn replica_settings(store_url: &str, port: &tokio::net::TcpSocket) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", store_url.to_string()),
+        ("TELEGRAM_WEBHOOK_URL", WEBHOOK_URL.to_string()),
+        ("TELEGRAM_WEBHOOK_SECRET", WEBHOOK_SECRET.to_string()),
+        (
+            "TELEGRAM_WEBHOOK_LISTEN",
+            port.local_addr().unwrap().to_string(),
+        ),
+    ]
+}
+
+fn as_env<'a>(settings: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
+    settings.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// POSTs `body` to the webhook listener on `port` as Telegram does, with `secret` in its header
+/// (none: no header); the answer's status.
+async fn post_update(port: &tokio::net::TcpSocket, secret: Option<&str>, body: &str) -> u16 {
+    let base = format!("http://{}", port.local_addr().unwrap());
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(secret) = secret {
+        headers.push(("X-Telegram-Bot-Api-Secret-Token", secret));
+    }
+    let line = format!("POST {WEBHOOK_PATH}");
+    let (status, _, _) = http(&base, &line, &headers, body).await.unwrap();
+    status
+}
+
+/// The rows of `channel` for the message `message_id` received (not the bot's own).
+fn received(rows: &[StoredMessage], message_id: i64) -> usize {
+    rows.iter()
+        .filter(|r| r.message_id == message_id.to_string() && !r.from_self)
+        .count()
+}
+
+/// Two replicas on one store are given the same update, as a load balancer retrying it on
+/// another replica gives it: it is stored once and answered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_replicas_on_one_store_answer_a_redelivered_update_once() {
+    let store = tempfile::tempdir().unwrap();
+    let store_url = shared_store_url(&store);
+    let (port_a, port_b) = (reserved_port(), reserved_port());
+    let settings_a = replica_settings(&store_url, &port_a);
+    let (fake, a) = spawn_daemon::<FakeTelegram>(&as_env(&settings_a)).await;
+    let settings_b = replica_settings(&store_url, &port_b);
+    let b = spawn_daemon_on(&fake, &as_env(&settings_b)).await;
+    a.wait_for_log("telegram webhook set").await;
+    b.wait_for_log("telegram webhook set").await;
+
+    let ann = user(4242, "Ann");
+    let message = fake.message(&private_chat(&ann), &ann, "hello, is anyone there?");
+    let update = fake.message_update(&message).to_string();
+    // The 2xx comes once the update is stored: the second replica finds it in the store.
+    assert_eq!(
+        post_update(&port_a, Some(WEBHOOK_SECRET), &update).await,
+        200
+    );
+    assert_eq!(
+        post_update(&port_b, Some(WEBHOOK_SECRET), &update).await,
+        200
+    );
+
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].reply_to_message_id, Some(id_of(&message)));
+    let rows = a
+        .wait_for_rows(&channel(4242), "the message and its reply", |rows| {
+            has_message(rows, id_of(&message)) && has_message(rows, sent[0].message_id())
+        })
+        .await;
+    assert_eq!(received(&rows, id_of(&message)), 1, "{rows:#?}");
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+
+    // Stopped, both have finished every reply they queued: still one.
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(fake.send_attempts(), 1, "{:?}", fake.sent());
+
+    let allowed = [
+        "message",
+        "edited_message",
+        "channel_post",
+        "edited_channel_post",
+        "message_reaction",
+    ]
+    .map(String::from)
+    .to_vec();
+    let calls = fake.set_webhooks();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for call in calls {
+        assert_eq!(call.url, WEBHOOK_URL);
+        assert_eq!(call.secret_token.as_deref(), Some(WEBHOOK_SECRET));
+        assert_eq!(call.allowed_updates.as_ref(), Some(&allowed));
+        assert_ne!(call.drop_pending_updates, Some(true));
+    }
+    // The webhook stays for the replicas still serving; nobody polls.
+    assert_eq!(fake.delete_webhooks(), 0);
+    assert_eq!(fake.calls("getUpdates"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_requests_without_the_right_secret_are_refused_and_not_stored() {
+    let store = tempfile::tempdir().unwrap();
+    let port = reserved_port();
+    let settings = replica_settings(&shared_store_url(&store), &port);
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&as_env(&settings)).await;
+    daemon.wait_for_log("telegram webhook set").await;
+
+    let ann = user(5151, "Ann");
+    let message = fake.message(&private_chat(&ann), &ann, "let me in");
+    let update = fake.message_update(&message).to_string();
+    assert_eq!(post_update(&port, None, &update).await, 401);
+    assert_eq!(
+        post_update(&port, Some("replica-Secret_4"), &update).await,
+        403
+    );
+    assert_eq!(post_update(&port, Some("wrong"), &update).await, 403);
+    // A refusal comes before anything is read, so nothing can be stored after it either.
+    let rows = daemon
+        .store()
+        .channel_messages(&channel(5151))
+        .await
+        .unwrap();
+    assert!(rows.is_empty(), "{rows:#?}");
+
+    // The same update with the secret is taken.
+    assert_eq!(post_update(&port, Some(WEBHOOK_SECRET), &update).await, 200);
+    let sent = fake.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].chat_id, 5151);
+    let logs = daemon.log_capture();
+    daemon.stop().await.unwrap();
+    assert_eq!(fake.send_attempts(), 1);
+    let logs = logs.text();
+    assert!(
+        logs.contains("refused a request with a wrong secret"),
+        "{}",
+        last_lines(&logs, 40)
+    );
+    assert!(!logs.contains(WEBHOOK_SECRET), "the secret was logged");
+}
+
+/// What a request with the right secret carries but kaiwa cannot use is confirmed (200), so that
+/// Telegram does not send it again and again; the updates after it are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_confirms_unreadable_updates_and_goes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let store = tempfile::tempdir().unwrap();
+    let port = reserved_port();
+    let settings = replica_settings(&shared_store_url(&store), &port);
+    let (fake, daemon) = spawn_daemon::<FakeTelegram>(&as_env(&settings)).await;
+    daemon.wait_for_log("telegram webhook set").await;
+
+    let secret = Some(WEBHOOK_SECRET);
+    let not_json = "<html>not an update</html>";
+    assert_eq!(post_update(&port, secret, not_json).await, 200);
+    let unreadable = json!({"update_id": 70, "message": {"garbage": true}}).to_string();
+    assert_eq!(post_update(&port, secret, &unreadable).await, 200);
+    let unused_kind = json!({"update_id": 71, "poll": {"id": "1"}}).to_string();
+    assert_eq!(post_update(&port, secret, &unused_kind).await, 200);
+    let ann = user(6161, "Ann");
+    let spoiled = fake.message(
+        &private_chat(&ann),
+        &ann,
+        &format!("a lone {LONE_SURROGATE} here"),
+    );
+    let spoiled = fake
+        .message_update(&spoiled)
+        .to_string()
+        .replace(LONE_SURROGATE, "\\ud800");
+    assert_eq!(post_update(&port, secret, &spoiled).await, 200);
+    // Said to be longer than any update: refused unread (so none is sent).
+    let mut stream = tokio::net::TcpStream::connect(port.local_addr().unwrap())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: kaiwa\r\nConnection: close\r\n\
+         X-Telegram-Bot-Api-Secret-Token: {WEBHOOK_SECRET}\r\nContent-Length: 2000000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    let message = fake.message(&private_chat(&ann), &ann, "still there?");
+    let update = fake.message_update(&message).to_string();
+    assert_eq!(post_update(&port, secret, &update).await, 200);
+    let rows = daemon
+        .wait_for_rows(&channel(6161), "the spoiled and the good message", |rows| {
+            rows.len() >= 2
+        })
+        .await;
+    let texts: Vec<_> = rows.iter().filter_map(|r| r.text.clone()).collect();
+    assert!(
+        texts.contains(&"a lone \u{fffd} here".to_string()),
+        "{texts:?}"
+    );
+    let logs = daemon.wait_for_log("without a readable update").await;
+    assert!(
+        logs.contains("skipping unreadable update 70"),
+        "{}",
+        last_lines(&logs, 40)
+    );
+    daemon.stop().await.unwrap();
+}
+
+/// A process started to long-poll a bot whose updates go to a webhook stops and says what to do;
+/// it does not delete the webhook the replicas serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_stops_with_advice_when_a_webhook_is_set() {
+    let fake = FakeTelegram::start(TOKEN).await;
+    fake.set_webhook_elsewhere(WEBHOOK_URL);
+    let daemon = spawn_daemon_on(&fake, &[]).await;
+    let logs = daemon.wait_for_log("platform connection failed").await;
+    assert!(
+        logs.contains("a webhook is set") && logs.contains("deleteWebhook"),
+        "{}",
+        last_lines(&logs, 20)
+    );
+    assert!(
+        logs.contains("TELEGRAM_WEBHOOK_URL"),
+        "{}",
+        last_lines(&logs, 20)
+    );
+    assert!(!logs.contains(TOKEN_SECRET), "the token was logged");
+    daemon.stop().await.unwrap();
+    assert_eq!(fake.calls("getUpdates"), 1);
+    assert_eq!(fake.delete_webhooks(), 0);
 }

@@ -47,7 +47,8 @@ impl Peer for () {
 
 /// Starts `P` and the daemon pointed at it, with a fresh database and `env` over the settings
 /// `P` gives and the test defaults (no cooldown, short replies); returns both once they are
-/// connected.
+/// connected. A `DATABASE_URL` in `env` replaces the fresh database: daemons given the same one
+/// share a store, as replicas do.
 pub async fn spawn_daemon<P: Peer>(env: &[(&str, &str)]) -> (P, TestDaemon) {
     let peer = P::start().await;
     let daemon = spawn_daemon_on(&peer, env).await;
@@ -123,6 +124,7 @@ pub struct TestDaemon {
     /// What `kaiwa::app::run` (or `serve_on`) returned; dropped unsent if it panicked.
     done: Option<oneshot::Receiver<anyhow::Result<()>>>,
     store: Store,
+    database_url: String,
 }
 
 /// The last `n` lines of `logs`, for a failure message (all of them can be megabytes).
@@ -178,6 +180,7 @@ impl TestDaemon {
             trigger: Some(trigger),
             done: Some(done),
             store,
+            database_url: db,
         }
     }
 

@@ -1,11 +1,13 @@
 //! A fake Telegram Bot API on 127.0.0.1: a real HTTP server (axum) that answers
 //! `POST /bot<TOKEN>/<method>` with JSON bodies the way api.telegram.org does, so the daemon's real
 //! teloxide client talks to it unchanged. It implements `getMe`, `getUpdates` (long polling,
-//! capped at one second), `sendMessage` and `sendChatAction`; tests queue updates, read what the
-//! bot sent, and inject failures (429 flood control, Markdown rejection).
+//! capped at one second), `sendMessage`, `sendChatAction`, `setWebhook` and `deleteWebhook`; tests
+//! queue updates, read what the bot sent, and inject failures (429 flood control, Markdown
+//! rejection). While a webhook is set, `getUpdates` is refused with 409 Conflict, as the Bot API
+//! does; the fake posts nothing to the webhook (tests post updates to the daemon themselves).
 //!
-//! Only JSON bodies are read: teloxide sends every method kaiwa uses as JSON (multipart is only
-//! for file uploads).
+//! Bodies are read as JSON, and as multipart/form-data text fields: teloxide sends `setWebhook` as
+//! a form (it may carry a certificate file), every other method kaiwa uses as JSON.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -62,6 +65,19 @@ impl SentMessage {
     }
 }
 
+/// One `setWebhook` call, as sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetWebhookCall {
+    pub url: String,
+    pub secret_token: Option<String>,
+    pub allowed_updates: Option<Vec<String>>,
+    pub drop_pending_updates: Option<bool>,
+}
+
+/// What the Bot API answers `getUpdates` with while a webhook is set.
+pub const WEBHOOK_IS_ACTIVE: &str = "Conflict: can't use getUpdates method while webhook is \
+                                     active; use deleteWebhook to delete the webhook first";
+
 /// One `sendChatAction` call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatActionCall {
@@ -100,6 +116,10 @@ struct Inner {
     last_offset: Option<i64>,
     /// The `allowed_updates` of the latest `getUpdates` that gave one (the Bot API keeps it).
     allowed_updates: Option<Vec<String>>,
+    /// Every `setWebhook`, in order; the webhook is set from the first until a `deleteWebhook`.
+    set_webhooks: Vec<SetWebhookCall>,
+    webhook_set: bool,
+    delete_webhooks: usize,
 }
 
 struct Shared {
@@ -285,6 +305,39 @@ impl FakeTelegram {
         self.shared.lock().reject_markdown += 1;
     }
 
+    /// Every `setWebhook` call, in order.
+    pub fn set_webhooks(&self) -> Vec<SetWebhookCall> {
+        self.shared.lock().set_webhooks.clone()
+    }
+
+    /// `deleteWebhook` calls.
+    pub fn delete_webhooks(&self) -> usize {
+        self.shared.lock().delete_webhooks
+    }
+
+    /// Sets a webhook as another deployment would have: `getUpdates` is refused from now on.
+    pub fn set_webhook_elsewhere(&self, url: &str) {
+        let mut inner = self.shared.lock();
+        inner.webhook_set = true;
+        inner.set_webhooks.push(SetWebhookCall {
+            url: url.to_string(),
+            secret_token: None,
+            allowed_updates: None,
+            drop_pending_updates: None,
+        });
+    }
+
+    /// Requests made with `method` (as the Bot API names it, any case).
+    pub fn calls(&self, method: &str) -> usize {
+        let inner = self.shared.lock();
+        inner
+            .calls
+            .iter()
+            .filter(|(m, _)| m.eq_ignore_ascii_case(method))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// Waits until the bot has sent at least `n` messages; panics after `timeout`.
     pub async fn wait_for_sent(&self, n: usize, timeout: Duration) -> Vec<SentMessage> {
         self.wait_until(timeout, &format!("{n} sent message(s)"), |f| {
@@ -427,6 +480,7 @@ fn ok(result: Value) -> Response {
 async fn api(
     State(shared): State<Arc<Shared>>,
     Path((bot, method)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     *shared.lock().calls.entry(method.clone()).or_default() += 1;
@@ -446,18 +500,26 @@ async fn api(
         shared.lock().unauthorized_requests += 1;
         return api_error(StatusCode::UNAUTHORIZED, "Unauthorized");
     }
-    let params: Value = if body.is_empty() {
-        json!({})
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let params = if body.is_empty() {
+        Some(json!({}))
+    } else if let Some(boundary) = content_type
+        .strip_prefix("multipart/form-data")
+        .and_then(|rest| rest.split_once("boundary="))
+        .map(|(_, b)| b.trim_matches('"'))
+    {
+        form_fields(&body, boundary)
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(_) => {
-                return api_error(
-                    StatusCode::BAD_REQUEST,
-                    "Bad Request: the fake Bot API reads JSON bodies only",
-                )
-            }
-        }
+        serde_json::from_slice(&body).ok()
+    };
+    let Some(params) = params else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "Bad Request: the fake Bot API reads JSON and form text fields only",
+        );
     };
     // Method names are case-insensitive in the Bot API, and teloxide sends them as `GetMe`.
     match method.to_ascii_lowercase().as_str() {
@@ -468,6 +530,13 @@ async fn api(
             "has_main_web_app": false,
         })),
         "getupdates" => get_updates(&shared, &params).await,
+        "setwebhook" => set_webhook(&shared, &params),
+        "deletewebhook" => {
+            let mut inner = shared.lock();
+            inner.delete_webhooks += 1;
+            inner.webhook_set = false;
+            ok(json!(true))
+        }
         "sendmessage" => send_message(&shared, &params),
         "sendchataction" => send_chat_action(&shared, &params),
         _ => api_error(StatusCode::NOT_FOUND, "Not Found"),
@@ -486,7 +555,50 @@ fn bad_gateway() -> Response {
         .into_response()
 }
 
+/// The text fields of a multipart/form-data body, as a JSON object of strings; `None` when it
+/// is not one.
+fn form_fields(body: &[u8], boundary: &str) -> Option<Value> {
+    let body = std::str::from_utf8(body).ok()?;
+    let mut fields = serde_json::Map::new();
+    for part in body.split(&format!("--{boundary}")).skip(1) {
+        if part.starts_with("--") {
+            break;
+        }
+        let (head, value) = part.split_once("\r\n\r\n")?;
+        let name = head.split("name=\"").nth(1)?.split('"').next()?;
+        let value = value.strip_suffix("\r\n").unwrap_or(value);
+        fields.insert(name.to_string(), Value::String(value.to_string()));
+    }
+    Some(Value::Object(fields))
+}
+
+fn set_webhook(shared: &Shared, params: &Value) -> Response {
+    let text = |key: &str| params.get(key).and_then(Value::as_str).map(str::to_string);
+    let Some(url) = text("url") else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "Bad Request: bad webhook: url is empty",
+        );
+    };
+    let call = SetWebhookCall {
+        url,
+        secret_token: text("secret_token"),
+        allowed_updates: params.get("allowed_updates").and_then(allowed_list),
+        // A form sends it as text, JSON as a boolean.
+        drop_pending_updates: params
+            .get("drop_pending_updates")
+            .map(|v| v == &json!(true) || v == "true"),
+    };
+    let mut inner = shared.lock();
+    inner.webhook_set = true;
+    inner.set_webhooks.push(call);
+    ok(json!(true))
+}
+
 async fn get_updates(shared: &Shared, params: &Value) -> Response {
+    if shared.lock().webhook_set {
+        return api_error(StatusCode::CONFLICT, WEBHOOK_IS_ACTIVE);
+    }
     let offset = params.get("offset").and_then(Value::as_i64).unwrap_or(0);
     let limit = params
         .get("limit")
