@@ -91,6 +91,10 @@ async fn daemon(
         Arc::new(generator),
         metrics,
     );
+    // A `/reload` in another process on the store reaches this one too.
+    let reloads = tokio::spawn(
+        Arc::clone(&bot).follow_reloads(crate::bot::RELOAD_CHECK_EVERY, shutdown.clone()),
+    );
     if let Some(web) = &web {
         // Web requests in flight died with the last process; their clients are gone.
         bot.recover(crate::domain::Platform::Web, None).await;
@@ -132,6 +136,7 @@ async fn daemon(
     })
     .await;
     platforms.abort_all();
+    reloads.abort();
     store.close().await;
     tracing::info!("stopped");
     Ok(())

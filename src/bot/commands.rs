@@ -71,8 +71,16 @@ impl Bot {
                     g.context_len()
                 )
             }
-            CommandName::Reload => match self.reload_model().await {
-                Ok(g) => format!("Reloaded {}.", g.dir().display()),
+            CommandName::Reload => match self.reload_everywhere().await {
+                Ok((g, true)) => format!(
+                    "Reloaded {}; the other processes on this store follow within {} s.",
+                    g.dir().display(),
+                    crate::bot::RELOAD_CHECK_EVERY.as_secs()
+                ),
+                Ok((g, false)) => format!(
+                    "Reloaded {} here; the other processes on this store could not be told (see the log).",
+                    g.dir().display()
+                ),
                 Err(e) => {
                     tracing::error!(error = %e, "model reload failed");
                     format!("Reload failed, still using the previous model: {e}")

@@ -11,7 +11,7 @@ pub mod split;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use crate::conversation::{self, Speakers};
 use crate::engine::{Reply, ReplyEngine, Request};
 use crate::metrics::Metrics;
 use crate::model::{ChatMessage, GenerateOptions, Generator};
+use crate::shutdown::Shutdown;
 use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance, Store, StoredMessage};
 use event::{
     ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError, SentMessage,
@@ -100,6 +101,9 @@ pub struct Bot {
     settings: Settings,
     store: Store,
     model: RwLock<Arc<Generator>>,
+    /// The store's reload generation the model loaded now answers to (see
+    /// [`Bot::follow_reloads`]).
+    reload_generation: AtomicI64,
     engine: Arc<ReplyEngine>,
     queues: Mutex<HashMap<ChannelRef, mpsc::UnboundedSender<Job>>>,
     generation_slots: Arc<Semaphore>,
@@ -114,6 +118,9 @@ pub struct Bot {
     reply_seconds: Mutex<Option<f64>>,
     metrics: Arc<Metrics>,
 }
+
+/// How often a daemon checks the store for a `/reload` made in another process.
+pub const RELOAD_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Loads the model directory of `settings` (`MODEL_DIR`, on `THREADS` threads), off the async
 /// threads: at start-up and on `/reload`.
@@ -143,6 +150,7 @@ impl Bot {
             settings,
             store,
             model: RwLock::new(model),
+            reload_generation: AtomicI64::new(0),
             queues: Mutex::new(HashMap::new()),
             pending: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -177,6 +185,60 @@ impl Bot {
         }
         *self.model.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&loaded);
         Ok(loaded)
+    }
+
+    /// `/reload`: asks every process on the store to reload its model (they follow within the
+    /// period of their [`Bot::follow_reloads`]), then reloads it here. Also says whether the
+    /// others could be told: a store that cannot be written still gets the model reloaded here.
+    pub async fn reload_everywhere(
+        &self,
+    ) -> Result<(Arc<Generator>, bool), crate::model::ModelError> {
+        let told = match self.store.request_reload().await {
+            Ok(g) => {
+                self.reload_generation.fetch_max(g, Ordering::SeqCst);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not ask the other processes on the store to reload");
+                false
+            }
+        };
+        Ok((self.reload_model().await?, told))
+    }
+
+    /// Reloads the model whenever `/reload` in any process on the store raises the store's
+    /// reload generation, checking every `every` until `shutdown`: with several daemons on one
+    /// store (shards, replicas, a web server of its own), one `/reload` reaches them all.
+    pub async fn follow_reloads(self: Arc<Self>, every: Duration, mut shutdown: Shutdown) {
+        // What the store says now is what the loaded model already answers to.
+        let mut baseline = true;
+        loop {
+            match self.store.reload_generation().await {
+                Ok(g) if baseline => {
+                    self.reload_generation.fetch_max(g, Ordering::SeqCst);
+                    baseline = false;
+                }
+                Ok(g) if self.reload_generation.fetch_max(g, Ordering::SeqCst) < g => {
+                    match self.reload_model().await {
+                        Ok(m) => tracing::info!(
+                            generation = g,
+                            model = %m.dir().display(),
+                            "model reloaded: /reload in another process on the store"
+                        ),
+                        Err(e) => tracing::error!(
+                            generation = g,
+                            error = %e,
+                            "model reload asked by another process failed; still using the previous model"
+                        ),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not check the store for /reload"),
+            }
+            if !shutdown.sleep(every).await {
+                return;
+            }
+        }
     }
 
     /// Handles one event from a platform. Returns once the event is stored and any reply is

@@ -330,6 +330,37 @@ impl Store {
     }
 }
 
+/// The `meta` key of the model reload generation: `/reload` in any process raises it, and every
+/// process on the store reloads its model when it sees it rise.
+const RELOAD_GENERATION: &str = "model_reload_generation";
+
+impl Store {
+    /// Asks every process on this store to reload its model: raises the reload generation and
+    /// returns the new one.
+    pub async fn request_reload(&self) -> Result<i64, StoreError> {
+        Ok(on_engine!(&self.pool, |p| sqlx::query_scalar(
+            "INSERT INTO meta (key, value) VALUES ($1, '1')
+             ON CONFLICT (key) DO UPDATE
+                 SET value = CAST(CAST(meta.value AS BIGINT) + 1 AS TEXT)
+             RETURNING CAST(value AS BIGINT)"
+        )
+        .bind(RELOAD_GENERATION)
+        .fetch_one(p)
+        .await?))
+    }
+
+    /// The reload generation: 0 until the first `/reload` on this store.
+    pub async fn reload_generation(&self) -> Result<i64, StoreError> {
+        let v: Option<i64> = on_engine!(&self.pool, |p| sqlx::query_scalar(
+            "SELECT CAST(value AS BIGINT) FROM meta WHERE key = $1"
+        )
+        .bind(RELOAD_GENERATION)
+        .fetch_optional(p)
+        .await?);
+        Ok(v.unwrap_or(0))
+    }
+}
+
 fn push_corpus_where<'a, DB>(q: &mut QueryBuilder<'a, DB>, f: &CorpusFilter)
 where
     DB: Database,

@@ -610,10 +610,10 @@ async fn two_shard_discord() -> FakeDiscord {
     fake
 }
 
-/// The store sharded daemons share: a SQLite file in `dir` for now (a PostgreSQL URL can take
-/// its place).
-fn shared_store(dir: &tempfile::TempDir) -> String {
-    format!("sqlite://{}", dir.path().join("shared.db").display())
+/// The store sharded daemons share: a fresh database on the test PostgreSQL server, as shard
+/// processes on several machines would share one.
+async fn shared_store() -> String {
+    crate::support::db::database().await
 }
 
 /// A daemon on the store at `database_url` that runs `shards` (`DISCORD_SHARDS`) of `fake`'s.
@@ -654,8 +654,7 @@ fn delivered_on(fake: &FakeDiscord, message: &Value) -> Vec<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_each_answer_only_the_guilds_of_their_shard_and_shard_0_the_dms() {
     let fake = two_shard_discord().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = shared_store(&dir);
+    let store = shared_store().await;
     let zero = sharded_daemon(&fake, &store, "0/2").await;
     let one = sharded_daemon(&fake, &store, "1/2").await;
     for shard in [0, 1] {
@@ -756,8 +755,7 @@ async fn auto_runs_every_recommended_shard_in_one_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_each_process_takes_up_only_what_its_shards_left() {
     let fake = two_shard_discord().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = shared_store(&dir);
+    let store = shared_store().await;
     // A first run, so each channel has a recent stored message to catch up after.
     let zero = sharded_daemon(&fake, &store, "0/2").await;
     let one = sharded_daemon(&fake, &store, "1/2").await;

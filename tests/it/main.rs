@@ -22,6 +22,7 @@ mod eval;
 mod model_dir;
 mod onnx_runtime;
 mod poison;
+mod replicas;
 mod signals;
 mod store;
 mod telegram;

@@ -823,10 +823,10 @@ const WEBHOOK_PATH: &str = "/telegram/hook";
 /// The secret every replica of a test shares.
 const WEBHOOK_SECRET: &str = "replica-Secret_42";
 
-/// The store several replicas share: a SQLite file in `dir`. The one place a test would name
-/// another store (a PostgreSQL URL).
-fn shared_store_url(dir: &tempfile::TempDir) -> String {
-    format!("sqlite://{}", dir.path().join("shared.db").display())
+/// The store several replicas share: a fresh database on the test PostgreSQL server, as replicas
+/// on several machines would share one.
+async fn shared_store_url() -> String {
+    crate::support::db::database().await
 }
 
 /// The settings of a replica in webhook mode on the store at `store_url`, listening on `port`
@@ -871,8 +871,7 @@ fn received(rows: &[StoredMessage], message_id: i64) -> usize {
 /// another replica gives it: it is stored once and answered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_replicas_on_one_store_answer_a_redelivered_update_once() {
-    let store = tempfile::tempdir().unwrap();
-    let store_url = shared_store_url(&store);
+    let store_url = shared_store_url().await;
     let (port_a, port_b) = (reserved_port(), reserved_port());
     let settings_a = replica_settings(&store_url, &port_a);
     let (fake, a) = spawn_daemon::<FakeTelegram>(&as_env(&settings_a)).await;
@@ -933,9 +932,8 @@ async fn webhook_replicas_on_one_store_answer_a_redelivered_update_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_requests_without_the_right_secret_are_refused_and_not_stored() {
-    let store = tempfile::tempdir().unwrap();
     let port = reserved_port();
-    let settings = replica_settings(&shared_store_url(&store), &port);
+    let settings = replica_settings(&shared_store_url().await, &port);
     let (fake, daemon) = spawn_daemon::<FakeTelegram>(&as_env(&settings)).await;
     daemon.wait_for_log("telegram webhook set").await;
 
@@ -977,9 +975,8 @@ async fn webhook_requests_without_the_right_secret_are_refused_and_not_stored() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_confirms_unreadable_updates_and_goes_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let store = tempfile::tempdir().unwrap();
     let port = reserved_port();
-    let settings = replica_settings(&shared_store_url(&store), &port);
+    let settings = replica_settings(&shared_store_url().await, &port);
     let (fake, daemon) = spawn_daemon::<FakeTelegram>(&as_env(&settings)).await;
     daemon.wait_for_log("telegram webhook set").await;
 

@@ -1,5 +1,5 @@
-//! The platform-neutral core in-process: the bot on a fresh SQLite store and the tiny model,
-//! with an outbox that records what it sends.
+//! The platform-neutral core in-process: the bot on a fresh SQLite store (or one it is given) and
+//! the tiny model, with an outbox that records what it sends.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,9 +72,18 @@ pub async fn harness(extra: &[(&str, &str)]) -> Harness {
     harness_on(extra, &super::model::tiny_model_dir()).await
 }
 
+/// [`harness`] on the model in `model`. A `DATABASE_URL` in `extra` names the store (one that
+/// other harnesses or processes share); else it is a fresh SQLite file in the harness's dir.
 pub async fn harness_on(extra: &[(&str, &str)], model: &std::path::Path) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("kaiwa.db").display());
+    let db = extra
+        .iter()
+        .rev()
+        .find(|(k, _)| *k == "DATABASE_URL")
+        .map_or_else(
+            || format!("sqlite://{}", dir.path().join("kaiwa.db").display()),
+            |(_, url)| url.to_string(),
+        );
     let mut env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), db.clone()),
         ("USER_COOLDOWN_MS".into(), "0".into()),

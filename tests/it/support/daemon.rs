@@ -124,7 +124,6 @@ pub struct TestDaemon {
     /// What `kaiwa::app::run` (or `serve_on`) returned; dropped unsent if it panicked.
     done: Option<oneshot::Receiver<anyhow::Result<()>>>,
     store: Store,
-    database_url: String,
 }
 
 /// The last `n` lines of `logs`, for a failure message (all of them can be megabytes).
@@ -180,7 +179,6 @@ impl TestDaemon {
             trigger: Some(trigger),
             done: Some(done),
             store,
-            database_url: db,
         }
     }
 
