@@ -91,10 +91,13 @@ async fn daemon(
         Arc::new(generator),
         metrics,
     );
-    // A `/reload` in another process on the store reaches this one too.
-    let reloads = tokio::spawn(
-        Arc::clone(&bot).follow_reloads(crate::bot::RELOAD_CHECK_EVERY, shutdown.clone()),
-    );
+    // Other daemons on the store see this one alive before it claims anything, and a `/reload`
+    // in any of them reaches this one.
+    // A store that cannot be written now (locked, say) is told on the next beat instead.
+    if let Err(e) = store.announce().await {
+        tracing::warn!(error = %e, "could not tell the store this daemon is alive; trying again in a moment");
+    }
+    let in_step = tokio::spawn(Arc::clone(&bot).keep_in_step(crate::bot::STORE_CHECK_EVERY));
     if let Some(web) = &web {
         // Web requests in flight died with the last process; their clients are gone.
         bot.recover(crate::domain::Platform::Web, None).await;
@@ -136,7 +139,11 @@ async fn daemon(
     })
     .await;
     platforms.abort_all();
-    reloads.abort();
+    // What is still pending now was left unanswered: the next daemon to start takes it at once.
+    in_step.abort();
+    if let Err(e) = store.leave().await {
+        tracing::warn!(error = %e, "could not tell the store this daemon stopped");
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -33,6 +33,8 @@ pub enum BenchError {
 /// What the corpus benchmark measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct CorpusReport {
+    /// The store's engine: `sqlite` or `postgres`.
+    pub engine: &'static str,
     pub messages: u64,
     pub chats: u64,
     pub export_file_mib: f64,
@@ -40,6 +42,8 @@ pub struct CorpusReport {
     pub import_messages_per_s: f64,
     pub import_peak_rss_mib: f64,
     pub exports: Vec<ExportFigures>,
+    /// The store's size after the import (file pages, or tables and indexes).
+    pub store_mib: f64,
 }
 
 /// One timed export.
@@ -114,12 +118,18 @@ pub fn write_telegram_export(path: &Path, messages: u64, per_chat: u64) -> std::
     Ok(chats)
 }
 
-/// Runs the benchmark in `dir` (a scratch directory) with `messages` messages.
-pub async fn bench_corpus(dir: &Path, messages: u64) -> Result<CorpusReport, BenchError> {
+/// Runs the benchmark in `dir` (a scratch directory) with `messages` messages, on a SQLite
+/// store there or, with `postgres`, in a scratch schema on that server
+/// ([`super::open_bench_store`]).
+pub async fn bench_corpus(
+    dir: &Path,
+    postgres: Option<&str>,
+    messages: u64,
+) -> Result<CorpusReport, BenchError> {
     let json = dir.join("result.json");
     let chats = write_telegram_export(&json, messages, 1000)?;
     let export_file_mib = std::fs::metadata(&json)?.len() as f64 / (1024.0 * 1024.0);
-    let store = Store::open(dir.join("bench.db").to_str().unwrap_or("bench.db")).await?;
+    let store: Store = super::open_bench_store(dir, postgres, "bench").await?;
 
     reset_peak_rss();
     let t = Instant::now();
@@ -156,8 +166,12 @@ pub async fn bench_corpus(dir: &Path, messages: u64) -> Result<CorpusReport, Ben
             peak_rss_mib: peak_rss_mib(),
         });
     }
-    store.close().await;
+    let store_mib = store.size_bytes().await? as f64 / (1024.0 * 1024.0);
+    let engine = store.engine();
+    super::close_bench_store(store).await?;
     Ok(CorpusReport {
+        engine,
+        store_mib,
         messages: imported.messages,
         chats,
         export_file_mib,

@@ -86,6 +86,38 @@ pub fn suite_prompts(suites: &[PathBuf]) -> Result<Vec<String>, PromptsError> {
     Ok(prompts)
 }
 
+/// Opens the scratch store a store benchmark runs on: a SQLite file `NAME.db` in `dir`, or, with
+/// `postgres` (a server URL), a schema of its own there (`kaiwa_scratch_NAME_PID`), so that both
+/// engines are measured in one run on the same machine. Give it back with
+/// [`close_bench_store`].
+pub async fn open_bench_store(
+    dir: &Path,
+    postgres: Option<&str>,
+    name: &str,
+) -> Result<crate::store::Store, crate::store::StoreError> {
+    match postgres {
+        Some(url) => {
+            let schema = format!("{name}_{}", std::process::id()).replace('-', "_");
+            crate::store::Store::open_scratch(url, &schema).await
+        }
+        None => {
+            let file = dir.join(format!("{name}.db"));
+            crate::store::Store::open(&file.display().to_string()).await
+        }
+    }
+}
+
+/// Closes a store of [`open_bench_store`], dropping a PostgreSQL scratch schema (a SQLite file
+/// stays in the scratch directory, which `--dir` keeps).
+pub async fn close_bench_store(store: crate::store::Store) -> Result<(), crate::store::StoreError> {
+    if store.engine() == "postgres" {
+        store.drop_scratch().await
+    } else {
+        store.close().await;
+        Ok(())
+    }
+}
+
 /// Peak resident set size of this process (`VmHWM`), in MiB (0 where it cannot be read).
 pub fn peak_rss_mib() -> f64 {
     proc_status_kib("VmHWM:") / 1024.0

@@ -47,9 +47,12 @@ pub struct ReplyStep {
     pub store_mib: f64,
 }
 
-/// Runs the benchmark in `dir` (the scratch store goes there) for the cumulative `sizes`.
+/// Runs the benchmark for the cumulative `sizes` on a scratch store: a SQLite file in `dir`
+/// (grown, not refilled, when kept from an earlier run) or, with `postgres`, a fresh schema on
+/// that server ([`super::open_bench_store`]).
 pub async fn bench_reply(
     dir: &Path,
+    postgres: Option<&str>,
     generator: &Generator,
     engine: &ReplyEngine,
     sentences_file: &Path,
@@ -57,8 +60,7 @@ pub async fn bench_reply(
     sizes: &[u64],
 ) -> Result<Vec<ReplyStep>, ReplyBenchError> {
     let sentences = read_sentences(sentences_file)?;
-    let db = dir.join("bench-reply.db");
-    let store = Store::open(&db.display().to_string()).await?;
+    let store: Store = super::open_bench_store(dir, postgres, "bench-reply").await?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     // A store kept from an earlier run (`--dir`) is grown, not refilled.
     let mut have = store
@@ -125,7 +127,7 @@ pub async fn bench_reply(
             tokio::task::block_in_place(|| engine.reply(generator, &request, retrieval, &|| true))?;
             reply_ms.push(started.elapsed().as_secs_f64() * 1e3);
         }
-        let store_mib = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
+        let store_mib = store.size_bytes().await? as f64 / 1048576.0;
         let step = ReplyStep {
             pairs: have,
             index_pairs_per_s: grown.then(|| added as f64 / index_seconds.max(1e-9)),
@@ -140,7 +142,7 @@ pub async fn bench_reply(
         tracing::info!(?step, "reply benchmark step");
         steps.push(step);
     }
-    store.close().await;
+    super::close_bench_store(store).await?;
     Ok(steps)
 }
 

@@ -75,7 +75,7 @@ impl Bot {
                 Ok((g, true)) => format!(
                     "Reloaded {}; the other processes on this store follow within {} s.",
                     g.dir().display(),
-                    crate::bot::RELOAD_CHECK_EVERY.as_secs()
+                    crate::bot::STORE_CHECK_EVERY.as_secs()
                 ),
                 Ok((g, false)) => format!(
                     "Reloaded {} here; the other processes on this store could not be told (see the log).",

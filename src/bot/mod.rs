@@ -23,7 +23,6 @@ use crate::conversation::{self, Speakers};
 use crate::engine::{Reply, ReplyEngine, Request};
 use crate::metrics::Metrics;
 use crate::model::{ChatMessage, GenerateOptions, Generator};
-use crate::shutdown::Shutdown;
 use crate::store::{now_ms, Insert, NewMessage, ReplyProvenance, Store, StoredMessage};
 use event::{
     ChannelRef, ChatKind, Incoming, IncomingMessage, Outbox, Platform, SendError, SentMessage,
@@ -79,6 +78,8 @@ struct Recovered {
     resumed: usize,
     already_sent: usize,
     failed: usize,
+    /// Held by a daemon still running (another shard, a replica): left to it.
+    held: usize,
 }
 
 /// A place in the reply queue ([`Bot::reserve`]), given back on drop.
@@ -102,7 +103,7 @@ pub struct Bot {
     store: Store,
     model: RwLock<Arc<Generator>>,
     /// The store's reload generation the model loaded now answers to (see
-    /// [`Bot::follow_reloads`]).
+    /// [`Bot::keep_in_step`]).
     reload_generation: AtomicI64,
     engine: Arc<ReplyEngine>,
     queues: Mutex<HashMap<ChannelRef, mpsc::UnboundedSender<Job>>>,
@@ -119,8 +120,9 @@ pub struct Bot {
     metrics: Arc<Metrics>,
 }
 
-/// How often a daemon checks the store for a `/reload` made in another process.
-pub const RELOAD_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// How often a daemon tells the store it is alive and checks it for a `/reload` made in another
+/// process ([`Bot::keep_in_step`]).
+pub const STORE_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Loads the model directory of `settings` (`MODEL_DIR`, on `THREADS` threads), off the async
 /// threads: at start-up and on `/reload`.
@@ -188,7 +190,7 @@ impl Bot {
     }
 
     /// `/reload`: asks every process on the store to reload its model (they follow within the
-    /// period of their [`Bot::follow_reloads`]), then reloads it here. Also says whether the
+    /// period of their [`Bot::keep_in_step`]), then reloads it here. Also says whether the
     /// others could be told: a store that cannot be written still gets the model reloaded here.
     pub async fn reload_everywhere(
         &self,
@@ -206,13 +208,18 @@ impl Bot {
         Ok((self.reload_model().await?, told))
     }
 
-    /// Reloads the model whenever `/reload` in any process on the store raises the store's
-    /// reload generation, checking every `every` until `shutdown`: with several daemons on one
-    /// store (shards, replicas, a web server of its own), one `/reload` reaches them all.
-    pub async fn follow_reloads(self: Arc<Self>, every: Duration, mut shutdown: Shutdown) {
-        // What the store says now is what the loaded model already answers to.
+    /// Keeps this daemon in step with the others on its store, every `every` until the task is
+    /// stopped (stop it after [`Bot::shutdown`], so that replies still draining stay this
+    /// daemon's): says it is alive ([`Store::announce`]), and reloads the model whenever
+    /// `/reload` in any process on the store raised its reload generation. With several daemons
+    /// on one store (shards, replicas, a web server of its own), one `/reload` reaches them all.
+    pub async fn keep_in_step(self: Arc<Self>, every: Duration) {
+        // What the store says at first is what the loaded model already answers to.
         let mut baseline = true;
         loop {
+            if let Err(e) = self.store.announce().await {
+                tracing::warn!(error = %e, "could not tell the store this daemon is alive");
+            }
             match self.store.reload_generation().await {
                 Ok(g) if baseline => {
                     self.reload_generation.fetch_max(g, Ordering::SeqCst);
@@ -235,9 +242,7 @@ impl Bot {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "could not check the store for /reload"),
             }
-            if !shutdown.sleep(every).await {
-                return;
-            }
+            tokio::time::sleep(every).await;
         }
     }
 
@@ -305,86 +310,129 @@ impl Bot {
     /// [`Bot::recover`] for `rows`, pending replies of `platform` the caller took from the
     /// store ([`Store::pending_replies`]) and knows to be its own: a Discord process that runs
     /// some of the bot's shards recovers only those of its shards' guilds.
+    ///
+    /// Only claims no running daemon holds are taken over ([`Store::take_over_claim`]): a
+    /// replica starting beside one that is still generating a reply leaves it alone. Claims of
+    /// a daemon that crashed moments ago look held until it is missed for
+    /// [`crate::store::PROCESS_GONE_AFTER`], so they are looked at once more after that.
     pub async fn recover_rows(
         self: &Arc<Self>,
         platform: Platform,
         rows: Vec<StoredMessage>,
         outbox: Option<Arc<dyn Outbox>>,
     ) {
-        match self.recover_pending(platform, rows, outbox).await {
-            Ok(r) if r == Recovered::default() => {}
-            Ok(r) => {
-                self.metrics.recovered("resumed", r.resumed);
-                self.metrics.recovered("already_sent", r.already_sent);
-                self.metrics.recovered("failed", r.failed);
-                tracing::info!(
-                %platform,
-                resumed = r.resumed,
-                already_sent = r.already_sent,
-                failed = r.failed,
-                "replies left by the last run"
-                )
-            }
-            Err(e) => tracing::error!(%platform, error = %e, "could not recover pending replies"),
+        let held = self.recover_pending(platform, rows, &outbox).await;
+        if held.is_empty() {
+            return;
         }
+        let bot = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(crate::store::PROCESS_GONE_AFTER + STORE_CHECK_EVERY).await;
+            let still_held = bot.recover_pending(platform, held, &outbox).await;
+            if !still_held.is_empty() {
+                tracing::info!(
+                    %platform,
+                    held = still_held.len(),
+                    "pending replies stay with the running daemons that claimed them"
+                );
+            }
+        });
     }
 
+    /// Recovers `rows` as [`Bot::recover_rows`] says, logging what it did and any error;
+    /// returns the rows a running daemon holds.
     async fn recover_pending(
         self: &Arc<Self>,
         platform: Platform,
         rows: Vec<StoredMessage>,
-        outbox: Option<Arc<dyn Outbox>>,
-    ) -> Result<Recovered, crate::store::StoreError> {
-        let oldest = now_ms() - self.settings.recover_max_age.as_millis() as i64;
+        outbox: &Option<Arc<dyn Outbox>>,
+    ) -> Vec<StoredMessage> {
         let mut r = Recovered::default();
+        let mut held = Vec::new();
         for row in rows {
-            let channel = ChannelRef::new(platform, &row.chat_id).with_thread(&row.thread_id);
-            let id = row.message_id.as_str();
-            if self.store.has_own_answer(&channel, id).await? {
-                self.store
-                    .mark_reply_sent(&channel, id, "sent before a restart")
-                    .await?;
-                r.already_sent += 1;
-                continue;
-            }
-            let why = match (&row.text, &outbox) {
-                (_, None) => Some("the client left with the last run".to_string()),
-                (None, _) => Some("deleted before it was answered".to_string()),
-                (Some(t), _) if conversation::is_bot_command(t) => {
-                    Some("a command left by a restart is not run again".to_string())
+            match self.recover_one(platform, &row, outbox, &mut r).await {
+                Ok(true) => {}
+                Ok(false) => held.push(row),
+                Err(e) => {
+                    tracing::error!(%platform, error = %e, "could not recover a pending reply")
                 }
-                _ if row.sent_at_ms < oldest => Some(format!(
-                    "not answered before a restart, and older than {} minutes \
-                     (RECOVER_MAX_AGE_MINUTES)",
-                    self.settings.recover_max_age.as_secs() / 60
-                )),
-                _ => None,
-            };
-            if let Some(why) = why {
-                self.store.fail_reply(&channel, id, &why).await?;
-                r.failed += 1;
-                continue;
             }
-            let (Some(text), Some(outbox)) = (row.text.clone(), outbox.clone()) else {
-                continue;
-            };
-            let message = IncomingMessage {
-                channel,
-                kind: row.chat_kind,
-                message_id: row.message_id.clone(),
-                author_id: row.author_id.clone(),
-                author_name: row.author_name.clone(),
-                author_is_bot: row.author_is_bot,
-                text,
-                reply_to: row.reply_to.clone(),
-                replies_to_bot: false,
-                mentions_bot: false,
-                sent_at_ms: row.sent_at_ms,
-            };
-            self.enqueue(Job { message, outbox });
-            r.resumed += 1;
         }
-        Ok(r)
+        r.held = held.len();
+        if r != Recovered::default() {
+            self.metrics.recovered("resumed", r.resumed);
+            self.metrics.recovered("already_sent", r.already_sent);
+            self.metrics.recovered("failed", r.failed);
+            tracing::info!(
+                %platform,
+                resumed = r.resumed,
+                already_sent = r.already_sent,
+                failed = r.failed,
+                held_by_running_daemons = r.held,
+                "replies left by the last run"
+            )
+        }
+        held
+    }
+
+    /// Recovers one pending reply, counting it in `r`; `false` when a running daemon holds it.
+    async fn recover_one(
+        self: &Arc<Self>,
+        platform: Platform,
+        row: &StoredMessage,
+        outbox: &Option<Arc<dyn Outbox>>,
+        r: &mut Recovered,
+    ) -> Result<bool, crate::store::StoreError> {
+        let oldest = now_ms() - self.settings.recover_max_age.as_millis() as i64;
+        let channel = ChannelRef::new(platform, &row.chat_id).with_thread(&row.thread_id);
+        let id = row.message_id.as_str();
+        if !self.store.take_over_claim(&channel, id).await? {
+            return Ok(false);
+        }
+        if self.store.has_own_answer(&channel, id).await? {
+            self.store
+                .mark_reply_sent(&channel, id, "sent before a restart")
+                .await?;
+            r.already_sent += 1;
+            return Ok(true);
+        }
+        let why = match (&row.text, outbox) {
+            (_, None) => Some("the client left with the last run".to_string()),
+            (None, _) => Some("deleted before it was answered".to_string()),
+            (Some(t), _) if conversation::is_bot_command(t) => {
+                Some("a command left by a restart is not run again".to_string())
+            }
+            _ if row.sent_at_ms < oldest => Some(format!(
+                "not answered before a restart, and older than {} minutes \
+                 (RECOVER_MAX_AGE_MINUTES)",
+                self.settings.recover_max_age.as_secs() / 60
+            )),
+            _ => None,
+        };
+        if let Some(why) = why {
+            self.store.fail_reply(&channel, id, &why).await?;
+            r.failed += 1;
+            return Ok(true);
+        }
+        let (Some(text), Some(outbox)) = (row.text.clone(), outbox.clone()) else {
+            return Ok(true);
+        };
+        let message = IncomingMessage {
+            channel,
+            kind: row.chat_kind,
+            message_id: row.message_id.clone(),
+            author_id: row.author_id.clone(),
+            author_name: row.author_name.clone(),
+            author_is_bot: row.author_is_bot,
+            text,
+            reply_to: row.reply_to.clone(),
+            replies_to_bot: false,
+            mentions_bot: false,
+            sent_at_ms: row.sent_at_ms,
+        };
+        self.enqueue(Job { message, outbox });
+        r.resumed += 1;
+        Ok(true)
     }
 
     /// A message missed while kaiwa was down (found by a platform's catch-up): stored, and

@@ -12,7 +12,11 @@
 //! `migrations/postgres`, kept in step by a test), the retrieval index (FTS5 in SQLite, a
 //! posting table in PostgreSQL, both scored with bm25) and one aggregate of the export.
 
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -81,6 +85,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
+    /// A scratch schema ([`Store::open_scratch`]) that cannot be made or dropped.
+    #[error("scratch schema: {0}")]
+    Scratch(String),
 }
 
 /// A message to store.
@@ -236,15 +243,17 @@ async fn claim_reply_in(
     tx: &mut Tx,
     channel: &ChannelRef,
     message_id: &str,
+    owner: &str,
 ) -> Result<bool, StoreError> {
     let claimed = on_engine!(tx, |t| sqlx::query(
-        "INSERT INTO replies (platform, chat_id, message_id, state, claimed_at_ms)
-         VALUES ($1, $2, $3, 'pending', $4) ON CONFLICT DO NOTHING",
+        "INSERT INTO replies (platform, chat_id, message_id, state, claimed_at_ms, owner)
+         VALUES ($1, $2, $3, 'pending', $4, $5) ON CONFLICT DO NOTHING",
     )
     .bind(channel.platform.as_str())
     .bind(&channel.chat_id)
     .bind(message_id)
     .bind(now_ms())
+    .bind(owner)
     .execute(&mut **t)
     .await?
     .rows_affected());
@@ -360,6 +369,57 @@ pub fn now_ms() -> i64 {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: Pool,
+    /// Who this opening of the store is, in `processes` and in the claims it makes.
+    owner: Arc<str>,
+}
+
+/// A daemon not seen in `processes` for this long is gone: a starting daemon answers the
+/// replies it claimed. Several times [`Store::announce`]'s period, with room for clocks that
+/// differ a little between machines.
+pub const PROCESS_GONE_AFTER: Duration = Duration::from_secs(30);
+
+/// A name for one opening of the store, unique across processes and machines:
+/// `host:pid:start:n`.
+fn owner_id() -> Arc<str> {
+    static OPENED: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}:{}:{}:{}",
+        host_name(),
+        std::process::id(),
+        now_ms(),
+        OPENED.fetch_add(1, Ordering::Relaxed)
+    )
+    .into()
+}
+
+/// The stores of this process that [`Store::announce`]d and have not left: the daemons running
+/// here (tests run several in one process).
+static ANNOUNCED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Whether the daemon `owner`, which said it runs as `pid` on `host`, may still be running: on
+/// another machine, yes (its last word in the store decides); in this process, when it is one
+/// of [`ANNOUNCED`]; in another process here, when that process exists (`/proc`; without
+/// `/proc`, yes).
+fn process_alive(owner: &str, host: &str, pid: i64) -> bool {
+    if host != host_name() {
+        return true;
+    }
+    if pid == i64::from(std::process::id()) {
+        return ANNOUNCED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(owner);
+    }
+    !Path::new("/proc/self").exists() || Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// This machine's name (Linux), for people reading `processes`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Connections a PostgreSQL store keeps open per process: the daemon's handlers, the reply
@@ -384,18 +444,11 @@ impl Store {
             source,
         };
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let options = PgConnectOptions::from_str(url)
-                .map_err(open_err)?
-                .application_name("kaiwa")
-                .log_slow_statements(log::LevelFilter::Debug, SLOW_STATEMENT);
-            let pool = PgPoolOptions::new()
-                .max_connections(POSTGRES_CONNECTIONS)
-                .connect_with(options)
-                .await
-                .map_err(open_err)?;
+            let pool = Store::open_postgres_pool(url, None).await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
             return Ok(Store {
                 pool: Engine::Postgres(pool),
+                owner: owner_id(),
             });
         }
         let url_form = if url.starts_with("sqlite:") {
@@ -422,7 +475,108 @@ impl Store {
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(Store {
             pool: Engine::Sqlite(pool),
+            owner: owner_id(),
         })
+    }
+
+    /// Opens a new, empty schema of its own on the PostgreSQL server at `url`, named
+    /// `kaiwa_scratch_<name>`, and the store in it: for benchmarks that measure PostgreSQL
+    /// beside SQLite without touching the database's own tables. [`Store::drop_scratch`]
+    /// removes it. The role in `url` must be allowed to create schemas.
+    pub async fn open_scratch(url: &str, name: &str) -> Result<Self, StoreError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(StoreError::Scratch(format!(
+                "{} is not a postgres:// URL",
+                display_url(url)
+            )));
+        }
+        let schema = format!("kaiwa_scratch_{name}");
+        if !schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(StoreError::Scratch(format!(
+                "{schema:?} is not a plain lower-case name"
+            )));
+        }
+        let admin = Store::open_postgres_pool(url, None).await?;
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let pool = Store::open_postgres_pool(url, Some(&schema)).await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Store {
+            pool: Engine::Postgres(pool),
+            owner: owner_id(),
+        })
+    }
+
+    /// Drops the schema [`Store::open_scratch`] made, with everything in it, and closes the
+    /// store. Refuses any other store.
+    pub async fn drop_scratch(self) -> Result<(), StoreError> {
+        let Engine::Postgres(pool) = &self.pool else {
+            return Err(StoreError::Scratch(
+                "a SQLite store has no scratch schema".into(),
+            ));
+        };
+        let schema: String = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(pool)
+            .await?;
+        if !schema.starts_with("kaiwa_scratch_") {
+            return Err(StoreError::Scratch(format!(
+                "the store is in schema {schema:?}, not one open_scratch made"
+            )));
+        }
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(pool)
+            .await?;
+        self.close().await;
+        Ok(())
+    }
+
+    /// The pool of a PostgreSQL store at `url`, its tables in `schema` when given.
+    async fn open_postgres_pool(url: &str, schema: Option<&str>) -> Result<PgPool, StoreError> {
+        let open_err = |source| StoreError::Open {
+            url: display_url(url),
+            source,
+        };
+        let mut options = PgConnectOptions::from_str(url)
+            .map_err(open_err)?
+            .application_name("kaiwa")
+            .log_slow_statements(log::LevelFilter::Debug, SLOW_STATEMENT);
+        if let Some(schema) = schema {
+            options = options.options([("search_path", schema)]);
+        }
+        PgPoolOptions::new()
+            .max_connections(POSTGRES_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(open_err)
+    }
+
+    /// What the store takes on disk, in bytes: the SQLite file's pages, or the PostgreSQL
+    /// tables (with their indexes) of the store's schema.
+    pub async fn size_bytes(&self) -> Result<u64, StoreError> {
+        let bytes: i64 =
+            match &self.pool {
+                Engine::Sqlite(p) => sqlx::query_scalar(
+                    "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                )
+                .fetch_one(p)
+                .await?,
+                Engine::Postgres(p) => {
+                    sqlx::query_scalar(
+                        "SELECT CAST(COALESCE(SUM(pg_total_relation_size(c.oid)), 0) AS BIGINT)
+                     FROM pg_class c
+                     WHERE c.relnamespace = CAST(current_schema() AS regnamespace)
+                       AND c.relkind IN ('r', 'm')",
+                    )
+                    .fetch_one(p)
+                    .await?
+                }
+            };
+        Ok(bytes.max(0) as u64)
     }
 
     /// Which engine the store is on: `"sqlite"` or `"postgres"`.
@@ -517,7 +671,7 @@ impl Store {
         let mut tx = self.begin().await?;
         let inserted = insert_message_in(&mut tx, m).await?;
         if claim && inserted != Insert::Duplicate {
-            claim_reply_in(&mut tx, &m.channel, &m.message_id).await?;
+            claim_reply_in(&mut tx, &m.channel, &m.message_id, &self.owner).await?;
         }
         tx.commit().await?;
         Ok(inserted)
@@ -530,7 +684,7 @@ impl Store {
         message_id: &str,
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        let claimed = claim_reply_in(&mut tx, channel, message_id).await?;
+        let claimed = claim_reply_in(&mut tx, channel, message_id, &self.owner).await?;
         tx.commit().await?;
         Ok(claimed)
     }
@@ -640,6 +794,109 @@ impl Store {
         .bind(platform.as_str())
         .fetch_all(p)
         .await?))
+    }
+
+    /// Says that the daemon on this store is alive (call it every few seconds, well within
+    /// [`PROCESS_GONE_AFTER`]): the replies it claimed are its own to answer.
+    pub async fn announce(&self) -> Result<(), StoreError> {
+        ANNOUNCED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.owner.to_string());
+        let now = now_ms();
+        on_engine!(&self.pool, |p| sqlx::query(
+            "INSERT INTO processes (id, host, pid, started_at_ms, seen_at_ms)
+             VALUES ($1, $2, $3, $4, $4)
+             ON CONFLICT (id) DO UPDATE SET seen_at_ms = excluded.seen_at_ms"
+        )
+        .bind(&*self.owner)
+        .bind(host_name())
+        .bind(i64::from(std::process::id()))
+        .bind(now)
+        .execute(p)
+        .await?
+        .rows_affected());
+        // Daemons gone for a day are of no interest to anyone.
+        on_engine!(&self.pool, |p| sqlx::query(
+            "DELETE FROM processes WHERE seen_at_ms < $1"
+        )
+        .bind(now - 86_400_000)
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(())
+    }
+
+    /// Says that the daemon on this store stopped: another may take over what it left pending
+    /// at once, without waiting [`PROCESS_GONE_AFTER`].
+    pub async fn leave(&self) -> Result<(), StoreError> {
+        ANNOUNCED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&*self.owner);
+        on_engine!(&self.pool, |p| sqlx::query(
+            "DELETE FROM processes WHERE id = $1"
+        )
+        .bind(&*self.owner)
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(())
+    }
+
+    /// Takes a pending claim over for this daemon, unless a daemon still running holds it:
+    /// whether it is now this daemon's to answer. The holder is alive when it
+    /// [`Store::announce`]d within [`PROCESS_GONE_AFTER`] and, on this machine, its process
+    /// still exists (a crashed daemon restarted at once is not waited for); claims of stores
+    /// that never announced (an older kaiwa, a command) are taken. Of two daemons taking the
+    /// same claim at once, one gets it.
+    pub async fn take_over_claim(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+    ) -> Result<bool, StoreError> {
+        type Holder = (Option<String>, Option<String>, Option<i64>, Option<i64>);
+        let holder: Option<Holder> = on_engine!(&self.pool, |p| sqlx::query_as(
+            "SELECT r.owner, p.host, p.pid, p.seen_at_ms
+             FROM replies r LEFT JOIN processes p ON p.id = r.owner
+             WHERE r.platform = $1 AND r.chat_id = $2 AND r.message_id = $3
+               AND r.state = 'pending'"
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .fetch_optional(p)
+        .await?);
+        let Some((owner, host, pid, seen_at_ms)) = holder else {
+            return Ok(false);
+        };
+        if owner.as_deref() == Some(&*self.owner) {
+            return Ok(true);
+        }
+        let alive = match (&owner, host, pid, seen_at_ms) {
+            (Some(owner), Some(host), Some(pid), Some(seen)) => {
+                seen >= now_ms() - PROCESS_GONE_AFTER.as_millis() as i64
+                    && process_alive(owner, &host, pid)
+            }
+            _ => false,
+        };
+        if alive {
+            return Ok(false);
+        }
+        let taken = on_engine!(&self.pool, |p| sqlx::query(
+            "UPDATE replies SET owner = $1
+             WHERE platform = $2 AND chat_id = $3 AND message_id = $4 AND state = 'pending'
+               AND owner IS NOT DISTINCT FROM $5"
+        )
+        .bind(&*self.owner)
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .bind(owner.as_deref())
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(taken == 1)
     }
 
     /// The channels of `platform` with a message since `since_ms`, each with its kind and the id

@@ -624,19 +624,49 @@ async fn the_datasets_library_reads_an_export() {
     assert_eq!(report["bad_roles"], 0, "{report}");
 }
 
-/// The corpus benchmark's own workload, small: the synthetic Telegram export imports in full
-/// and both export modes give examples (the figures themselves are for `kaiwa bench corpus`).
-#[tokio::test]
-async fn the_corpus_benchmark_workload_imports_and_exports() {
+/// The corpus benchmark's own workload, small, on both engines as `kaiwa bench corpus
+/// --postgres` runs it: the synthetic Telegram export imports in full and both export modes
+/// give the same examples on each, and the PostgreSQL scratch schema is gone afterwards (the
+/// figures themselves are for `kaiwa bench corpus`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_corpus_benchmark_workload_imports_and_exports_on_both_engines() {
     let dir = tempfile::tempdir().unwrap();
-    let report = kaiwa::bench::corpus::bench_corpus(dir.path(), 2500)
+    let server = crate::support::db::database().await;
+    let mut examples = Vec::new();
+    for postgres in [None, Some(server.as_str())] {
+        let report = kaiwa::bench::corpus::bench_corpus(dir.path(), postgres, 2500)
+            .await
+            .unwrap();
+        let engine = if postgres.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        };
+        assert_eq!(report.engine, engine);
+        assert_eq!((report.messages, report.chats), (2500, 3));
+        assert_eq!(report.exports.len(), 2);
+        assert!(report.store_mib > 0.0, "{report:?}");
+        // Sessions of 20 messages, three speakers taking turns, `kaiwa` the assistant.
+        assert!(
+            report.exports.iter().all(|e| e.examples > 100),
+            "{report:?}"
+        );
+        examples.push(
+            report
+                .exports
+                .iter()
+                .map(|e| e.examples)
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(examples[0], examples[1]);
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
         .await
         .unwrap();
-    assert_eq!((report.messages, report.chats), (2500, 3));
-    assert_eq!(report.exports.len(), 2);
-    // Sessions of 20 messages, three speakers taking turns, `kaiwa` the assistant.
-    assert!(
-        report.exports.iter().all(|e| e.examples > 100),
-        "{report:?}"
-    );
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'kaiwa_scratch_%'")
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+    assert!(left.is_empty(), "scratch schemas left behind: {left:?}");
 }

@@ -265,9 +265,7 @@ async fn a_reload_in_one_process_reloads_the_model_in_every_other() {
     let env = [("DATABASE_URL", url.as_str()), ("MODEL_DIR", dir.as_str())];
     let a = harness_on(&env, model.path()).await;
     let b = harness_on(&env, model.path()).await;
-    let (trigger, shutdown) = kaiwa::shutdown::shutdown_channel();
-    let follow =
-        tokio::spawn(Arc::clone(&b.bot).follow_reloads(Duration::from_millis(50), shutdown));
+    let in_step = tokio::spawn(Arc::clone(&b.bot).keep_in_step(Duration::from_millis(50)));
     // Let B take the store's reload generation as its starting point.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = b.bot.model();
@@ -309,6 +307,52 @@ async fn a_reload_in_one_process_reloads_the_model_in_every_other() {
     let after = b.bot.model();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(Arc::ptr_eq(&after, &b.bot.model()));
-    trigger.trigger();
-    follow.await.unwrap();
+    in_step.abort();
+}
+
+/// A daemon that starts while another is still answering a message (a second replica, a
+/// rolling restart) leaves that reply to it; once the other one has stopped without answering,
+/// the next recovery answers it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_daemon_leaves_a_running_ones_replies_alone() {
+    let url = database().await;
+    let (a, b) = (bot_on(&url, &[]).await, bot_on(&url, &[]).await);
+    a.store.announce().await.unwrap();
+    b.store.announce().await.unwrap();
+    // A stored and claimed a message and is still generating its reply.
+    let m = message("dm", ChatKind::Direct, "1", "carol", "are you there?");
+    let row = kaiwa::store::NewMessage {
+        channel: m.channel.clone(),
+        kind: m.kind,
+        message_id: m.message_id.clone(),
+        author_id: m.author_id.clone(),
+        author_name: m.author_name.clone(),
+        author_is_bot: false,
+        from_self: false,
+        is_notice: false,
+        text: m.text.clone(),
+        reply_to: None,
+        sent_at_ms: m.sent_at_ms,
+        source: "live".into(),
+    };
+    a.store.insert_message_and_claim(&row, true).await.unwrap();
+    let outbox = b.outbox.clone() as Arc<dyn kaiwa::bot::event::Outbox>;
+    b.bot
+        .recover(Platform::Telegram, Some(outbox.clone()))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.outbox.sent().is_empty(), "{:?}", b.outbox.sent());
+    let pending = b.store.pending_replies(Platform::Telegram).await.unwrap();
+    assert_eq!(pending.len(), 1);
+
+    // A stops without answering: the next start answers it.
+    a.store.leave().await.unwrap();
+    b.bot
+        .recover(Platform::Telegram, Some(outbox.clone()))
+        .await;
+    let sent = b.outbox.wait_for(1).await;
+    assert_eq!(sent[0].2.as_deref(), Some("1"));
+    b.bot.recover(Platform::Telegram, Some(outbox)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.outbox.sent().len(), 1, "answered once");
 }

@@ -39,6 +39,7 @@ on_both_engines!(
     channel_state_and_consent_are_read_from_the_store,
     recovery_finds_pending_replies_and_recent_channels,
     imports_are_one_transaction_and_export_with_consent,
+    a_claim_is_taken_over_only_from_a_daemon_that_is_gone,
 );
 
 fn message(chat: &str, id: &str, author: &str, text: &str, at: i64) -> NewMessage {
@@ -148,6 +149,53 @@ async fn two_processes_racing_for_one_message_store_and_claim_it_once(engine: En
     assert_eq!(stats.messages, 20);
     let pending = stores[1].pending_replies(Platform::Telegram).await.unwrap();
     assert_eq!(pending.len(), 20, "one claim per message");
+}
+
+/// Three pools stand for daemons on one store: a pending claim stays with the daemon that made
+/// it while that daemon is alive, and is taken over by exactly one other once it left; a claim
+/// made by a store that never said it was alive (a kaiwa before the lease, a crashed process
+/// long gone) is taken at once.
+async fn a_claim_is_taken_over_only_from_a_daemon_that_is_gone(engine: Engine) {
+    let db = TestDb::new(engine).await;
+    let (a, b, c) = (db.open().await, db.open().await, db.open().await);
+    for s in [&a, &b, &c] {
+        s.announce().await.unwrap();
+    }
+    let m = message("lease", "1", "bob", "still thinking about it", 1);
+    let stored = a.insert_message_and_claim(&m, true).await.unwrap();
+    assert!(matches!(stored, Insert::Stored(_)));
+    assert!(a.take_over_claim(&m.channel, "1").await.unwrap(), "its own");
+    for other in [&b, &c] {
+        assert!(!other.take_over_claim(&m.channel, "1").await.unwrap());
+    }
+    a.leave().await.unwrap();
+    let (by_b, by_c) = tokio::join!(
+        b.take_over_claim(&m.channel, "1"),
+        c.take_over_claim(&m.channel, "1")
+    );
+    assert!(
+        by_b.unwrap() ^ by_c.unwrap(),
+        "exactly one daemon takes a claim over"
+    );
+    // A sent reply is nobody's to take.
+    b.mark_reply_sent(&m.channel, "1", "sent").await.unwrap();
+    c.mark_reply_sent(&m.channel, "1", "sent").await.unwrap();
+    assert!(!b.take_over_claim(&m.channel, "1").await.unwrap());
+
+    let silent = db.open().await;
+    let m = message(
+        "lease",
+        "2",
+        "bob",
+        "claimed by a store that never announced",
+        2,
+    );
+    silent.insert_message_and_claim(&m, true).await.unwrap();
+    assert!(b.take_over_claim(&m.channel, "2").await.unwrap());
+    assert!(
+        !c.take_over_claim(&m.channel, "2").await.unwrap(),
+        "b is alive"
+    );
 }
 
 async fn edits_deletions_and_forgetting_reach_the_retrieval_index(engine: Engine) {

@@ -456,6 +456,9 @@ async fn the_daemon_reports_its_health_and_metrics() {
 async fn a_locked_database_confirms_nothing_it_did_not_store() {
     use sqlx::Connection;
     let (fake, daemon) = spawn_daemon::<FakeTelegram>(&[]).await;
+    // Locked once the daemon is up and polling (its start writes to the store too).
+    fake.wait_until(WAIT, "the daemon polling", |f| f.calls("getUpdates") > 0)
+        .await;
     let mut lock = sqlx::SqliteConnection::connect(&daemon.database_url())
         .await
         .unwrap();

@@ -834,6 +834,11 @@ impl TrainBenchArgs {
 pub struct CorpusBenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub messages: u64,
+    /// Also run it on this PostgreSQL server (postgres://USER:PASSWORD@HOST/DATABASE, a role
+    /// that may create schemas), in a schema of its own that is dropped afterwards: both
+    /// engines are reported, from one run on this machine, with their ratio.
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
     /// Scratch directory [default: a temporary one, removed afterwards].
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -856,6 +861,11 @@ pub struct ReplyBenchArgs {
     /// Suite files or directories whose prompts are asked.
     #[arg(long, default_value = "evals")]
     pub suite: Vec<PathBuf>,
+    /// Also run it on this PostgreSQL server (postgres://USER:PASSWORD@HOST/DATABASE, a role
+    /// that may create schemas), in a schema of its own that is dropped afterwards: both
+    /// engines are reported, from one run on this machine, with their ratio.
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
     /// Scratch directory [default: a temporary one, removed afterwards].
     #[arg(long)]
     pub dir: Option<PathBuf>,

@@ -111,25 +111,63 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
 
 fn corpus(args: CorpusBenchArgs) -> Result<()> {
     let scratch = Scratch::new(args.dir)?;
-    let report = runtime()?
-        .block_on(kaiwa::bench::corpus::bench_corpus(
-            scratch.path(),
-            args.messages,
-        ))
-        .context("running the corpus benchmark")?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    println!(
-        "import: {:.0} messages/s ({:.1} MiB Telegram export, peak RSS {:.0} MiB)",
-        report.import_messages_per_s, report.export_file_mib, report.import_peak_rss_mib
-    );
-    for e in &report.exports {
+    let rt = runtime()?;
+    let mut reports = Vec::new();
+    for postgres in engines(args.postgres.as_deref()) {
+        let report = rt
+            .block_on(kaiwa::bench::corpus::bench_corpus(
+                scratch.path(),
+                postgres,
+                args.messages,
+            ))
+            .with_context(|| {
+                format!("running the corpus benchmark on {}", engine_name(postgres))
+            })?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        reports.push(report);
+    }
+    for r in &reports {
         println!(
-            "export --mode {:?}: {:.0} messages/s, {} examples, RSS {:.0} MiB before, \
-             peak {:.0} MiB",
-            e.mode, e.messages_per_s, e.examples, e.rss_before_mib, e.peak_rss_mib
+            "{}: import {:.0} messages/s ({:.1} MiB Telegram export, peak RSS {:.0} MiB), store {:.0} MiB",
+            r.engine, r.import_messages_per_s, r.export_file_mib, r.import_peak_rss_mib, r.store_mib
+        );
+        for e in &r.exports {
+            println!(
+                "{}: export --mode {:?}: {:.0} messages/s, {} examples, RSS {:.0} MiB before, \
+                 peak {:.0} MiB",
+                r.engine, e.mode, e.messages_per_s, e.examples, e.rss_before_mib, e.peak_rss_mib
+            );
+        }
+    }
+    if let [sqlite, postgres] = &reports[..] {
+        println!(
+            "postgres/sqlite: import {:.2}x, export {}",
+            postgres.import_messages_per_s / sqlite.import_messages_per_s,
+            sqlite
+                .exports
+                .iter()
+                .zip(&postgres.exports)
+                .map(|(s, p)| format!(
+                    "--mode {:?} {:.2}x",
+                    s.mode,
+                    p.messages_per_s / s.messages_per_s
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(())
+}
+
+/// The stores a store benchmark runs on: SQLite, then the PostgreSQL server when one is given.
+fn engines(postgres: Option<&str>) -> Vec<Option<&str>> {
+    std::iter::once(None).chain(postgres.map(Some)).collect()
+}
+
+fn engine_name(postgres: Option<&str>) -> String {
+    postgres.map_or("SQLite".into(), |url| {
+        format!("PostgreSQL ({})", kaiwa::store::display_url(url))
+    })
 }
 
 fn reply(args: ReplyBenchArgs) -> Result<()> {
@@ -137,33 +175,60 @@ fn reply(args: ReplyBenchArgs) -> Result<()> {
     let generator = args.model.load(&args.threads)?;
     let prompts = suite_prompts(&args.suite)?;
     let scratch = Scratch::new(args.dir)?;
-    let steps = runtime()?
-        .block_on(kaiwa::bench::reply::bench_reply(
-            scratch.path(),
-            &generator,
-            &engine,
-            &args.sentences,
-            &prompts,
-            &args.pairs,
-        ))
-        .context("running the reply benchmark")?;
-    println!("{}", serde_json::to_string_pretty(&steps)?);
-    println!("| pairs | indexed/s | retrieve p50 / p99 ms | reply p50 / p99 ms | RSS MiB (peak) | store MiB |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
-    for s in &steps {
-        println!(
-            "| {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} ({:.0}) | {:.0} |",
-            s.pairs,
-            s.index_pairs_per_s
-                .map_or("(kept)".to_string(), |r| format!("{r:.0}")),
-            s.retrieve_p50_ms,
-            s.retrieve_p99_ms,
-            s.reply_p50_ms,
-            s.reply_p99_ms,
-            s.rss_mib,
-            s.peak_rss_mib,
-            s.store_mib
-        );
+    let rt = runtime()?;
+    let mut runs = Vec::new();
+    for postgres in engines(args.postgres.as_deref()) {
+        let steps = rt
+            .block_on(kaiwa::bench::reply::bench_reply(
+                scratch.path(),
+                postgres,
+                &generator,
+                &engine,
+                &args.sentences,
+                &prompts,
+                &args.pairs,
+            ))
+            .with_context(|| format!("running the reply benchmark on {}", engine_name(postgres)))?;
+        let name = if postgres.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        };
+        println!("{}", serde_json::json!({ "engine": name, "steps": steps }));
+        runs.push((name, steps));
+    }
+    println!("| store | pairs | indexed/s | retrieve p50 / p99 ms | reply p50 / p99 ms | RSS MiB (peak) | store MiB |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (name, steps) in &runs {
+        for s in steps {
+            println!(
+                "| {name} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} ({:.0}) | {:.0} |",
+                s.pairs,
+                s.index_pairs_per_s
+                    .map_or("(kept)".to_string(), |r| format!("{r:.0}")),
+                s.retrieve_p50_ms,
+                s.retrieve_p99_ms,
+                s.reply_p50_ms,
+                s.reply_p99_ms,
+                s.rss_mib,
+                s.peak_rss_mib,
+                s.store_mib
+            );
+        }
+    }
+    if let [(_, sqlite), (_, postgres)] = &runs[..] {
+        for (s, p) in sqlite.iter().zip(postgres) {
+            println!(
+                "postgres/sqlite at {} pairs: indexing {}, retrieve p50 {:.2}x, reply p50 {:.2}x",
+                s.pairs,
+                match (p.index_pairs_per_s, s.index_pairs_per_s) {
+                    (Some(p), Some(s)) => format!("{:.2}x", p / s),
+                    _ => "(kept store)".into(),
+                },
+                p.retrieve_p50_ms / s.retrieve_p50_ms,
+                p.reply_p50_ms / s.reply_p50_ms
+            );
+        }
     }
     Ok(())
 }
