@@ -491,6 +491,7 @@ impl Store {
             }
         })
     }
+
     /// 👍 and 👎 that people put on the bot's replies made from each of `docs`.
     pub async fn doc_feedback(&self, docs: &[i64]) -> Result<HashMap<i64, Feedback>, StoreError> {
         let mut out = HashMap::new();
