@@ -52,7 +52,7 @@ pub fn bench_infer(
     let onnx = ensure_onnx(dir)?;
     let fallback = load_config(dir).ok().map(|c| (c.kv_heads(), c.head_dim()));
     let decoder = Arc::new(OnnxDecoder::load_with_threads(&onnx, fallback, threads)?);
-    if let Some(ctx) = load_config(dir).ok().map(|c| c.max_position_embeddings) {
+    if let Some(ctx) = load_config(dir).ok().map(|c| c.context_len()) {
         if prompt_tokens + new_tokens > ctx {
             return Err(ModelError::Invalid(format!(
                 "a {prompt_tokens}-token prompt and {new_tokens} new tokens do not fit the \

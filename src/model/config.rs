@@ -1,17 +1,26 @@
 //! `config.json` and `generation_config.json`: the Hugging Face description of a Llama decoder.
 //!
 //! kaiwa writes exactly the fields that `transformers`' `LlamaConfig` reads, so a kaiwa model
-//! directory loads in the wider ecosystem, and reads the same fields back (unknown ones are kept
-//! out of the way, so a config written by `transformers` also loads here).
+//! directory loads in the wider ecosystem, and reads the same fields back. Configs written by
+//! `transformers` load too: Llama, and the two families that differ from it only in what kaiwa
+//! implements ([`Family`]). [`LlamaConfig::validate`] refuses, naming the field, every setting
+//! of theirs that would change the computation and that kaiwa does not implement.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
 
 use super::ModelError;
 
 /// The architecture of a Llama-family decoder, as `LlamaConfig` names it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    #[serde(default = "default_architectures")]
+    /// The `transformers` classes the weights are for; absent or `null` means the one of
+    /// `model_type`.
+    #[serde(
+        default,
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub architectures: Vec<String>,
     #[serde(default = "default_model_type")]
     pub model_type: String,
@@ -29,8 +38,29 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// The RoPE base where `transformers` 4 writes it; version 5 writes it in `rope_parameters`.
+    /// Read through [`LlamaConfig::rope_base`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// `transformers` 5's RoPE settings: `rope_type`, `rope_theta` and a scaling's own fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Map<String, Value>>,
+    /// `transformers` 4's RoPE scaling; `null` or absent is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    /// The share of each head that is rotated (1 in every family kaiwa runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+    /// Mistral's (and Qwen2's, when it uses one) attention window: each position sees at most
+    /// this many keys, itself included. See [`LlamaConfig::context_len`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Qwen2: whether `sliding_window` applies (to the layers `layer_types` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// `transformers` 5: each layer's attention, `full_attention` or `sliding_attention`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default)]
@@ -66,17 +96,62 @@ impl TokenIds {
     }
 }
 
+/// The decoder families kaiwa exports and runs: Llama, and two that differ from it only in
+/// what kaiwa implements. Anything else is refused by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `LlamaForCausalLM` (kaiwa's own models).
+    Llama,
+    /// `Qwen2ForCausalLM`: biases on the query, key and value projections (none on the output).
+    Qwen2,
+    /// `MistralForCausalLM`: a Llama whose attention may have a `sliding_window`.
+    Mistral,
+}
+
+impl Family {
+    const ALL: [Family; 3] = [Family::Llama, Family::Qwen2, Family::Mistral];
+
+    /// The `model_type` of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Mistral => "mistral",
+        }
+    }
+
+    /// The `transformers` class of the causal LM, as `architectures` names it.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+        }
+    }
+
+    /// Whether the q, k and v projections have biases.
+    pub fn qkv_bias(self) -> bool {
+        self == Family::Qwen2
+    }
+}
+
+/// The RoPE kaiwa implements: `rope_type` "default", the unscaled rotary positions of Llama.
+const DEFAULT_ROPE: &str = "default";
+/// The RoPE base when a config names none (Llama's, Qwen2's and Mistral's default).
+const DEFAULT_ROPE_THETA: f64 = 10_000.0;
+
+fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
+}
+
 fn default_architectures() -> Vec<String> {
-    vec!["LlamaForCausalLM".into()]
+    vec![Family::Llama.architecture().into()]
 }
 fn default_model_type() -> String {
-    "llama".into()
+    Family::Llama.model_type().into()
 }
 fn default_rms_norm_eps() -> f64 {
     1e-6
-}
-fn default_rope_theta() -> f64 {
-    10_000.0
 }
 fn default_hidden_act() -> String {
     "silu".into()
@@ -113,7 +188,13 @@ impl LlamaConfig {
             head_dim: None,
             max_position_embeddings: ctx,
             rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
+            rope_theta: Some(DEFAULT_ROPE_THETA),
+            rope_parameters: None,
+            rope_scaling: None,
+            partial_rotary_factor: None,
+            sliding_window: None,
+            use_sliding_window: None,
+            layer_types: None,
             tie_word_embeddings: tie,
             bos_token_id: None,
             eos_token_id: None,
@@ -134,9 +215,104 @@ impl LlamaConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// Checks the relations between sizes that the forward pass relies on.
+    /// The family `model_type` and `architectures` name; anything kaiwa does not run is refused.
+    pub fn family(&self) -> Result<Family, ModelError> {
+        let family = Family::ALL
+            .into_iter()
+            .find(|f| f.model_type() == self.model_type)
+            .ok_or_else(|| {
+                ModelError::InvalidConfig(format!(
+                    "model_type {:?} is not supported (kaiwa runs {})",
+                    self.model_type,
+                    Family::ALL.map(Family::model_type).join(", ")
+                ))
+            })?;
+        if let Some(other) = self
+            .architectures
+            .iter()
+            .find(|a| *a != family.architecture())
+        {
+            return Err(ModelError::InvalidConfig(format!(
+                "architectures names {other:?}, which kaiwa does not run (for model_type {:?} \
+                 only {:?})",
+                self.model_type,
+                family.architecture()
+            )));
+        }
+        Ok(family)
+    }
+
+    /// Whether the q, k and v projections have biases (Qwen2).
+    pub fn qkv_bias(&self) -> bool {
+        self.family().is_ok_and(Family::qkv_bias)
+    }
+
+    /// The RoPE base: `rope_parameters.rope_theta` (`transformers` 5), else the top-level
+    /// `rope_theta` (`transformers` 4), else the families' default 10 000. [`Self::validate`]
+    /// refuses a config where they disagree.
+    pub fn rope_base(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .or(self.rope_theta)
+            .unwrap_or(DEFAULT_ROPE_THETA)
+    }
+
+    /// The attention window, where the family applies one: Mistral's `sliding_window`, and
+    /// Qwen2's when `use_sliding_window` is set or a layer is a `sliding_attention` one. (A
+    /// config of a family kaiwa does not know keeps its window: a shorter context is safe.)
+    pub fn sliding_window(&self) -> Option<usize> {
+        let applies = match self.family() {
+            Ok(Family::Llama) => false,
+            Ok(Family::Mistral) | Err(_) => true,
+            Ok(Family::Qwen2) => {
+                self.use_sliding_window == Some(true)
+                    || self
+                        .layer_types
+                        .iter()
+                        .flatten()
+                        .any(|t| t == "sliding_attention")
+            }
+        };
+        self.sliding_window.filter(|_| applies)
+    }
+
+    /// The positions kaiwa runs the model on: `max_position_embeddings`, or the attention
+    /// window when it is shorter. Within the window a sliding window masks nothing, so kaiwa's
+    /// full causal attention is exact there; the exported graph has rotary tables for these
+    /// positions only, so it cannot run past them.
+    pub fn context_len(&self) -> usize {
+        match self.sliding_window() {
+            Some(window) => window.min(self.max_position_embeddings),
+            None => self.max_position_embeddings,
+        }
+    }
+
+    /// Checks that kaiwa computes what `transformers` would for this config: the family and
+    /// every setting kaiwa does not implement are refused by name, and the relations between
+    /// sizes that the forward pass relies on are checked.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |what: String| Err(ModelError::InvalidConfig(what));
+        self.family()?;
+        self.validate_rope()?;
+        if self.sliding_window() == Some(0) {
+            return bad("sliding_window 0 leaves attention nothing to see".into());
+        }
+        if let Some(other) = self
+            .layer_types
+            .iter()
+            .flatten()
+            .find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
+        {
+            return bad(format!(
+                "layer_types {other:?} is not supported (only \"full_attention\" and \
+                 \"sliding_attention\")"
+            ));
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings must be positive".into());
+        }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
             return bad("vocab_size, hidden_size and num_hidden_layers must be positive".into());
         }
@@ -174,11 +350,118 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// Refuses RoPE settings other than the unscaled default, naming the field and its value.
+    fn validate_rope(&self) -> Result<(), ModelError> {
+        let bad = |what: String| Err(ModelError::InvalidConfig(what));
+        if let Some(p) = &self.rope_parameters {
+            check_rope("rope_parameters", p)?;
+        }
+        match &self.rope_scaling {
+            None => {}
+            Some(Value::Object(scaling)) => check_rope("rope_scaling", scaling)?,
+            Some(other) => {
+                return bad(format!(
+                    "rope_scaling {other} is not supported: kaiwa implements no RoPE scaling"
+                ))
+            }
+        }
+        check_rotary_factor("partial_rotary_factor", self.partial_rotary_factor)?;
+        // The base, wherever it is given, must be one number.
+        let thetas = [
+            ("rope_theta", self.rope_theta),
+            (
+                "rope_parameters.rope_theta",
+                rope_field_f64(&self.rope_parameters, "rope_theta"),
+            ),
+            (
+                "rope_scaling.rope_theta",
+                self.rope_scaling
+                    .as_ref()
+                    .and_then(|s| s.get("rope_theta"))
+                    .and_then(Value::as_f64),
+            ),
+        ];
+        let given: Vec<(&str, f64)> = thetas
+            .into_iter()
+            .filter_map(|(name, v)| v.map(|v| (name, v)))
+            .collect();
+        if let Some(((a, x), (b, y))) = given
+            .iter()
+            .zip(given.iter().skip(1))
+            .find(|((_, x), (_, y))| x != y)
+        {
+            return bad(format!(
+                "{a} ({x}) and {b} ({y}) disagree: which RoPE base the model uses is unclear"
+            ));
+        }
+        let base = self.rope_base();
+        if !(base.is_finite() && base > 1.0) {
+            return bad(format!("rope_theta {base} is not a usable RoPE base"));
+        }
+        Ok(())
+    }
+
     pub fn eos_ids(&self) -> Vec<u32> {
         self.eos_token_id
             .as_ref()
             .map(TokenIds::to_vec)
             .unwrap_or_default()
+    }
+}
+
+fn rope_field_f64(map: &Option<Map<String, Value>>, key: &str) -> Option<f64> {
+    map.as_ref()
+        .and_then(|m| m.get(key))
+        .and_then(Value::as_f64)
+}
+
+/// A RoPE dictionary (`rope_parameters` or `rope_scaling`, named `field`) must describe the
+/// default, unscaled rotary positions: a scaling changes every angle, and kaiwa implements none.
+fn check_rope(field: &str, rope: &Map<String, Value>) -> Result<(), ModelError> {
+    let bad = |what: String| Err(ModelError::InvalidConfig(what));
+    // The type first, so that a YaRN or Llama 3 scaling is refused by its name.
+    for key in ["rope_type", "type"] {
+        match rope.get(key) {
+            None => {}
+            Some(Value::String(t)) if t == DEFAULT_ROPE => {}
+            Some(other) => {
+                return bad(format!(
+                    "{field}.{key} {other} is not supported: kaiwa implements only the \
+                     {DEFAULT_ROPE:?} rotary positions, no RoPE scaling (rope_scaling)"
+                ))
+            }
+        }
+    }
+    for (key, value) in rope {
+        match key.as_str() {
+            "rope_type" | "type" => {}
+            "rope_theta" => {
+                if !value.is_number() {
+                    return bad(format!("{field}.rope_theta {value} is not a number"));
+                }
+            }
+            "partial_rotary_factor" => check_rotary_factor(
+                &format!("{field}.{key}"),
+                Some(value.as_f64().unwrap_or(f64::NAN)),
+            )?,
+            _ => {
+                return bad(format!(
+                    "{field}.{key} ({value}) is not supported: kaiwa implements only the \
+                     {DEFAULT_ROPE:?} rotary positions, no RoPE scaling (rope_scaling)"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_rotary_factor(field: &str, factor: Option<f64>) -> Result<(), ModelError> {
+    match factor {
+        None => Ok(()),
+        Some(1.0) => Ok(()),
+        Some(f) => Err(ModelError::InvalidConfig(format!(
+            "{field} {f} is not supported: kaiwa rotates whole heads (1.0)"
+        ))),
     }
 }
 
@@ -240,5 +523,208 @@ impl Sampling {
             max_new_tokens: self.max_new_tokens.or(under.max_new_tokens),
             guidance_scale: self.guidance_scale.or(under.guidance_scale),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny config as `transformers` 5 writes it, with `fields` over it.
+    fn config(fields: Value) -> Result<LlamaConfig, ModelError> {
+        let mut json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": 96,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+        });
+        for (k, v) in fields.as_object().unwrap() {
+            json[k] = v.clone();
+        }
+        let config: LlamaConfig = serde_json::from_value(json).unwrap();
+        config.validate().map(|()| config)
+    }
+
+    fn refusal(fields: Value) -> String {
+        match config(fields.clone()) {
+            Ok(c) => panic!("{fields} was accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_rope_base_is_read_where_transformers_5_writes_it() {
+        let c = config(serde_json::json!({})).unwrap();
+        assert_eq!(c.rope_base(), 500_000.0);
+        let c =
+            config(serde_json::json!({"rope_parameters": null, "rope_theta": 250000.0})).unwrap();
+        assert_eq!(c.rope_base(), 250_000.0, "transformers 4: at the top level");
+        let c = config(serde_json::json!({"rope_parameters": null})).unwrap();
+        assert_eq!(c.rope_base(), 10_000.0, "neither: the default");
+        let c = config(serde_json::json!({"rope_theta": 500000.0, "rope_scaling": null})).unwrap();
+        assert_eq!(c.rope_base(), 500_000.0, "both, agreeing");
+    }
+
+    #[test]
+    fn rope_scaling_is_refused_naming_the_field_and_the_type() {
+        let yarn = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16});
+        let msg = refusal(serde_json::json!({"rope_scaling": yarn}));
+        assert!(msg.contains("rope_scaling.rope_type \"yarn\""), "{msg}");
+        let msg = refusal(
+            serde_json::json!({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "llama3", "factor": 8.0}}),
+        );
+        assert!(
+            msg.contains("rope_parameters.rope_type \"llama3\""),
+            "{msg}"
+        );
+        assert!(msg.contains("rope_scaling"), "{msg}");
+        let msg = refusal(serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}}));
+        assert!(msg.contains("rope_scaling.type \"linear\""), "{msg}");
+        // A scaling field under the default type changes nothing in transformers, but kaiwa
+        // does not guess.
+        let msg = refusal(
+            serde_json::json!({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "factor": 2.0}}),
+        );
+        assert!(msg.contains("rope_parameters.factor"), "{msg}");
+        let msg = refusal(serde_json::json!({"rope_scaling": "yarn"}));
+        assert!(msg.contains("rope_scaling \"yarn\""), "{msg}");
+        let msg = refusal(
+            serde_json::json!({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}),
+        );
+        assert!(msg.contains("partial_rotary_factor 0.5"), "{msg}");
+        let msg = refusal(serde_json::json!({"partial_rotary_factor": 0.25}));
+        assert!(msg.contains("partial_rotary_factor 0.25"), "{msg}");
+    }
+
+    #[test]
+    fn a_rope_base_given_twice_must_agree() {
+        let msg = refusal(serde_json::json!({"rope_theta": 10000.0}));
+        assert!(
+            msg.contains("rope_theta (10000)")
+                && msg.contains("rope_parameters.rope_theta (500000)"),
+            "{msg}"
+        );
+        let msg = refusal(serde_json::json!({"rope_parameters": {"rope_theta": "big"}}));
+        assert!(msg.contains("rope_parameters.rope_theta \"big\""), "{msg}");
+    }
+
+    #[test]
+    fn only_llama_qwen2_and_mistral_are_accepted() {
+        for (model_type, architecture) in [
+            ("llama", "LlamaForCausalLM"),
+            ("qwen2", "Qwen2ForCausalLM"),
+            ("mistral", "MistralForCausalLM"),
+        ] {
+            let c = config(
+                serde_json::json!({"model_type": model_type, "architectures": [architecture]}),
+            )
+            .unwrap();
+            assert_eq!(c.family().unwrap().architecture(), architecture);
+            assert_eq!(c.qkv_bias(), model_type == "qwen2");
+        }
+        let c = config(serde_json::json!({"model_type": "qwen2", "architectures": null})).unwrap();
+        assert_eq!(c.family().unwrap(), Family::Qwen2);
+        let msg = refusal(
+            serde_json::json!({"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}),
+        );
+        assert!(msg.contains("model_type \"gemma2\""), "{msg}");
+        let msg = refusal(serde_json::json!({"architectures": ["LlamaForSequenceClassification"]}));
+        assert!(
+            msg.contains("architectures names \"LlamaForSequenceClassification\""),
+            "{msg}"
+        );
+        let msg = refusal(serde_json::json!({"model_type": "qwen2"}));
+        assert!(
+            msg.contains("\"LlamaForCausalLM\""),
+            "a Qwen2 that claims Llama's class: {msg}"
+        );
+        let msg = refusal(serde_json::json!({"attention_bias": true}));
+        assert!(msg.contains("attention_bias"), "{msg}");
+    }
+
+    #[test]
+    fn a_sliding_window_bounds_the_context() {
+        let mistral =
+            serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"]});
+        let with = |extra: Value| {
+            let mut fields = mistral.clone();
+            fields
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            fields
+        };
+        let c = config(with(serde_json::json!({"sliding_window": 16}))).unwrap();
+        assert_eq!((c.sliding_window(), c.context_len()), (Some(16), 16));
+        let c = config(with(serde_json::json!({"sliding_window": 4096}))).unwrap();
+        assert_eq!(
+            c.context_len(),
+            64,
+            "a window longer than the positions changes nothing"
+        );
+        let c = config(with(serde_json::json!({"sliding_window": null}))).unwrap();
+        assert_eq!(c.context_len(), 64);
+        let msg = refusal(with(serde_json::json!({"sliding_window": 0})));
+        assert!(msg.contains("sliding_window 0"), "{msg}");
+
+        // Qwen2 applies its window only when it says so.
+        let qwen = |extra: Value| {
+            let mut fields = serde_json::json!({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "sliding_window": 8});
+            fields
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            config(fields)
+        };
+        assert_eq!(
+            qwen(serde_json::json!({"use_sliding_window": false}))
+                .unwrap()
+                .context_len(),
+            64
+        );
+        assert_eq!(
+            qwen(serde_json::json!({"use_sliding_window": true}))
+                .unwrap()
+                .context_len(),
+            8
+        );
+        let layers = serde_json::json!({"layer_types": ["full_attention", "sliding_attention"]});
+        assert_eq!(qwen(layers).unwrap().context_len(), 8);
+        let msg = qwen(serde_json::json!({"layer_types": ["chunked_attention", "full_attention"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("layer_types \"chunked_attention\""), "{msg}");
+
+        // Llama has no window: the field means nothing to transformers there.
+        assert_eq!(
+            config(serde_json::json!({"sliding_window": 8}))
+                .unwrap()
+                .context_len(),
+            64
+        );
+    }
+
+    #[test]
+    fn kaiwa_configs_are_written_as_before() {
+        let json = serde_json::to_value(LlamaConfig::preset(Preset::Tiny)).unwrap();
+        assert_eq!(json["rope_theta"], 10_000.0);
+        assert_eq!(json["architectures"][0], "LlamaForCausalLM");
+        for absent in [
+            "rope_parameters",
+            "rope_scaling",
+            "sliding_window",
+            "layer_types",
+        ] {
+            assert!(json.get(absent).is_none(), "{absent} written");
+        }
+        let back: LlamaConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back, LlamaConfig::preset(Preset::Tiny));
+        back.validate().unwrap();
     }
 }

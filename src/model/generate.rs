@@ -173,7 +173,11 @@ impl Generator {
         )?;
         let onnx = ensure_onnx(dir)?;
         let fallback = config.as_ref().map(|c| (c.kv_heads(), c.head_dim()));
-        let decoder = Arc::new(OnnxDecoder::load_with_threads(&onnx, fallback, threads)?);
+        let mut decoder = OnnxDecoder::load_with_threads(&onnx, fallback, threads)?;
+        if let Some(config) = &config {
+            decoder = decoder.with_positions(config.context_len());
+        }
+        let decoder = Arc::new(decoder);
 
         let mut eos_ids: Vec<u32> = generation
             .eos_token_id
@@ -194,7 +198,7 @@ impl Generator {
         }
         let context_len = config
             .as_ref()
-            .map(|c| c.max_position_embeddings)
+            .map(LlamaConfig::context_len)
             .or(tokenizer_config.model_max_length())
             .unwrap_or(DEFAULT_CONTEXT);
         let end_of_turn = tokenizer_config

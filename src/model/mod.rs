@@ -23,7 +23,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 pub use chat_template::{ChatMessage, ChatTemplate};
-pub use config::{GenerationConfig, LlamaConfig, Preset, Sampling};
+pub use config::{Family, GenerationConfig, LlamaConfig, Preset, Sampling};
 pub use generate::{GenerateOptions, Generation, Generator, ReplyLikelihood, StopReason};
 pub use runtime::{DecoderSession, OnnxDecoder};
 pub use sampler::{Sampler, SamplingParams};
@@ -76,6 +76,9 @@ impl ModelError {
 /// File names inside a model directory.
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of a model saved in several safetensors shards (`save_pretrained`'s
+/// `max_shard_size`), read instead of [`WEIGHTS_FILE`] when that is absent.
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
@@ -122,18 +125,22 @@ pub fn find_onnx(dir: &Path) -> Result<PathBuf, ModelError> {
 }
 
 /// The ONNX graph of a model directory ([`find_onnx`]), exported from the weights first when
-/// the directory has `config.json` and `model.safetensors` but no graph: the default model in
-/// the repository ships only its weights, since the graph would hold a second copy of them.
+/// the directory has `config.json` and weights (`model.safetensors`, or shards and their index)
+/// but no graph: the default model in the repository ships only its weights, since the graph
+/// would hold a second copy of them.
 pub fn ensure_onnx(dir: &Path) -> Result<PathBuf, ModelError> {
     let missing = match find_onnx(dir) {
         Ok(found) => return Ok(found),
         Err(e) => e,
     };
-    if !(dir.join(CONFIG_FILE).is_file() && dir.join(WEIGHTS_FILE).is_file()) {
+    let has_weights = [WEIGHTS_FILE, WEIGHTS_INDEX_FILE]
+        .iter()
+        .any(|f| dir.join(f).is_file());
+    if !(dir.join(CONFIG_FILE).is_file() && has_weights) {
         return Err(missing);
     }
     let config = load_config(dir)?;
-    let weights = LlamaWeights::load(&config, &dir.join(WEIGHTS_FILE))?;
+    let weights = LlamaWeights::load_dir(&config, dir)?;
     let path = dir.join(ONNX_FILE);
     tracing::info!(path = %path.display(), "no ONNX graph yet: exporting it from the weights");
     onnx_export::export_onnx(
@@ -145,9 +152,16 @@ pub fn ensure_onnx(dir: &Path) -> Result<PathBuf, ModelError> {
     Ok(path)
 }
 
-/// Reads `config.json` of a model directory and checks it.
+/// Reads `config.json` of a model directory and checks it ([`LlamaConfig::validate`]); a
+/// refusal names the file.
 pub fn load_config(dir: &Path) -> Result<LlamaConfig, ModelError> {
-    let config: LlamaConfig = read_json(&dir.join(CONFIG_FILE))?;
-    config.validate()?;
+    let path = dir.join(CONFIG_FILE);
+    let config: LlamaConfig = read_json(&path)?;
+    config.validate().map_err(|e| match e {
+        ModelError::InvalidConfig(reason) => {
+            ModelError::InvalidConfig(format!("{}: {reason}", path.display()))
+        }
+        other => other,
+    })?;
     Ok(config)
 }

@@ -7,17 +7,19 @@
 use super::config::LlamaConfig;
 use super::weights::{LlamaWeights, Param};
 
-/// Rotary position tables `cos` and `sin`, each `[max_position_embeddings, head_dim]`, in the
-/// rotate-half layout Hugging Face Llama uses (the frequencies repeated over both halves).
+/// Rotary position tables `cos` and `sin`, each `[context_len, head_dim]` (the positions
+/// [`LlamaConfig::context_len`] allows), in the rotate-half layout Hugging Face Llama uses (the
+/// frequencies repeated over both halves).
 pub fn rope_tables(config: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
     let dim = config.head_dim();
     let half = dim / 2;
-    let positions = config.max_position_embeddings;
+    let positions = config.context_len();
+    let base = config.rope_base();
     let mut cos = vec![0.0; positions * dim];
     let mut sin = vec![0.0; positions * dim];
     for pos in 0..positions {
         for i in 0..half {
-            let inv_freq = 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64);
+            let inv_freq = 1.0 / base.powf((2 * i) as f64 / dim as f64);
             let angle = pos as f64 * inv_freq;
             for j in [i, i + half] {
                 cos[pos * dim + j] = angle.cos() as f32;
@@ -69,17 +71,27 @@ impl<'a> ReferenceModel<'a> {
                 .iter()
                 .map(|x| rms_norm(x, &layer.input_layernorm, eps))
                 .collect();
+            let bias = layer.qkv_bias.as_ref();
             let qs: Vec<Vec<f32>> = normed
                 .iter()
                 .enumerate()
-                .map(|(pos, h)| self.rope(&linear(&layer.q_proj, h), pos, heads))
+                .map(|(pos, h)| {
+                    let q = affine(&layer.q_proj, bias.map(|b| &b.q), h);
+                    self.rope(&q, pos, heads)
+                })
                 .collect();
             let ks: Vec<Vec<f32>> = normed
                 .iter()
                 .enumerate()
-                .map(|(pos, h)| self.rope(&linear(&layer.k_proj, h), pos, kv_heads))
+                .map(|(pos, h)| {
+                    let k = affine(&layer.k_proj, bias.map(|b| &b.k), h);
+                    self.rope(&k, pos, kv_heads)
+                })
                 .collect();
-            let vs: Vec<Vec<f32>> = normed.iter().map(|h| linear(&layer.v_proj, h)).collect();
+            let vs: Vec<Vec<f32>> = normed
+                .iter()
+                .map(|h| affine(&layer.v_proj, bias.map(|b| &b.v), h))
+                .collect();
 
             for (t, x) in xs.iter_mut().enumerate() {
                 let mut context = vec![0.0f32; heads * dim];
@@ -150,6 +162,15 @@ fn linear(w: &Param, x: &[f32]) -> Vec<f32> {
         .chunks_exact(cols)
         .map(|row| dot(row, x) as f32)
         .collect()
+}
+
+/// `W x + b`, with the bias `b` when there is one.
+fn affine(w: &Param, b: Option<&Param>, x: &[f32]) -> Vec<f32> {
+    let mut y = linear(w, x);
+    if let Some(b) = b {
+        y.iter_mut().zip(&b.data).for_each(|(y, b)| *y += b);
+    }
+    y
 }
 
 fn rms_norm(x: &[f32], w: &Param, eps: f32) -> Vec<f32> {

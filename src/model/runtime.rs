@@ -84,6 +84,8 @@ pub struct OnnxDecoder {
     fused_attention: usize,
     /// Products given their own copy of a shared weight (see `untie_shared_weights`).
     untied_weights: usize,
+    /// The positions the graph can run, where known ([`OnnxDecoder::with_positions`]).
+    positions: Option<usize>,
 }
 
 impl OnnxDecoder {
@@ -202,7 +204,21 @@ impl OnnxDecoder {
             pool: StepPool::new(threads)?,
             fused_attention: fused,
             untied_weights: untied,
+            positions: None,
         })
+    }
+
+    /// Bounds the sequences this decoder runs to `positions` tokens (a kaiwa graph has rotary
+    /// tables for [`LlamaConfig::context_len`](super::LlamaConfig::context_len) positions
+    /// only): feeding past them is an error instead of an index out of the tables' range.
+    pub fn with_positions(mut self, positions: usize) -> Self {
+        self.positions = Some(positions);
+        self
+    }
+
+    /// The positions this decoder runs, where known.
+    pub fn positions(&self) -> Option<usize> {
+        self.positions
     }
 
     /// Threads the matrix products run on inside [`OnnxDecoder::parallel`].
@@ -328,6 +344,11 @@ impl DecoderSession {
         let b = &self.decoder.binding;
         let n = tokens.len();
         let total = self.past_len + n;
+        if let Some(max) = self.decoder.positions.filter(|&max| total > max) {
+            return Err(ModelError::Inference(format!(
+                "{total} tokens are more than the model's {max} positions"
+            )));
+        }
         let mut inputs: Vec<Option<TValue>> = vec![None; b.input_count];
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         inputs[b.input_ids] = Some(Tensor::from_shape(&[1, n], &ids).map_err(err)?.into());

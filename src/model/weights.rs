@@ -3,14 +3,17 @@
 //! Linear weights are stored as Hugging Face stores them, `[out_features, in_features]`. Every
 //! consumer (the ONNX export, the reference forward pass, the trainer) reads them through
 //! [`LlamaWeights`], which checks each tensor's presence and shape against `config.json` once.
+//! A model directory's weights are read by [`LlamaWeights::load_dir`]: one file, or the shards
+//! `model.safetensors.index.json` names, in f32, f16 or bf16 (converted exactly to f32).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
+use serde::Deserialize;
 
 use super::config::LlamaConfig;
-use super::ModelError;
+use super::{read_json, ModelError, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 
 /// A dense f32 tensor in row-major order.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +53,16 @@ pub struct LayerWeights {
     pub gate_proj: Param,
     pub up_proj: Param,
     pub down_proj: Param,
+    /// The biases of the q, k and v projections, in the families that have them (Qwen2).
+    pub qkv_bias: Option<QkvBias>,
+}
+
+/// The biases of a layer's query, key and value projections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QkvBias {
+    pub q: Param,
+    pub k: Param,
+    pub v: Param,
 }
 
 /// All weights of a `LlamaForCausalLM`.
@@ -85,6 +98,13 @@ pub fn tensor_specs(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
             (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
             (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
         ]);
+        if config.qkv_bias() {
+            specs.extend([
+                (format!("{p}.self_attn.q_proj.bias"), vec![q]),
+                (format!("{p}.self_attn.k_proj.bias"), vec![kv]),
+                (format!("{p}.self_attn.v_proj.bias"), vec![kv]),
+            ]);
+        }
     }
     specs.push(("model.norm.weight".to_string(), vec![h]));
     if !config.tie_word_embeddings {
@@ -134,6 +154,15 @@ impl LlamaWeights {
                     gate_proj: take(format!("{p}.mlp.gate_proj.weight")),
                     up_proj: take(format!("{p}.mlp.up_proj.weight")),
                     down_proj: take(format!("{p}.mlp.down_proj.weight")),
+                    qkv_bias: if config.qkv_bias() {
+                        Some(QkvBias {
+                            q: take(format!("{p}.self_attn.q_proj.bias")),
+                            k: take(format!("{p}.self_attn.k_proj.bias")),
+                            v: take(format!("{p}.self_attn.v_proj.bias")),
+                        })
+                    } else {
+                        None
+                    },
                 }
             })
             .collect();
@@ -168,6 +197,13 @@ impl LlamaWeights {
                 (format!("{p}.mlp.up_proj.weight"), &w.up_proj),
                 (format!("{p}.mlp.down_proj.weight"), &w.down_proj),
             ]);
+            if let Some(b) = &w.qkv_bias {
+                out.extend([
+                    (format!("{p}.self_attn.q_proj.bias"), &b.q),
+                    (format!("{p}.self_attn.k_proj.bias"), &b.k),
+                    (format!("{p}.self_attn.v_proj.bias"), &b.v),
+                ]);
+            }
         }
         out.push(("model.norm.weight".to_string(), &self.norm));
         if let Some(head) = &self.lm_head {
@@ -181,23 +217,57 @@ impl LlamaWeights {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// Reads `model.safetensors` (f32, f16 or bf16 tensors; converted to f32).
-    pub fn load(config: &LlamaConfig, path: &Path) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-        let tensors =
-            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Weights {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        let mut named = HashMap::new();
-        for (name, view) in tensors.iter() {
-            let data = to_f32(&view).map_err(|reason| ModelError::Weights {
-                path: path.to_path_buf(),
-                reason: format!("tensor {name}: {reason}"),
-            })?;
-            named.insert(name.to_string(), Param::new(view.shape().to_vec(), data));
+    /// Reads the weights of a model directory: `model.safetensors`, or, as `save_pretrained`
+    /// writes a model larger than its shard size, the shards `model.safetensors.index.json`
+    /// names. The one reader of a directory's weights (`export-onnx`, the export on first
+    /// load, fine-tuning).
+    pub fn load_dir(config: &LlamaConfig, dir: &Path) -> Result<Self, ModelError> {
+        let single = dir.join(WEIGHTS_FILE);
+        if single.is_file() {
+            return Self::load(config, &single);
         }
-        Self::from_named(config, named, path)
+        let index_path = dir.join(WEIGHTS_INDEX_FILE);
+        if !index_path.is_file() {
+            return Err(ModelError::NotAModelDir {
+                path: dir.to_path_buf(),
+                reason: format!("no weights: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}"),
+            });
+        }
+        let index: ShardIndex = read_json(&index_path)?;
+        let shards: BTreeSet<&str> = index.weight_map.values().map(String::as_str).collect();
+        let mut named = HashMap::new();
+        for shard in shards {
+            // A shard is a file beside the index, never a path elsewhere.
+            if shard.is_empty() || Path::new(shard).file_name() != Some(shard.as_ref()) {
+                return Err(ModelError::Weights {
+                    path: index_path.clone(),
+                    reason: format!("shard {shard:?} is not a file name in {}", dir.display()),
+                });
+            }
+            let path = dir.join(shard);
+            let mut tensors = read_safetensors(&path)?;
+            for (name, _) in index.weight_map.iter().filter(|(_, s)| *s == shard) {
+                let tensor = tensors.remove(name).ok_or_else(|| ModelError::Weights {
+                    path: path.clone(),
+                    reason: format!(
+                        "tensor {name}, which {WEIGHTS_INDEX_FILE} puts here, is missing"
+                    ),
+                })?;
+                named.insert(name.clone(), tensor);
+            }
+        }
+        let left_out = check_nothing_left_out(config, &named, &index_path);
+        // A missing or misshapen tensor is the clearer error; stray ones come after.
+        let weights = Self::from_named(config, named, &index_path)?;
+        left_out.map(|()| weights)
+    }
+
+    /// Reads one safetensors file (f32, f16 or bf16 tensors; converted exactly to f32).
+    pub fn load(config: &LlamaConfig, path: &Path) -> Result<Self, ModelError> {
+        let named = read_safetensors(path)?;
+        let left_out = check_nothing_left_out(config, &named, path);
+        let weights = Self::from_named(config, named, path)?;
+        left_out.map(|()| weights)
     }
 
     /// Writes `model.safetensors` in f32.
@@ -230,6 +300,65 @@ impl LlamaWeights {
 
     pub fn parameter_count(&self) -> usize {
         self.named().iter().map(|(_, p)| p.data.len()).sum()
+    }
+}
+
+/// `model.safetensors.index.json`: which shard holds each tensor.
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// Every tensor of a safetensors file, converted to f32.
+fn read_safetensors(path: &Path) -> Result<HashMap<String, Param>, ModelError> {
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let tensors =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Weights {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let mut named = HashMap::new();
+    for (name, view) in tensors.iter() {
+        let data = to_f32(&view).map_err(|reason| ModelError::Weights {
+            path: path.to_path_buf(),
+            reason: format!("tensor {name}: {reason}"),
+        })?;
+        named.insert(name.to_string(), Param::new(view.shape().to_vec(), data));
+    }
+    Ok(named)
+}
+
+/// Refuses a file with tensors the config does not account for: kaiwa would leave them out
+/// of the computation (a bias config.json does not announce, say) and run silently wrong.
+/// What `transformers` itself ignores is let through: rotary `inv_freq` buffers some
+/// checkpoints carry, and a copy of the embeddings as `lm_head.weight` when they are tied.
+fn check_nothing_left_out(
+    config: &LlamaConfig,
+    named: &HashMap<String, Param>,
+    path: &Path,
+) -> Result<(), ModelError> {
+    let expected: BTreeSet<String> = tensor_specs(config).into_iter().map(|(n, _)| n).collect();
+    let mut stray: Vec<&String> = named
+        .keys()
+        .filter(|n| !expected.contains(*n))
+        .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+        .filter(|n| !(config.tie_word_embeddings && *n == "lm_head.weight"))
+        .collect();
+    stray.sort();
+    match stray.first() {
+        None => Ok(()),
+        Some(first) => Err(ModelError::Weights {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{} tensor(s) that a {} with this config.json does not have, first {first}: \
+                 kaiwa would leave them out of the computation",
+                stray.len(),
+                config
+                    .architectures
+                    .first()
+                    .map_or(config.model_type.as_str(), String::as_str),
+            ),
+        }),
     }
 }
 

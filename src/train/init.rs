@@ -19,7 +19,7 @@ use crate::model::{
     write_json, ModelError, CONFIG_FILE, GENERATION_CONFIG_FILE, ONNX_FILE, TOKENIZER_FILE,
 };
 
-/// Weights for `config` drawn from N(0, initializer_range²) (norm gains set to one), the same
+/// Weights for `config` drawn from N(0, initializer_range²) (norm gains one, biases zero), the same
 /// for the same seed on every machine.
 pub fn random_weights(config: &LlamaConfig, seed: u64) -> LlamaWeights {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -28,7 +28,9 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> LlamaWeights {
         .into_iter()
         .map(|(name, shape)| {
             let len = shape.iter().product();
-            let data = if shape.len() == 1 {
+            let data = if name.ends_with(".bias") {
+                vec![0.0; len]
+            } else if shape.len() == 1 {
                 vec![1.0; len]
             } else {
                 (0..len).map(|_| std * standard_normal(&mut rng)).collect()

@@ -147,7 +147,7 @@ pub struct Rope {
 
 impl Rope {
     fn new(config: &LlamaConfig, device: &Device) -> Self {
-        let (dim, max_pos) = (config.head_dim(), config.max_position_embeddings);
+        let (dim, max_pos) = (config.head_dim(), config.context_len());
         let (cos, sin) = rope_tables(config);
         let table = |data| Tensor::from_data(TensorData::new(data, [max_pos, dim]), device);
         Rope {

@@ -19,6 +19,7 @@ mod corpus;
 mod discord;
 mod engine;
 mod eval;
+mod hf_models;
 mod model_dir;
 mod onnx_runtime;
 mod poison;

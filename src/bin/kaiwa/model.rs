@@ -26,7 +26,7 @@ pub fn init_model(args: &InitModelArgs) -> Result<()> {
 pub fn export_onnx(args: &ExportOnnxArgs) -> Result<()> {
     let dir = &args.dir;
     let config = model::load_config(dir)?;
-    let weights = LlamaWeights::load(&config, &dir.join(model::WEIGHTS_FILE))?;
+    let weights = LlamaWeights::load_dir(&config, dir)?;
     let out = model::onnx_export::default_output(dir);
     model::onnx_export::export_onnx(&config, &weights, &out, &args.options())
         .with_context(|| format!("exporting {}", out.display()))?;

@@ -1,4 +1,4 @@
-//! A layer's self-attention block: the Q/K/V projections, the heads, rotary positions, the KV
+//! A layer's self-attention block: the Q/K/V projections (with Qwen2's biases), the heads, rotary positions, the KV
 //! cache (the layer's `past_key_values.N.*` in, `present.N.*` out) and the output projection.
 //!
 //! Two layouts ([`ExportOptions::attention_op`]): one standard `Attention` node (opset 23) that
@@ -6,7 +6,7 @@
 //! Optimum's Llama exports do, shaped for tract's general path.
 
 use super::graph::{attr_float, attr_int, attr_ints, GraphBuilder};
-use super::layer::linear;
+use super::layer::{affine, linear};
 use super::sequence::Sequence;
 use super::ExportOptions;
 use crate::model::config::LlamaConfig;
@@ -79,9 +79,28 @@ impl Attention {
     ) -> String {
         let (heads, kv_heads, head_dim) = (self.heads, self.kv_heads, self.head_dim);
         let p = format!("model.layers.{l}");
-        let q = linear(g, h, &w.q_proj, &format!("{p}.self_attn.q_proj.weight.T"));
-        let k = linear(g, h, &w.k_proj, &format!("{p}.self_attn.k_proj.weight.T"));
-        let v = linear(g, h, &w.v_proj, &format!("{p}.self_attn.v_proj.weight.T"));
+        let bias = w.qkv_bias.as_ref();
+        let q = affine(
+            g,
+            h,
+            &w.q_proj,
+            bias.map(|b| &b.q),
+            &format!("{p}.self_attn.q_proj"),
+        );
+        let k = affine(
+            g,
+            h,
+            &w.k_proj,
+            bias.map(|b| &b.k),
+            &format!("{p}.self_attn.k_proj"),
+        );
+        let v = affine(
+            g,
+            h,
+            &w.v_proj,
+            bias.map(|b| &b.v),
+            &format!("{p}.self_attn.v_proj"),
+        );
         let q = self.to_heads(g, &q, heads);
         let k = self.to_heads(g, &k, kv_heads);
         let v = self.to_heads(g, &v, kv_heads);

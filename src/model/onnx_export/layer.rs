@@ -52,6 +52,25 @@ pub(super) fn linear(g: &mut GraphBuilder, x: &str, w: &Param, name: &str) -> St
     g.node("MatMul", &[x, &weight], vec![])
 }
 
+/// `x · wᵀ + b` for the projection whose Hugging Face weight is `{name}.weight`: the weight
+/// stored transposed as `{name}.weight.T`, the bias, when there is one, as `{name}.bias`.
+pub(super) fn affine(
+    g: &mut GraphBuilder,
+    x: &str,
+    w: &Param,
+    b: Option<&Param>,
+    name: &str,
+) -> String {
+    let y = linear(g, x, w, &format!("{name}.weight.T"));
+    match b {
+        None => y,
+        Some(b) => {
+            let bias = g.init_f32(&format!("{name}.bias"), &b.shape, &b.data);
+            g.node("Add", &[&y, &bias], vec![])
+        }
+    }
+}
+
 /// The parts every decoder layer is built of.
 pub(super) struct DecoderLayer {
     pub(super) norm: RmsNorm,

@@ -66,7 +66,9 @@ impl Sequence {
 
         // Rotary tables gathered at the positions: [batch, 1, seq, head_dim].
         let (cos, sin) = rope_tables(config);
-        let max_pos = config.max_position_embeddings;
+        // Only the positions kaiwa computes exactly: past them the graph fails rather than
+        // attending past a sliding window.
+        let max_pos = config.context_len();
         let cos_table = g.init_f32("rope.cos", &[max_pos, head_dim], &cos);
         let sin_table = g.init_f32("rope.sin", &[max_pos, head_dim], &sin);
         let positions = if options.position_ids {

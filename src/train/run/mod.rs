@@ -50,7 +50,7 @@ use crate::dataset::DatasetError;
 use crate::model::chat_template::TokenizerConfig;
 use crate::model::{
     load_config, LlamaConfig, LlamaWeights, ModelError, TextTokenizer, CHAT_TEMPLATE_FILE,
-    CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
+    CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
 };
 use crate::train::init::{random_weights, write_model_files};
 
@@ -261,10 +261,11 @@ pub fn train(
     }
     let model_dir = out.join(MODEL_DIR);
     let (config, weights) = prepare_model_dir(&spec, &model_dir)?;
-    if spec.context > config.max_position_embeddings {
+    if spec.context > config.context_len() {
         return Err(TrainError::Invalid(format!(
             "--context {} is longer than the model's {} positions",
-            spec.context, config.max_position_embeddings
+            spec.context,
+            config.context_len()
         )));
     }
     write_json_atomic(&out.join(RUN_FILE), &spec)?;
@@ -321,7 +322,15 @@ fn prepare_model_dir(
         }
         Start::From(dir) => {
             let config = load_config(dir)?;
-            let weights = LlamaWeights::load(&config, &dir.join(WEIGHTS_FILE))?;
+            // The trainer's model has no biases: it would drop them and train another model.
+            if config.qkv_bias() {
+                return Err(TrainError::Invalid(format!(
+                    "{}: kaiwa trains no {} (the q, k and v projections have biases)",
+                    dir.display(),
+                    config.model_type
+                )));
+            }
+            let weights = LlamaWeights::load_dir(&config, dir)?;
             for name in [
                 CONFIG_FILE,
                 TOKENIZER_FILE,

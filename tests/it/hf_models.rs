@@ -1,0 +1,293 @@
+//! Models saved by Hugging Face `transformers` (`tests/data/hf`, written by `make_fixtures.py`)
+//! export with `kaiwa export-onnx` and run through tract, with the KV cache, to the logits
+//! `transformers` computed; what kaiwa cannot express is refused by name.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use crate::support::model::max_abs_diff;
+use kaiwa::model::reference::ReferenceModel;
+use kaiwa::model::{load_config, LlamaWeights, OnnxDecoder};
+
+const TOLERANCE: f32 = 1e-4;
+
+/// `reference.json`: the inputs and what `transformers` computed for them.
+#[derive(serde::Deserialize)]
+struct Reference {
+    prefill_ids: Vec<u32>,
+    decode_ids: Vec<u32>,
+    /// One row per prefill position.
+    prefill_logits: Vec<Vec<f32>>,
+    /// One row per decode step, each after the prefill and the steps before it in the cache.
+    decode_logits: Vec<Vec<f32>>,
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf")
+}
+
+/// A copy of the fixture `name` in a temp dir, so the export writes nothing into the tree.
+fn fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn export(dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kaiwa"))
+        .arg("export-onnx")
+        .arg(dir)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn reference(dir: &Path) -> Reference {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap()
+}
+
+/// Exports the fixture with `kaiwa export-onnx`, runs the prefill and then each decode step
+/// through tract with the cache, and compares every position with `transformers`' logits.
+/// The plain-Rust reference forward pass must agree too.
+fn matches_transformers(name: &str) {
+    let dir = fixture(name);
+    let out = export(dir.path());
+    assert!(
+        out.status.success(),
+        "{name}: export failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = reference(dir.path());
+    let config = load_config(dir.path()).unwrap();
+    let decoder = Arc::new(
+        OnnxDecoder::load_with_threads(
+            &dir.path().join("model.onnx"),
+            Some((config.kv_heads(), config.head_dim())),
+            1,
+        )
+        .unwrap(),
+    );
+    assert_eq!(decoder.vocab_size(), config.vocab_size);
+
+    let mut session = decoder.session().unwrap();
+    let mut got = session.forward_all(&expected.prefill_ids).unwrap();
+    for &t in &expected.decode_ids {
+        got.extend(session.forward_all(&[t]).unwrap());
+    }
+    let want: Vec<&Vec<f32>> = expected
+        .prefill_logits
+        .iter()
+        .chain(&expected.decode_logits)
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(
+        want.len(),
+        expected.prefill_ids.len() + expected.decode_ids.len()
+    );
+    let mut worst = 0.0f32;
+    for (pos, (g, w)) in got.iter().zip(&want).enumerate() {
+        let d = max_abs_diff(g, w);
+        assert!(d <= TOLERANCE, "{name}: position {pos}: max |Δ| {d}");
+        worst = worst.max(d);
+    }
+    // Logits that barely vary would make the comparison prove nothing.
+    let spread = want[0].iter().cloned().fold(f32::MIN, f32::max)
+        - want[0].iter().cloned().fold(f32::MAX, f32::min);
+    assert!(spread > 1.0, "{name}: logit spread {spread} is too small");
+
+    let weights = LlamaWeights::load_dir(&config, dir.path()).unwrap();
+    let ids: Vec<u32> = expected
+        .prefill_ids
+        .iter()
+        .chain(&expected.decode_ids)
+        .copied()
+        .collect();
+    let plain = ReferenceModel::new(&config, &weights).forward(&ids);
+    for (pos, (p, w)) in plain.iter().zip(&want).enumerate() {
+        let d = max_abs_diff(p, w);
+        assert!(
+            d <= TOLERANCE,
+            "{name}: reference pass, position {pos}: {d}"
+        );
+    }
+    eprintln!("{name}: worst |Δ| {worst:e} over {} positions", want.len());
+}
+
+#[test]
+fn hf_llama_with_transformers_5_rope_parameters_matches_transformers() {
+    matches_transformers("llama_rope_parameters");
+}
+
+#[test]
+fn hf_llama_with_head_dim_and_tied_head_matches_transformers() {
+    matches_transformers("llama_head_dim");
+}
+
+#[test]
+fn hf_qwen2_with_qkv_biases_matches_transformers() {
+    matches_transformers("qwen2");
+}
+
+#[test]
+fn hf_mistral_in_bf16_matches_transformers_in_f32() {
+    matches_transformers("mistral_bf16");
+}
+
+#[test]
+fn hf_llama_in_shards_matches_transformers() {
+    matches_transformers("llama_sharded");
+}
+
+#[test]
+fn hf_llama_in_f16_matches_transformers_in_f32() {
+    matches_transformers("llama_f16");
+}
+
+/// Had the nested `rope_parameters.rope_theta` been ignored (as it once was), the logits would
+/// differ: the fixture tells the RoPE bases apart.
+#[test]
+fn hf_llama_rope_base_changes_the_logits() {
+    let dir = fixture("llama_rope_parameters");
+    let path = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["rope_parameters"]["rope_theta"] = 10_000.0.into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let config = load_config(dir.path()).unwrap();
+    let weights = LlamaWeights::load_dir(&config, dir.path()).unwrap();
+    let expected = reference(dir.path());
+    let plain = ReferenceModel::new(&config, &weights).forward(&expected.prefill_ids);
+    let d = max_abs_diff(
+        plain.last().unwrap(),
+        expected.prefill_logits.last().unwrap(),
+    );
+    assert!(d > 1e-2, "RoPE base 10 000 is only {d} away from 500 000");
+}
+
+/// The Mistral fixture's `sliding_window` (16) is shorter than its `max_position_embeddings`
+/// (64): kaiwa runs it on 16 positions, where the window masks nothing, and all 16 agree with
+/// the plain forward pass.
+#[test]
+fn hf_mistral_context_is_bounded_by_its_sliding_window() {
+    let dir = fixture("mistral_bf16");
+    let config = load_config(dir.path()).unwrap();
+    assert_eq!(config.max_position_embeddings, 64);
+    assert_eq!(config.context_len(), 16);
+    assert!(export(dir.path()).status.success());
+    let decoder = Arc::new(
+        OnnxDecoder::load_with_threads(
+            &dir.path().join("model.onnx"),
+            Some((config.kv_heads(), config.head_dim())),
+            1,
+        )
+        .unwrap()
+        .with_positions(config.context_len()),
+    );
+    let ids: Vec<u32> = (0..16).map(|i| (i * 37 + 5) % 96).collect();
+    let mut session = decoder.session().unwrap();
+    let mut got = session.forward_all(&ids[..12]).unwrap();
+    for &t in &ids[12..] {
+        got.extend(session.forward_all(&[t]).unwrap());
+    }
+    let weights = LlamaWeights::load_dir(&config, dir.path()).unwrap();
+    let plain = ReferenceModel::new(&config, &weights).forward(&ids);
+    for (pos, (g, p)) in got.iter().zip(&plain).enumerate() {
+        let d = max_abs_diff(g, p);
+        assert!(d <= TOLERANCE, "position {pos}: {d}");
+    }
+    // One token past the window is an error, not a read past the rotary tables.
+    let err = session.forward(&[1]).unwrap_err();
+    assert!(err.to_string().contains("16 positions"), "{err}");
+    let err = decoder
+        .session()
+        .unwrap()
+        .forward(&ids.repeat(2))
+        .unwrap_err();
+    assert!(err.to_string().contains("32 tokens"), "{err}");
+}
+
+/// The weights of a sharded directory are found on first load too (the path `Generator::load`
+/// takes), not only by `export-onnx`.
+#[test]
+fn hf_sharded_weights_are_exported_on_first_load() {
+    let dir = fixture("llama_sharded");
+    assert!(!dir.path().join("model.safetensors").exists());
+    let graph = kaiwa::model::ensure_onnx(dir.path()).unwrap();
+    assert_eq!(graph, dir.path().join("model.onnx"));
+    assert!(graph.is_file());
+}
+
+#[test]
+fn hf_yarn_rope_scaling_is_refused_by_name() {
+    let dir = fixture("llama_rope_scaling_yarn");
+    let out = export(dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a YaRN model was exported: {stderr}");
+    assert!(
+        stderr.contains("rope_scaling") && stderr.contains("yarn"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("config.json"),
+        "the file is named: {stderr}"
+    );
+    assert!(!dir.path().join("model.onnx").exists());
+}
+
+#[test]
+fn hf_family_kaiwa_does_not_run_is_refused_by_name() {
+    let dir = fixture("qwen2");
+    let path = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["model_type"] = "qwen3".into();
+    json["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
+    std::fs::write(&path, json.to_string()).unwrap();
+    let out = export(dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("model_type \"qwen3\""), "{stderr}");
+}
+
+/// Weights the config does not account for would be left out of the computation: a Qwen2's
+/// biases under a config that says Llama are refused, not dropped.
+#[test]
+fn hf_tensors_the_config_does_not_account_for_are_refused() {
+    let dir = fixture("qwen2");
+    let path = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["model_type"] = "llama".into();
+    json["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    std::fs::write(&path, json.to_string()).unwrap();
+    let out = export(dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("self_attn.k_proj.bias"), "{stderr}");
+}
+
+#[test]
+fn hf_a_broken_shard_index_is_an_error_not_a_panic() {
+    let dir = fixture("llama_sharded");
+    let index = dir.path().join("model.safetensors.index.json");
+    std::fs::write(
+        &index,
+        r#"{"weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}}"#,
+    )
+    .unwrap();
+    let out = export(dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("elsewhere.safetensors"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    std::fs::write(&index, "{\"weight_map\": 3}").unwrap();
+    let out = export(dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !stderr.contains("panicked"));
+    assert!(stderr.contains("model.safetensors.index.json"), "{stderr}");
+}
