@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use crate::support::model::max_abs_diff;
 use kaiwa::model::reference::ReferenceModel;
-use kaiwa::model::{load_config, LlamaWeights, OnnxDecoder};
+use kaiwa::model::{
+    load_config, ChatMessage, ChatTemplate, GenerateOptions, Generator, LlamaWeights, OnnxDecoder,
+    SamplingParams,
+};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -290,4 +293,131 @@ fn hf_a_broken_shard_index_is_an_error_not_a_panic() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !stderr.contains("panicked"));
     assert!(stderr.contains("model.safetensors.index.json"), "{stderr}");
+}
+
+/// `chat_reference.json` (`make_chat_fixtures.py`): conversations and what `transformers` made
+/// of them with the directory's own tokenizer and chat template.
+#[derive(serde::Deserialize)]
+struct ChatReference {
+    cases: Vec<ChatCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatCase {
+    messages: Vec<ChatMessage>,
+    /// `apply_chat_template(…, add_generation_prompt=True, tokenize=False)`.
+    text: String,
+    /// The same, tokenized.
+    ids: Vec<u32>,
+    /// `tokenizer.decode(ids)`.
+    decoded: String,
+    /// Six tokens of greedy `generate` after the prompt, ignoring end-of-sequence.
+    greedy: Vec<u32>,
+}
+
+/// A model brought from the ecosystem is talked to with its own tokenizer and chat template:
+/// kaiwa's prompt is token for token the one `transformers` builds (English, Japanese, a system
+/// prompt or the template's default one, characters the vocabulary lacks), and greedy replies
+/// pick the same tokens, through `Generator` as the bot, the web and eval use it.
+fn chats_like_transformers(name: &str) {
+    let dir = fixture(name);
+    let reference: ChatReference = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("chat_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let generator = Generator::load_with_threads(dir.path(), 1).unwrap();
+    let template = ChatTemplate::from_dir(dir.path()).unwrap();
+    let eos = load_config(dir.path()).unwrap().eos_ids();
+    let greedy = GenerateOptions {
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+        },
+        max_new_tokens: 6,
+        ..GenerateOptions::default()
+    };
+    for (i, case) in reference.cases.iter().enumerate() {
+        let text = template.render(&case.messages, true).unwrap();
+        assert_eq!(text, case.text, "{name} case {i}: prompt text");
+        let (ids, dropped) = generator.prompt_tokens(&case.messages, 0).unwrap();
+        assert_eq!(dropped, 0);
+        assert_eq!(ids, case.ids, "{name} case {i}: prompt ids");
+        let decoded = generator.tokenizer().decode(&ids, false).unwrap();
+        assert_eq!(decoded, case.decoded, "{name} case {i}: decoded prompt");
+
+        // Greedy decoding through the cache picks what transformers picks, step by step.
+        let mut session = generator.decoder().session().unwrap();
+        let mut logits = session.forward(&ids).unwrap();
+        let mut picked = Vec::new();
+        for _ in 0..case.greedy.len() {
+            let best = (0..logits.len())
+                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+                .unwrap() as u32;
+            picked.push(best);
+            logits = session.forward(&[best]).unwrap();
+        }
+        assert_eq!(picked, case.greedy, "{name} case {i}: greedy tokens");
+
+        // And a reply through the generator, as the bot and the web ask for one. (Its tokens
+        // may part from the reference: kaiwa never lets a reply end inside a character, and a
+        // random model's bytes often would.)
+        let reply = generator
+            .generate(&case.messages, &greedy, &mut |_| true)
+            .unwrap();
+        assert!(reply.tokens.len() <= 6 && !reply.tokens.iter().any(|t| eos.contains(t)));
+        assert_eq!(reply.prompt_tokens, case.ids.len());
+        assert_eq!(
+            reply.text,
+            generator.tokenizer().decode(&reply.tokens, true).unwrap(),
+            "{name} case {i}"
+        );
+    }
+}
+
+#[test]
+fn hf_chat_smollm2_style_byte_level_bpe_and_chatml_in_tokenizer_config() {
+    chats_like_transformers("chat_smollm2");
+}
+
+#[test]
+fn hf_chat_qwen2_style_template_in_chat_template_jinja() {
+    chats_like_transformers("chat_qwen2");
+}
+
+#[test]
+fn hf_chat_tinyllama_style_sentencepiece_bpe_with_byte_fallback_and_zephyr() {
+    chats_like_transformers("chat_tinyllama");
+}
+
+/// `kaiwa chat` (the reply engine: retrieval, generation and ranking, as in the bots) answers
+/// through a model brought from the ecosystem, in its own template, one reply a line.
+#[test]
+fn hf_chat_model_answers_through_the_reply_engine() {
+    let dir = fixture("chat_qwen2");
+    let store = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", store.path().join("kaiwa.db").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kaiwa"))
+        .args(["chat", "--threads", "1", "--max-new-tokens", "8", "--model"])
+        .arg(dir.path())
+        .env("DATABASE_URL", &url)
+        .current_dir(store.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all("今日の天気はどうですか？\nWhat is the weather like today?\n".as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "{stdout:?} {stderr}");
 }
