@@ -98,6 +98,7 @@ async fn daemon(
         tracing::warn!(error = %e, "could not tell the store this daemon is alive; trying again in a moment");
     }
     let in_step = tokio::spawn(Arc::clone(&bot).keep_in_step(crate::bot::STORE_CHECK_EVERY));
+    let on_hangup = tokio::spawn(reload_on_hangup(Arc::clone(&bot)));
     if let Some(web) = &web {
         // Web requests in flight died with the last process; their clients are gone.
         bot.recover(crate::domain::Platform::Web, None).await;
@@ -141,6 +142,7 @@ async fn daemon(
     platforms.abort_all();
     // What is still pending now was left unanswered: the next daemon to start takes it at once.
     in_step.abort();
+    on_hangup.abort();
     if let Err(e) = store.leave().await {
         tracing::warn!(error = %e, "could not tell the store this daemon stopped");
     }
@@ -154,4 +156,33 @@ where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
     (name, f.await)
+}
+
+/// SIGHUP reloads the model (`kill -HUP`, `systemctl reload`): a new version installed by
+/// `kaiwa retrain`, or files changed by hand. (Daemons on other machines follow the store's
+/// reload generation instead, which `kaiwa retrain` and `/reload` raise.)
+async fn reload_on_hangup(bot: Arc<crate::bot::Bot>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP cannot be watched: reload with /reload instead");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            match bot.reload_model().await {
+                Ok(model) => {
+                    tracing::info!(model = %model.dir().display(), "SIGHUP: model reloaded")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the model could not be reloaded; the old one keeps answering")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
 }

@@ -32,6 +32,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("config", 5),
     ("chat", 5),
     ("bot", 6),
+    // The learning loop: export, fine-tune, evaluate, install.
+    ("retrain", 6),
     // Edges: the platforms and the web, the daemon that runs them, the benchmarks.
     ("platform", 7),
     ("web", 7),

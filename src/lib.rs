@@ -38,6 +38,7 @@ mod layers;
 pub mod metrics;
 pub mod model;
 pub mod platform;
+pub mod retrain;
 pub mod shutdown;
 pub mod store;
 pub mod text;

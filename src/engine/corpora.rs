@@ -70,11 +70,13 @@ pub struct CorpusLoad {
 }
 
 /// Puts every corpus of `model_dir`'s `retrieval.json` into `store` unless it is there already.
-/// A model directory without the manifest has no retrieval data (nothing to do).
+/// A model directory without the manifest has no retrieval data (nothing to do); a model home
+/// (`kaiwa retrain`) gives its deployed version's.
 pub async fn ensure_corpora(
     store: &Store,
     model_dir: &Path,
 ) -> Result<Vec<CorpusLoad>, CorporaError> {
+    let model_dir = &crate::model::resolve_dir(model_dir);
     let path = model_dir.join(MANIFEST);
     if !path.is_file() {
         return Ok(Vec::new());

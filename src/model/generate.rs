@@ -151,7 +151,10 @@ impl Generator {
     }
 
     /// [`Generator::load`], with generations on `threads` threads (1: on the calling thread).
+    /// A model home (`kaiwa retrain`) loads the version its `current` link points at.
     pub fn load_with_threads(dir: &Path, threads: usize) -> Result<Self, ModelError> {
+        let resolved = super::resolve_dir(dir);
+        let dir = resolved.as_path();
         if !dir.is_dir() {
             return Err(ModelError::NotAModelDir {
                 path: dir.to_path_buf(),

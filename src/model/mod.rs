@@ -152,6 +152,22 @@ pub fn ensure_onnx(dir: &Path) -> Result<PathBuf, ModelError> {
     Ok(path)
 }
 
+/// In a model home (`kaiwa retrain`), the link to the deployed version.
+pub const CURRENT_LINK: &str = "current";
+
+/// The model directory to load for `dir`: `dir` itself, or, for a model home that `kaiwa
+/// retrain` keeps, the version its `current` link points at, resolved now (so a reload after
+/// an install or a rollback loads the new one, and the path names the version).
+pub fn resolve_dir(dir: &Path) -> PathBuf {
+    let link = dir.join(CURRENT_LINK);
+    if !dir.join(CONFIG_FILE).exists() && link.exists() {
+        if let Ok(resolved) = std::fs::canonicalize(&link) {
+            return resolved;
+        }
+    }
+    dir.to_path_buf()
+}
+
 /// Reads `config.json` of a model directory and checks it ([`LlamaConfig::validate`]); a
 /// refusal names the file.
 pub fn load_config(dir: &Path) -> Result<LlamaConfig, ModelError> {

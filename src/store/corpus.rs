@@ -172,6 +172,10 @@ pub struct CorpusFilter {
     pub sources: Vec<String>,
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
+    /// Bounds on when messages were stored (not sent): an import of old chats is new to the
+    /// store (`kaiwa retrain` reads what arrived since the deployed model's data).
+    pub stored_since_ms: Option<i64>,
+    pub stored_until_ms: Option<i64>,
 }
 
 /// A message as the export reads it, with the reactions people left on it.
@@ -392,5 +396,11 @@ where
     }
     if let Some(until) = f.until_ms {
         q.push(" AND m.sent_at_ms < ").push_bind(until);
+    }
+    if let Some(since) = f.stored_since_ms {
+        q.push(" AND m.stored_at_ms >= ").push_bind(since);
+    }
+    if let Some(until) = f.stored_until_ms {
+        q.push(" AND m.stored_at_ms < ").push_bind(until);
     }
 }

@@ -24,6 +24,7 @@ mod model_dir;
 mod onnx_runtime;
 mod poison;
 mod replicas;
+mod retrain;
 mod signals;
 mod store;
 mod telegram;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kaiwa::config::Settings;
 use kaiwa::corpus::derive::RetrievalOptions;
-use kaiwa::corpus::export::{parse_time, ExportOptions};
+use kaiwa::corpus::export::{parse_time, ExportMode, ExportOptions};
 use kaiwa::corpus::ingest::ImportOptions;
 use kaiwa::domain::Platform;
 use kaiwa::engine::{EngineMode, EngineSettings};
@@ -71,6 +71,18 @@ pub enum Command {
     /// byte n-gram baseline, a Japanese/English conversation suite, and a gate against the
     /// deployed model (exit status 3 when the candidate is worse).
     Eval(EvalArgs),
+    /// The learning loop, safe to run from a timer: export what the store received since the
+    /// deployed model's data (with a replay of earlier data), fine-tune the deployed model
+    /// within a time budget, evaluate it against the deployed one, and install it as a new
+    /// version only if it is not worse; running daemons load it without a restart. A killed
+    /// run continues where it stopped; two at once are refused.
+    Retrain(Box<RetrainArgs>),
+    /// The versions `kaiwa retrain` installed in a model home, with their gates' figures (the
+    /// deployed one marked `*`).
+    Models(HomeArg),
+    /// Deploy an earlier version of a model home (the previous one, or --to N); running daemons
+    /// load it within seconds.
+    Rollback(RollbackArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -321,6 +333,7 @@ impl ExportCorpusArgs {
                 sources: self.source.clone(),
                 since_ms: self.since.as_deref().map(parse_time).transpose()?,
                 until_ms: self.until.as_deref().map(parse_time).transpose()?,
+                ..CorpusFilter::default()
             },
             min_turns: self.min_turns,
             min_chars: self.min_chars,
@@ -907,4 +920,105 @@ pub struct ServeBenchArgs {
     /// Suite files or directories whose prompts are asked.
     #[arg(long, default_value = "evals")]
     pub suite: Vec<PathBuf>,
+}
+
+// Retraining and versions.
+
+#[derive(Args)]
+pub struct HomeArg {
+    /// The model home: versions/, runs/ and `current`, the link to the deployed version. Point
+    /// MODEL_DIR at it and daemons load `current` [default: models/home].
+    #[arg(long, default_value = "models/home")]
+    pub home: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RetrainArgs {
+    #[command(flatten)]
+    pub home: HomeArg,
+    /// The model a new home starts from (its version 1) [default: $MODEL_DIR or models/kaiwa].
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Training time, e.g. 90s, 20m, 1h30m.
+    #[arg(long, value_parser = kaiwa::train::run::parse_duration, default_value = "20m")]
+    pub time: std::time::Duration,
+    /// Optimizer steps (within the time budget).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// With fewer new examples than this, stop without training.
+    #[arg(long, default_value_t = 20)]
+    pub min_new: u64,
+    /// Earlier examples replayed per new one, so the model does not forget them.
+    #[arg(long, default_value_t = 1.0)]
+    pub replay: f64,
+    /// The share of new conversations held out for the gate.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    /// Which conversations are training data (see export-corpus).
+    #[arg(long, value_enum, default_value_t = ExportMode::All)]
+    pub mode: ExportMode,
+    /// Suite files or directories [default: evals/ if there is one here].
+    #[arg(long)]
+    pub suite: Vec<PathBuf>,
+    #[arg(long)]
+    pub no_suite: bool,
+    /// Held-out bits per byte the candidate may lose.
+    #[arg(long, default_value_t = 0.01)]
+    pub bpb_tolerance: f64,
+    /// Suite cases the candidate may pass fewer of.
+    #[arg(long, default_value_t = 0)]
+    pub case_tolerance: u64,
+    /// Peak learning rate of the fine-tuning.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluation threads [default: one per core].
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Checkpoint the training every N steps (a killed run continues from the last one).
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+}
+
+impl RetrainArgs {
+    pub fn options(&self) -> kaiwa::retrain::RetrainOptions {
+        let base = self
+            .base
+            .clone()
+            .unwrap_or_else(kaiwa::config::model_dir_from_env);
+        let suites = match (self.no_suite, self.suite.is_empty()) {
+            (true, _) => Vec::new(),
+            (false, false) => self.suite.clone(),
+            (false, true) if Path::new("evals").is_dir() => vec!["evals".into()],
+            (false, true) => Vec::new(),
+        };
+        kaiwa::retrain::RetrainOptions {
+            time_s: self.time.as_secs_f64(),
+            steps: self.steps,
+            min_new: self.min_new,
+            replay: self.replay,
+            val_fraction: self.val_fraction,
+            mode: self.mode,
+            suites,
+            rules: GateRules {
+                bpb_tolerance: self.bpb_tolerance,
+                case_tolerance: self.case_tolerance,
+            },
+            lr: self.lr,
+            seed: self.seed,
+            threads: self.threads,
+            checkpoint_every: self.checkpoint_every,
+            ..kaiwa::retrain::RetrainOptions::new(&self.home.home, base)
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub home: HomeArg,
+    /// The version to deploy [default: the one the deployed version was made from].
+    #[arg(long)]
+    pub to: Option<u32>,
 }

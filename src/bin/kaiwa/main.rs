@@ -58,6 +58,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => model::chat(&args),
         Command::Generate(args) => model::generate(&args),
         Command::Eval(args) => eval::eval(&args),
+        Command::Retrain(args) => train::retrain(&args),
+        Command::Models(args) => train::models(&args),
+        Command::Rollback(args) => train::rollback(&args),
         Command::Bench { what } => bench::run(what),
     }
 }
