@@ -137,17 +137,17 @@ async fn reply_model(db: &str, message_id: &str) -> String {
     }
 }
 
-/// Waits until the daemon's log (a file) contains `needle`.
-async fn wait_for_log(log: &Path, needle: &str) {
+/// Waits until a line of the daemon's log (a file) contains every one of `needles`.
+async fn wait_for_log(log: &Path, needles: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(needle) {
+        if text.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "the daemon never logged {needle:?}:\n{text}"
+            "the daemon never logged a line with {needles:?}:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -233,7 +233,8 @@ async fn retrain_installs_versions_that_a_running_daemon_answers_with() {
         "only the new conversations are new: {report}"
     );
     assert!(report["replay_examples"].as_u64().unwrap() > 0, "{report}");
-    wait_for_log(&log, "versions/0003").await;
+    // (Loading it logs the path too, before the swap: wait for the swap.)
+    wait_for_log(&log, &["model reloaded", "versions/0003"]).await;
     let second = say("元気ですか？");
     assert!(reply_model(&owner.db(), &second)
         .await
@@ -273,7 +274,7 @@ async fn retrain_installs_versions_that_a_running_daemon_answers_with() {
         .status()
         .unwrap();
     assert!(hup.success());
-    wait_for_log(&log, "SIGHUP: model reloaded").await;
+    wait_for_log(&log, &["SIGHUP: model reloaded", "versions/0003"]).await;
     let fourth = say("ただいま");
     assert!(reply_model(&owner.db(), &fourth)
         .await
