@@ -23,6 +23,7 @@ mod hf_models;
 mod model_dir;
 mod onnx_runtime;
 mod poison;
+mod recipes;
 mod replicas;
 mod retrain;
 mod signals;

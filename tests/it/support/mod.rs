@@ -48,6 +48,18 @@ pub async fn wait_for_feedback(
 /// The Python interpreter (`$PYTHON`, else `python3`) if it can import `module`. Where it cannot,
 /// the test is skipped with a line saying so, except in CI (`CI` set), where that fails.
 pub fn python_with(module: &str, install: &str) -> Option<String> {
+    python_importing(module, install, "CI", std::env::var_os("CI").is_some())
+}
+
+/// As [`python_with`], for a module too heavy to install on every CI machine: a missing module
+/// fails the test only where the environment variable `opt_in` is `1` (`.ci/run` then installs
+/// it); elsewhere the test is skipped.
+pub fn python_with_opt_in(module: &str, install: &str, opt_in: &str) -> Option<String> {
+    let required = std::env::var(opt_in).is_ok_and(|v| v == "1");
+    python_importing(module, install, &format!("{opt_in}=1"), required)
+}
+
+fn python_importing(module: &str, install: &str, why: &str, required: bool) -> Option<String> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let probe = std::process::Command::new(&python)
         .args(["-c", &format!("import {module}")])
@@ -56,8 +68,8 @@ pub fn python_with(module: &str, install: &str) -> Option<String> {
         return Some(python);
     }
     assert!(
-        std::env::var_os("CI").is_none(),
-        "{module} is not installed for {python}; .ci/run installs it"
+        !required,
+        "{module} is not installed for {python} ({why}); .ci/run installs it"
     );
     eprintln!("skipping: {python} cannot import {module} ({install})");
     None
