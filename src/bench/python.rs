@@ -21,6 +21,8 @@ pub enum ScriptError {
     Report(#[source] serde_json::Error),
     #[error("the PyTorch script printed no tokens_per_s line")]
     NoTokensPerS,
+    #[error("bench/pytorch_train.py has no {0}: it would time another model")]
+    Unsupported(&'static str),
 }
 
 /// Runs `python3 SCRIPT ARGS…` and gives back what it printed on standard output; a failed run

@@ -196,6 +196,14 @@ pub fn run_pytorch(
     steps: usize,
 ) -> Result<String, ScriptError> {
     let c = config;
+    if c.qkv_bias() {
+        return Err(ScriptError::Unsupported("q/k/v biases (Qwen2)"));
+    }
+    if c.head_dim() * c.num_attention_heads != c.hidden_size {
+        return Err(ScriptError::Unsupported(
+            "head_dim other than hidden / heads",
+        ));
+    }
     let args = [
         ("--vocab", c.vocab_size.to_string()),
         ("--hidden", c.hidden_size.to_string()),

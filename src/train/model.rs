@@ -1,7 +1,8 @@
 //! The Llama decoder as a trainable burn module.
 //!
 //! The same architecture as [`crate::model::reference`] (RMSNorm, rotate-half RoPE, grouped-query causal
-//! attention, SwiGLU MLP, optionally tied embeddings), written with differentiable tensor ops so
+//! attention with Qwen2's q/k/v biases where the family has them, SwiGLU MLP, optionally tied
+//! embeddings), written with differentiable tensor ops so
 //! burn's autodiff can train it. The struct fields are named like the Hugging Face modules, so a
 //! parameter's module path *is* its tensor name in `model.safetensors`
 //! (`model.layers.0.self_attn.q_proj.weight`); [`super::convert`] relies on that.
@@ -14,25 +15,36 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::fused;
 use crate::model::reference::rope_tables;
-use crate::model::weights::Param as WeightParam;
+use crate::model::weights::{LayerWeights, Param as WeightParam, QkvBias};
 use crate::model::{LlamaConfig, LlamaWeights};
 
-/// A weight applied as `x · Wᵀ`, stored `[out_features, in_features]` like `torch.nn.Linear`.
+/// A weight applied as `x · Wᵀ`, stored `[out_features, in_features]` like `torch.nn.Linear`,
+/// plus a bias in the families that have one (Qwen2's q, k and v projections).
 #[derive(Module, Debug)]
 pub struct Projection {
     pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
 }
 
 impl Projection {
     fn new(weight: &WeightParam, device: &Device) -> Self {
+        Self::with_bias(weight, None, device)
+    }
+
+    fn with_bias(weight: &WeightParam, bias: Option<&WeightParam>, device: &Device) -> Self {
         Projection {
             weight: param(weight, device),
+            bias: bias.map(|b| param(b, device)),
         }
     }
 
     /// `[n, in] → [n, out]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        fused::linear(x, self.weight.val())
+        let y = fused::linear(x, self.weight.val());
+        match &self.bias {
+            Some(b) => y.add(b.val().unsqueeze_dim(0)),
+            None => y,
+        }
     }
 }
 
@@ -179,9 +191,9 @@ impl Llama {
             .map(|w| DecoderLayer {
                 input_layernorm: RmsNorm::new(&w.input_layernorm, eps, device),
                 self_attn: Attention {
-                    q_proj: Projection::new(&w.q_proj, device),
-                    k_proj: Projection::new(&w.k_proj, device),
-                    v_proj: Projection::new(&w.v_proj, device),
+                    q_proj: Projection::with_bias(&w.q_proj, bias(w, |b| &b.q), device),
+                    k_proj: Projection::with_bias(&w.k_proj, bias(w, |b| &b.k), device),
+                    v_proj: Projection::with_bias(&w.v_proj, bias(w, |b| &b.v), device),
                     o_proj: Projection::new(&w.o_proj, device),
                     heads: config.num_attention_heads,
                     kv_heads: config.kv_heads(),
@@ -245,6 +257,11 @@ impl Llama {
     pub fn vocab(&self) -> usize {
         self.model.embed_tokens.weight.dims()[0]
     }
+}
+
+/// One of a layer's q/k/v biases, in the families that have them.
+fn bias(layer: &LayerWeights, which: impl Fn(&QkvBias) -> &WeightParam) -> Option<&WeightParam> {
+    layer.qkv_bias.as_ref().map(which)
 }
 
 /// A trainable parameter holding a copy of `weight`. Its id is provisional:

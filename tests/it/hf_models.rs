@@ -421,3 +421,122 @@ fn hf_chat_model_answers_through_the_reply_engine() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 2, "{stdout:?} {stderr}");
 }
+
+/// The trainer's model (burn) computes what `transformers` computes for each family, Qwen2's
+/// biases included, and gives back exactly the tensors it was given: `kaiwa train --init` on
+/// such a directory fine-tunes that model, not another one.
+#[test]
+fn hf_trainable_model_matches_transformers_for_every_family() {
+    use burn::module::Module;
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    let device = Device::flex().autodiff();
+    for name in [
+        "llama_rope_parameters",
+        "llama_head_dim",
+        "qwen2",
+        "mistral_bf16",
+    ] {
+        let dir = fixtures().join(name);
+        let config = load_config(&dir).unwrap();
+        let weights = LlamaWeights::load_dir(&config, &dir).unwrap();
+        let model = kaiwa::train::model::Llama::from_weights(&config, &weights, &device);
+        assert!(
+            kaiwa::train::convert::to_weights(&model, &config).unwrap() == weights,
+            "{name}: weights changed on the way through burn"
+        );
+        let expected = reference(&dir);
+        let ids: Vec<i64> = expected.prefill_ids.iter().map(|&t| i64::from(t)).collect();
+        let n = ids.len();
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        let flat: Vec<f32> = model
+            .valid()
+            .forward(input)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        for (pos, (got, want)) in flat
+            .chunks(config.vocab_size)
+            .zip(&expected.prefill_logits)
+            .enumerate()
+        {
+            let d = max_abs_diff(got, want);
+            assert!(d <= TOLERANCE, "{name}: position {pos}: {d}");
+        }
+    }
+}
+
+/// `kaiwa train --init` on a Qwen2 chat model: its biases are trained with the rest, and the
+/// result keeps its tokenizer and chat template, exports and answers.
+#[test]
+fn hf_qwen2_fine_tunes_with_its_biases_tokenizer_and_template() {
+    let base = fixture("chat_qwen2");
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("train.jsonl");
+    let mut lines = String::new();
+    for i in 0..16 {
+        let line = serde_json::json!({"messages": [
+            {"role": "user", "content": format!("今日の天気はどうですか？ ({i})")},
+            {"role": "assistant", "content": "晴れていて暖かいですよ。"},
+        ]});
+        lines.push_str(&format!("{line}\n"));
+    }
+    std::fs::write(&data, lines).unwrap();
+    let run = work.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_kaiwa"))
+        .args([
+            "train",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--batch",
+            "4",
+            "--context",
+            "64",
+        ])
+        .arg("--init")
+        .arg(base.path())
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let model = run.join("model");
+    let config = load_config(&model).unwrap();
+    assert_eq!(config.family().unwrap(), kaiwa::model::Family::Qwen2);
+    let before = LlamaWeights::load_dir(&config, base.path()).unwrap();
+    let after = LlamaWeights::load_dir(&config, &model).unwrap();
+    let (b, a) = (
+        before.layers[0].qkv_bias.as_ref().unwrap(),
+        after.layers[0].qkv_bias.as_ref().unwrap(),
+    );
+    assert_ne!(b.q, a.q, "the q bias was not trained");
+    assert_ne!(b.v, a.v, "the v bias was not trained");
+    for file in ["tokenizer.json", "chat_template.jinja"] {
+        assert_eq!(
+            std::fs::read(base.path().join(file)).unwrap(),
+            std::fs::read(model.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // The trained model, exported with its biases, computes what the reference pass does.
+    let generator = Generator::load_with_threads(&model, 1).unwrap();
+    let messages = [ChatMessage {
+        role: "user".into(),
+        content: "今日の天気はどうですか？".into(),
+    }];
+    let (ids, _) = generator.prompt_tokens(&messages, 0).unwrap();
+    let mut session = generator.decoder().session().unwrap();
+    let got = session.forward_all(&ids).unwrap();
+    let plain = ReferenceModel::new(&config, &after).forward(&ids);
+    for (pos, (g, p)) in got.iter().zip(&plain).enumerate() {
+        let d = max_abs_diff(g, p);
+        assert!(d <= TOLERANCE, "position {pos}: {d}");
+    }
+}

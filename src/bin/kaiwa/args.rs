@@ -813,6 +813,10 @@ pub struct TrainBenchArgs {
     /// Vocabulary size of the benchmark model.
     #[arg(long, default_value_t = 8192)]
     pub vocab: usize,
+    /// The architecture (and vocabulary) of this model directory's config.json instead of a
+    /// preset, e.g. a SmolLM2-135M or Qwen2.5 directory (weights are drawn at random).
+    #[arg(long, conflicts_with_all = ["preset", "vocab"])]
+    pub model: Option<PathBuf>,
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
     #[arg(long, default_value_t = 256)]
@@ -834,12 +838,26 @@ pub struct TrainBenchArgs {
 }
 
 impl TrainBenchArgs {
-    /// The preset with the benchmark's vocabulary, and positions for its context.
-    pub fn config(&self) -> LlamaConfig {
+    /// The preset with the benchmark's vocabulary, and positions for its context; or the
+    /// architecture of `--model`, whose context must hold the benchmark's.
+    pub fn config(&self) -> Result<LlamaConfig> {
+        if let Some(dir) = &self.model {
+            let config = kaiwa::model::load_config(dir)
+                .with_context(|| format!("reading the architecture of {}", dir.display()))?;
+            if config.context_len() < self.context {
+                bail!(
+                    "--context {} is longer than the {} positions of {}",
+                    self.context,
+                    config.context_len(),
+                    dir.display()
+                );
+            }
+            return Ok(config);
+        }
         let mut config = LlamaConfig::preset(self.preset);
         config.vocab_size = self.vocab;
         config.max_position_embeddings = config.max_position_embeddings.max(self.context);
-        config
+        Ok(config)
     }
 }
 

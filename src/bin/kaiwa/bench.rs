@@ -74,7 +74,7 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
         json,
         ..
     } = *args;
-    let config = args.config();
+    let config = args.config()?;
     let r = kaiwa::bench::train::bench_train(&config, batch, context, micro_batches, warmup, steps);
     if json {
         println!("{}", serde_json::to_string(&r)?);

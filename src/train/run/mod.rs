@@ -322,14 +322,6 @@ fn prepare_model_dir(
         }
         Start::From(dir) => {
             let config = load_config(dir)?;
-            // The trainer's model has no biases: it would drop them and train another model.
-            if config.qkv_bias() {
-                return Err(TrainError::Invalid(format!(
-                    "{}: kaiwa trains no {} (the q, k and v projections have biases)",
-                    dir.display(),
-                    config.model_type
-                )));
-            }
             let weights = LlamaWeights::load_dir(&config, dir)?;
             for name in [
                 CONFIG_FILE,
