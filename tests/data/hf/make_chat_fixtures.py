@@ -35,6 +35,7 @@ import tokenizers
 import torch
 import transformers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from make_fixtures import fresh, randomize  # the same random weights and clean directories
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -206,27 +207,6 @@ def sentencepiece_tokenizer(texts):
     )
     # Zephyr's role markers are ordinary text to this tokenizer, as in TinyLlama's.
     return tok
-
-
-def randomize(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(0.15 * noise)
-
-
-def fresh(name):
-    out = HERE / name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    return out
 
 
 def fixture(name, cls, config_cls, raw, template, bos, eos, seed, template_in_config):
