@@ -14,18 +14,27 @@ use crate::support::telegram::{private_chat, user, FakeTelegram, TOKEN};
 struct Owner {
     dir: tempfile::TempDir,
     base: tempfile::TempDir,
+    /// The store: a SQLite file in `dir`, or a PostgreSQL database.
+    db: String,
 }
 
 impl Owner {
     fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = format!("sqlite://{}", dir.path().join("kaiwa.db").display());
+        Owner::on(dir, db)
+    }
+
+    fn on(dir: tempfile::TempDir, db: String) -> Self {
         Owner {
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             base: copy_of_tiny_model(),
+            db,
         }
     }
 
     fn db(&self) -> String {
-        format!("sqlite://{}", self.dir.path().join("kaiwa.db").display())
+        self.db.clone()
     }
 
     fn home(&self) -> PathBuf {
@@ -292,10 +301,22 @@ async fn retrain_installs_versions_that_a_running_daemon_answers_with() {
 }
 
 /// A candidate the gate finds worse is not installed: the deployed version stays, and the run
-/// says why in its report. Too little new data ends a run before training.
-#[test]
-fn a_candidate_that_fails_the_gate_is_not_installed() {
-    let owner = Owner::new();
+/// says why in its report. Too little new data ends a run before training. On both engines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_that_fails_the_gate_is_not_installed() {
+    let postgres = crate::support::db::database().await;
+    for db in [None, Some(postgres)] {
+        let owner = match db {
+            Some(url) => Owner::on(tempfile::tempdir().unwrap(), url),
+            None => Owner::new(),
+        };
+        tokio::task::spawn_blocking(move || gate_failure(owner))
+            .await
+            .unwrap();
+    }
+}
+
+fn gate_failure(owner: Owner) {
     owner.import("first", 60);
     // A negative tolerance: any candidate counts as worse.
     let out = owner.retrain(&["--bpb-tolerance=-100"]);
