@@ -113,6 +113,8 @@ pub struct RetrainOptions {
     pub threads: usize,
     /// Training checkpoints every this many steps (a killed run continues from the last).
     pub checkpoint_every: usize,
+    /// Installed versions kept; older ones are removed (never the deployed one or its parent).
+    pub keep_versions: usize,
 }
 
 impl RetrainOptions {
@@ -132,6 +134,7 @@ impl RetrainOptions {
             seed: 0,
             threads: 0,
             checkpoint_every: 50,
+            keep_versions: 10,
         }
     }
 }
@@ -376,7 +379,55 @@ fn run_locked(
     let outcome = state.outcome.unwrap_or(Outcome::Interrupted);
     let report = report(&run_dir, &state, resumed, training, gate, outcome);
     write_report(&run_dir, &report)?;
+    // A timer runs this every night for years: what is no longer needed goes.
+    if let Err(e) = prune(home, options.keep_versions) {
+        tracing::warn!(error = %e, "could not remove old versions and run files");
+    }
     Ok(report)
+}
+
+/// Runs kept whole (their exported data, training folder and candidate) after they are done;
+/// older ones keep only their records (`retrain.json`, `report.json`, `eval/`).
+const RUNS_KEPT_WHOLE: usize = 3;
+
+/// Removes the versions beyond the newest `keep` (never the deployed one, nor the one it was
+/// made from, so a rollback always has somewhere to go), and the bulky files of finished runs
+/// but the last [`RUNS_KEPT_WHOLE`].
+fn prune(home: &Path, keep: usize) -> Result<(), RetrainError> {
+    let current = current(home)?;
+    let all = versions(home)?;
+    let parent = all
+        .iter()
+        .find(|v| Some(v.version) == current)
+        .and_then(|v| v.parent);
+    let surplus = all.len().saturating_sub(keep.max(1));
+    for v in all.iter().take(surplus) {
+        if Some(v.version) == current || Some(v.version) == parent {
+            continue;
+        }
+        let dir = version_dir(home, v.version);
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        tracing::info!(version = v.version, "old version removed");
+    }
+    let runs = home.join(RUNS);
+    let mut done: Vec<PathBuf> = std::fs::read_dir(&runs)
+        .map_err(io(&runs))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            crate::model::read_json::<RunState>(&p.join(STATE_FILE))
+                .is_ok_and(|s| s.step == Step::Done)
+        })
+        .collect();
+    done.sort();
+    for run in done.iter().rev().skip(RUNS_KEPT_WHOLE) {
+        for bulky in ["data", "train"] {
+            let path = run.join(bulky);
+            if path.exists() {
+                std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn report(
@@ -886,4 +937,101 @@ pub fn describe(home: &Path) -> Result<Vec<String>, RetrainError> {
         ));
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(home: &Path, n: u32, parent: Option<u32>) {
+        let dir = version_dir(home, n);
+        std::fs::create_dir_all(&dir).unwrap();
+        let info = VersionInfo {
+            version: n,
+            parent,
+            installed_at_ms: 0,
+            data_until_ms: None,
+            base: None,
+            run: None,
+            new_examples: 0,
+            replay_examples: 0,
+            gate: None,
+        };
+        write_json(&dir.join(VERSION_FILE), &info).unwrap();
+    }
+
+    fn run(home: &Path, name: &str, step: Step) -> PathBuf {
+        let dir = home.join(RUNS).join(name);
+        for sub in ["data", "train", "eval"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let state = RunState {
+            run: name.into(),
+            parent: 1,
+            since_ms: None,
+            until_ms: 0,
+            step,
+            new_examples: 0,
+            replay_examples: 0,
+            validation_examples: 0,
+            outcome: None,
+            installed: None,
+        };
+        save_state(&dir, &state).unwrap();
+        dir
+    }
+
+    #[test]
+    fn pruning_keeps_the_deployed_version_its_parent_and_the_records_of_every_run() {
+        let home = tempfile::tempdir().unwrap();
+        let home = home.path();
+        // 4 was made from 2 (a rollback to 2, then a run), and 4 is deployed.
+        version(home, 1, None);
+        version(home, 2, Some(1));
+        version(home, 3, Some(2));
+        version(home, 4, Some(2));
+        set_current(home, 4).unwrap();
+        let runs: Vec<PathBuf> = (1..=5)
+            .map(|i| run(home, &format!("2026120{i}T000000000Z"), Step::Done))
+            .collect();
+        let unfinished = run(home, "20261206T000000000Z", Step::Train);
+
+        prune(home, 1).unwrap();
+        let kept: Vec<u32> = versions(home).unwrap().iter().map(|v| v.version).collect();
+        assert_eq!(kept, [2, 4]);
+        assert_eq!(current(home).unwrap(), Some(4));
+        for (i, dir) in runs.iter().enumerate() {
+            let whole = i >= 2;
+            assert_eq!(dir.join("train").exists(), whole, "{}", dir.display());
+            assert_eq!(dir.join("data").exists(), whole, "{}", dir.display());
+            assert!(dir.join("eval").is_dir() && dir.join(STATE_FILE).is_file());
+        }
+        // A run still going keeps everything.
+        assert!(unfinished.join("train").is_dir() && unfinished.join("data").is_dir());
+    }
+
+    #[test]
+    fn a_second_run_on_the_same_home_is_refused_while_the_first_holds_the_lock() {
+        let home = tempfile::tempdir().unwrap();
+        let held = lock(home.path()).unwrap();
+        assert!(matches!(lock(home.path()), Err(RetrainError::Locked(_))));
+        drop(held);
+        lock(home.path()).unwrap();
+    }
+
+    #[test]
+    fn a_replay_sample_is_the_same_for_the_same_seed_and_about_the_size_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("old.jsonl");
+        let lines: String = (0..1000).map(|i| format!("{{\"n\": {i}}}\n")).collect();
+        std::fs::write(&from, lines).unwrap();
+        let a = dir.path().join("a.jsonl");
+        let b = dir.path().join("b.jsonl");
+        let n = sample_lines(&from, 1000, 200, 7, &a).unwrap();
+        assert_eq!(sample_lines(&from, 1000, 200, 7, &b).unwrap(), n);
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        assert!((150..=250).contains(&n), "{n}");
+        assert_eq!(sample_lines(&from, 1000, 5000, 7, &b).unwrap(), 1000);
+        assert_eq!(sample_lines(&from, 1000, 0, 7, &b).unwrap(), 0);
+    }
 }

@@ -230,7 +230,7 @@ async fn retrain_installs_versions_that_a_running_daemon_answers_with() {
     // More conversations, another run: version 3, made from 2 with a replay of 2's data, and
     // the running daemon follows through the store.
     owner.import("second", 60);
-    let out = owner.retrain(&[]);
+    let out = owner.retrain(&["--keep-versions", "2"]);
     assert!(
         stderr(&out).contains("installed version 3 (from 2)"),
         "{}",
@@ -248,6 +248,10 @@ async fn retrain_installs_versions_that_a_running_daemon_answers_with() {
     assert!(reply_model(&owner.db(), &second)
         .await
         .ends_with("versions/0003"));
+
+    // Two versions are kept: version 1 is gone; the deployed one and its parent stay.
+    assert!(!home.join("versions/0001").exists());
+    assert!(home.join("versions/0002").is_dir());
 
     // `kaiwa models` lists them, the deployed one marked.
     let out = owner.kaiwa(&["models", "--home", home.to_str().unwrap()]);

@@ -997,6 +997,10 @@ pub struct RetrainArgs {
     /// Checkpoint the training every N steps (a killed run continues from the last one).
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: usize,
+    /// Installed versions to keep; older ones are removed (never the deployed one or the one
+    /// it was made from). Runs older than the last three keep only their reports.
+    #[arg(long, default_value_t = 10)]
+    pub keep_versions: usize,
 }
 
 impl RetrainArgs {
@@ -1027,6 +1031,7 @@ impl RetrainArgs {
             seed: self.seed,
             threads: self.threads,
             checkpoint_every: self.checkpoint_every,
+            keep_versions: self.keep_versions,
             ..kaiwa::retrain::RetrainOptions::new(&self.home.home, base)
         }
     }
