@@ -777,6 +777,49 @@ mod tests {
     }
 
     #[test]
+    fn access_lists_are_read_in_the_admin_ids_style() {
+        let a = |pairs: &[(&str, &str)]| Settings::from_lookup(lookup(pairs)).map(|s| s.access);
+        let open = a(&[]).unwrap();
+        assert!(open.allowed_users.is_empty() && open.daily_quota.is_none());
+        assert!(!open.refusal_notice && open.unlisted_guilds == UnlistedGuilds::Ignore);
+        let set = a(&[
+            ("ALLOWED_USERS", "telegram:1, discord:2"),
+            ("ALLOWED_CHATS", "telegram:-100"),
+            ("ALLOWED_GUILDS", "discord:5"),
+            ("BLOCKED_USERS", "telegram:3"),
+            ("REFUSAL_NOTICE", "1"),
+            ("DAILY_QUOTA", "20"),
+            ("DISCORD_UNLISTED_GUILDS", "leave"),
+        ])
+        .unwrap();
+        assert!(set.allowed_users.contains(&(Platform::Discord, "2".into())));
+        assert!(set
+            .allowed_chats
+            .contains(&(Platform::Telegram, "-100".into())));
+        assert!(set.serves_guild("5") && !set.serves_guild("6"));
+        assert!(set
+            .blocked_users
+            .contains(&(Platform::Telegram, "3".into())));
+        assert!(set.refusal_notice);
+        assert_eq!(set.daily_quota, Some(20));
+        assert_eq!(set.unlisted_guilds, UnlistedGuilds::Leave);
+        assert_eq!(a(&[("DAILY_QUOTA", "0")]).unwrap().daily_quota, None);
+        for (name, value) in [
+            ("ALLOWED_USERS", "telegram"),
+            ("ALLOWED_USERS", "telegram:"),
+            ("BLOCKED_USERS", "irc:1"),
+            ("ALLOWED_GUILDS", "telegram:5"),
+            ("ALLOWED_ROLES", "5"),
+            ("REFUSAL_NOTICE", "maybe"),
+            ("DAILY_QUOTA", "-1"),
+            ("DISCORD_UNLISTED_GUILDS", "ban"),
+        ] {
+            let e = a(&[(name, value)]).unwrap_err();
+            assert_eq!(e.name, name, "{name}={value}: {e}");
+        }
+    }
+
+    #[test]
     fn the_store_and_the_model_have_defaults() {
         let s = Settings::from_lookup(lookup(&[("DATABASE_URL", " ")])).unwrap();
         assert_eq!(s.database_url, DEFAULT_DATABASE_URL);

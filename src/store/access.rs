@@ -154,15 +154,14 @@ impl Store {
         .bind(chat_id)
         .fetch_all(p)
         .await?);
-        let allowed_kinds: Vec<String> =
-            on_engine!(&self.pool, |p| {
-                sqlx::query_scalar(
+        let allowed_kinds: Vec<String> = on_engine!(&self.pool, |p| {
+            sqlx::query_scalar(
             "SELECT kind FROM access_rules WHERE list = 'allow' AND platform = $1 GROUP BY kind"
         )
         .bind(platform.as_str())
         .fetch_all(p)
         .await?
-            });
+        });
         let has = |list: &str, kind: &str| about.iter().any(|(l, k)| l == list && k == kind);
         Ok(StoredAccess {
             user_allowed: has("allow", "user"),
