@@ -86,6 +86,29 @@ pub(super) fn admission(
     }
 }
 
+/// Whether `user_id`'s reactions on `platform` count as feedback: not when they are blocked,
+/// nor, where people are listed, when they are not. (Reactions do not carry roles, so with
+/// `ALLOWED_ROLES` set on the platform every unblocked person's count.)
+pub(super) fn counts_reaction(
+    a: &AccessSettings,
+    stored: &StoredAccess,
+    admin: bool,
+    platform: Platform,
+    user_id: &str,
+) -> bool {
+    let key = (platform, user_id.to_string());
+    if admin {
+        return true;
+    }
+    if a.blocked_users.contains(&key) || stored.user_blocked {
+        return false;
+    }
+    let roles_decide = a.allowed_roles.iter().any(|(q, _)| *q == platform);
+    let people_listed =
+        a.allowed_users.iter().any(|(q, _)| *q == platform) || stored.any_allowed_users;
+    roles_decide || !people_listed || a.allowed_users.contains(&key) || stored.user_allowed
+}
+
 /// Commands a person the bot refuses may still run: their privacy does not depend on the lists.
 pub(super) fn open_to_everyone(c: &Command) -> bool {
     matches!(c.name, CommandName::OptOut | CommandName::ForgetMe)
@@ -137,6 +160,27 @@ impl Bot {
             .await?;
         let admin = self.settings.is_admin(p, &m.author_id);
         Ok(admission(&self.settings.access, &stored, admin, m))
+    }
+
+    /// Whether a reaction of `user_id` in `channel` counts ([`counts_reaction`]).
+    pub(super) async fn counts_reaction(
+        &self,
+        channel: &crate::domain::ChannelRef,
+        user_id: &str,
+    ) -> Result<bool, StoreError> {
+        let p = channel.platform;
+        let stored = self
+            .store
+            .stored_access(p, user_id, &channel.chat_id)
+            .await?;
+        let admin = self.settings.is_admin(p, user_id);
+        Ok(counts_reaction(
+            &self.settings.access,
+            &stored,
+            admin,
+            p,
+            user_id,
+        ))
     }
 
     /// Counts a refusal of a message addressed to the bot, and gives today's one notice when
@@ -299,10 +343,15 @@ impl Bot {
                 "{who} stays on {setting} in the settings; only the settings can change that."
             );
         }
-        if list == AccessList::Allow && on {
-            answer.push_str(&format!(
-                " On {platform}, only the people and chats on the allow lists (and admins) get answers now."
-            ));
+        match (list, on, kind) {
+            (AccessList::Allow, true, AccessKind::User) => answer.push_str(&format!(
+                " On {platform}, only the people on the allow lists (and admins) get answers now."
+            )),
+            (AccessList::Allow, true, AccessKind::Chat) => answer.push_str(&format!(
+                " On {platform}, only the chats on the allow lists are served now, and direct \
+                 messages only from the people on them (and admins)."
+            )),
+            _ => {}
         }
         tracing::info!(by = %by, rule = ?rule, on, "access rule changed");
         Ok(answer)
@@ -471,6 +520,22 @@ mod tests {
         assert_eq!(decide(&a, &in_guild), Admission::Allowed);
         in_guild.guild_id = Some("101".into());
         assert_eq!(decide(&a, &in_guild), Admission::Unserved);
+    }
+
+    #[test]
+    fn reactions_of_blocked_and_unlisted_people_are_not_feedback() {
+        let mut a = AccessSettings {
+            blocked_users: ids(&["telegram:8"]),
+            ..AccessSettings::default()
+        };
+        let none = StoredAccess::default();
+        let counts = |a: &AccessSettings, user: &str| {
+            counts_reaction(a, &none, false, Platform::Telegram, user)
+        };
+        assert!(counts(&a, "7") && !counts(&a, "8"));
+        a.allowed_users = ids(&["telegram:7"]);
+        assert!(counts(&a, "7") && !counts(&a, "9"));
+        assert!(counts_reaction(&a, &none, true, Platform::Telegram, "9"));
     }
 
     #[test]

@@ -475,7 +475,7 @@ impl Bot {
         }
     }
 
-    /// Records reactions, unless their author opted out.
+    /// Records reactions, unless their author opted out or may not talk to the bot.
     async fn on_reaction(
         &self,
         channel: &ChannelRef,
@@ -484,7 +484,9 @@ impl Bot {
         added: &[String],
         removed: &[String],
     ) -> Result<(), crate::store::StoreError> {
-        if self.store.is_opted_out(channel.platform, user_id).await? {
+        if self.store.is_opted_out(channel.platform, user_id).await?
+            || !self.counts_reaction(channel, user_id).await?
+        {
             return Ok(());
         }
         for (emoji, on) in added

@@ -361,3 +361,34 @@ async fn on_discord_allowed_roles_pick_who_is_answered() {
         .any(|r| Some(r.message_id.as_str()) == without["id"].as_str()));
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_here_serves_only_the_chats_allowed() {
+    let h = harness(&[]).await;
+    h.send(message("-1", ChatKind::Group, "c1", "admin", "/allow here"))
+        .await;
+    let answer = h.outbox.wait_for(1).await;
+    assert!(answer[0].1.contains("only the chats"), "{answer:?}");
+    let mut elsewhere = mention("7", "e1", "hello bot");
+    elsewhere.channel = telegram("-2");
+    h.send(elsewhere).await;
+    h.send(mention("7", "h1", "hello bot")).await;
+    let sent = h.outbox.wait_for(2).await;
+    assert_eq!(sent[1].2.as_deref(), Some("h1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.outbox.sent().len(), 2);
+    assert!(h
+        .store
+        .channel_messages(&telegram("-2"))
+        .await
+        .unwrap()
+        .is_empty());
+    // A stranger's direct message is no longer answered either.
+    h.send(dm("7", "d1", "hello")).await;
+    assert!(h
+        .store
+        .channel_messages(&telegram("7"))
+        .await
+        .unwrap()
+        .is_empty());
+}
