@@ -570,7 +570,19 @@ impl Bot {
         };
         let new = received_message(&m);
         let claim = matches!(then, Then::Command(_) | Then::SayBusy | Then::Answer);
-        if self.store.insert_message_and_claim(&new, claim).await? == Insert::Duplicate {
+        let inserted = match self.store.insert_message_and_claim(&new, claim).await {
+            Ok(inserted) => inserted,
+            Err(e) => {
+                // Not stored: the platform sends it again, and it takes its reply then.
+                if quota_taken {
+                    if let Err(e) = self.give_back_daily_reply(&m).await {
+                        tracing::warn!(error = %e, "could not give back a reply of the day");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if inserted == Insert::Duplicate {
             // A redelivery does not use up its author's cooldown or quota.
             if let Some(taken) = cooldown {
                 self.give_back_cooldown(&m, taken);
