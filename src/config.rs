@@ -9,6 +9,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::clock::Clock;
 use crate::domain::Platform;
 use crate::engine::{EngineSettings, Weights};
 use crate::model::{GenerateOptions, Sampling};
@@ -110,6 +111,11 @@ pub struct Settings {
     pub model_dir: PathBuf,
     /// `(platform, user id)` pairs allowed to use admin commands.
     pub admins: HashSet<(Platform, String)>,
+    /// Who may talk to the bot, and how much (`ALLOWED_*`, `BLOCKED_USERS`, `DAILY_QUOTA`…).
+    pub access: AccessSettings,
+    /// The time day-bound rules (the daily quota, one notice a day) read: the system's, or a
+    /// test's manual clock. Not read from the environment.
+    pub clock: Clock,
     pub reply_policy: ReplyPolicy,
     pub system_prompt: Option<String>,
     /// At most this many stored messages form a reply's context…
@@ -338,6 +344,128 @@ impl fmt::Display for ShardRange {
     }
 }
 
+/// Who may talk to the bot (the settings' part; `/allow` and `/block` add to it in the store).
+/// Each list holds `(platform, id)` as `ADMIN_IDS` does. Empty allow lists let everyone in;
+/// a block always wins; admins are always allowed.
+#[derive(Debug, Clone, Default)]
+pub struct AccessSettings {
+    /// `ALLOWED_USERS`: the people who may talk to the bot.
+    pub allowed_users: HashSet<(Platform, String)>,
+    /// `ALLOWED_CHATS`: Telegram chats and Discord channels the bot serves.
+    pub allowed_chats: HashSet<(Platform, String)>,
+    /// `ALLOWED_GUILDS`: Discord servers the bot serves (`discord:ID`).
+    pub allowed_guilds: HashSet<(Platform, String)>,
+    /// `ALLOWED_ROLES`: Discord roles whose members may talk to the bot (`discord:ID`).
+    pub allowed_roles: HashSet<(Platform, String)>,
+    /// `BLOCKED_USERS`: never answered, wherever they write.
+    pub blocked_users: HashSet<(Platform, String)>,
+    /// `REFUSAL_NOTICE=1`: a refused person is told so, once a day, in their language;
+    /// otherwise they get no answer at all.
+    pub refusal_notice: bool,
+    /// `DAILY_QUOTA`: replies one person gets a day (UTC); `None` (unset or 0): no limit.
+    pub daily_quota: Option<u32>,
+    /// `DISCORD_UNLISTED_GUILDS`: what to do in a Discord server not on `ALLOWED_GUILDS`.
+    pub unlisted_guilds: UnlistedGuilds,
+}
+
+impl AccessSettings {
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
+        let discord_only = |name: &'static str| -> Result<_, SettingsError> {
+            let list = id_list(get, name)?;
+            if let Some((p, id)) = list.iter().find(|(p, _)| *p != Platform::Discord) {
+                return Err(SettingsError {
+                    name,
+                    reason: format!("{p}:{id}: only Discord has these (discord:ID)"),
+                });
+            }
+            Ok(list)
+        };
+        let daily_quota: u32 = parse(get, "DAILY_QUOTA", 0)?;
+        let unlisted_guilds = match get("DISCORD_UNLISTED_GUILDS").as_deref() {
+            None | Some("ignore") => UnlistedGuilds::Ignore,
+            Some("leave") => UnlistedGuilds::Leave,
+            Some(other) => {
+                return Err(SettingsError {
+                    name: "DISCORD_UNLISTED_GUILDS",
+                    reason: format!("{other:?} is not \"ignore\" or \"leave\""),
+                })
+            }
+        };
+        Ok(AccessSettings {
+            allowed_users: id_list(get, "ALLOWED_USERS")?,
+            allowed_chats: id_list(get, "ALLOWED_CHATS")?,
+            allowed_guilds: discord_only("ALLOWED_GUILDS")?,
+            allowed_roles: discord_only("ALLOWED_ROLES")?,
+            blocked_users: id_list(get, "BLOCKED_USERS")?,
+            refusal_notice: parse_flag(get, "REFUSAL_NOTICE")?,
+            daily_quota: (daily_quota > 0).then_some(daily_quota),
+            unlisted_guilds,
+        })
+    }
+
+    /// Whether the Discord server `guild` is one the bot serves: `ALLOWED_GUILDS` is empty or
+    /// lists it.
+    pub fn serves_guild(&self, guild: &str) -> bool {
+        self.allowed_guilds.is_empty()
+            || self
+                .allowed_guilds
+                .contains(&(Platform::Discord, guild.to_string()))
+    }
+}
+
+/// What kaiwa does in a Discord server that `ALLOWED_GUILDS` does not list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnlistedGuilds {
+    /// Stays, but neither stores nor answers anything there.
+    #[default]
+    Ignore,
+    /// Leaves the server when it arrives (at start-up or when invited).
+    Leave,
+}
+
+/// A comma-separated list of `platform:id` (`ADMIN_IDS`, `ALLOWED_USERS`, …); unset: empty.
+fn id_list(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<HashSet<(Platform, String)>, SettingsError> {
+    let mut out = HashSet::new();
+    for item in get(name)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let (p, id) = item
+            .split_once(':')
+            .filter(|(_, id)| !id.trim().is_empty())
+            .ok_or_else(|| SettingsError {
+                name,
+                reason: format!("{item:?} is not platform:id (e.g. telegram:12345)"),
+            })?;
+        let p = Platform::parse(p.trim()).ok_or_else(|| SettingsError {
+            name,
+            reason: format!("unknown platform {p:?} (discord, telegram or web)"),
+        })?;
+        out.insert((p, id.trim().to_string()));
+    }
+    Ok(out)
+}
+
+/// A yes/no setting: `1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`; unset: no.
+fn parse_flag(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<bool, SettingsError> {
+    match get(name).map(|v| v.to_ascii_lowercase()).as_deref() {
+        None | Some("0" | "false" | "no" | "off") => Ok(false),
+        Some("1" | "true" | "yes" | "on") => Ok(true),
+        Some(other) => Err(SettingsError {
+            name,
+            reason: format!("{other:?} is not 1/true/yes/on or 0/false/no/off"),
+        }),
+    }
+}
+
 /// A setting that could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("setting {name}: {reason}")]
@@ -386,23 +514,7 @@ impl Settings {
                 name: "TEMPERATURE/TOP_P/REPETITION_PENALTY/GUIDANCE_SCALE",
                 reason: e.to_string(),
             })?;
-        let mut admins = HashSet::new();
-        for item in get("ADMIN_IDS")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
-            let (p, id) = item.split_once(':').ok_or_else(|| SettingsError {
-                name: "ADMIN_IDS",
-                reason: format!("{item:?} is not platform:user_id (e.g. telegram:12345)"),
-            })?;
-            let p = Platform::parse(p).ok_or_else(|| SettingsError {
-                name: "ADMIN_IDS",
-                reason: format!("unknown platform {p:?} (discord, telegram or web)"),
-            })?;
-            admins.insert((p, id.to_string()));
-        }
+        let admins = id_list(&get, "ADMIN_IDS")?;
         let reply_policy = match get("REPLY_POLICY").as_deref() {
             None | Some("mentioned") => ReplyPolicy::Mentioned,
             Some("all") => ReplyPolicy::All,
@@ -423,6 +535,8 @@ impl Settings {
             database_url: database_url(&get),
             model_dir: model_dir(&get),
             admins,
+            access: AccessSettings::from_lookup(&get)?,
+            clock: Clock::system(),
             reply_policy,
             system_prompt: get("SYSTEM_PROMPT"),
             context_messages: parse(&get, "CONTEXT_MESSAGES", 40)?,
@@ -660,6 +774,49 @@ mod tests {
         // Keys never show in debug output either.
         let shown = format!("{:?}", web(&[("API_KEYS", "sk-secret")]));
         assert!(!shown.contains("sk-secret"), "{shown}");
+    }
+
+    #[test]
+    fn access_lists_are_read_in_the_admin_ids_style() {
+        let a = |pairs: &[(&str, &str)]| Settings::from_lookup(lookup(pairs)).map(|s| s.access);
+        let open = a(&[]).unwrap();
+        assert!(open.allowed_users.is_empty() && open.daily_quota.is_none());
+        assert!(!open.refusal_notice && open.unlisted_guilds == UnlistedGuilds::Ignore);
+        let set = a(&[
+            ("ALLOWED_USERS", "telegram:1, discord:2"),
+            ("ALLOWED_CHATS", "telegram:-100"),
+            ("ALLOWED_GUILDS", "discord:5"),
+            ("BLOCKED_USERS", "telegram:3"),
+            ("REFUSAL_NOTICE", "1"),
+            ("DAILY_QUOTA", "20"),
+            ("DISCORD_UNLISTED_GUILDS", "leave"),
+        ])
+        .unwrap();
+        assert!(set.allowed_users.contains(&(Platform::Discord, "2".into())));
+        assert!(set
+            .allowed_chats
+            .contains(&(Platform::Telegram, "-100".into())));
+        assert!(set.serves_guild("5") && !set.serves_guild("6"));
+        assert!(set
+            .blocked_users
+            .contains(&(Platform::Telegram, "3".into())));
+        assert!(set.refusal_notice);
+        assert_eq!(set.daily_quota, Some(20));
+        assert_eq!(set.unlisted_guilds, UnlistedGuilds::Leave);
+        assert_eq!(a(&[("DAILY_QUOTA", "0")]).unwrap().daily_quota, None);
+        for (name, value) in [
+            ("ALLOWED_USERS", "telegram"),
+            ("ALLOWED_USERS", "telegram:"),
+            ("BLOCKED_USERS", "irc:1"),
+            ("ALLOWED_GUILDS", "telegram:5"),
+            ("ALLOWED_ROLES", "5"),
+            ("REFUSAL_NOTICE", "maybe"),
+            ("DAILY_QUOTA", "-1"),
+            ("DISCORD_UNLISTED_GUILDS", "ban"),
+        ] {
+            let e = a(&[(name, value)]).unwrap_err();
+            assert_eq!(e.name, name, "{name}={value}: {e}");
+        }
     }
 
     #[test]

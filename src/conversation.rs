@@ -113,6 +113,11 @@ pub enum CommandName {
     Reload,
     AnswerAll,
     Share,
+    /// `/allow`, `/unallow`, `/block`, `/unblock`: who may talk to the bot.
+    Allow,
+    Unallow,
+    Block,
+    Unblock,
     /// Lower-cased.
     Unknown(String),
 }
@@ -130,6 +135,10 @@ impl CommandName {
             "reload" => CommandName::Reload,
             "answerall" => CommandName::AnswerAll,
             "share" => CommandName::Share,
+            "allow" => CommandName::Allow,
+            "unallow" => CommandName::Unallow,
+            "block" => CommandName::Block,
+            "unblock" => CommandName::Unblock,
             other => CommandName::Unknown(other.to_string()),
         }
     }
@@ -143,6 +152,10 @@ impl CommandName {
                 | CommandName::Reload
                 | CommandName::AnswerAll
                 | CommandName::Share
+                | CommandName::Allow
+                | CommandName::Unallow
+                | CommandName::Block
+                | CommandName::Unblock
         )
     }
 }

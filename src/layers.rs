@@ -12,6 +12,7 @@ const LAYERS: &[(&str, u8)] = &[
     // The shared vocabulary and utilities every layer may use.
     ("domain", 0),
     ("text", 0),
+    ("clock", 0),
     ("fsio", 0),
     ("kernels", 0),
     ("metrics", 0),

@@ -24,6 +24,7 @@ pub mod backoff;
 pub mod bench;
 pub mod bot;
 pub mod chat;
+pub mod clock;
 pub mod config;
 pub mod conversation;
 pub mod corpus;

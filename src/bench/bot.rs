@@ -202,6 +202,8 @@ pub async fn bench_bot(
                                     replies_to_bot: false,
                                     mentions_bot: false,
                                     sent_at_ms: now_ms(),
+                                    guild_id: None,
+                                    roles: Vec::new(),
                                 };
                                 let out: Arc<dyn Outbox> = outbox.clone();
                                 bot.handle(Incoming::Message(message), out).await;

@@ -1,5 +1,6 @@
 //! The bot's chat commands: `/help`, `/reset`, `/optout`, `/optin`, `/forgetme`, and for admins
-//! `/stats`, `/model`, `/reload`, `/answerall on|off`, `/share on|off`.
+//! `/stats`, `/model`, `/reload`, `/answerall on|off`, `/share on|off`, and `/allow`, `/unallow`,
+//! `/block`, `/unblock` (see [`super::access`]).
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ pub const HELP: &str = "I'm kaiwa, a chat bot. I remember this channel's recent 
 /optout — stop storing (and answering) your messages\n\
 /optin — resume\n\
 /forgetme — delete everything stored of you\n\
-Admins: /stats, /model, /reload, /answerall on|off, /share on|off (whether this channel's conversation may be used to answer people elsewhere)";
+Admins: /stats, /model, /reload, /answerall on|off, /share on|off (whether this channel's conversation may be used to answer people elsewhere), /allow and /block platform:id|here (or in reply to someone), /unallow, /unblock";
 pub const OPTED_IN: &str = "Welcome back: your messages are stored again.";
 pub const BUSY: &str = "I'm busy right now; please try again in a moment.";
 
@@ -56,8 +57,8 @@ impl Bot {
             CommandName::Stats => {
                 let s = store.stats().await?;
                 format!(
-                    "messages {} ({} deleted, {} mine), channels {}, users {}, replies sent {}, failed {}, opted out {}; replies retrieved {}, generated {}, fallback {}; retrievable pairs {}, sentences {}",
-                    s.messages, s.deleted, s.bot_messages, s.channels, s.users, s.replies_sent, s.replies_failed, s.opted_out_users,
+                    "messages {} ({} deleted, {} mine), channels {}, users {}, replies sent {}, failed {}, opted out {}, refused {}, over quota {}; replies retrieved {}, generated {}, fallback {}; retrievable pairs {}, sentences {}",
+                    s.messages, s.deleted, s.bot_messages, s.channels, s.users, s.replies_sent, s.replies_failed, s.opted_out_users, s.refusals, s.quota_hits,
                     s.replies_retrieved, s.replies_generated, s.replies_fallback, s.retrieval_pairs, s.retrieval_sentences
                 )
             }
@@ -126,6 +127,10 @@ impl Bot {
                     format!("This channel is {how}. /share on|off changes it.")
                 }
             },
+            CommandName::Allow
+            | CommandName::Unallow
+            | CommandName::Block
+            | CommandName::Unblock => self.change_access(&c, m).await?,
             CommandName::Unknown(ref name) => format!("Unknown command /{name}. {HELP}"),
         };
         self.say(outbox, m, &reply).await;

@@ -23,6 +23,10 @@ pub struct IncomingMessage {
     pub mentions_bot: bool,
     /// Unix time in milliseconds, from the platform.
     pub sent_at_ms: i64,
+    /// The Discord server the message was written in (`None` elsewhere, and in DMs).
+    pub guild_id: Option<String>,
+    /// The author's roles in that server (Discord), for `ALLOWED_ROLES`.
+    pub roles: Vec<String>,
 }
 
 /// Everything the platforms tell the bot about.

@@ -5,6 +5,7 @@
 //! queued per channel (one generation at a time per channel, in order) and generated on a
 //! bounded pool of blocking threads, off the async runtime.
 
+pub mod access;
 pub mod commands;
 pub mod event;
 pub mod split;
@@ -62,6 +63,10 @@ enum Then {
     Command(commands::Command),
     /// To be answered, but the reply would come too late: say so.
     SayBusy,
+    /// Addressed to the bot by someone not allowed to talk to it: stored, not answered.
+    Refuse,
+    /// To be answered, but its author has had today's `DAILY_QUOTA` replies.
+    OverQuota,
     /// To be answered.
     Answer,
 }
@@ -429,6 +434,8 @@ impl Bot {
             replies_to_bot: false,
             mentions_bot: false,
             sent_at_ms: row.sent_at_ms,
+            guild_id: None,
+            roles: Vec::new(),
         };
         self.enqueue(Job { message, outbox });
         r.resumed += 1;
@@ -451,6 +458,11 @@ impl Bot {
             {
                 return Ok(());
             }
+            match self.admission(&m).await? {
+                access::Admission::Unserved => return Ok(()),
+                access::Admission::Refused if m.kind == ChatKind::Direct => return Ok(()),
+                _ => {}
+            }
             let mut row = received_message(&m);
             row.text = cap_text(row.text);
             if let Insert::Stored(_) = self.store.insert_message(&row).await? {
@@ -463,7 +475,7 @@ impl Bot {
         }
     }
 
-    /// Records reactions, unless their author opted out.
+    /// Records reactions, unless their author opted out or may not talk to the bot.
     async fn on_reaction(
         &self,
         channel: &ChannelRef,
@@ -472,7 +484,9 @@ impl Bot {
         added: &[String],
         removed: &[String],
     ) -> Result<(), crate::store::StoreError> {
-        if self.store.is_opted_out(channel.platform, user_id).await? {
+        if self.store.is_opted_out(channel.platform, user_id).await?
+            || !self.counts_reaction(channel, user_id).await?
+        {
             return Ok(());
         }
         for (emoji, on) in added
@@ -505,35 +519,76 @@ impl Bot {
             }
             return Ok(());
         }
+        let admission = self.admission(&m).await?;
+        let refused = admission == access::Admission::Refused;
+        // A command addressed to another bot (`/help@otherbot`) is not ours: only stored.
+        let foreign_command = command
+            .as_ref()
+            .is_some_and(|c| c.addressee.is_some() && !m.mentions_bot);
+        let command = command.filter(|_| !foreign_command);
+        if admission == access::Admission::Unserved || (refused && m.kind == ChatKind::Direct) {
+            // Nothing of it is kept: a group the bot does not serve, or a stranger's direct
+            // message. The stranger may still use their privacy commands, and is refused.
+            if refused && !m.author_is_bot && self.accepting.load(Ordering::SeqCst) {
+                match command {
+                    Some(c) if access::open_to_everyone(&c) => {
+                        self.run_command(c, &m, &outbox).await?
+                    }
+                    _ => self.refuse(&m, &outbox).await?,
+                }
+            }
+            tracing::debug!(channel = %m.channel, ?admission, "message not stored: not allowed here");
+            return Ok(());
+        }
         // Decided before the message is stored, so that it is stored together with its claim.
         let mut cooldown = None;
-        let then = if m.author_is_bot || !self.accepting.load(Ordering::SeqCst) {
+        let mut quota_taken = false;
+        let then = if m.author_is_bot || foreign_command || !self.accepting.load(Ordering::SeqCst) {
             Then::Store
         } else if let Some(c) = command {
-            // A command addressed to another bot (`/help@otherbot`) is not ours.
-            if c.addressee.is_some() && !m.mentions_bot {
-                Then::Store
+            if refused && !access::open_to_everyone(&c) {
+                Then::Refuse
             } else {
                 Then::Command(c)
             }
         } else if !self.should_answer(&m).await? {
             Then::Store
+        } else if refused {
+            Then::Refuse
         } else if let Some(taken) = self.cooled_down(&m) {
             cooldown = Some(taken);
-            if self.admits(self.pending.load(Ordering::SeqCst)) {
+            if !self.admits(self.pending.load(Ordering::SeqCst)) {
+                Then::SayBusy
+            } else if self.take_daily_reply(&m).await? {
+                quota_taken = true;
                 Then::Answer
             } else {
-                Then::SayBusy
+                Then::OverQuota
             }
         } else {
             Then::Store
         };
         let new = received_message(&m);
-        let claim = !matches!(then, Then::Store);
-        if self.store.insert_message_and_claim(&new, claim).await? == Insert::Duplicate {
-            // A redelivery does not use up its author's cooldown.
+        let claim = matches!(then, Then::Command(_) | Then::SayBusy | Then::Answer);
+        let inserted = match self.store.insert_message_and_claim(&new, claim).await {
+            Ok(inserted) => inserted,
+            Err(e) => {
+                // Not stored: the platform sends it again, and it takes its reply then.
+                if quota_taken {
+                    if let Err(e) = self.give_back_daily_reply(&m).await {
+                        tracing::warn!(error = %e, "could not give back a reply of the day");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if inserted == Insert::Duplicate {
+            // A redelivery does not use up its author's cooldown or quota.
             if let Some(taken) = cooldown {
                 self.give_back_cooldown(&m, taken);
+            }
+            if quota_taken {
+                self.give_back_daily_reply(&m).await?;
             }
             tracing::debug!(channel = %m.channel, message = %m.message_id, "redelivered message ignored");
             return Ok(());
@@ -560,6 +615,8 @@ impl Bot {
                 self.metrics.reply(platform.as_str(), "busy");
                 self.say(&outbox, &m, commands::busy(&m.text)).await;
             }
+            Then::Refuse => self.refuse(&m, &outbox).await?,
+            Then::OverQuota => self.over_quota(&m, &outbox).await?,
             Then::Answer => self.enqueue(Job { message: m, outbox }),
         }
         Ok(())

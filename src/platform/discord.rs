@@ -45,7 +45,9 @@ use crate::bot::event::{
     SentMessage,
 };
 use crate::bot::Bot;
-use crate::config::{DiscordShards, ExposeSecret, PlatformSettings, Secret, ShardRange};
+use crate::config::{
+    DiscordShards, ExposeSecret, PlatformSettings, Secret, ShardRange, UnlistedGuilds,
+};
 use crate::platform::retry::{self, failed_send, GiveUp, Pause, RateLimitRetries, Scrubber};
 use crate::shutdown::Shutdown;
 
@@ -96,13 +98,17 @@ pub async fn run(
     // all this process's, answered before anything new; with some, each shard takes its part
     // once it knows its guilds.
     let backlog = Backlog::take(&bot).await;
-    let (share, intents) = if shards.is_all() {
+    let (share, mut intents) = if shards.is_all() {
         backlog.settle(&bot, &outbox, me).await;
         (None, INTENTS)
     } else {
         let share = Arc::new(ShardShare::new(shards, backlog));
         (Some(share), INTENTS.union(GatewayIntents::GUILDS))
     };
+    if !bot.settings().access.allowed_guilds.is_empty() {
+        // GUILD_CREATE says which servers the bot is in, so unlisted ones are seen at once.
+        intents = intents.union(GatewayIntents::GUILDS);
+    }
     let handler = DiscordHandler {
         bot,
         outbox,
@@ -257,6 +263,34 @@ impl DiscordHandler {
         self.bot.handle(event, outbox).await;
     }
 
+    /// A server not on `ALLOWED_GUILDS` is left (`DISCORD_UNLISTED_GUILDS=leave`) or ignored
+    /// (the default: the core neither stores nor answers anything there), with a log line.
+    async fn check_guild_listed(&self, ctx: &Context, guild: &Guild) {
+        let access = &self.bot.settings().access;
+        if access.serves_guild(&guild.id.to_string()) {
+            return;
+        }
+        match access.unlisted_guilds {
+            UnlistedGuilds::Ignore => info!(
+                guild = %guild.id,
+                name = %guild.name,
+                "Discord: server not on ALLOWED_GUILDS; ignoring it (DISCORD_UNLISTED_GUILDS=ignore)"
+            ),
+            UnlistedGuilds::Leave => match ctx.http.leave_guild(guild.id).await {
+                Ok(()) => info!(
+                    guild = %guild.id,
+                    name = %guild.name,
+                    "Discord: server not on ALLOWED_GUILDS; left it (DISCORD_UNLISTED_GUILDS=leave)"
+                ),
+                Err(e) => warn!(
+                    guild = %guild.id,
+                    error = %self.outbox.scrub.clean(&e.to_string()),
+                    "Discord: could not leave a server not on ALLOWED_GUILDS; ignoring it"
+                ),
+            },
+        }
+    }
+
     fn warn_missing_content_once(&self) {
         if !self.warned_missing_content.swap(true, Ordering::SeqCst) {
             warn!(
@@ -288,6 +322,7 @@ impl EventHandler for DiscordHandler {
     }
 
     async fn guild_create(&self, ctx: Context, guild: Guild, _is_new: Option<bool>) {
+        self.check_guild_listed(&ctx, &guild).await;
         if let Some(share) = &self.share {
             let channels = guild.channels.keys().copied();
             let threads = guild.threads.iter().map(|t| t.id);
@@ -477,6 +512,12 @@ fn incoming_message(msg: &Message, me: UserId) -> IncomingMessage {
         replies_to_bot,
         mentions_bot: mentions(msg, me),
         sent_at_ms: unix_ms(&msg.timestamp),
+        guild_id: msg.guild_id.map(|g| g.to_string()),
+        roles: msg
+            .member
+            .as_ref()
+            .map(|m| m.roles.iter().map(|r| r.to_string()).collect())
+            .unwrap_or_default(),
     }
 }
 

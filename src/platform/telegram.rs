@@ -557,6 +557,8 @@ fn incoming_message(message: &Message, me: &BotIdentity) -> Result<IncomingMessa
             .is_some_and(|u| u.id == me.id),
         mentions_bot: mentions(message, text, me),
         sent_at_ms: message.date.timestamp_millis(),
+        guild_id: None,
+        roles: Vec::new(),
     })
 }
 

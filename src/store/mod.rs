@@ -68,8 +68,10 @@ impl Tx {
     }
 }
 
+mod access;
 mod corpus;
 mod retrieval;
+pub use access::{AccessKind, AccessList, AccessRule, StoredAccess, TurnedAway};
 pub use corpus::{CorpusFilter, CorpusRow, ImportInsert, ImportRecord, ImportTx, ImportedRow};
 pub use retrieval::{DocKind, Feedback, Retrieved, SharePolicy};
 
@@ -170,6 +172,10 @@ pub struct Stats {
     pub replies_sent: i64,
     pub replies_failed: i64,
     pub opted_out_users: i64,
+    /// Messages of people not allowed to talk to the bot that were addressed to it.
+    pub refusals: i64,
+    /// Messages not answered because their author had used up `DAILY_QUOTA` for the day.
+    pub quota_hits: i64,
     /// Sent replies by how the engine made them.
     pub replies_retrieved: i64,
     pub replies_generated: i64,
@@ -742,6 +748,25 @@ impl Store {
         Ok(())
     }
 
+    /// Who wrote `message_id` in `channel` (its platform's user id), if it is stored.
+    pub async fn message_author(
+        &self,
+        channel: &ChannelRef,
+        message_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(on_engine!(&self.pool, |p| {
+            sqlx::query_scalar(
+            "SELECT author_id FROM messages WHERE platform = $1 AND chat_id = $2 AND message_id = $3
+               AND NOT from_self",
+        )
+        .bind(channel.platform.as_str())
+        .bind(&channel.chat_id)
+        .bind(message_id)
+        .fetch_optional(p)
+        .await?
+        }))
+    }
+
     /// Whether `message_id` is one of kaiwa's own replies in `channel` (not deleted).
     pub async fn is_own_reply(
         &self,
@@ -1179,6 +1204,10 @@ impl Store {
             replies_sent: count("SELECT COUNT(*) FROM replies WHERE state = 'sent'").await?,
             replies_failed: count("SELECT COUNT(*) FROM replies WHERE state = 'failed'").await?,
             opted_out_users: count("SELECT COUNT(*) FROM opt_outs").await?,
+            refusals: count("SELECT CAST(COALESCE(SUM(refusals), 0) AS BIGINT) FROM user_days")
+                .await?,
+            quota_hits: count("SELECT CAST(COALESCE(SUM(quota_hits), 0) AS BIGINT) FROM user_days")
+                .await?,
             replies_retrieved: count("SELECT COUNT(*) FROM replies WHERE state = 'sent' AND engine_source = 'retrieved'").await?,
             replies_generated: count("SELECT COUNT(*) FROM replies WHERE state = 'sent' AND engine_source = 'generated'").await?,
             replies_fallback: count("SELECT COUNT(*) FROM replies WHERE state = 'sent' AND engine_source = 'fallback'").await?,

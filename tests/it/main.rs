@@ -12,6 +12,7 @@
 
 mod support;
 
+mod access;
 mod bot_core;
 mod cli_corpus;
 mod cli_train;

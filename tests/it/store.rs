@@ -11,7 +11,10 @@ use crate::support::db::{Engine, TestDb};
 use kaiwa::bot::event::{ChannelRef, ChatKind, Platform};
 use kaiwa::corpus::import::Format;
 use kaiwa::corpus::ingest::{import_file, ImportOptions};
-use kaiwa::store::{DocKind, Insert, NewMessage, ReplyProvenance, SharePolicy, Store};
+use kaiwa::store::{
+    AccessKind, AccessList, AccessRule, DocKind, Insert, NewMessage, ReplyProvenance, SharePolicy,
+    Store, StoredAccess, TurnedAway,
+};
 
 /// Each listed `async fn(Engine)` as a test on each engine: `store::sqlite::<name>` and
 /// `store::postgres::<name>`.
@@ -40,6 +43,7 @@ on_both_engines!(
     recovery_finds_pending_replies_and_recent_channels,
     imports_are_one_transaction_and_export_with_consent,
     a_claim_is_taken_over_only_from_a_daemon_that_is_gone,
+    access_rules_and_daily_counts_hold_across_processes,
 );
 
 fn message(chat: &str, id: &str, author: &str, text: &str, at: i64) -> NewMessage {
@@ -155,6 +159,110 @@ async fn two_processes_racing_for_one_message_store_and_claim_it_once(engine: En
 /// it while that daemon is alive, and is taken over by exactly one other once it left; a claim
 /// made by a store that never said it was alive (a kaiwa before the lease, a crashed process
 /// long gone) is taken at once.
+/// `/allow` and `/block` rules and the per-day counts are the store's, so every process on it
+/// sees one process's change, and two processes cannot both take a person's last reply.
+async fn access_rules_and_daily_counts_hold_across_processes(engine: Engine) {
+    let db = TestDb::new(engine).await;
+    let (a, b) = (db.open().await, db.open().await);
+    let rule = |list, kind, id: &str| AccessRule {
+        list,
+        platform: Platform::Telegram,
+        kind,
+        id: id.into(),
+    };
+    let allow_7 = rule(AccessList::Allow, AccessKind::User, "7");
+    assert!(a
+        .set_access_rule(&allow_7, true, "telegram:admin")
+        .await
+        .unwrap());
+    assert!(!a
+        .set_access_rule(&allow_7, true, "telegram:admin")
+        .await
+        .unwrap());
+    a.set_access_rule(
+        &rule(AccessList::Block, AccessKind::User, "8"),
+        true,
+        "telegram:admin",
+    )
+    .await
+    .unwrap();
+    a.set_access_rule(
+        &rule(AccessList::Allow, AccessKind::Chat, "-1"),
+        true,
+        "telegram:admin",
+    )
+    .await
+    .unwrap();
+    let seen = b
+        .stored_access(Platform::Telegram, "7", "-1")
+        .await
+        .unwrap();
+    assert_eq!(
+        seen,
+        StoredAccess {
+            user_allowed: true,
+            user_blocked: false,
+            chat_allowed: true,
+            chat_blocked: false,
+            any_allowed_users: true,
+            any_allowed_chats: true,
+        }
+    );
+    let blocked = b.stored_access(Platform::Telegram, "8", "8").await.unwrap();
+    assert!(blocked.user_blocked && !blocked.user_allowed && !blocked.chat_allowed);
+    // Another platform's rules say nothing about this one.
+    let discord = b.stored_access(Platform::Discord, "7", "-1").await.unwrap();
+    assert_eq!(discord, StoredAccess::default());
+    assert!(b
+        .set_access_rule(&allow_7, false, "telegram:admin")
+        .await
+        .unwrap());
+    assert_eq!(a.access_rules().await.unwrap().len(), 2);
+
+    // Ten takes at once from two processes: exactly the quota's three succeed.
+    let takes = (0..10).map(|i| {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tokio::spawn(async move { s.take_daily_reply(Platform::Telegram, "7", 100, 3).await })
+    });
+    let mut taken = 0;
+    for t in takes {
+        taken += usize::from(t.await.unwrap().unwrap());
+    }
+    assert_eq!(taken, 3);
+    b.give_back_daily_reply(Platform::Telegram, "7", 100)
+        .await
+        .unwrap();
+    assert!(a
+        .take_daily_reply(Platform::Telegram, "7", 100, 3)
+        .await
+        .unwrap());
+    assert!(!a
+        .take_daily_reply(Platform::Telegram, "7", 100, 3)
+        .await
+        .unwrap());
+    // The next day is a new day.
+    assert!(a
+        .take_daily_reply(Platform::Telegram, "7", 101, 3)
+        .await
+        .unwrap());
+
+    // The day's first refusal and quota hit are each noticed once; all are counted.
+    let turned = |s: &Store, day, why| {
+        let s = s.clone();
+        async move {
+            s.record_turned_away(Platform::Telegram, "9", day, why)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(turned(&a, 100, TurnedAway::Refused).await);
+    assert!(!turned(&b, 100, TurnedAway::Refused).await);
+    assert!(turned(&b, 100, TurnedAway::OverQuota).await);
+    assert!(turned(&a, 101, TurnedAway::Refused).await);
+    let stats = b.stats().await.unwrap();
+    assert_eq!((stats.refusals, stats.quota_hits), (3, 1));
+}
+
 async fn a_claim_is_taken_over_only_from_a_daemon_that_is_gone(engine: Engine) {
     let db = TestDb::new(engine).await;
     let (a, b, c) = (db.open().await, db.open().await, db.open().await);

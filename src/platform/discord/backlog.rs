@@ -221,6 +221,7 @@ async fn catch_up(
             continue;
         };
         let channel = ChannelId::from(channel);
+        let guild = guild_of(bot, outbox, channel, *kind).await;
         for _ in 0..CATCH_UP_PAGES {
             let target = serenity::http::MessagePagination::After(MessageId::new(after));
             let mut page = match outbox
@@ -246,6 +247,7 @@ async fn catch_up(
                 let mut incoming = incoming_message(&msg, me);
                 // REST messages carry no guild id; the channel's kind is known from the store.
                 incoming.kind = *kind;
+                incoming.guild_id.clone_from(&guild);
                 found += 1;
                 bot.catch_up(incoming, outbox.clone()).await;
             }
@@ -260,6 +262,27 @@ async fn catch_up(
             messages = found,
             "Discord: caught up on messages written while kaiwa was down"
         );
+    }
+}
+
+/// The server a channel is in, asked through REST (which leaves it out of the messages it
+/// reads) where `ALLOWED_GUILDS` needs it; `None` when it is not needed or cannot be had, and a
+/// message without its server is then not served in a bot limited to some servers.
+async fn guild_of(
+    bot: &Bot,
+    outbox: &DiscordOutbox,
+    channel: ChannelId,
+    kind: ChatKind,
+) -> Option<String> {
+    if kind != ChatKind::Group || bot.settings().access.allowed_guilds.is_empty() {
+        return None;
+    }
+    match outbox.http.get_channel(channel).await {
+        Ok(c) => c.guild().map(|g| g.guild_id.to_string()),
+        Err(e) => {
+            warn!(channel = %channel, "Discord: cannot tell which server a channel is in: {}", outbox.scrub.clean(&describe(&e)));
+            None
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use kaiwa::bot::event::{
     SentMessage,
 };
 use kaiwa::bot::Bot;
+use kaiwa::clock::Clock;
 use kaiwa::config::Settings;
 use kaiwa::model::Generator;
 use kaiwa::store::Store;
@@ -75,6 +76,15 @@ pub async fn harness(extra: &[(&str, &str)]) -> Harness {
 /// [`harness`] on the model in `model`. A `DATABASE_URL` in `extra` names the store (one that
 /// other harnesses or processes share); else it is a fresh SQLite file in the harness's dir.
 pub async fn harness_on(extra: &[(&str, &str)], model: &std::path::Path) -> Harness {
+    harness_at(extra, model, Clock::system()).await
+}
+
+/// [`harness`] whose day-bound rules (the daily quota, the day's one notice) read `clock`.
+pub async fn harness_with_clock(extra: &[(&str, &str)], clock: Clock) -> Harness {
+    harness_at(extra, &super::model::tiny_model_dir(), clock).await
+}
+
+async fn harness_at(extra: &[(&str, &str)], model: &std::path::Path, clock: Clock) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let db = extra
         .iter()
@@ -91,13 +101,14 @@ pub async fn harness_on(extra: &[(&str, &str)], model: &std::path::Path) -> Harn
         ("ADMIN_IDS".into(), "telegram:admin".into()),
     ];
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let settings = Settings::from_lookup(move |k| {
+    let mut settings = Settings::from_lookup(move |k| {
         env.iter()
             .rev()
             .find(|(a, _)| a == k)
             .map(|(_, v)| v.clone())
     })
     .unwrap();
+    settings.clock = clock;
     let store = Store::open(&db).await.unwrap();
     let generator = Arc::new(Generator::load(model).unwrap());
     let bot = Bot::new(settings, store.clone(), generator);
@@ -123,6 +134,8 @@ pub fn message(chat: &str, kind: ChatKind, id: &str, author: &str, text: &str) -
         replies_to_bot: false,
         mentions_bot: false,
         sent_at_ms: kaiwa::store::now_ms(),
+        guild_id: None,
+        roles: Vec::new(),
     }
 }
 

@@ -30,7 +30,7 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUp
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -436,6 +436,10 @@ impl FakeDiscord {
                 post(rest_create_message).get(rest_channel_messages),
             )
             .route("/api/v10/channels/{channel_id}/typing", post(rest_typing))
+            .route(
+                "/api/v10/users/@me/guilds/{guild_id}",
+                delete(rest_leave_guild),
+            )
             .route("/gateway", get(gateway))
             .fallback(rest_unknown)
             .with_state(Arc::clone(&shared));
@@ -903,6 +907,21 @@ async fn rest_typing(
         s.requests.push(format!("{path} -> 204"));
         s.typing.push(channel_id);
     });
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// The bot leaves a guild: recorded in [`FakeDiscord::requests`].
+async fn rest_leave_guild(
+    State(shared): State<Arc<Shared>>,
+    Path(guild_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("DELETE /api/v10/users/@me/guilds/{guild_id}");
+    if !authorized(&shared, &headers) {
+        record(&shared, format!("{path} -> 401"));
+        return unauthorized();
+    }
+    record(&shared, format!("{path} -> 204"));
     StatusCode::NO_CONTENT.into_response()
 }
 
