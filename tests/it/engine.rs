@@ -478,25 +478,7 @@ fn chat_answers_a_pipe_one_line_each_from_the_models_retrieval_data() {
     let work = tempfile::tempdir().unwrap();
     let db = work.path().join("kaiwa.db");
     let chat = |input: &str| {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kaiwa"))
-            .args(["chat", "--model"])
-            .arg(model.path())
-            .args(["--max-new-tokens", "6"])
-            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
-            .env("RUST_LOG", "warn")
-            .current_dir(work.path())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = crate::support::model::chat_through_pipe(model.path(), &db, input, 6);
         assert!(
             out.status.success(),
             "{}",

@@ -397,25 +397,12 @@ fn hf_chat_tinyllama_style_sentencepiece_bpe_with_byte_fallback_and_zephyr() {
 fn hf_chat_model_answers_through_the_reply_engine() {
     let dir = fixture("chat_qwen2");
     let store = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", store.path().join("kaiwa.db").display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kaiwa"))
-        .args(["chat", "--threads", "1", "--max-new-tokens", "8", "--model"])
-        .arg(dir.path())
-        .env("DATABASE_URL", &url)
-        .current_dir(store.path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all("今日の天気はどうですか？\nWhat is the weather like today?\n".as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = crate::support::model::chat_through_pipe(
+        dir.path(),
+        &store.path().join("kaiwa.db"),
+        "今日の天気はどうですか？\nWhat is the weather like today?\n",
+        8,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -427,9 +414,7 @@ fn hf_chat_model_answers_through_the_reply_engine() {
 /// such a directory fine-tunes that model, not another one.
 #[test]
 fn hf_trainable_model_matches_transformers_for_every_family() {
-    use burn::module::Module;
-    use burn::tensor::{Device, Int, Tensor, TensorData};
-    let device = Device::flex().autodiff();
+    let device = burn::tensor::Device::flex().autodiff();
     for name in [
         "llama_rope_parameters",
         "llama_head_dim",
@@ -445,20 +430,8 @@ fn hf_trainable_model_matches_transformers_for_every_family() {
             "{name}: weights changed on the way through burn"
         );
         let expected = reference(&dir);
-        let ids: Vec<i64> = expected.prefill_ids.iter().map(|&t| i64::from(t)).collect();
-        let n = ids.len();
-        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
-        let flat: Vec<f32> = model
-            .valid()
-            .forward(input)
-            .into_data()
-            .try_to_vec()
-            .unwrap();
-        for (pos, (got, want)) in flat
-            .chunks(config.vocab_size)
-            .zip(&expected.prefill_logits)
-            .enumerate()
-        {
+        let rows = crate::support::model::burn_logits(&model, &expected.prefill_ids, &device);
+        for (pos, (got, want)) in rows.iter().zip(&expected.prefill_logits).enumerate() {
             let d = max_abs_diff(got, want);
             assert!(d <= TOLERANCE, "{name}: position {pos}: {d}");
         }

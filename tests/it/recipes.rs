@@ -4,7 +4,7 @@
 //! skipped where `trl` is missing, and fails for it only with `KAIWA_TEST_TRL=1`.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use crate::support::model::max_abs_diff;
 use kaiwa::model::{ChatMessage, ChatTemplate, Generator};
@@ -217,26 +217,12 @@ fn a_model_fine_tuned_by_the_trl_recipe_exports_and_chats() {
 
     // And it answers, one reply a line, through the reply engine (on an empty store, where
     // nothing can be retrieved: the replies are the model's).
-    let mut chat = Command::new(env!("CARGO_BIN_EXE_kaiwa"))
-        .args(["chat", "--threads", "1", "--max-new-tokens", "8", "--model"])
-        .arg(&tuned)
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}", dir.path().join("chat.db").display()),
-        )
-        .current_dir(dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    chat.stdin
-        .take()
-        .unwrap()
-        .write_all("Tell me about topic 4.\n4番の話をして。\n".as_bytes())
-        .unwrap();
-    let out = chat.wait_with_output().unwrap();
+    let out = crate::support::model::chat_through_pipe(
+        &tuned,
+        &dir.path().join("chat.db"),
+        "Tell me about topic 4.\n4番の話をして。\n",
+        8,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let stdout = String::from_utf8(out.stdout).unwrap();

@@ -18,7 +18,7 @@ use kaiwa::train::model::Llama;
 use kaiwa::train::optim::{clip_global_norm, AdamWSettings, Schedule};
 use kaiwa::train::step::{batch_loss, Batch, Trainer};
 
-use crate::support::model::max_abs_diff;
+use crate::support::model::{burn_logits, max_abs_diff};
 
 /// `tiny` (grouped-query attention, tied embeddings) and an untied variant without grouping, so
 /// both output projections and both attention layouts are exercised.
@@ -129,19 +129,6 @@ fn every_parameter_receives_a_finite_nonzero_gradient() {
             assert!(check.failures.is_empty(), "{:#?}", check.failures);
         }
     }
-}
-
-/// The logits burn computes for `tokens`, one row per position.
-fn burn_logits(model: &Llama, tokens: &[u32], device: &Device) -> Vec<Vec<f32>> {
-    let input =
-        Tensor::<2, Int>::from_data(TensorData::new(ids(tokens), [1, tokens.len()]), device);
-    let flat: Vec<f32> = model
-        .valid()
-        .forward(input)
-        .into_data()
-        .try_to_vec()
-        .unwrap();
-    flat.chunks(model.vocab()).map(<[f32]>::to_vec).collect()
 }
 
 #[test]

@@ -118,3 +118,52 @@ pub fn tiny_model_with_retrieval_data() -> tempfile::TempDir {
     .unwrap();
     model
 }
+
+/// `kaiwa chat --model MODEL` as a user pipes lines into it, on the SQLite store `db` (in the
+/// directory it runs in), replies at most `max_new_tokens` long; what it printed and said.
+pub fn chat_through_pipe(
+    model: &Path,
+    db: &Path,
+    input: &str,
+    max_new_tokens: usize,
+) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kaiwa"))
+        .args(["chat", "--model"])
+        .arg(model)
+        .args(["--max-new-tokens", &max_new_tokens.to_string()])
+        .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+        .env("RUST_LOG", "warn")
+        .current_dir(db.parent().unwrap())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The logits the trainable (burn) model computes for `tokens`, one row per position.
+pub fn burn_logits(
+    model: &kaiwa::train::model::Llama,
+    tokens: &[u32],
+    device: &burn::tensor::Device,
+) -> Vec<Vec<f32>> {
+    use burn::module::Module;
+    use burn::tensor::{Int, Tensor, TensorData};
+    let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+    let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, tokens.len()]), device);
+    let flat: Vec<f32> = model
+        .valid()
+        .forward(input)
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    flat.chunks(model.vocab()).map(<[f32]>::to_vec).collect()
+}
