@@ -121,7 +121,54 @@ pub fn onnxruntime_decode(
     repeats: usize,
     threads: usize,
 ) -> Result<InferReport, ScriptError> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/onnxruntime_decode.py");
+    let workload = [prompt_tokens, new_tokens, repeats, threads];
+    yardstick("onnxruntime_decode.py", dir, workload, &[])
+}
+
+/// The weights llama.cpp runs the model with in [`llama_cpp_decode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LlamaCppWeights {
+    F32,
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl LlamaCppWeights {
+    fn name(self) -> &'static str {
+        match self {
+            LlamaCppWeights::F32 => "f32",
+            LlamaCppWeights::Q8_0 => "q8_0",
+        }
+    }
+}
+
+/// Runs `bench/llama_cpp.py` on the same model and workload as [`bench_infer`]: the model
+/// converted to GGUF with `weights`, run by llama.cpp on `threads` threads. The script builds
+/// llama.cpp from the `llama-cpp-python` source distribution on PyPI the first time (minutes;
+/// see bench/README.md); never used by the product.
+pub fn llama_cpp_decode(
+    dir: &Path,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    repeats: usize,
+    threads: usize,
+    weights: LlamaCppWeights,
+) -> Result<InferReport, ScriptError> {
+    let workload = [prompt_tokens, new_tokens, repeats, threads];
+    yardstick("llama_cpp.py", dir, workload, &["--quant", weights.name()])
+}
+
+/// Runs one of the `bench/` scripts that replay [`bench_infer`]'s workload in another runtime
+/// and print an [`InferReport`] as their last line.
+fn yardstick(
+    script: &str,
+    dir: &Path,
+    [prompt_tokens, new_tokens, repeats, threads]: [usize; 4],
+    extra: &[&str],
+) -> Result<InferReport, ScriptError> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("bench")
+        .join(script);
     let mut args = vec![OsString::from("--model"), dir.as_os_str().to_owned()];
     for (flag, value) in [
         ("--prompt-tokens", prompt_tokens),
@@ -131,6 +178,7 @@ pub fn onnxruntime_decode(
     ] {
         args.extend([flag.into(), value.to_string().into()]);
     }
+    args.extend(extra.iter().map(OsString::from));
     let stdout = run_script(&script, args)?;
     let last = stdout.lines().last().ok_or(ScriptError::NoReport)?;
     serde_json::from_str(last).map_err(ScriptError::Report)

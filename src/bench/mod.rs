@@ -18,7 +18,9 @@ pub mod serve;
 pub mod telegram_loop;
 pub mod train;
 
-pub use infer::{bench_infer, bench_prompt, onnxruntime_decode, InferReport};
+pub use infer::{
+    bench_infer, bench_prompt, llama_cpp_decode, onnxruntime_decode, InferReport, LlamaCppWeights,
+};
 pub use python::ScriptError;
 
 use crate::eval::EvalError;

@@ -167,6 +167,11 @@ pub enum Preset {
     Tiny,
     /// About 256 wide and 4 layers (about 7 M parameters): the benchmark size and the default model.
     Small,
+    /// The shape of SmolLM2-135M (576 wide, 30 layers, 9 heads over 3 KV heads, a 49,152-token
+    /// vocabulary, tied embeddings, 2,048 positions, rotary base 100,000): a model of the size
+    /// people deploy, for benchmarks. Its weights are random.
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
 }
 
 impl LlamaConfig {
@@ -175,6 +180,11 @@ impl LlamaConfig {
         let (vocab, hidden, inter, layers, heads, kv, ctx, tie) = match preset {
             Preset::Tiny => (512, 64, 176, 2, 4, 2, 256, true),
             Preset::Small => (8192, 256, 688, 4, 4, 4, 512, false),
+            Preset::Smollm2_135m => (49152, 576, 1536, 30, 9, 3, 2048, true),
+        };
+        let rope_theta = match preset {
+            Preset::Smollm2_135m => 100_000.0,
+            Preset::Tiny | Preset::Small => DEFAULT_ROPE_THETA,
         };
         LlamaConfig {
             architectures: default_architectures(),
@@ -188,7 +198,7 @@ impl LlamaConfig {
             head_dim: None,
             max_position_embeddings: ctx,
             rms_norm_eps: 1e-5,
-            rope_theta: Some(DEFAULT_ROPE_THETA),
+            rope_theta: Some(rope_theta),
             rope_parameters: None,
             rope_scaling: None,
             partial_rotary_factor: None,

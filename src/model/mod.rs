@@ -11,6 +11,8 @@ pub mod chat_template;
 pub mod config;
 pub mod generate;
 pub mod onnx_export;
+pub mod q8;
+pub mod quantized;
 pub mod reference;
 pub mod runtime;
 pub mod sampler;

@@ -55,6 +55,76 @@ fn untie_shared_weights(model: &mut TypedModel) -> TractResult<usize> {
     Ok(rewired.len())
 }
 
+/// The name of the input [`keep_last_rows`] adds: a `bool` tensor of `[rows]` whose length
+/// says how many of the last positions get logits.
+const ROWS_INPUT: &str = "kaiwa.logits_rows";
+
+/// Makes the output projection compute the logits of the last `R` positions only, `R` being
+/// the length of a new input ([`ROWS_INPUT`]), when `logits` is a product of the final hidden
+/// states `[batch, seq, hidden]` with a weight that does not depend on the sequence (every
+/// Llama-style export). Returns the new input's index, or `None` (the graph left as it is).
+///
+/// A prefill of `n` tokens otherwise projects all `n` rows onto the vocabulary and keeps one:
+/// on the default model that is a quarter of the prefill's products, and more on models with a
+/// large vocabulary. The row count is an input's length rather than a number in the graph so
+/// that one optimised plan (one packed copy of the weights) serves generation (1 row), reply
+/// scoring (the reply's rows) and the held-out scorer (every row).
+fn keep_last_rows(model: &mut TypedModel, logits: OutletId) -> TractResult<Option<usize>> {
+    use tract_onnx::tract_core::ops::array::Slice;
+    let Some((einsum_id, hidden, seq)) = sliceable_product(model, logits)? else {
+        return Ok(None);
+    };
+    let rows = model.sym("R");
+    let source = model.add_source(ROWS_INPUT, bool::fact([rows.to_dim()]))?;
+    let sliced = model.wire_node(
+        format!("{ROWS_INPUT}.slice"),
+        Slice::new(1, seq.clone() - rows.to_dim(), seq),
+        &[hidden],
+    )?;
+    model.add_edge(sliced[0], InletId::new(einsum_id, 0))?;
+    model.refresh_output_facts()?;
+    Ok(Some(
+        model
+            .input_outlets()?
+            .iter()
+            .position(|o| *o == source)
+            .expect("just added"),
+    ))
+}
+
+/// `(node, hidden states, sequence length)` when `logits` is a product of the hidden states
+/// `[batch, seq, hidden]` (seq symbolic) with a weight of fixed shape that keeps the hidden
+/// states' axis 1 as its own axis 1: slicing the hidden states then slices the logits.
+fn sliceable_product(
+    model: &TypedModel,
+    logits: OutletId,
+) -> TractResult<Option<(usize, OutletId, TDim)>> {
+    use tract_onnx::tract_core::internal::InOut;
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+    let node = model.node(logits.node);
+    let Some(einsum) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if node.inputs.len() != 2 || einsum.q_params.is_some() || logits.slot != 0 {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(node.id)?;
+    let seq = match model.outlet_fact(logits)?.shape.dims() {
+        [_, seq, _] => seq.clone(),
+        _ => return Ok(None),
+    };
+    let axis = einsum.axes.axis((InOut::Out(0), 1))?;
+    let from_hidden = axis.inputs[0].as_slice() == [1];
+    let in_weight = !axis.inputs[1].is_empty();
+    let weight_varies = facts[1].shape.iter().any(|d| d.to_usize().is_err());
+    let ok = facts[0].rank() == 3
+        && from_hidden
+        && !in_weight
+        && !weight_varies
+        && seq.to_usize().is_err();
+    Ok(ok.then(|| (node.id, node.inputs[0], seq)))
+}
+
 /// How the graph's inputs and outputs map onto the convention.
 #[derive(Debug, Clone)]
 struct Binding {
@@ -64,6 +134,8 @@ struct Binding {
     /// `(key, value)` input indices per layer.
     past: Vec<(usize, usize)>,
     logits: usize,
+    /// The input that says how many of the last positions get logits ([`keep_last_rows`]).
+    rows: Option<usize>,
     /// `(key, value)` output indices per layer.
     present: Vec<(usize, usize)>,
     input_count: usize,
@@ -84,6 +156,8 @@ pub struct OnnxDecoder {
     fused_attention: usize,
     /// Products given their own copy of a shared weight (see `untie_shared_weights`).
     untied_weights: usize,
+    /// Products run on int8 weights (`model::quantized`).
+    int8_products: usize,
     /// The positions the graph can run, where known ([`OnnxDecoder::with_positions`]).
     positions: Option<usize>,
 }
@@ -112,7 +186,9 @@ impl OnnxDecoder {
             path: path.to_path_buf(),
             reason: format!("{e:#}"),
         };
-        let mut model = tract_onnx::onnx().model_for_path(path).map_err(load_err)?;
+        let mut onnx = tract_onnx::onnx();
+        super::quantized::register(&mut onnx);
+        let mut model = onnx.model_for_path(path).map_err(load_err)?;
         let input_names: Vec<String> = model
             .input_outlets()
             .map_err(load_err)?
@@ -178,11 +254,19 @@ impl OnnxDecoder {
             .map_err(load_err)?;
         let fused = super::attention::fuse_attention(&mut typed).map_err(load_err)?;
         let untied = untie_shared_weights(&mut typed).map_err(load_err)?;
+        let mut binding = binding;
+        let logits_outlet = typed.output_outlets().map_err(load_err)?[binding.logits];
+        binding.rows = keep_last_rows(&mut typed, logits_outlet).map_err(load_err)?;
+        binding.input_count += usize::from(binding.rows.is_some());
+        let int8 = super::quantized::fuse_q8(&mut typed).map_err(load_err)?;
         tracing::debug!(
             path = %path.display(),
             fused,
             untied,
-            "attention nodes run by kaiwa's kernel; products given their own shared weight"
+            last_rows_only = binding.rows.is_some(),
+            int8,
+            "attention nodes run by kaiwa's kernel; products given their own shared weight; \
+             logits computed for the positions asked only; products on int8 weights"
         );
         let typed = typed.into_optimized().map_err(load_err)?;
         let vocab_size = typed
@@ -204,6 +288,7 @@ impl OnnxDecoder {
             pool: StepPool::new(threads)?,
             fused_attention: fused,
             untied_weights: untied,
+            int8_products: int8,
             positions: None,
         })
     }
@@ -247,6 +332,18 @@ impl OnnxDecoder {
     /// (tied embeddings) and were given a copy of their own, packed once at load.
     pub fn untied_weights(&self) -> usize {
         self.untied_weights
+    }
+
+    /// How many matrix products run on int8 weights (a graph exported with `--quantize int8`).
+    pub fn int8_products(&self) -> usize {
+        self.int8_products
+    }
+
+    /// Whether the output projection computes only the rows a session asks for (see
+    /// `keep_last_rows`): true for kaiwa's export and Optimum-style Llama graphs; otherwise
+    /// every position's logits are computed and the rows asked for are copied out.
+    pub fn projects_asked_rows_only(&self) -> bool {
+        self.binding.rows.is_some()
     }
 
     pub fn path(&self) -> &Path {
@@ -324,22 +421,28 @@ impl DecoderSession {
 
     /// Feeds `tokens` after the cached ones and returns the logits of the last one.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
-        // Only the last row is copied out: a prefill's other rows are never looked at.
-        let last = self.run(tokens, false)?;
+        // Only the last row is computed (or, for a graph kaiwa cannot slice, copied out): a
+        // prefill's other rows are never looked at.
+        let last = self.forward_last(tokens, 1)?;
         Ok(last.into_iter().next().unwrap_or_default())
     }
 
     /// Feeds `tokens` after the cached ones and returns the logits of every one of them.
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.run(tokens, true)
+        self.forward_last(tokens, tokens.len())
     }
 
-    /// Runs the graph on `tokens` and keeps the cache; returns the logits of every position, or
-    /// of the last one only.
-    fn run(&mut self, tokens: &[u32], every_position: bool) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// Feeds `tokens` after the cached ones and returns the logits of the last `rows` of them
+    /// (at most all of them, at least one).
+    pub fn forward_last(
+        &mut self,
+        tokens: &[u32],
+        rows: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Inference("no tokens to feed".into()));
         }
+        let rows = rows.clamp(1, tokens.len());
         let err = |e: TractError| ModelError::Inference(format!("{e:#}"));
         let b = &self.decoder.binding;
         let n = tokens.len();
@@ -363,6 +466,15 @@ impl DecoderSession {
             let pos: Vec<i64> = (self.past_len as i64..total as i64).collect();
             inputs[ix] = Some(Tensor::from_shape(&[1, n], &pos).map_err(err)?.into());
         }
+        if let Some(ix) = b.rows {
+            inputs[ix] = Some(
+                Tensor::from_shape(&[rows], &vec![true; rows])
+                    .map_err(err)?
+                    .into(),
+            );
+        }
+        // The logits the graph gives: the rows asked for, or every position's.
+        let given = if b.rows.is_some() { rows } else { n };
         let past = std::mem::take(&mut self.past);
         for (&(k, v), (pk, pv)) in b.past.iter().zip(past) {
             inputs[k] = Some(pk.into());
@@ -387,14 +499,13 @@ impl DecoderSession {
         let flat = logits
             .as_slice()
             .ok_or_else(|| ModelError::Inference("logits are not contiguous".into()))?;
-        if flat.len() != n * vocab {
+        if flat.len() != given * vocab {
             return Err(ModelError::Inference(format!(
-                "logits cover {} values, expected {n} positions of {vocab}",
+                "logits cover {} values, expected {given} positions of {vocab}",
                 flat.len()
             )));
         }
-        let first = if every_position { 0 } else { n - 1 };
-        let rows = flat[first * vocab..]
+        let rows = flat[(given - rows) * vocab..]
             .chunks_exact(vocab)
             .map(<[f32]>::to_vec)
             .collect::<Vec<_>>();
@@ -483,6 +594,7 @@ fn bind(inputs: &[String], outputs: &[String]) -> Result<Binding, String> {
         position_ids: find(inputs, "position_ids"),
         past,
         logits: logits.unwrap_or_default(),
+        rows: None,
         present,
         input_count: inputs.len(),
     })

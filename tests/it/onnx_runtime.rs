@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use crate::support::model::*;
 use kaiwa::model::onnx_export::ExportOptions;
+use kaiwa::model::q8::Q8Matrix;
 use kaiwa::model::reference::ReferenceModel;
+use kaiwa::model::weights::{LlamaWeights, Param};
 use kaiwa::model::{LlamaConfig, OnnxDecoder};
 
 const TOLERANCE: f32 = 1e-4;
@@ -67,6 +69,24 @@ fn check_decoder(
         got
     });
     assert_eq!(session.past_len(), toks.len());
+    // Logits of the last rows of a prefill only: the output projection computes just those.
+    assert!(decoder.projects_asked_rows_only());
+    for rows in [1, 3, prefill + 1] {
+        let mut session = decoder.session().unwrap();
+        let last = decoder.parallel(|| session.forward_last(&toks[..prefill], rows).unwrap());
+        assert_eq!(last.len(), rows.min(prefill));
+        for (pos, (g, e)) in last
+            .iter()
+            .zip(&expected[prefill - last.len()..])
+            .enumerate()
+        {
+            let d = max_abs_diff(g, e);
+            assert!(
+                d < TOLERANCE,
+                "last {rows} rows, row {pos}: max abs diff {d}"
+            );
+        }
+    }
     let mut worst = 0.0f32;
     for (pos, (g, e)) in got.iter().zip(expected).enumerate() {
         let d = max_abs_diff(g, e);
@@ -348,6 +368,135 @@ fn onnxruntime_agrees_with_tract() {
         }
     }
 }
+
+/// The weights an int8 export stands for: every product's weight through its 8-bit blocks and
+/// back (the output projection too, tied or not); the embedding and the norms as they were.
+fn int8_reference_weights(weights: &LlamaWeights) -> LlamaWeights {
+    let round_trip = |p: &Param| {
+        let q = Q8Matrix::quantize_padded(&p.data, p.shape[0], p.shape[1]).unwrap();
+        Param {
+            shape: p.shape.clone(),
+            data: q.unpadded(&q.dequantize(), p.shape[1]),
+        }
+    };
+    let mut w = weights.clone();
+    for l in &mut w.layers {
+        for p in [
+            &mut l.q_proj,
+            &mut l.k_proj,
+            &mut l.v_proj,
+            &mut l.o_proj,
+            &mut l.gate_proj,
+            &mut l.up_proj,
+            &mut l.down_proj,
+        ] {
+            *p = round_trip(p);
+        }
+    }
+    w.lm_head = Some(round_trip(weights.output_projection()));
+    w
+}
+
+/// The largest difference between two sets of rows, relative to the spread of the reference's
+/// first row.
+fn relative_error(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
+    let spread = want[0].iter().cloned().fold(f32::MIN, f32::max)
+        - want[0].iter().cloned().fold(f32::MAX, f32::min);
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| max_abs_diff(g, w))
+        .fold(0.0, f32::max)
+        / spread
+}
+
+/// `export-onnx --quantize int8`: every product reads its weight from 8-bit blocks (a standard
+/// blocked `DequantizeLinear`), tract runs each one on the blocks with kaiwa's int8 kernels,
+/// and the logits follow the weights the file stands for, in prefill and every decode step, on
+/// one thread and two. ONNX Runtime reads the same file and computes those weights' logits.
+#[test]
+fn int8_export_runs_on_int8_blocks_and_follows_its_weights() {
+    let options = ExportOptions {
+        int8: true,
+        ..Default::default()
+    };
+    // The tiny preset's MLP is 176 wide: its down projection ends in a partial block.
+    for config in [tiny_config(), mha_untied_config()] {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = write_onnx(dir.path(), &config, 7, &options);
+        let onnx = dir.path().join("model.onnx");
+        let toks = tokens(20, config.vocab_size, 3);
+        let prefill = 12;
+        let exact = ReferenceModel::new(&config, &int8_reference_weights(&weights)).forward(&toks);
+        let f32_logits = ReferenceModel::new(&config, &weights).forward(&toks);
+        for threads in [1, 2] {
+            let decoder = Arc::new(OnnxDecoder::load_with_threads(&onnx, None, threads).unwrap());
+            assert_eq!(decoder.int8_products(), 7 * config.num_hidden_layers + 1);
+            assert!(decoder.projects_asked_rows_only());
+            let mut session = decoder.session().unwrap();
+            let got = decoder.parallel(|| {
+                let mut got = session.forward_all(&toks[..prefill]).unwrap();
+                for &t in &toks[prefill..] {
+                    got.extend(session.forward_all(&[t]).unwrap());
+                }
+                got
+            });
+            let error = relative_error(&got, &exact);
+            let quantization = relative_error(&f32_logits, &exact);
+            eprintln!(
+                "{threads} thread(s): int8 kernels vs their weights {error:e}; the weights' own \
+                 change {quantization:e}"
+            );
+            assert!(
+                error < INT8_TOLERANCE,
+                "int8 logits off by {error} of the spread"
+            );
+        }
+        // The file is smaller: the products' weights take a byte (and a scale per 32) each.
+        let f32_dir = tempfile::tempdir().unwrap();
+        write_onnx(f32_dir.path(), &config, 7, &ExportOptions::default());
+        let size = |d: &std::path::Path| std::fs::metadata(d.join("model.onnx")).unwrap().len();
+        assert!(size(dir.path()) < size(f32_dir.path()));
+
+        let Some(python) =
+            crate::support::python_with("onnxruntime", "pip install 'onnxruntime>=1.23' numpy")
+        else {
+            continue;
+        };
+        let case = serde_json::json!({"tokens": toks, "prefill": prefill, "batch2": false});
+        std::fs::write(dir.path().join("case.json"), case.to_string()).unwrap();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/ort_crosscheck.py"
+        );
+        let out = std::process::Command::new(&python)
+            .arg(script)
+            .arg(&onnx)
+            .arg(dir.path().join("case.json"))
+            .arg(dir.path().join("out.json"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.json")).unwrap())
+                .unwrap();
+        let ort: Vec<Vec<f32>> = serde_json::from_value(result["logits"].clone()).unwrap();
+        for (pos, (a, b)) in ort.iter().zip(&exact).enumerate() {
+            let d = max_abs_diff(a, b);
+            assert!(
+                d < TOLERANCE,
+                "position {pos}: onnxruntime is {d} from the int8 weights"
+            );
+        }
+    }
+}
+
+/// How far int8 kernels may be from the products of their dequantized weights, relative to the
+/// logits' spread: they quantize the activations too, per block of 32, as llama.cpp's Q8_0 does.
+const INT8_TOLERANCE: f32 = 0.02;
 
 /// The bot shares one loaded model between worker threads and moves sessions between them.
 #[test]

@@ -625,6 +625,17 @@ pub struct ExportOnnxArgs {
     /// kaiwa runs both; the default decodes faster.
     #[arg(long)]
     pub decomposed_attention: bool,
+    /// Store the matrix products' weights in 8 bits (one scale per block of 32 inputs, a
+    /// standard blocked DequantizeLinear): a file about a quarter of the size, and int8 kernels
+    /// in kaiwa's runtime. The embedding and the norms stay f32.
+    #[arg(long, value_enum)]
+    pub quantize: Option<Quantize>,
+}
+
+/// The weight formats `export-onnx --quantize` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantize {
+    Int8,
 }
 
 impl ExportOnnxArgs {
@@ -633,6 +644,7 @@ impl ExportOnnxArgs {
             position_ids: !self.no_position_ids,
             external_data: self.external_data,
             attention_op: !self.decomposed_attention,
+            int8: self.quantize == Some(Quantize::Int8),
         }
     }
 }
@@ -801,6 +813,11 @@ pub struct InferBenchArgs {
     /// Intra-op threads for ONNX Runtime; 0 keeps its default (all cores).
     #[arg(long, default_value_t = 0)]
     pub ort_threads: usize,
+    /// Also run llama.cpp (bench/llama_cpp.py) on the same model, with these weights, on the
+    /// same number of threads as kaiwa, and print the ratios. The first run builds llama.cpp
+    /// from PyPI's llama-cpp-python source (needs the package index and a few minutes).
+    #[arg(long, value_enum, value_delimiter = ',', num_args = 0.., default_missing_value = "f32,q8_0")]
+    pub llama_cpp: Vec<kaiwa::bench::LlamaCppWeights>,
     /// Print the reports as JSON lines.
     #[arg(long)]
     pub json: bool,

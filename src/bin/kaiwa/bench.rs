@@ -48,6 +48,30 @@ fn infer(args: &InferBenchArgs) -> Result<()> {
             ort.prefill_ms / report.prefill_ms,
         );
     }
+    for &weights in &args.llama_cpp {
+        let llama = kaiwa::bench::llama_cpp_decode(
+            &dir,
+            prompt_tokens,
+            new_tokens,
+            repeats,
+            args.threads.get(),
+            weights,
+        )?;
+        print_infer(&llama, args.json)?;
+        let agree = llama
+            .tokens
+            .iter()
+            .zip(&report.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        println!(
+            "tract/{}: decode {:.2}x, prefill {:.2}x (first {agree} of {} greedy tokens agree)",
+            llama.runtime,
+            report.decode_tokens_per_s / llama.decode_tokens_per_s,
+            llama.prefill_ms / report.prefill_ms,
+            report.tokens.len(),
+        );
+    }
     Ok(())
 }
 

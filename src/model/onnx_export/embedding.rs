@@ -3,6 +3,7 @@
 //! tied).
 
 use super::graph::{attr_int, attr_ints, GraphBuilder};
+use super::layer::dequantized;
 use crate::model::weights::{LlamaWeights, Param};
 
 /// The embedding table (its initializer's name) and the embedded `input_ids`.
@@ -18,7 +19,25 @@ pub(super) fn embed_tokens(g: &mut GraphBuilder, weights: &LlamaWeights) -> (Str
 
 /// The `logits` output from the final normed hidden states `h`: through `lm_head`, or through
 /// the embedding table `embed` when there is none.
-pub(super) fn logits(g: &mut GraphBuilder, h: &str, embed: &str, lm_head: Option<&Param>) {
+pub(super) fn logits(
+    g: &mut GraphBuilder,
+    h: &str,
+    embed: &str,
+    embed_weights: &Param,
+    lm_head: Option<&Param>,
+) {
+    if g.int8 {
+        // The output projection in int8 blocks; with tied embeddings, a quantized copy of the
+        // table (the lookup keeps the f32 table).
+        let (head, base) = match lm_head {
+            Some(head) => (head, "lm_head.weight"),
+            None => (embed_weights, "lm_head.weight.tied"),
+        };
+        let weight = dequantized(g, head, base);
+        let wt = g.node("Transpose", &[&weight], vec![attr_ints("perm", &[1, 0])]);
+        g.node_to("MatMul", &[h, &wt], "logits", vec![]);
+        return;
+    }
     match lm_head {
         Some(head) => {
             let wt = head.transposed();

@@ -14,7 +14,9 @@ use tract_onnx::pb::{
 pub(super) struct GraphBuilder {
     pub(super) nodes: Vec<NodeProto>,
     pub(super) initializers: Vec<TensorProto>,
-    counter: usize,
+    pub(super) counter: usize,
+    /// Products' weights as int8 blocks ([`super::ExportOptions::int8`]).
+    pub(super) int8: bool,
 }
 
 impl GraphBuilder {
@@ -59,6 +61,17 @@ impl GraphBuilder {
             dims: dims.iter().map(|&x| x as i64).collect(),
             data_type: DataType::Float as i32,
             raw_data: data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        name.to_string()
+    }
+
+    pub(super) fn init_i8(&mut self, name: &str, dims: &[usize], data: &[i8]) -> String {
+        self.initializers.push(TensorProto {
+            name: name.into(),
+            dims: dims.iter().map(|&x| x as i64).collect(),
+            data_type: DataType::Int8 as i32,
+            raw_data: data.iter().map(|&x| x as u8).collect(),
             ..Default::default()
         });
         name.to_string()

@@ -6,6 +6,7 @@ use super::attention::Attention;
 use super::graph::{attr_int, attr_ints, GraphBuilder};
 use super::ExportOptions;
 use crate::model::config::LlamaConfig;
+use crate::model::q8::{Q8Matrix, BLOCK};
 use crate::model::weights::{LayerWeights, Param};
 
 /// RMSNorm with its epsilon, made once: `x / √(mean(x²) + eps) · weight` over the last axis.
@@ -45,11 +46,39 @@ impl RmsNorm {
     }
 }
 
-/// `x · wᵀ`, the weight stored transposed as the initializer `name`.
+/// `x · wᵀ` for a weight `w` `[out, in]`: stored transposed as the initializer `name` (which
+/// ends in `.T`), or, when the graph is int8, as `w`'s 8-bit blocks ([`q8::Q8Matrix`]) and their
+/// scales dequantized by a blocked `DequantizeLinear` and transposed.
 pub(super) fn linear(g: &mut GraphBuilder, x: &str, w: &Param, name: &str) -> String {
+    if g.int8 {
+        let base = name.strip_suffix(".T").unwrap_or(name);
+        let weight = dequantized(g, w, base);
+        let wt = g.node("Transpose", &[&weight], vec![attr_ints("perm", &[1, 0])]);
+        return g.node("MatMul", &[x, &wt], vec![]);
+    }
     let wt = w.transposed();
     let weight = g.init_f32(name, &wt.shape, &wt.data);
     g.node("MatMul", &[x, &weight], vec![])
+}
+
+/// `w` `[out, in]` quantized to 8-bit blocks along `in`, stored as `{base}.int8` with the
+/// blocks' scales as `{base}.scale` `[out, ⌈in / BLOCK⌉]`, and the `DequantizeLinear` that
+/// turns them back into `w`'s f32 approximation (the runtime runs the product on the blocks).
+pub(super) fn dequantized(g: &mut GraphBuilder, w: &Param, base: &str) -> String {
+    let (rows, cols) = (w.shape[0], w.shape[1]);
+    let q = Q8Matrix::quantize_padded(&w.data, rows, cols)
+        .expect("a weight's values match its shape (checked when the weights were read)");
+    let quants = g.init_i8(
+        &format!("{base}.int8"),
+        &[rows, cols],
+        &q.unpadded(q.quants(), cols),
+    );
+    let scales = g.init_f32(&format!("{base}.scale"), &[rows, q.blocks()], q.scales());
+    g.node(
+        "DequantizeLinear",
+        &[&quants, &scales],
+        vec![attr_int("axis", 1), attr_int("block_size", BLOCK as i64)],
+    )
 }
 
 /// `x · wᵀ + b` for the projection whose Hugging Face weight is `{name}.weight`: the weight

@@ -67,6 +67,13 @@ pub struct ExportOptions {
     /// (`model::attention`). Off: attention written out in `MatMul`, `Softmax` and `Concat`
     /// (opset 17), the way Optimum exports Llama.
     pub attention_op: bool,
+    /// Store the weights of every matrix product (the layers' projections and the output
+    /// projection) as 8-bit integers with one scale per block of
+    /// [`BLOCK`](crate::model::q8::BLOCK) inputs, read
+    /// through a standard blocked `DequantizeLinear` (opset 21 and later, so only with
+    /// `attention_op`). kaiwa runs those products with int8 kernels (`model::q8`); ONNX Runtime
+    /// reads the same file. The token embedding and the norms stay f32.
+    pub int8: bool,
 }
 
 impl Default for ExportOptions {
@@ -75,6 +82,7 @@ impl Default for ExportOptions {
             position_ids: true,
             external_data: false,
             attention_op: true,
+            int8: false,
         }
     }
 }
@@ -87,6 +95,13 @@ pub fn export_onnx(
     options: &ExportOptions,
 ) -> Result<(), ModelError> {
     config.validate()?;
+    if options.int8 && !options.attention_op {
+        return Err(ModelError::Invalid(
+            "int8 weights need the Attention layout (opset 23): blocked DequantizeLinear is an \
+             opset 21 operator, newer than the decomposed layout's opset 17"
+                .into(),
+        ));
+    }
     let mut model = build_model(config, weights, options);
     if options.external_data {
         let data_path = path.with_file_name(EXTERNAL_DATA_FILE);
@@ -104,7 +119,10 @@ pub fn build_model(
     weights: &LlamaWeights,
     options: &ExportOptions,
 ) -> ModelProto {
-    let mut g = GraphBuilder::default();
+    let mut g = GraphBuilder {
+        int8: options.int8,
+        ..Default::default()
+    };
     // The parts are made in this order because node names count up and initializers are stored
     // in the order they are made: the order is part of the exported bytes.
     let sequence = Sequence::build(&mut g, config, options);
@@ -119,7 +137,13 @@ pub fn build_model(
     let h = layer
         .norm
         .apply(&mut g, &x, &weights.norm, "model.norm.weight");
-    embedding::logits(&mut g, &h, &embed, weights.lm_head.as_ref());
+    embedding::logits(
+        &mut g,
+        &h,
+        &embed,
+        &weights.embed_tokens,
+        weights.lm_head.as_ref(),
+    );
 
     let graph = GraphProto {
         name: "kaiwa_llama".into(),
