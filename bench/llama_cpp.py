@@ -31,7 +31,10 @@ What it does, each step cached under --cache (default ~/.cache/kaiwa/llama-cpp):
      (llama_memory_clear) between runs, outside the timed part. Context parameters are llama.cpp's
      defaults (flash attention auto, f16 KV cache: --kv-type f32 changes that) but for n_ctx
      (prompt + new tokens), n_batch/n_ubatch (>= the prompt, so the prefill is one graph) and the
-     threads (n_threads = n_threads_batch = --threads).
+     threads (n_threads = n_threads_batch = --threads); and use_extra_bufts is off unless
+     --extra-bufts: the AMX kernels it would pick for q8_0 die of SIGILL on the development machine
+     (its CPUID reports AMX, the hypervisor does not let it run), and x86 has no other repacking
+     for f32 or q8_0 weights.
      Python's per-token overhead (filling the one-token batch, the ctypes call, the argmax over
      the vocabulary) is measured on every run and printed to stderr: about 10-15 us per token for
      a 49152 vocabulary on this machine, under 1% of a 1-2 ms decode step.
@@ -338,6 +341,10 @@ def measure(a, path):
         measure.quiet = quiet  # keep the callback alive
     L.llama_backend_init()
     mp = L.llama_model_default_params()
+    # Extra buffer types repack weights for special kernels. On x86 the only one that applies to
+    # f32 or q8_0 weights is AMX (q8_0), and on the development machine, whose CPUID reports AMX,
+    # its kernels die of SIGILL (the hypervisor does not let them run): off unless asked for.
+    mp.use_extra_bufts = a.extra_bufts
     model = L.llama_model_load_from_file(path.encode(), mp)
     if not model:
         raise SystemExit(f"llama.cpp could not load {path}")
@@ -423,7 +430,7 @@ def measure(a, path):
     log(f"python overhead per token: {overhead_us:.1f} us ({overhead_us * best / 1e4:.2f}% of a decode step)")
 
     L.llama_batch_free(batch)
-    kv = "" if a.kv_type == "f16" else f", kv={a.kv_type}"
+    kv = ("" if a.kv_type == "f16" else f", kv={a.kv_type}") + (", extra-bufts" if a.extra_bufts else "")
     report = {
         "runtime": f"llama.cpp({LLAMA_CPP_COMMIT}, {a.quant}, threads={threads}{kv})",
         "model": path,
@@ -449,6 +456,8 @@ def main():
     ap.add_argument("--quant", choices=["f32", "q8_0"], default="f32")
     ap.add_argument("--kv-type", choices=["f16", "f32"], default="f16",
                     help="KV cache type (f16 is llama.cpp's default)")
+    ap.add_argument("--extra-bufts", action="store_true",
+                    help="let llama.cpp repack weights into extra buffer types (AMX for q8_0 on x86)")
     ap.add_argument("--build", action="store_true", help="(re)build llama.cpp even if the cache has it")
     ap.add_argument("--build-jobs", type=int, default=min(os.cpu_count() or 1, 4))
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kaiwa", "llama-cpp"))
@@ -477,6 +486,8 @@ def main():
             "--repeats", str(a.repeats), "--threads", str(a.threads), "--kv-type", a.kv_type]
     if a.verbose:
         args.append("--verbose")
+    if a.extra_bufts:
+        args.append("--extra-bufts")
     sys.exit(subprocess.run(args).returncode)
 
 
