@@ -55,6 +55,7 @@ import time
 
 LLAMA_CPP_PYTHON = "0.3.36"  # PyPI llama-cpp-python, released 2026-10-01
 LLAMA_CPP_COMMIT = "0c1e57098"  # the llama.cpp it vendors (ggml-org/llama.cpp b11312), per its CHANGELOG
+LLAMA_CPP_BUILD = 11312  # its build number
 CONVERTER_VERSION = 1  # bump when the GGUF written below changes, to invalidate cached files
 
 
@@ -132,7 +133,7 @@ def build(cache, jobs):
         "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON",
         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
         "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-        f"-DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}",
+        f"-DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}", f"-DLLAMA_BUILD_NUMBER={LLAMA_CPP_BUILD}",
     ], check=True, stdout=sys.stderr)
     subprocess.run([cmake, "--build", b, "--target", "llama", "llama-quantize", "-j", str(jobs)],
                    check=True, stdout=sys.stderr)
