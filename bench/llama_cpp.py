@@ -36,8 +36,9 @@ What it does, each step cached under --cache (default ~/.cache/kaiwa/llama-cpp):
      (its CPUID reports AMX, the hypervisor does not let it run), and x86 has no other repacking
      for f32 or q8_0 weights.
      Python's per-token overhead (filling the one-token batch, the ctypes call, the argmax over
-     the vocabulary) is measured on every run and printed to stderr: about 10-15 us per token for
-     a 49152 vocabulary on this machine, under 1% of a 1-2 ms decode step.
+     the vocabulary) is measured on every run and printed to stderr: 8-10 us per token with the
+     8192-token vocabulary, 19 us with 49152 on the development machine (busy), i.e. about 1% of
+     a 1-2 ms decode step, and the same kind of work ONNX Runtime's script does per token.
 
 usage: python3 bench/llama_cpp.py --model models/kaiwa [--quant f32|q8_0] [--threads N]
            [--prompt-tokens 256] [--new-tokens 128] [--repeats 3] [--build] [--cache DIR]
