@@ -560,17 +560,16 @@ fn tile_portable(t: &Tile, out: &mut [[f32; 2]]) {
     for (r, out) in out.iter_mut().enumerate() {
         let a = &t.a[r * t.k..][..t.k];
         let da = &t.da[r * nb..][..nb];
-        for c in 0..2 {
+        for ((out, w), dw) in out.iter_mut().zip(t.w).zip(t.dw) {
             let mut acc = [0f32; 8];
             for b in 0..nb {
-                let lanes =
-                    dot_lanes_scalar(&a[b * BLOCK..][..BLOCK], &t.w[c][b * BLOCK..][..BLOCK]);
-                let d = da[b] * t.dw[c][b];
+                let lanes = dot_lanes_scalar(&a[b * BLOCK..][..BLOCK], &w[b * BLOCK..][..BLOCK]);
+                let d = da[b] * dw[b];
                 for (acc, s) in acc.iter_mut().zip(lanes) {
                     *acc = (s as f32).mul_add(d, *acc);
                 }
             }
-            out[c] = reduce_lanes(&acc);
+            *out = reduce_lanes(&acc);
         }
     }
 }

@@ -496,7 +496,7 @@ fn int8_export_runs_on_int8_blocks_and_follows_its_weights() {
 
 /// How far int8 kernels may be from the products of their dequantized weights, relative to the
 /// logits' spread: they quantize the activations too, per block of 32, as llama.cpp's Q8_0 does.
-const INT8_TOLERANCE: f32 = 0.02;
+const INT8_TOLERANCE: f32 = 0.05;
 
 /// The bot shares one loaded model between worker threads and moves sessions between them.
 #[test]
