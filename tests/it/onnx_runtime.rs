@@ -263,6 +263,38 @@ fn decoding_with_the_cache_equals_recomputing_the_whole_sequence() {
     assert!(max_abs_diff(&again, &full[4]) < TOLERANCE);
 }
 
+/// Runs `tests/python/ort_crosscheck.py` on `onnx`: ONNX Runtime's logits for `tokens` (a prefill
+/// of `prefill`, then one token at a time) and, with `batch2`, a batch of two with left padding.
+fn ort_crosscheck(
+    python: &str,
+    onnx: &std::path::Path,
+    tokens: &[u32],
+    prefill: usize,
+    batch2: bool,
+) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let case = serde_json::json!({"tokens": tokens, "prefill": prefill, "batch2": batch2});
+    std::fs::write(dir.path().join("case.json"), case.to_string()).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/ort_crosscheck.py"
+    );
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(onnx)
+        .arg(dir.path().join("case.json"))
+        .arg(dir.path().join("out.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        onnx.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.json")).unwrap()).unwrap()
+}
+
 /// ONNX Runtime, an independent implementation of the standard, must agree with tract on the
 /// same file (prefill, every decode step, and a left-padded batch of two).
 #[test]
@@ -304,28 +336,7 @@ fn onnxruntime_agrees_with_tract() {
         let onnx = dir.path().join("model.onnx");
         let toks = tokens(24, config.vocab_size, 3);
         let prefill = 16;
-        let case =
-            serde_json::json!({"tokens": toks, "prefill": prefill, "batch2": options.position_ids});
-        std::fs::write(dir.path().join("case.json"), case.to_string()).unwrap();
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/python/ort_crosscheck.py"
-        );
-        let out = std::process::Command::new(&python)
-            .arg(script)
-            .arg(&onnx)
-            .arg(dir.path().join("case.json"))
-            .arg(dir.path().join("out.json"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let result: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.json")).unwrap())
-                .unwrap();
+        let result = ort_crosscheck(&python, &onnx, &toks, prefill, options.position_ids);
         let rows =
             |v: &serde_json::Value| -> Vec<Vec<f32>> { serde_json::from_value(v.clone()).unwrap() };
         let ort = rows(&result["logits"]);
@@ -462,27 +473,7 @@ fn int8_export_runs_on_int8_blocks_and_follows_its_weights() {
         else {
             continue;
         };
-        let case = serde_json::json!({"tokens": toks, "prefill": prefill, "batch2": false});
-        std::fs::write(dir.path().join("case.json"), case.to_string()).unwrap();
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/python/ort_crosscheck.py"
-        );
-        let out = std::process::Command::new(&python)
-            .arg(script)
-            .arg(&onnx)
-            .arg(dir.path().join("case.json"))
-            .arg(dir.path().join("out.json"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let result: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.json")).unwrap())
-                .unwrap();
+        let result = ort_crosscheck(&python, &onnx, &toks, prefill, false);
         let ort: Vec<Vec<f32>> = serde_json::from_value(result["logits"].clone()).unwrap();
         for (pos, (a, b)) in ort.iter().zip(&exact).enumerate() {
             let d = max_abs_diff(a, b);
