@@ -604,19 +604,7 @@ fn softmax_in_place(row: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A seeded uniform value in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_values as values;
 
     fn tensor(shape: [usize; 4], seed: u64) -> Tensor {
         Tensor::from_shape(&shape, &values(shape.iter().product(), seed)).unwrap()

@@ -903,19 +903,7 @@ impl TypedOp for Q8Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A seeded uniform value in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_values as values;
 
     /// Weights with a spread of block magnitudes, zero blocks, and outliers, like a model's.
     fn weights(n: usize, k: usize, seed: u64) -> Vec<f32> {

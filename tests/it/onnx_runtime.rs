@@ -60,15 +60,7 @@ fn check_decoder(
     };
     assert_eq!(decoder.fused_attention(), fused);
 
-    let mut session = decoder.session().unwrap();
-    let got = decoder.parallel(|| {
-        let mut got = session.forward_all(&toks[..prefill]).unwrap();
-        for &t in &toks[prefill..] {
-            got.extend(session.forward_all(&[t]).unwrap());
-        }
-        got
-    });
-    assert_eq!(session.past_len(), toks.len());
+    let got = prefill_then_decode(&decoder, toks, prefill);
     // Logits of the last rows of a prefill only: the output projection computes just those.
     assert!(decoder.projects_asked_rows_only());
     for rows in [1, 3, prefill + 1] {
@@ -101,6 +93,21 @@ fn check_decoder(
         "logit spread {spread} is too small for a meaningful check"
     );
     eprintln!("worst difference {worst:e} over {} positions", toks.len());
+}
+
+/// Every position's logits for `toks`: the first `prefill` in one run, then one token a run,
+/// inside `parallel`; the cache ends up covering them all.
+fn prefill_then_decode(decoder: &Arc<OnnxDecoder>, toks: &[u32], prefill: usize) -> Vec<Vec<f32>> {
+    let mut session = decoder.session().unwrap();
+    let got = decoder.parallel(|| {
+        let mut got = session.forward_all(&toks[..prefill]).unwrap();
+        for &t in &toks[prefill..] {
+            got.extend(session.forward_all(&[t]).unwrap());
+        }
+        got
+    });
+    assert_eq!(session.past_len(), toks.len());
+    got
 }
 
 /// Greedy decoding of `steps` tokens inside `parallel`; returns every step's logits.
@@ -443,14 +450,7 @@ fn int8_export_runs_on_int8_blocks_and_follows_its_weights() {
             let decoder = Arc::new(OnnxDecoder::load_with_threads(&onnx, None, threads).unwrap());
             assert_eq!(decoder.int8_products(), 7 * config.num_hidden_layers + 1);
             assert!(decoder.projects_asked_rows_only());
-            let mut session = decoder.session().unwrap();
-            let got = decoder.parallel(|| {
-                let mut got = session.forward_all(&toks[..prefill]).unwrap();
-                for &t in &toks[prefill..] {
-                    got.extend(session.forward_all(&[t]).unwrap());
-                }
-                got
-            });
+            let got = prefill_then_decode(&decoder, &toks, prefill);
             let error = relative_error(&got, &exact);
             let quantization = relative_error(&f32_logits, &exact);
             eprintln!(
